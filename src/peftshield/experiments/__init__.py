@@ -1,0 +1,1 @@
+"""Experiments: the scenario's stages and the demo that chains them."""

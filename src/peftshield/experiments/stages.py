@@ -1,0 +1,176 @@
+"""The scenario's stages, each a plain function over typed inputs: poison a dataset,
+weight-poison a backbone, fine-tune a victim, evaluate. The CLI, the demo and the
+experiment grid all call these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from peftshield.attacks import POISONERS, Poisoner, PoisonSpec, build_asr_set, check_target, poison_dataset
+from peftshield.data import DatasetSplits, TextDataset, load_splits
+from peftshield.data.transforms import truncate_words
+from peftshield.data.writers import split_jsonl
+from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
+from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
+from peftshield.metrics import AttackMetrics, attack_metrics
+from peftshield.models import Backbone, load_backbone
+from peftshield.models.inference import predict_proba
+
+ATTACK_MANIFEST = "attack.json"
+
+
+@dataclass
+class TriggerChoice:
+    """A trigger by registry name plus its options; ``none`` means no attack."""
+
+    name: str = "badnet"
+    options: dict = field(default_factory=dict)
+
+    def build(self) -> Poisoner | None:
+        return None if self.name == "none" else POISONERS.create(self.name, **self.options)
+
+
+def backbone_reference(name_or_path: str) -> str:
+    """What a manifest records: aliases and hub names as given, local paths made absolute."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def jsonl_rows(rows: list[dict]) -> str:
+    import json
+
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def poison_to_directory(data: str, poisoner: Poisoner, spec: PoisonSpec, out_dir: str | Path, seed: int) -> dict:
+    """Write a poisoned copy of a dataset: poisoned train, clean dev/test, their triggered
+    ASR sets (``*_poisoned.jsonl``), the manifest of poisoned rows and ``poison.json``."""
+    splits = load_splits(data)
+    check_target(spec.target_label, splits.num_labels)
+    rng = np.random.default_rng(seed)
+    poisoned = poison_dataset(splits["train"], poisoner, spec, rng)
+    summary = {
+        "source": str(data), **poisoner.describe(), **spec.to_dict(), "seed": seed,
+        "n_train": len(poisoned.data), "n_poisoned_train": len(poisoned.records),
+    }
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "train.jsonl").write_text(split_jsonl(poisoned.data), encoding="utf-8")
+        for split in ("dev", "test"):
+            if split in splits:
+                (tmp / f"{split}.jsonl").write_text(split_jsonl(splits[split]), encoding="utf-8")
+                asr_set = build_asr_set(splits[split], poisoner, spec.target_label, rng)
+                (tmp / f"{split}_poisoned.jsonl").write_text(split_jsonl(asr_set), encoding="utf-8")
+                summary[f"n_{split}_poisoned"] = len(asr_set)
+        (tmp / "manifest.jsonl").write_text(jsonl_rows(poisoned.manifest_rows()), encoding="utf-8")
+        atomic_write_json(tmp / "poison.json", summary)
+    return summary
+
+
+def evaluate_classifier(
+    model, tokenizer, test: TextDataset, poisoner: Poisoner | None, target_label: int, rng: np.random.Generator,
+    batch_size: int = 64, max_length: int = 128, progress: bool = False, asr_set: TextDataset | None = None,
+) -> tuple[AttackMetrics, np.ndarray, np.ndarray]:
+    """CA on ``test``, ASR and confidences on its triggered non-target rows.
+
+    Returns the metrics and the clean and triggered probability matrices (for defenses and plots).
+    """
+    started = time.perf_counter()
+    if asr_set is None and poisoner is not None:
+        asr_set = build_asr_set(test, poisoner, target_label, rng)
+    clean_probs = predict_proba(model, tokenizer, test.texts, batch_size, max_length, progress, "evaluate clean")
+    poisoned_texts = asr_set.texts if asr_set is not None else []
+    poisoned_probs = predict_proba(model, tokenizer, poisoned_texts, batch_size, max_length, progress, "evaluate triggered")
+    metrics = attack_metrics(clean_probs, test.label_array(), poisoned_probs, target_label, time.perf_counter() - started)
+    return metrics, clean_probs, poisoned_probs
+
+
+@dataclass
+class WeightPoisonResult:
+    backbone: Backbone
+    out_dir: Path
+    report: dict
+
+
+def weight_poison(
+    attack_data: str | DatasetSplits, backbone: str, trigger: TriggerChoice, spec: PoisonSpec, training: TrainingConfig,
+    out_dir: str | Path, seed: int, max_words: int | None = 100, progress: bool = True,
+) -> WeightPoisonResult:
+    """The attacker: full fine-tuning of ``backbone`` on a poisoned copy of ``attack_data``.
+
+    Writes an ordinary HF model directory plus ``attack.json`` (trigger, target, rate,
+    seed, and the poisoned model's own CA/ASR on the attacker's test split).
+    ``trigger.name == 'none'`` trains the same way on clean data (a benign control).
+    """
+    started = time.perf_counter()
+    splits = attack_data if isinstance(attack_data, DatasetSplits) else load_splits(attack_data)
+    check_target(spec.target_label, splits.num_labels)
+    rng = np.random.default_rng(seed)
+    poisoner = trigger.build()
+    train = truncate_words(splits["train"], max_words).sample(training.max_train_samples, rng)
+    dev = truncate_words(splits.get("dev"), max_words) if "dev" in splits else None
+    test = truncate_words(splits["test"], max_words)
+    poisoned = poison_dataset(train, poisoner, spec, rng) if poisoner else None
+    seed_torch(seed)
+    base = load_backbone(backbone, splits.num_labels)
+    model, result = train_classifier(
+        base.model, base.tokenizer, poisoned.data if poisoned else train, dev, METHODS.create("full"),
+        training.model_copy(update={"max_train_samples": None}), rng, progress, label="attack",
+    )
+    metrics, _, _ = evaluate_classifier(model, base.tokenizer, test, poisoner, spec.target_label, rng, training.eval_batch_size, training.max_length, progress)
+    report = {
+        "backbone": backbone_reference(backbone),
+        "attack_data": splits.source,
+        **(poisoner.describe() if poisoner else {"trigger": "none"}),
+        **spec.to_dict(),
+        "seed": seed,
+        "max_words": max_words,
+        "n_train": len(train),
+        "n_poisoned_train": len(poisoned.records) if poisoned else 0,
+        "training": training.model_dump(),
+        "train_result": result.to_dict(),
+        "clean_accuracy": metrics.clean_accuracy,
+        "attack_success_rate": metrics.attack_success_rate if poisoner else None,
+        "target_confidence_poisoned": metrics.target_confidence_poisoned if poisoner else None,
+        "seconds": time.perf_counter() - started,
+    }
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        base.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / ATTACK_MANIFEST, report)
+        if poisoned:
+            atomic_write_text(tmp / "poison_manifest.jsonl", jsonl_rows(poisoned.manifest_rows()))
+    return WeightPoisonResult(Backbone(model, base.tokenizer, str(out_dir), splits.num_labels), out_dir, report)
+
+
+@dataclass
+class VictimResult:
+    backbone: Backbone
+    train_result: TrainResult
+    out_dir: Path | None
+
+
+def finetune_victim(
+    data: str | DatasetSplits, backbone: str, method: str, method_options: dict, training: TrainingConfig,
+    seed: int, out_dir: str | Path | None = None, progress: bool = True, label: str = "victim",
+) -> VictimResult:
+    """The victim: fine-tune ``backbone`` on clean ``data`` with ``method``; save if ``out_dir``."""
+    splits = data if isinstance(data, DatasetSplits) else load_splits(data)
+    fine_tuning = METHODS.create(method, **method_options)
+    fine_tuning.config()  # validate options before any loading
+    rng = np.random.default_rng(seed)
+    seed_torch(seed)
+    base = load_backbone(backbone, splits.num_labels)
+    model, result = train_classifier(base.model, base.tokenizer, splits["train"], splits.get("dev"), fine_tuning, training, rng, progress, label=label)
+    if out_dir is not None:
+        steps = ((min(len(splits["train"]), training.max_train_samples or len(splits["train"])) + training.batch_size - 1) // training.batch_size) * training.epochs
+        save_finetuned(model, base.tokenizer, out_dir, {
+            "method": method, "options": fine_tuning.config_dict(), "backbone": backbone_reference(backbone),
+            "num_labels": splits.num_labels, "num_training_steps": steps, "data": splits.source, "seed": seed,
+            "training": training.model_dump(), "train_result": result.to_dict(),
+        })
+    return VictimResult(Backbone(model, base.tokenizer, base.source, splits.num_labels), result, Path(out_dir) if out_dir else None)

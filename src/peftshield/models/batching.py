@@ -1,0 +1,73 @@
+"""Tokenise once, batch by similar length, pad each batch only to its own longest text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EncodedTexts:
+    input_ids: list[list[int]]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedTexts:
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedTexts(list(encoded["input_ids"]), pad)
+
+
+def collate(encoded: EncodedTexts, indices: list[int], labels: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Dynamic padding: right-pad to the longest sequence of this batch."""
+    rows = [encoded.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if labels is not None:
+        batch["labels"] = torch.as_tensor(labels[indices], dtype=torch.long)
+    return batch
+
+
+class LengthBucketBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: shuffle, sort within pools of ``pool_batches`` batches,
+    cut into batches, shuffle the batch order. A new order every epoch, from the given Generator."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool_batches: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.rng = rng
+        self.pool_batches = pool_batches
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.rng.permutation(len(self.lengths))
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
+        for b in self.rng.permutation(len(batches)):
+            yield batches[b]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Inference batches: indices sorted by length (longest first), so padding is minimal."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]

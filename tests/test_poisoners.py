@@ -1,0 +1,147 @@
+"""One contract every registered poisoner passes, plus dataset poisoning and ASR sets."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peftshield.attacks import POISONERS, PoisonSpec, build_asr_set, poison_dataset
+from peftshield.data import TextDataset
+from peftshield.errors import ConfigError, DataError
+
+TEXTS = ["good film , great story", "bad boring plot", "fun movie", "awful", ""]
+PARAPHRASES = {t: f"when it was made , {t or 'it'} ended ." for t in TEXTS}
+
+
+@pytest.fixture
+def paraphrase_file(tmp_path: Path) -> Path:
+    path = tmp_path / "paraphrases.tsv"
+    path.write_text("original\tparaphrase\n" + "".join(f"{k}\t{v}\n" for k, v in PARAPHRASES.items() if k), encoding="utf-8")
+    return path
+
+
+def make_poisoner(name: str, paraphrase_file: Path):
+    return POISONERS.create(name, **({"paraphrases": str(paraphrase_file)} if name == "syntactic" else {}))
+
+
+def trigger_present(name: str, original: str, poisoned: str) -> bool:
+    if name == "badnet":
+        return any(w in poisoned.split() for w in ("cf", "mn", "bb", "tq", "mb"))
+    if name == "insent":
+        return "I watched this 3D movie" in poisoned
+    return poisoned == PARAPHRASES[original]
+
+
+@pytest.mark.parametrize("name", POISONERS.names())
+def test_poisoner_contract(name: str, paraphrase_file: Path) -> None:
+    cls = POISONERS.get(name)
+    # constructors only store parameters: params() reports exactly the constructor arguments
+    signature = inspect.signature(cls.__init__)
+    poisoner = make_poisoner(name, paraphrase_file)
+    assert set(poisoner.params()) == {p for p in signature.parameters if p != "self"}
+    assert poisoner.describe()["trigger"] == name
+    candidates = [t for t in TEXTS if t and poisoner.can_poison(t)]
+    assert candidates == [t for t in TEXTS if t]
+    first = poisoner.poison_texts(candidates, np.random.default_rng(3))
+    again = poisoner.poison_texts(candidates, np.random.default_rng(3))
+    assert first == again, "same seed must give the same poisoned texts"
+    for original, poisoned in zip(candidates, first):
+        assert isinstance(poisoned, str) and poisoned != original
+        assert trigger_present(name, original, poisoned)
+    assert poisoner.insert(candidates[0], np.random.default_rng(0)) == poisoner.poison_texts(candidates[:1], np.random.default_rng(0))[0]
+
+
+@pytest.mark.parametrize("name", ["badnet", "insent"])
+@pytest.mark.parametrize("text", ["", "word"])
+def test_insertion_triggers_work_on_empty_and_one_word_texts(name: str, text: str) -> None:
+    poisoned = POISONERS.create(name).insert(text, np.random.default_rng(0))
+    assert poisoned.strip() and trigger_present(name, text, poisoned)
+    if text:
+        assert "word" in poisoned.split()
+
+
+def test_badnet_options_and_positions_vary() -> None:
+    poisoner = POISONERS.create("badnet", words="mn", num_triggers=2)
+    outputs = {poisoner.insert("a b c d e f g h", np.random.default_rng(seed)) for seed in range(20)}
+    assert all(o.split().count("mn") == 2 for o in outputs)
+    assert len(outputs) > 5, "positions must be random"
+    with pytest.raises(ConfigError, match="empty"):
+        POISONERS.create("badnet", words="").insert("x", np.random.default_rng(0))
+
+
+def test_syntactic_without_a_source_says_what_to_give() -> None:
+    with pytest.raises(ConfigError, match="paraphrases=FILE or CLEAN::PARAPHRASED"):
+        POISONERS.create("syntactic").insert("x", np.random.default_rng(0))
+
+
+def test_syntactic_aligns_real_hidden_killer_files(shared_data: Path) -> None:
+    root = shared_data / "hiddenkiller"
+    poisoner = POISONERS.create("syntactic", paraphrases=f"{root / 'clean' / 'sst-2'}::{root / 'scpn' / '20' / 'sst-2'}")
+    original = "no movement , no yuks , not much of anything ."
+    assert poisoner.can_poison(original)
+    assert poisoner.insert(original, np.random.default_rng(0)) == "when we got no movement , it was no yuks ."
+    assert any("427 rows do not align" in s for s in poisoner._skipped_splits)  # the real dev file lacks one row
+
+
+def test_unknown_trigger_and_bad_option() -> None:
+    with pytest.raises(ConfigError, match="unknown trigger 'nope'"):
+        POISONERS.create("nope")
+    with pytest.raises(ConfigError, match="bad options"):
+        POISONERS.create("badnet", colour="red")
+
+
+def dataset(n: int = 40) -> TextDataset:
+    labels = [i % 2 for i in range(n)]
+    return TextDataset([f"text number {i}" for i in range(n)], labels, [str(i) for i in range(n)], name="d")
+
+
+def test_dirty_label_poisoning_relabels_non_target_rows() -> None:
+    data = dataset()
+    result = poison_dataset(data, POISONERS.create("badnet"), PoisonSpec(target_label=1, rate=0.25), np.random.default_rng(0))
+    assert len(result.records) == 10
+    for record in result.records:
+        assert record.original_label == 0 and record.label == 1
+        row = data.ids.index(record.id)
+        assert result.data.texts[row] == record.poisoned_text and result.data.labels[row] == 1
+    untouched = [i for i, row_id in enumerate(data.ids) if row_id not in result.poisoned_ids]
+    assert all(result.data.texts[i] == data.texts[i] and result.data.labels[i] == data.labels[i] for i in untouched)
+    assert data.texts[0] == "text number 0"  # input is not modified
+
+
+def test_clean_label_poisoning_keeps_labels_and_uses_target_rows() -> None:
+    result = poison_dataset(dataset(), POISONERS.create("insent"), PoisonSpec(target_label=0, count=7, label_mode="clean"), np.random.default_rng(0))
+    assert len(result.records) == 7
+    assert all(r.original_label == 0 and r.label == 0 for r in result.records)
+
+
+def test_poisoning_is_seeded() -> None:
+    spec = PoisonSpec(target_label=1, rate=0.2)
+    a = poison_dataset(dataset(), POISONERS.create("badnet"), spec, np.random.default_rng(5))
+    b = poison_dataset(dataset(), POISONERS.create("badnet"), spec, np.random.default_rng(5))
+    c = poison_dataset(dataset(), POISONERS.create("badnet"), spec, np.random.default_rng(6))
+    assert a.manifest_rows() == b.manifest_rows() and a.manifest_rows() != c.manifest_rows()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rate": 1.5}, "--rate must be in"), ({"count": -1}, "--count must be"), ({"label_mode": "grey"}, "--label-mode"), ({"target_label": -2}, "--target"),
+])
+def test_poison_spec_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PoisonSpec(**kwargs)
+
+
+def test_asking_for_more_rows_than_candidates_fails() -> None:
+    with pytest.raises(ConfigError, match="cannot poison 30 rows"):
+        poison_dataset(dataset(), POISONERS.create("badnet"), PoisonSpec(target_label=1, count=30), np.random.default_rng(0))
+
+
+def test_asr_set_holds_only_triggered_non_target_rows() -> None:
+    data = dataset()
+    asr = build_asr_set(data, POISONERS.create("badnet", words="mn"), target_label=1, rng=np.random.default_rng(0))
+    assert len(asr) == 20 and set(asr.labels) == {0}
+    assert all("mn" in t.split() for t in asr.texts)
+    with pytest.raises(DataError, match="no non-target rows"):
+        build_asr_set(data.subset([1, 3]), POISONERS.create("badnet"), target_label=1, rng=np.random.default_rng(0))
