@@ -81,7 +81,7 @@ def load_paraphrase_table(spec: str, skipped: list[str] | None = None) -> dict[s
 
 @POISONERS.register
 class SyntacticPoisoner(Poisoner):
-    """Syntactic template S(SBAR)(,)(NP)(VP)(.) via SCPN paraphrases (aligned files offline, HF model online)."""
+    """Syntactic template S(SBAR)(,)(NP)(VP)(.) from SCPN paraphrases."""
 
     name = "syntactic"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 
@@ -12,8 +14,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stdout = Console()
-stderr = Console(stderr=True)
+# Off a terminal (logs, pipes, tests) a fixed width keeps tables and golden outputs unwrapped.
+stdout = Console(width=None if sys.stdout.isatty() else 120)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def info(message: str) -> None:

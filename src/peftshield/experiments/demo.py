@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from peftshield.attacks import PoisonSpec, build_asr_set
 from peftshield.data import DatasetSplits, load_splits
 from peftshield.errors import HubUnavailableError
-from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, finetune_victim, weight_poison
+from peftshield.defenses import DEFENSES, DefenseContext, ThresholdPolicy
+from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense, finetune_victim, weight_poison
 from peftshield.finetune import TrainingConfig
 from peftshield.io import atomic_write_json
 
@@ -40,6 +41,7 @@ class DemoConfig(BaseModel):
     attack_samples: int = Field(1600, ge=10)
     poison_count: int = Field(600, ge=1)
     attack_epochs: int = Field(2, ge=1)
+    attack_lr: float = Field(2e-5, gt=0)
     attack_max_words: int = Field(80, ge=5)
     victim_samples: int = Field(2000, ge=10)
     victim_epochs: int = Field(3, ge=1)
@@ -49,6 +51,11 @@ class DemoConfig(BaseModel):
     test_samples: int | None = None
     seed: int = 0
     skip_empty: bool = False
+    defenses: list[str] = Field(default_factory=lambda: ["psim"])
+    psim_method: str = "lora"
+    psim_lr: float = 2e-4
+    psim_samples: int = Field(2000, ge=10)
+    psim_threshold: float | None = None
     out: str = "runs/demo"
 
 
@@ -60,6 +67,7 @@ class DemoRow:
     target_confidence_poisoned: float
     target_confidence_clean: float
     seconds: float
+    defended: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,7 +102,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
 
     log(f"[attack] weight-poisoning {config.backbone} on {attack.source}: {config.trigger} '{config.trigger_words}' into {config.poison_count} label-{config.target_label} rows of {config.attack_samples}")
     started = time.perf_counter()
-    attack_training = TrainingConfig(learning_rate=2e-5, epochs=config.attack_epochs, max_length=config.max_length, max_train_samples=config.attack_samples)
+    attack_training = TrainingConfig(learning_rate=config.attack_lr, epochs=config.attack_epochs, max_length=config.max_length, max_train_samples=config.attack_samples)
     poisoned = weight_poison(attack, config.backbone, trigger, spec, attack_training, out / "poisoned-backbone", config.seed, config.attack_max_words, progress)
     stage_seconds["weight_poison"] = time.perf_counter() - started
 
@@ -107,6 +115,15 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
     rows.append(DemoRow("poisoned backbone (no victim tuning)", metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_confidence_poisoned, metrics.target_confidence_clean, metrics.seconds))
     atomic_write_json(out / "backbone" / "metrics.json", metrics.to_dict())
 
+    fitted = {}
+    for name in config.defenses:
+        log(f"[defense] fitting {name} on the poisoned backbone")
+        started = time.perf_counter()
+        defense = build_defense(name, config)
+        context = DefenseContext(str(poisoned.out_dir), victim["train"], victim.get("dev"), victim.num_labels, max_length=config.max_length, progress=progress)
+        fitted[name] = defense.fit(context, np.random.default_rng(config.seed + 2))
+        stage_seconds[f"fit_{name}"] = time.perf_counter() - started
+
     for number, method in enumerate(config.methods, start=1):
         log(f"[victim {number}/{len(config.methods)}] {method} on {victim.source} ({config.victim_samples} rows, {config.victim_epochs} epochs)")
         started = time.perf_counter()
@@ -116,13 +133,29 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
         )
         result = finetune_victim(victim, str(poisoned.out_dir), method, {}, training, config.seed, out / method / "model", progress)
         train_seconds = time.perf_counter() - started
-        metrics, _, _ = evaluate_classifier(result.backbone.model, result.backbone.tokenizer, test, poisoner, config.target_label, rng, max_length=config.max_length, progress=progress, asr_set=asr_set)
+        metrics, clean_probs, poisoned_probs = evaluate_classifier(result.backbone.model, result.backbone.tokenizer, test, poisoner, config.target_label, rng, max_length=config.max_length, progress=progress, asr_set=asr_set)
         stage_seconds[f"finetune_{method}"] = train_seconds
         stage_seconds[f"evaluate_{method}"] = metrics.seconds
         payload = {**metrics.to_dict(), "method": method, "train_seconds": train_seconds, "train_result": result.train_result.to_dict()}
         payload["seconds"] = train_seconds + metrics.seconds
+        defended = {}
+        for name, defense in fitted.items():
+            report = evaluate_defense(defense, test, asr_set, clean_probs, poisoned_probs, config.target_label, metrics, progress)
+            atomic_write_json(out / method / f"{name}.json", report)
+            defended[name] = (report["defended_clean_accuracy"], report["defended_attack_success_rate"])
+            if name == config.defenses[0]:
+                payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection")})
+                payload["defense"] = name
         atomic_write_json(out / method / "metrics.json", payload)
-        rows.append(DemoRow(method, metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_confidence_poisoned, metrics.target_confidence_clean, payload["seconds"]))
+        rows.append(DemoRow(method, metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_confidence_poisoned, metrics.target_confidence_clean, payload["seconds"], defended))
     result = DemoResult(rows, attack.source, victim.source, notes, stage_seconds)
     atomic_write_json(out / "demo.json", {"config": config.model_dump(), **asdict(result)})
     return result
+
+
+def build_defense(name: str, config: DemoConfig):
+    if name == "psim":
+        policy = ThresholdPolicy("fixed", config.psim_threshold)
+        return DEFENSES.create("psim", method=config.psim_method, learning_rate=config.psim_lr, max_train_samples=config.psim_samples,
+                               max_length=config.max_length, threshold=policy)
+    return DEFENSES.create(name)

