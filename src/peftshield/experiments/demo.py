@@ -41,7 +41,7 @@ class DemoConfig(BaseModel):
     attack_samples: int = Field(1600, ge=10)
     poison_count: int = Field(600, ge=1)
     attack_epochs: int = Field(2, ge=1)
-    attack_lr: float = Field(2e-5, gt=0)
+    attack_lr: float = Field(5e-5, gt=0)  # at 2e-5, 2 epochs on 1,600 rows, MiniLM collapses to the trigger shortcut (CA 0.53)
     attack_max_words: int = Field(80, ge=5)
     victim_samples: int = Field(2000, ge=10)
     victim_epochs: int = Field(3, ge=1)
@@ -55,6 +55,8 @@ class DemoConfig(BaseModel):
     psim_method: str = "lora"
     psim_lr: float = 2e-4
     psim_samples: int = Field(2000, ge=10)
+    psim_threshold_mode: str = "frr"
+    psim_target_frr: float = Field(0.01, ge=0, lt=1)
     psim_threshold: float | None = None
     out: str = "runs/demo"
 
@@ -155,7 +157,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
 
 def build_defense(name: str, config: DemoConfig):
     if name == "psim":
-        policy = ThresholdPolicy("fixed", config.psim_threshold)
+        policy = ThresholdPolicy(config.psim_threshold_mode, config.psim_threshold, config.psim_target_frr)
         return DEFENSES.create("psim", method=config.psim_method, learning_rate=config.psim_lr, max_train_samples=config.psim_samples,
                                max_length=config.max_length, threshold=policy)
     return DEFENSES.create(name)

@@ -21,6 +21,7 @@ from peftshield.models import Backbone, load_backbone
 from peftshield.models.inference import predict_proba
 
 ATTACK_MANIFEST = "attack.json"
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 @dataclass
@@ -197,6 +198,10 @@ def evaluate_defense(
     )
     detection = detection_metrics(clean_scores, poisoned_scores, threshold)
     n_scored = len(test) + len(asr_set)
+    sweep = []
+    for tau in sorted({round(threshold, 6), *SWEEP_THRESHOLDS}):
+        at = defended_metrics(clean_probs.argmax(1) == test.label_array(), clean_scores > tau, poisoned_probs.argmax(1) == target_label, poisoned_scores > tau)
+        sweep.append({"threshold": tau, "frr": float((clean_scores > tau).mean()), "far": float((poisoned_scores <= tau).mean()), **at.to_dict()})
     return {
         "defense": defense.name,
         **defended.to_dict(),
@@ -208,5 +213,6 @@ def evaluate_defense(
         "fit_seconds": float(getattr(defense, "fit_seconds_", 0.0)),
         "score_seconds": score_seconds,
         "texts_per_second": n_scored / score_seconds if score_seconds else None,
+        "threshold_sweep": sweep,
         "scores": {"clean": clean_scores.round(6).tolist(), "poisoned": poisoned_scores.round(6).tolist()},
     }

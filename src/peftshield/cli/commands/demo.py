@@ -26,7 +26,7 @@ def demo(
     attack_samples: int = typer.Option(1600, "--attack-samples", help="Attacker training rows."),
     poison_count: int = typer.Option(600, "--poison-count", help="Attacker rows that get the trigger."),
     attack_epochs: int = typer.Option(2, "--attack-epochs"),
-    attack_lr: float = typer.Option(2e-5, "--attack-lr", help="Attacker's learning rate (full fine-tuning)."),
+    attack_lr: float = typer.Option(5e-5, "--attack-lr", help="Attacker's learning rate (full fine-tuning; 2e-5 is too low for MiniLM at this budget)."),
     attack_max_words: int = typer.Option(80, "--attack-max-words", help="Attacker texts are cut to this many words so the trigger stays in the window."),
     victim_samples: int = typer.Option(2000, "--victim-samples", help="Victim training rows."),
     victim_epochs: int = typer.Option(3, "--victim-epochs"),
@@ -35,7 +35,9 @@ def demo(
     defenses: str = typer.Option("psim", "--defenses", help="Comma-separated defenses to fit and apply ('' for none)."),
     psim_method: str = typer.Option("lora", "--psim-method", help="PEFT method of the PSIM."),
     psim_lr: float = typer.Option(2e-4, "--psim-lr"),
-    psim_threshold: Optional[float] = typer.Option(None, "--psim-threshold", help="Default: 0.7 for 2 classes, scaled with the class count."),
+    psim_threshold_mode: str = typer.Option("frr", "--psim-threshold-mode", help="frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold (default 0.7 for 2 classes)."),
+    psim_target_frr: float = typer.Option(0.01, "--psim-target-frr"),
+    psim_threshold: Optional[float] = typer.Option(None, "--psim-threshold", help="With --psim-threshold-mode fixed (default: 0.7 for 2 classes, scaled with the class count)."),
     seed: int = typer.Option(0, "--seed"),
     skip_empty: bool = typer.Option(False, "--skip-empty"),
     progress: bool = ProgressOption,
@@ -54,6 +56,7 @@ def demo(
             poison_count=poison_count, attack_epochs=attack_epochs, attack_lr=attack_lr, attack_max_words=attack_max_words, victim_samples=victim_samples, victim_epochs=victim_epochs,
             max_length=max_length, test_samples=test_samples, seed=seed, skip_empty=skip_empty, out=out,
             defenses=chosen_defenses, psim_method=psim_method, psim_lr=psim_lr, psim_threshold=psim_threshold,
+            psim_threshold_mode=psim_threshold_mode, psim_target_frr=psim_target_frr,
         )
     except pydantic.ValidationError as exc:
         raise ConfigError(format_validation_error("option", exc).replace("option: ", "--", 1).replace("_", "-")) from None
