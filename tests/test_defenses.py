@@ -83,6 +83,8 @@ def test_frr_calibration_on_known_distributions() -> None:
     assert ThresholdPolicy("frr", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95)
     assert ThresholdPolicy("fixed").resolve(2, None) == pytest.approx(0.7)
     assert ThresholdPolicy("fixed", 0.9).resolve(2, None) == 0.9
+    assert ThresholdPolicy("auto", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95), "auto calibrates when dev scores exist"
+    assert ThresholdPolicy("auto").resolve(4, None) == pytest.approx(0.55), "auto falls back to the fixed default without dev data"
     with pytest.raises(ConfigError, match="needs clean dev data"):
         ThresholdPolicy("frr").resolve(2, None)
     with pytest.raises(ConfigError, match="--threshold-mode"):

@@ -33,12 +33,15 @@ def random_label_reset(data: TextDataset, num_labels: int, rng: np.random.Genera
 
 @DEFENSES.register
 class PSIM(Defense):
-    """PEFT module trained on randomly relabelled data; flags texts it is too confident about."""
+    """PEFT module trained on randomly relabelled data; flags texts it is too confident about.
+
+    Defaults (P-tuning, lr 2e-5, 1 epoch, threshold calibrated to 1% FRR on clean dev data)
+    are the best of the methods compared in bench/psim_methods.md."""
 
     name = "psim"
 
     def __init__(
-        self, method: str = "lora", method_options: dict | None = None, learning_rate: float = 2e-4, epochs: int = 1,
+        self, method: str = "ptuning", method_options: dict | None = None, learning_rate: float = 2e-5, epochs: int = 1,
         batch_size: int = 32, max_train_samples: int | None = 2000, max_length: int = 128,
         threshold: ThresholdPolicy | None = None, score_batch_size: int = 128,
     ) -> None:

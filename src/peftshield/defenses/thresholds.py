@@ -29,18 +29,21 @@ def calibrate_threshold(clean_scores: np.ndarray, target_frr: float) -> float:
 
 @dataclass(frozen=True)
 class ThresholdPolicy:
-    """``fixed`` (``value`` or the class-count default) or ``frr`` (calibrated to ``target_frr`` on clean dev scores)."""
+    """``fixed`` (``value`` or the class-count default), ``frr`` (calibrated to ``target_frr``
+    on clean dev scores), or ``auto``: ``frr`` when clean dev data is given, else ``fixed``."""
 
-    kind: str = "fixed"
+    kind: str = "auto"
     value: float | None = None
-    target_frr: float = 0.05
+    target_frr: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fixed", "frr"):
-            raise ConfigError(f"--threshold-mode must be 'fixed' or 'frr', got '{self.kind}'")
+        if self.kind not in ("fixed", "frr", "auto"):
+            raise ConfigError(f"--threshold-mode must be 'auto', 'fixed' or 'frr', got '{self.kind}'")
+        if not 0.0 <= self.target_frr < 1.0:
+            raise ConfigError(f"--target-frr must be in [0, 1), got {self.target_frr}")
 
     def resolve(self, num_labels: int, clean_dev_scores: np.ndarray | None, default: float | None = None) -> float:
-        if self.kind == "fixed":
+        if self.kind == "fixed" or (self.kind == "auto" and (clean_dev_scores is None or len(clean_dev_scores) == 0)):
             if self.value is not None:
                 return float(self.value)
             return float(default if default is not None else default_confidence_threshold(num_labels))

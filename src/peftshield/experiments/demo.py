@@ -52,10 +52,10 @@ class DemoConfig(BaseModel):
     seed: int = 0
     skip_empty: bool = False
     defenses: list[str] = Field(default_factory=lambda: ["psim"])
-    psim_method: str = "lora"
-    psim_lr: float = 2e-4
+    psim_method: str = "ptuning"
+    psim_lr: float = 2e-5
     psim_samples: int = Field(2000, ge=10)
-    psim_threshold_mode: str = "frr"
+    psim_threshold_mode: str = "auto"
     psim_target_frr: float = Field(0.01, ge=0, lt=1)
     psim_threshold: float | None = None
     out: str = "runs/demo"

@@ -33,9 +33,9 @@ def demo(
     max_length: int = typer.Option(128, "--max-length"),
     test_samples: Optional[int] = typer.Option(None, "--test-samples", help="Evaluate on a random subset of the test split (default: all)."),
     defenses: str = typer.Option("psim", "--defenses", help="Comma-separated defenses to fit and apply ('' for none)."),
-    psim_method: str = typer.Option("lora", "--psim-method", help="PEFT method of the PSIM."),
-    psim_lr: float = typer.Option(2e-4, "--psim-lr"),
-    psim_threshold_mode: str = typer.Option("frr", "--psim-threshold-mode", help="frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold (default 0.7 for 2 classes)."),
+    psim_method: str = typer.Option("ptuning", "--psim-method", help="PEFT method of the PSIM."),
+    psim_lr: float = typer.Option(2e-5, "--psim-lr"),
+    psim_threshold_mode: str = typer.Option("auto", "--psim-threshold-mode", help="auto/frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold (default 0.7 for 2 classes)."),
     psim_target_frr: float = typer.Option(0.01, "--psim-target-frr"),
     psim_threshold: Optional[float] = typer.Option(None, "--psim-threshold", help="With --psim-threshold-mode fixed (default: 0.7 for 2 classes, scaled with the class count)."),
     seed: int = typer.Option(0, "--seed"),
@@ -64,7 +64,7 @@ def demo(
     table = Table(title=f"weight poisoning: attacker {result.attack_data} -> victim {result.victim_data}")
     defense_columns = [f"{name} {kind}" for name in config.defenses for kind in ("CA", "ASR")]
     for column in ("model", "CA", "ASR", "target conf. (triggered)", "target conf. (clean)", *defense_columns, "seconds"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     for row in result.rows:
         defended = [f"{row.defended[name][i]:.3f}" if name in row.defended else "-" for name in config.defenses for i in (0, 1)]
         table.add_row(row.model, f"{row.clean_accuracy:.3f}", f"{row.attack_success_rate:.3f}", f"{row.target_confidence_poisoned:.3f}",

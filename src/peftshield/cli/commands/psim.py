@@ -28,23 +28,21 @@ def psim_train(
     backbone: str = typer.Option(..., "--backbone", help="The backbone you were given (possibly poisoned)."),
     data: str = typer.Option(..., "--data", help="Your training data (labels are ignored: reset at random); its dev split calibrates."),
     out: Path = typer.Option(..., "--out"),
-    method: str = typer.Option("lora", "--method", help="PEFT method of the PSIM."),
+    method: str = typer.Option("ptuning", "--method", help="PEFT method of the PSIM (see bench/psim_methods.md)."),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option"),
-    lr: float = typer.Option(2e-4, "--lr"),
+    lr: float = typer.Option(2e-5, "--lr"),
     epochs: int = typer.Option(1, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_train_samples: Optional[int] = typer.Option(2000, "--max-train-samples"),
     max_length: int = typer.Option(128, "--max-length"),
-    threshold_mode: str = typer.Option("fixed", "--threshold-mode", help="fixed (--threshold, default 0.7 for 2 classes) or frr (calibrated on clean dev)."),
+    threshold_mode: str = typer.Option("auto", "--threshold-mode", help="auto (frr when the data has a dev split, else fixed), fixed (--threshold, default 0.7 for 2 classes) or frr."),
     threshold: Optional[float] = typer.Option(None, "--threshold"),
-    target_frr: float = typer.Option(0.05, "--target-frr", help="With --threshold-mode frr: the clean false-rejection rate to allow."),
+    target_frr: float = typer.Option(0.01, "--target-frr", help="The clean false-rejection rate to allow when calibrating."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
 ) -> None:
     policy = ThresholdPolicy(threshold_mode, threshold, target_frr)
-    if threshold_mode == "frr" and not 0 <= target_frr < 1:
-        raise ConfigError(f"--target-frr must be in [0, 1), got {target_frr}")
     psim = PSIM(method, parse_key_values(method_option, "--method-option"), lr, epochs, batch_size, max_train_samples, max_length, policy)
     splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty) if not data.startswith(("hf:", "pkg:")) else load_splits(data, skip_empty=skip_empty)
     context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=max_length, progress=progress)
