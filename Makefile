@@ -33,8 +33,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
 
+# Real-data measurements quoted in the README (about 25 minutes on 2 CPU cores); not part of `make test`.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/run.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --shared $(SHARED)
+	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --backbone runs/defense-table/backbone-badnet --data $(SHARED)/psim/sst-2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

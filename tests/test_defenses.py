@@ -13,7 +13,18 @@ from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy,
 from peftshield.errors import ConfigError
 from peftshield.metrics import defended_metrics, detection_metrics
 
-FAST_OPTIONS = {"psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None}}
+FAST_OPTIONS = {
+    "psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None},
+    "strip": {"num_perturbations": 4, "max_length": 32},
+}
+
+
+def tiny_victim():
+    from peftshield.finetune import seed_torch
+    from peftshield.models import load_backbone
+
+    seed_torch(0)
+    return load_backbone("tiny", 2)
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())
@@ -22,14 +33,15 @@ def test_defense_contract(name: str, tiny_texts, tmp_path: Path) -> None:
     assert not [k for k in vars(defense) if k.endswith("_")], "constructors only store parameters"
     with pytest.raises(ConfigError, match="not fitted"):
         defense.fitted_threshold()
-    context = DefenseContext("tiny", tiny_texts, tiny_texts.subset(range(8)), 2, max_length=32, progress=False)
+    victim = tiny_victim()
+    context = DefenseContext("tiny", tiny_texts, tiny_texts.subset(range(8)), 2, victim.model, victim.tokenizer, max_length=32, progress=False)
     assert defense.fit(context, np.random.default_rng(0)) is defense
     scores = defense.score(tiny_texts.texts[:6])
     assert scores.shape == (6,) and np.isfinite(scores).all()
     flags = defense.flag(tiny_texts.texts[:6])
     assert flags.dtype == bool and (flags == (scores > defense.fitted_threshold())).all()
     defense.save(tmp_path / "saved")
-    reloaded = type(defense).load(tmp_path / "saved")
+    reloaded = type(defense).load(tmp_path / "saved", context)
     np.testing.assert_allclose(reloaded.score(tiny_texts.texts[:6]), scores, atol=1e-6)
     assert reloaded.fitted_threshold() == pytest.approx(defense.fitted_threshold())
 
@@ -108,3 +120,37 @@ def test_defended_metrics_count_flags_as_errors_and_failed_attacks() -> None:
     )
     assert result.defended_clean_accuracy == pytest.approx(0.5)
     assert result.defended_attack_success_rate == pytest.approx(0.25)
+
+
+def test_strip_scores_trigger_pinned_inputs_as_more_suspicious() -> None:
+    """A victim that always answers 'target' when the trigger is present has zero entropy there."""
+    import torch
+
+    from peftshield.defenses.strip import STRIP, perturb
+
+    victim = tiny_victim()
+    victim.model.eval()  # not a registered submodule of the wrapper below, so predict_proba cannot switch it
+    trigger_id = victim.tokenizer.convert_tokens_to_ids("mn")
+
+    class Backdoored(torch.nn.Module):
+        config = victim.model.config
+
+        def forward(self, input_ids, attention_mask, **kwargs):
+            logits = victim.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            pinned = (input_ids == trigger_id).any(dim=1, keepdim=True)
+            return type("Out", (), {"logits": torch.where(pinned, torch.tensor([50.0, -50.0]), logits)})()
+
+    texts = ["good film , great story", "bad boring plot", "fun movie and good acting", "awful film"]
+    strip = STRIP(num_perturbations=6, replace_ratio=0.25, max_length=32)
+    strip.model_, strip.tokenizer_, strip.words_, strip.seed_ = Backdoored(), victim.tokenizer, ["story", "plot", "acting"], 0
+    clean = strip.score(texts)
+    triggered = strip.score([t + " mn mn mn mn mn mn" for t in texts])  # survives 25% replacement
+    assert (triggered > clean.max()).all()
+    np.testing.assert_array_equal(strip.score(texts), clean)
+    edited = perturb("a b c d", ["x"], 0.5, np.random.default_rng(0))
+    assert edited.split().count("x") == 2
+
+
+def test_strip_needs_the_victim(tiny_texts) -> None:
+    with pytest.raises(ConfigError, match="needs the victim model"):
+        DEFENSES.create("strip").fit(DefenseContext("tiny", tiny_texts, None, 2), np.random.default_rng(0))

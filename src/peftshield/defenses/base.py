@@ -37,6 +37,7 @@ class DefenseContext:
 
 class Defense(ABC):
     name: ClassVar[str]
+    needs_victim: ClassVar[bool] = False  # True: fitted per victim model (it scores with the victim)
 
     def params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
@@ -62,7 +63,7 @@ class Defense(ABC):
         raise ConfigError(f"defense '{self.name}' cannot be saved")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Defense":
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "Defense":
         raise ConfigError(f"defense '{cls.name}' cannot be loaded")
 
 

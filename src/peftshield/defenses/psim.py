@@ -94,7 +94,7 @@ class PSIM(Defense):
         })
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PSIM":
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "PSIM":
         from peftshield.errors import ConfigError
         from peftshield.finetune.checkpoint import MANIFEST_FILE
 

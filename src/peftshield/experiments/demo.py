@@ -117,14 +117,19 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
     rows.append(DemoRow("poisoned backbone (no victim tuning)", metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_confidence_poisoned, metrics.target_confidence_clean, metrics.seconds))
     atomic_write_json(out / "backbone" / "metrics.json", metrics.to_dict())
 
+    def fit_defense(name: str, model=None, tokenizer=None, tag: str = ""):
+        started = time.perf_counter()
+        context = DefenseContext(str(poisoned.out_dir), victim["train"], victim.get("dev"), victim.num_labels, model, tokenizer,
+                                 max_length=config.max_length, progress=progress)
+        defense = build_defense(name, config).fit(context, np.random.default_rng(config.seed + 2))
+        stage_seconds[f"fit_{name}{tag}"] = time.perf_counter() - started
+        return defense
+
     fitted = {}
     for name in config.defenses:
-        log(f"[defense] fitting {name} on the poisoned backbone")
-        started = time.perf_counter()
-        defense = build_defense(name, config)
-        context = DefenseContext(str(poisoned.out_dir), victim["train"], victim.get("dev"), victim.num_labels, max_length=config.max_length, progress=progress)
-        fitted[name] = defense.fit(context, np.random.default_rng(config.seed + 2))
-        stage_seconds[f"fit_{name}"] = time.perf_counter() - started
+        if not DEFENSES.get(name).needs_victim:
+            log(f"[defense] fitting {name} on the poisoned backbone")
+            fitted[name] = fit_defense(name)
 
     for number, method in enumerate(config.methods, start=1):
         log(f"[victim {number}/{len(config.methods)}] {method} on {victim.source} ({config.victim_samples} rows, {config.victim_epochs} epochs)")
@@ -141,7 +146,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
         payload = {**metrics.to_dict(), "method": method, "train_seconds": train_seconds, "train_result": result.train_result.to_dict()}
         payload["seconds"] = train_seconds + metrics.seconds
         defended = {}
-        for name, defense in fitted.items():
+        for name in config.defenses:
+            defense = fitted.get(name) or fit_defense(name, result.backbone.model, result.backbone.tokenizer, f"_{method}")
             report = evaluate_defense(defense, test, asr_set, clean_probs, poisoned_probs, config.target_label, metrics, progress)
             atomic_write_json(out / method / f"{name}.json", report)
             defended[name] = (report["defended_clean_accuracy"], report["defended_attack_success_rate"])

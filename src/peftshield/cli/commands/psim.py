@@ -44,7 +44,7 @@ def psim_train(
 ) -> None:
     policy = ThresholdPolicy(threshold_mode, threshold, target_frr)
     psim = PSIM(method, parse_key_values(method_option, "--method-option"), lr, epochs, batch_size, max_train_samples, max_length, policy)
-    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty) if not data.startswith(("hf:", "pkg:")) else load_splits(data, skip_empty=skip_empty)
+    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty)
     context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=max_length, progress=progress)
     psim.fit(context, np.random.default_rng(seed))
     psim.save(out)

@@ -1,0 +1,108 @@
+"""STRIP for text: perturb each input N times and measure how stable the victim's prediction is.
+
+Words of the input are replaced by high-TF-IDF words from clean held-out text. A clean
+input's prediction wobbles under such edits (high entropy); a triggered input stays
+pinned to the target class while the trigger survives (low entropy). The score is the
+negative mean prediction entropy over the N perturbations of *each input* (so higher is
+more suspicious), and the threshold sits at a clean-data FRR percentile.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
+from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.errors import ConfigError
+from peftshield.io import atomic_directory, atomic_write_json, read_json
+from peftshield.models.inference import predict_proba
+
+STATE_FILE = "strip.json"
+
+
+def high_tfidf_words(texts: list[str], top_k: int) -> list[str]:
+    """The ``top_k`` words with the highest mean TF-IDF over ``texts``."""
+    vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b", lowercase=True)
+    matrix = vectorizer.fit_transform(texts)
+    mean = np.asarray(matrix.mean(axis=0)).ravel()
+    vocabulary = vectorizer.get_feature_names_out()
+    return [str(vocabulary[i]) for i in np.argsort(-mean)[:top_k]]
+
+
+def perturb(text: str, words: list[str], replace_ratio: float, rng: np.random.Generator) -> str:
+    tokens = text.split() or [""]
+    n_replace = max(1, int(round(replace_ratio * len(tokens))))
+    for position in rng.choice(len(tokens), size=min(n_replace, len(tokens)), replace=False):
+        tokens[position] = words[int(rng.integers(0, len(words)))]
+    return " ".join(tokens)
+
+
+@DEFENSES.register
+class STRIP(Defense):
+    """Prediction entropy under word replacement; flags inputs whose prediction does not move."""
+
+    name = "strip"
+    needs_victim = True
+
+    def __init__(
+        self, num_perturbations: int = 10, replace_ratio: float = 0.25, top_words: int = 1000,
+        threshold: ThresholdPolicy | None = None, batch_size: int = 128, max_length: int = 128, max_reference_texts: int = 2000,
+    ) -> None:
+        self.num_perturbations = num_perturbations
+        self.replace_ratio = replace_ratio
+        self.top_words = top_words
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_reference_texts = max_reference_texts
+
+    def _attach(self, context: DefenseContext) -> None:
+        if context.victim_model is None or context.victim_tokenizer is None:
+            raise ConfigError("defense 'strip' needs the victim model (it measures the victim's prediction entropy)")
+        self.model_, self.tokenizer_ = context.victim_model, context.victim_tokenizer
+
+    def fit(self, context: DefenseContext, rng: np.random.Generator) -> "STRIP":
+        if self.num_perturbations < 1 or not 0 < self.replace_ratio <= 1:
+            raise ConfigError("strip: num_perturbations must be >= 1 and replace_ratio in (0, 1]")
+        self._attach(context)
+        reference = context.dev if context.dev is not None and len(context.dev) else context.train
+        self.words_ = high_tfidf_words(reference.sample(self.max_reference_texts, rng).texts, self.top_words)
+        self.seed_ = int(rng.integers(0, 2**31 - 1))
+        calibration = reference.sample(min(len(reference), 500), rng)
+        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
+        self.threshold_ = policy.resolve(context.num_labels, self.score(calibration.texts), default=0.0)
+        return self
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        rng = np.random.default_rng(self.seed_)  # the same texts always get the same perturbations
+        perturbed = [perturb(t, self.words_, self.replace_ratio, rng) for t in texts for _ in range(self.num_perturbations)]
+        probs = predict_proba(self.model_, self.tokenizer_, perturbed, self.batch_size, self.max_length)
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+        return -entropy.reshape(len(texts), self.num_perturbations).mean(axis=1)
+
+    def save(self, directory: str | Path) -> Path:
+        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
+        with atomic_directory(directory) as tmp:
+            atomic_write_json(tmp / STATE_FILE, {
+                "params": {k: v for k, v in self.params().items() if k != "threshold"},
+                "threshold_policy": {"kind": policy.kind, "value": policy.value, "target_frr": policy.target_frr},
+                "words": self.words_, "seed": self.seed_, "threshold": self.threshold_,
+            })
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "STRIP":
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{directory}: not a STRIP directory (no {STATE_FILE})")
+        state = read_json(path)
+        strip = cls(**state["params"], threshold=ThresholdPolicy(**state["threshold_policy"]))
+        if context is None:
+            raise ConfigError("defense 'strip' needs the victim model to load")
+        strip._attach(context)
+        strip.words_, strip.seed_, strip.threshold_ = state["words"], state["seed"], state["threshold"]
+        return strip
