@@ -16,6 +16,7 @@ import numpy as np
 from peftshield.attacks import PoisonSpec, build_asr_set
 from peftshield.data import load_splits
 from peftshield.defenses import DEFENSES, DefenseContext
+from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
 from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense, finetune_victim, weight_poison
 from peftshield.finetune import TrainingConfig
 from peftshield.io import atomic_write_json, atomic_write_text
@@ -31,6 +32,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/defense_table")
     parser.add_argument("--strip-perturbations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="minilm", help="'tiny' for a quick smoke run of the script")
+    parser.add_argument("--attack-samples", type=int, default=1600)
+    parser.add_argument("--poison-count", type=int, default=600)
+    parser.add_argument("--victim-samples", type=int, default=2000)
     args = parser.parse_args()
     shared, work = Path(args.shared), Path(args.work)
     attack_data = load_splits(shared / "psim" / "imdb")
@@ -38,8 +43,8 @@ def main() -> None:
     for trigger, options in TRIGGERS.items():
         started = time.perf_counter()
         backbone_dir = work / f"backbone-{trigger}"
-        poisoned = weight_poison(attack_data, "minilm", TriggerChoice(trigger, options), PoisonSpec(target_label=0, count=600, rate=None, label_mode="clean"),
-                                 TrainingConfig(learning_rate=5e-5, epochs=2, max_train_samples=1600), backbone_dir, args.seed, 80, progress=False)
+        poisoned = weight_poison(attack_data, args.backbone, TriggerChoice(trigger, options), PoisonSpec(target_label=0, count=args.poison_count, rate=None, label_mode="clean"),
+                                 TrainingConfig(learning_rate=5e-5, epochs=2, max_train_samples=args.attack_samples), backbone_dir, args.seed, 80, progress=False)
         timings[f"attack_{trigger}"] = time.perf_counter() - started
         print(f"{trigger}: attacker CA {poisoned.report['clean_accuracy']:.3f} ASR {poisoned.report['attack_success_rate']:.3f}", flush=True)
         for dataset in DATASETS:
@@ -49,7 +54,7 @@ def main() -> None:
             test = splits["test"]
             asr_set = build_asr_set(test, poisoner, 0, rng)
             started = time.perf_counter()
-            victim = finetune_victim(splits, str(backbone_dir), "lora", {}, TrainingConfig(epochs=3, max_train_samples=2000), args.seed, progress=False)
+            victim = finetune_victim(splits, str(backbone_dir), "lora", {}, TrainingConfig(epochs=3, max_train_samples=args.victim_samples), args.seed, progress=False)
             timings[f"victim_{trigger}_{dataset}"] = time.perf_counter() - started
             metrics, clean_probs, poisoned_probs = evaluate_classifier(victim.backbone.model, victim.backbone.tokenizer, test, poisoner, 0, rng, asr_set=asr_set)
             row = {"trigger": trigger, "dataset": dataset, "victim": "lora", "CA": metrics.clean_accuracy, "ASR": metrics.attack_success_rate,
@@ -64,6 +69,13 @@ def main() -> None:
                 det = report["detection"]
                 row.update({f"{name} CA": report["defended_clean_accuracy"], f"{name} ASR": report["defended_attack_success_rate"],
                             f"{name} AUROC": det["auroc"], f"{name} FRR": det["frr"], f"{name} tau": det["threshold"]})
+            for name in ("backtranslation", "scpn"):  # the study's paraphrased files carry the `mn` trigger, target 0
+                result = None
+                if trigger == "badnet":
+                    clean_p, triggered_p = offline_paraphrase_sets(shared / "psim" / dataset, name)
+                    result = evaluate_paraphrased(victim.backbone.model, victim.backbone.tokenizer, name, clean_p, triggered_p, 0)
+                row[f"{name} CA"] = result.defended_clean_accuracy if result else None
+                row[f"{name} ASR"] = result.defended_attack_success_rate if result else None
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = list(rows[0])
@@ -72,10 +84,12 @@ def main() -> None:
              "victim LoRA (lr 2e-3, 3 epochs, 2,000 training rows, dev-selected epoch); full test sets (CR with its 2 empty test texts skipped). "
              "PSIM: P-tuning, lr 2e-5, 1 epoch on 2,000 randomly relabelled training texts, threshold calibrated to 1% FRR on clean dev. "
              f"STRIP: {args.strip_perturbations} perturbations (25% of words replaced by high-TF-IDF dev words), threshold at 1% clean FRR. "
-             "CA/ASR columns without a prefix are the same run undefended; a flagged clean text counts as an error, a flagged triggered text as a failed attack.\n",
+             "CA/ASR columns without a prefix are the same run undefended; a flagged clean text counts as an error, a flagged triggered text as a failed attack. "
+             "Back-translation and SCPN: the victim on the study's pre-paraphrased test files (clean `test_back`/`test_spcn`; triggered `test_char_back`/`test_char_spcn`, "
+             "label-1 texts carrying `mn`), so only for badnet; `-` where not applicable.\n",
              f"Command: `.venv/bin/python bench/defense_table.py --shared {args.shared}`\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows]
+    lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v) for v in row.values()) + " |" for row in rows]
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     atomic_write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     atomic_write_json(Path(args.out + ".json"), {"rows": rows, "seconds": timings})

@@ -154,3 +154,29 @@ def test_strip_scores_trigger_pinned_inputs_as_more_suspicious() -> None:
 def test_strip_needs_the_victim(tiny_texts) -> None:
     with pytest.raises(ConfigError, match="needs the victim model"):
         DEFENSES.create("strip").fit(DefenseContext("tiny", tiny_texts, None, 2), np.random.default_rng(0))
+
+
+def test_paraphrase_defenses_read_the_studys_offline_files(shared_data: Path) -> None:
+    from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
+
+    clean, triggered = offline_paraphrase_sets(shared_data / "psim" / "cr", "backtranslation")
+    assert len(clean) == 775 and len(triggered) == 481 and set(triggered.labels) == {1}
+    clean, triggered = offline_paraphrase_sets(shared_data / "psim" / "cr", "scpn")
+    assert len(clean) == 773 and len(triggered) == 479, "the two empty paraphrases are skipped"
+    victim = tiny_victim()
+    result = evaluate_paraphrased(victim.model, victim.tokenizer, "scpn", clean.subset(range(20)), triggered.subset(range(10)), 0, max_length=32)
+    assert result.n_clean == 20 and result.n_poisoned == 10
+    assert 0.0 <= result.defended_clean_accuracy <= 1.0 and 0.0 <= result.defended_attack_success_rate <= 1.0
+    with pytest.raises(ConfigError, match="unknown paraphrase defense"):
+        offline_paraphrase_sets(shared_data / "psim" / "cr", "onion")
+
+
+def test_online_paraphraser_fails_clearly_offline(monkeypatch) -> None:
+    from peftshield.defenses.paraphrase import OnlineParaphraser
+    from peftshield.errors import HubUnavailableError
+    from peftshield.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    with pytest.raises(HubUnavailableError, match="paraphrase model 'Helsinki-NLP/opus-mt-en-de'.*pre-paraphrased files"):
+        OnlineParaphraser("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en").transform(["a text"])

@@ -59,3 +59,12 @@ def test_dev_selection_keeps_the_best_epoch(tiny_texts) -> None:
     assert result.epochs[result.best_epoch - 1].dev_accuracy == best
     accuracy = (predict_proba(model, backbone.tokenizer, tiny_texts.texts).argmax(1) == tiny_texts.label_array()).mean()
     assert accuracy == best, "the returned model must be the selected epoch's"
+
+
+def test_max_length_is_capped_at_the_models_limit() -> None:
+    from peftshield.models.tiny import tiny_tokenizer
+
+    encoded = encode_texts(tiny_tokenizer(), ["good " * 200], 512)
+    assert len(encoded.input_ids[0]) == 64  # the tiny model has 64 positions
+    backbone = load_backbone("tiny", 2)
+    assert predict_proba(backbone.model, backbone.tokenizer, ["good " * 200], max_length=512).shape == (1, 2)

@@ -22,6 +22,10 @@ class EncodedTexts:
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedTexts:
+    """Tokenise without padding; ``max_length`` is capped at what the model accepts."""
+    model_limit = getattr(tokenizer, "model_max_length", None)
+    if model_limit and model_limit < 100_000:  # tokenizers without a limit report a huge sentinel
+        max_length = min(max_length, model_limit)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EncodedTexts(list(encoded["input_ids"]), pad)

@@ -36,7 +36,7 @@ def tiny_config(num_labels: int, vocab_size: int):
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=128,  # room for prompt methods' virtual tokens beyond the 64-token tokenizer limit
         num_labels=num_labels,
     )
 
