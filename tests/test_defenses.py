@@ -17,6 +17,9 @@ FAST_OPTIONS = {
     "psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None},
     "strip": {"num_perturbations": 4, "max_length": 32},
     "onion": {"language_model": "tiny", "max_length": 32, "calibration_texts": 8},
+    "rap": {"word": "good", "protected_label": 1, "epochs": 2, "batch_size": 4, "max_length": 32},
+    "bki": {"max_length": 32},
+    "cube": {"max_length": 32, "dimensions": 3, "min_cluster_fraction": 0.3},
 }
 
 
@@ -184,7 +187,8 @@ def test_online_paraphraser_fails_clearly_offline(monkeypatch) -> None:
 
 
 def test_onion_leave_one_out_and_scores() -> None:
-    from peftshield.defenses.onion import ONION, leave_one_out
+    from peftshield.data.transforms import leave_one_word_out as leave_one_out
+    from peftshield.defenses.onion import ONION
     from peftshield.models.language_model import sentence_log_perplexity, tiny_language_model
 
     assert leave_one_out("a b c", 10) == ["b c", "a c", "a b"]
@@ -200,3 +204,69 @@ def test_onion_leave_one_out_and_scores() -> None:
     batched = sentence_log_perplexity(onion.lm_, ["good film", "bad boring plot , awful"], batch_size=2)
     single = [sentence_log_perplexity(onion.lm_, [t])[0] for t in ["good film", "bad boring plot , awful"]]
     np.testing.assert_allclose(batched, single, rtol=1e-5)  # padding does not change a text's perplexity
+
+
+def test_rap_learns_only_its_embedding_row_on_a_frozen_peft_victim(tiny_texts) -> None:
+    import torch
+
+    from peftshield.defenses.rap import RAP
+    from peftshield.finetune import METHODS
+
+    victim = tiny_victim()
+    model = METHODS.create("lora").wrap(victim.model, 10)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable_before = {n for n, p in model.named_parameters() if p.requires_grad}
+    context = DefenseContext("tiny", tiny_texts, tiny_texts, 2, model, victim.tokenizer, protected_label=1, max_length=32, progress=False)
+    rap = RAP(word="good", epochs=3, batch_size=4, learning_rate=0.5, max_length=32).fit(context, np.random.default_rng(0))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"RAP changed the victim's weight {name}"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
+    row = rap.embeddings_.weight[rap.token_id_]
+    assert not torch.allclose(rap.vector_, row), "the RAP word's embedding must have been learned"
+    scores = rap.score(tiny_texts.texts)
+    protected = model.eval()(**victim.tokenizer(tiny_texts.texts, padding=True, return_tensors="pt")).logits.argmax(-1).numpy() == 1
+    assert (scores[~protected] == -1.0).all() and (scores[protected] >= -1.0).all()
+
+
+def test_rap_rejects_a_word_that_is_not_one_token(tiny_texts) -> None:
+    from peftshield.defenses.rap import RAP
+
+    victim = tiny_victim()
+    context = DefenseContext("tiny", tiny_texts, None, 2, victim.model, victim.tokenizer, protected_label=0, max_length=32, progress=False)
+    with pytest.raises(ConfigError, match="rap: word 'xqzzyv' must be one token"):
+        RAP(word="xqzzyv").fit(context, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="needs protected_label"):
+        RAP(word="good").fit(DefenseContext("tiny", tiny_texts, None, 2, victim.model, victim.tokenizer), np.random.default_rng(0))
+
+
+def test_bki_flags_texts_with_the_pool_keyword(monkeypatch) -> None:
+    from peftshield.defenses.bki import BKI
+
+    texts = [f"plain text {i} mn" for i in range(6)] + [f"plain text {i}" for i in range(6)]
+    bki = BKI(top_words_per_text=2)
+    shift = {"mn": 5.0, "plain": 1.0, "text": 0.5}
+    monkeypatch.setattr(bki, "word_importance", lambda pool: [[(w, shift.get(w, 0.2)) for w in t.split()] for t in pool])
+    bki.threshold_ = 1.0
+    values = bki.keyword_values(bki.word_importance(texts))
+    assert values["mn"] == pytest.approx(5.0 * np.log10(6))  # mean shift x log10(texts it was top in)
+    assert values["plain"] == pytest.approx(1.0 * np.log10(12))
+    scores = bki.score(texts)
+    assert bki.keywords_ == ["mn"]
+    assert (scores[:6] == 2.0).all() and (scores[6:] <= 1.0).all()
+    np.testing.assert_array_equal(bki.flag(texts), [True] * 6 + [False] * 6)
+
+
+def test_cube_flags_everything_outside_each_class_main_cluster(monkeypatch) -> None:
+    import peftshield.defenses.cube as cube_module
+
+    blobs = np.random.default_rng(0)
+    representations = np.vstack([blobs.normal(0, 0.1, (40, 4)), blobs.normal(8, 0.1, (10, 4)), blobs.normal(-8, 0.1, (30, 4))])
+    probs = np.zeros((80, 2))
+    probs[:50, 0] = 1.0  # class 0: a main blob of 40 and a poisoned blob of 10
+    probs[50:, 1] = 1.0  # class 1: one blob
+    monkeypatch.setattr(cube_module, "classifier_inputs", lambda *args, **kwargs: (probs, representations))
+    cube = cube_module.CUBE(dimensions=2, min_cluster_fraction=0.05)
+    cube.model_ = cube.tokenizer_ = None
+    cube.num_labels_, cube.threshold_ = 2, 1.0
+    flags = cube.flag([str(i) for i in range(80)])
+    np.testing.assert_array_equal(flags, [False] * 40 + [True] * 10 + [False] * 30)

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
 
 
 def _register_commands() -> None:
-    from peftshield.cli.commands import attack, demo, evaluate, finetune, inspect, poison, psim  # noqa: F401
+    from peftshield.cli.commands import attack, demo, evaluate, finetune, grid, inspect, poison, psim  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

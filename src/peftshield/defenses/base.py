@@ -8,14 +8,16 @@ in an underscore (scikit-learn style) and exists only after ``fit``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from peftshield.data.records import TextDataset
+from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
+from peftshield.io import atomic_directory, atomic_write_json, read_json
 from peftshield.registry import Registry
 
 
@@ -38,6 +40,9 @@ class DefenseContext:
 class Defense(ABC):
     name: ClassVar[str]
     needs_victim: ClassVar[bool] = False  # True: fitted per victim model (it scores with the victim)
+    # True: a data cleaner that judges the texts passed to one score() call as one pool
+    # (keyword statistics, clustering), so a text's score depends on the rest of the pool.
+    transductive: ClassVar[bool] = False
 
     def params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
@@ -65,6 +70,40 @@ class Defense(ABC):
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "Defense":
         raise ConfigError(f"defense '{cls.name}' cannot be loaded")
+
+
+def victim_of(name: str, context: DefenseContext | None) -> tuple[object, object]:
+    """The victim model and tokenizer a model-based defense scores with."""
+    if context is None or context.victim_model is None or context.victim_tokenizer is None:
+        raise ConfigError(f"defense '{name}' needs the victim model (it scores texts with the victim)")
+    return context.victim_model, context.victim_tokenizer
+
+
+def clean_frr_policy(policy: ThresholdPolicy | None) -> ThresholdPolicy:
+    """The baselines' default: threshold at 1% false rejections on clean held-out texts."""
+    return policy or ThresholdPolicy("frr", target_frr=0.01)
+
+
+def save_json_state(defense: Defense, directory: str | Path, file_name: str, state: dict) -> Path:
+    """Write a defense's parameters, threshold policy, fitted threshold and ``state`` atomically."""
+    with atomic_directory(directory) as tmp:
+        atomic_write_json(tmp / file_name, {
+            "params": {k: v for k, v in defense.params().items() if k != "threshold"},
+            "threshold_policy": asdict(clean_frr_policy(getattr(defense, "threshold", None))),
+            "threshold": defense.fitted_threshold(), **state,
+        })
+    return Path(directory)
+
+
+def load_json_state(cls: type[Defense], directory: str | Path, file_name: str) -> tuple[Defense, dict]:
+    """The defense rebuilt from what :func:`save_json_state` wrote, with its threshold, and the state."""
+    path = Path(directory) / file_name
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a saved '{cls.name}' defense (no {file_name})")
+    state = read_json(path)
+    defense = cls(**state["params"], threshold=ThresholdPolicy(**state["threshold_policy"]))
+    defense.threshold_ = state["threshold"]
+    return defense, state
 
 
 DEFENSES: Registry[Defense] = Registry("defense")

@@ -14,18 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
+from peftshield.data.transforms import leave_one_word_out
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state
 from peftshield.defenses.thresholds import ThresholdPolicy
-from peftshield.errors import ConfigError
-from peftshield.io import atomic_directory, atomic_write_json, read_json
 from peftshield.models.language_model import load_language_model, sentence_log_perplexity
 
 STATE_FILE = "onion.json"
-
-
-def leave_one_out(text: str, max_words: int) -> list[str]:
-    words = text.split()[:max_words]
-    return [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))] if len(words) > 1 else []
 
 
 @DEFENSES.register
@@ -50,14 +44,13 @@ class ONION(Defense):
         self._load()
         reference = context.dev if context.dev is not None and len(context.dev) else context.train
         calibration = reference.sample(self.calibration_texts, rng)
-        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
-        self.threshold_ = policy.resolve(context.num_labels, self.score(calibration.texts), default=0.0)
+        self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, self.score(calibration.texts), default=0.0)
         return self
 
     def score(self, texts: list[str]) -> np.ndarray:
         variants, owners = [], []
         for index, text in enumerate(texts):
-            for variant in leave_one_out(text, self.max_words):
+            for variant in leave_one_word_out(text, self.max_words):
                 variants.append(variant)
                 owners.append(index)
         owners_array = np.asarray(owners, dtype=np.int64)
@@ -72,22 +65,10 @@ class ONION(Defense):
         return np.where(np.isfinite(best), best, 0.0)
 
     def save(self, directory: str | Path) -> Path:
-        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
-        with atomic_directory(directory) as tmp:
-            atomic_write_json(tmp / STATE_FILE, {
-                "params": {k: v for k, v in self.params().items() if k != "threshold"},
-                "threshold_policy": {"kind": policy.kind, "value": policy.value, "target_frr": policy.target_frr},
-                "threshold": self.threshold_,
-            })
-        return Path(directory)
+        return save_json_state(self, directory, STATE_FILE, {})
 
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "ONION":
-        path = Path(directory) / STATE_FILE
-        if not path.is_file():
-            raise ConfigError(f"{directory}: not an ONION directory (no {STATE_FILE})")
-        state = read_json(path)
-        onion = cls(**state["params"], threshold=ThresholdPolicy(**state["threshold_policy"]))
+        onion, _ = load_json_state(cls, directory, STATE_FILE)
         onion._load()
-        onion.threshold_ = state["threshold"]
         return onion

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state, victim_of
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
-from peftshield.io import atomic_directory, atomic_write_json, read_json
 from peftshield.models.inference import predict_proba
 
 STATE_FILE = "strip.json"
@@ -61,9 +60,7 @@ class STRIP(Defense):
         self.max_reference_texts = max_reference_texts
 
     def _attach(self, context: DefenseContext) -> None:
-        if context.victim_model is None or context.victim_tokenizer is None:
-            raise ConfigError("defense 'strip' needs the victim model (it measures the victim's prediction entropy)")
-        self.model_, self.tokenizer_ = context.victim_model, context.victim_tokenizer
+        self.model_, self.tokenizer_ = victim_of(self.name, context)
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "STRIP":
         if self.num_perturbations < 1 or not 0 < self.replace_ratio <= 1:
@@ -73,8 +70,7 @@ class STRIP(Defense):
         self.words_ = high_tfidf_words(reference.sample(self.max_reference_texts, rng).texts, self.top_words)
         self.seed_ = int(rng.integers(0, 2**31 - 1))
         calibration = reference.sample(min(len(reference), 500), rng)
-        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
-        self.threshold_ = policy.resolve(context.num_labels, self.score(calibration.texts), default=0.0)
+        self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, self.score(calibration.texts), default=0.0)
         return self
 
     def score(self, texts: list[str]) -> np.ndarray:
@@ -85,24 +81,11 @@ class STRIP(Defense):
         return -entropy.reshape(len(texts), self.num_perturbations).mean(axis=1)
 
     def save(self, directory: str | Path) -> Path:
-        policy = self.threshold or ThresholdPolicy("frr", target_frr=0.01)
-        with atomic_directory(directory) as tmp:
-            atomic_write_json(tmp / STATE_FILE, {
-                "params": {k: v for k, v in self.params().items() if k != "threshold"},
-                "threshold_policy": {"kind": policy.kind, "value": policy.value, "target_frr": policy.target_frr},
-                "words": self.words_, "seed": self.seed_, "threshold": self.threshold_,
-            })
-        return Path(directory)
+        return save_json_state(self, directory, STATE_FILE, {"words": self.words_, "seed": self.seed_})
 
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "STRIP":
-        path = Path(directory) / STATE_FILE
-        if not path.is_file():
-            raise ConfigError(f"{directory}: not a STRIP directory (no {STATE_FILE})")
-        state = read_json(path)
-        strip = cls(**state["params"], threshold=ThresholdPolicy(**state["threshold_policy"]))
-        if context is None:
-            raise ConfigError("defense 'strip' needs the victim model to load")
+        strip, state = load_json_state(cls, directory, STATE_FILE)
         strip._attach(context)
-        strip.words_, strip.seed_, strip.threshold_ = state["words"], state["seed"], state["threshold"]
+        strip.words_, strip.seed_ = state["words"], state["seed"]
         return strip

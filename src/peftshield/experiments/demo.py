@@ -120,7 +120,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
     def fit_defense(name: str, model=None, tokenizer=None, tag: str = ""):
         started = time.perf_counter()
         context = DefenseContext(str(poisoned.out_dir), victim["train"], victim.get("dev"), victim.num_labels, model, tokenizer,
-                                 max_length=config.max_length, progress=progress)
+                                 protected_label=config.target_label, max_length=config.max_length, progress=progress)
         defense = build_defense(name, config).fit(context, np.random.default_rng(config.seed + 2))
         stage_seconds[f"fit_{name}{tag}"] = time.perf_counter() - started
         return defense
@@ -148,7 +148,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> DemoResult
         defended = {}
         for name in config.defenses:
             defense = fitted.get(name) or fit_defense(name, result.backbone.model, result.backbone.tokenizer, f"_{method}")
-            report = evaluate_defense(defense, test, asr_set, clean_probs, poisoned_probs, config.target_label, metrics, progress)
+            report = evaluate_defense(defense, test, asr_set, clean_probs, poisoned_probs, config.target_label, metrics, progress,
+                                      rng=np.random.default_rng(config.seed + 3))
             atomic_write_json(out / method / f"{name}.json", report)
             defended[name] = (report["defended_clean_accuracy"], report["defended_attack_success_rate"])
             if name == config.defenses[0]:

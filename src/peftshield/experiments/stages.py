@@ -15,6 +15,7 @@ from peftshield.data import DatasetSplits, TextDataset, load_splits
 from peftshield.data.transforms import truncate_words
 from peftshield.data.writers import split_jsonl
 from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
+from peftshield.errors import ConfigError
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
 from peftshield.models import Backbone, load_backbone
@@ -157,7 +158,7 @@ class VictimResult:
 
 def finetune_victim(
     data: str | DatasetSplits, backbone: str, method: str, method_options: dict, training: TrainingConfig,
-    seed: int, out_dir: str | Path | None = None, progress: bool = True, label: str = "victim",
+    seed: int, out_dir: str | Path | None = None, progress: bool = True, label: str = "victim", epoch_probe=None,
 ) -> VictimResult:
     """The victim: fine-tune ``backbone`` on clean ``data`` with ``method``; save if ``out_dir``."""
     splits = data if isinstance(data, DatasetSplits) else load_splits(data)
@@ -166,7 +167,7 @@ def finetune_victim(
     rng = np.random.default_rng(seed)
     seed_torch(seed)
     base = load_backbone(backbone, splits.num_labels)
-    model, result = train_classifier(base.model, base.tokenizer, splits["train"], splits.get("dev"), fine_tuning, training, rng, progress, label=label)
+    model, result = train_classifier(base.model, base.tokenizer, splits["train"], splits.get("dev"), fine_tuning, training, rng, progress, label=label, epoch_probe=epoch_probe)
     if out_dir is not None:
         steps = ((min(len(splits["train"]), training.max_train_samples or len(splits["train"])) + training.batch_size - 1) // training.batch_size) * training.epochs
         save_finetuned(model, base.tokenizer, out_dir, {
@@ -179,17 +180,29 @@ def finetune_victim(
 
 def evaluate_defense(
     defense, test: TextDataset, asr_set: TextDataset, clean_probs: np.ndarray, poisoned_probs: np.ndarray, target_label: int,
-    undefended: AttackMetrics, progress: bool = False,
+    undefended: AttackMetrics, progress: bool = False, rng: np.random.Generator | None = None, pool_poison_rate: float = 0.1,
 ) -> dict:
     """Defended CA/ASR and detection metrics of a fitted filter in front of a victim model.
 
     ``clean_probs``/``poisoned_probs`` are the victim's predictions on ``test`` and ``asr_set``.
+    A transductive defense (a data cleaner) scores one pool: all of ``test`` plus triggered
+    texts drawn with ``rng`` so that they make up ``pool_poison_rate`` of it; its defended
+    ASR is over the drawn triggered texts.
     """
     from peftshield.metrics import defended_metrics, detection_metrics
 
     started = time.perf_counter()
-    clean_scores = defense.score(test.texts)
-    poisoned_scores = defense.score(asr_set.texts)
+    if defense.transductive:
+        if rng is None:
+            raise ConfigError(f"defense '{defense.name}' scores a pool: pass rng to draw its triggered share")
+        wanted = int(round(pool_poison_rate / (1 - pool_poison_rate) * len(test)))
+        drawn = np.sort(rng.choice(len(asr_set), size=max(1, min(len(asr_set), wanted)), replace=False))
+        asr_set, poisoned_probs = asr_set.subset(drawn.tolist()), poisoned_probs[drawn]
+        pool_scores = defense.score(test.texts + asr_set.texts)
+        clean_scores, poisoned_scores = pool_scores[: len(test)], pool_scores[len(test) :]
+    else:
+        clean_scores = defense.score(test.texts)
+        poisoned_scores = defense.score(asr_set.texts)
     score_seconds = time.perf_counter() - started
     threshold = defense.fitted_threshold()
     defended = defended_metrics(

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftshield.errors import ConfigError
+from peftshield.yaml_config import format_validation_error, load_yaml_model
 
 
 class TrainingConfig(BaseModel):
@@ -39,28 +39,8 @@ class FineTuneFileConfig(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
-def format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    return f"{source}: {where}: {first['msg']}"
-
-
 def load_finetune_yaml(path: str | Path) -> FineTuneFileConfig:
-    path = Path(path)
-    try:
-        payload = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(payload, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        return FineTuneFileConfig(**payload)
-    except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error(str(path), exc)) from None
+    return load_yaml_model(path, FineTuneFileConfig)
 
 
 def merge_training(base: TrainingConfig, overrides: dict[str, Any]) -> TrainingConfig:

@@ -8,6 +8,7 @@ CPU, one GPU, or under ``accelerate launch`` on several.
 from __future__ import annotations
 
 import time
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ class EpochRecord:
     train_loss: float
     dev_accuracy: float | None
     seconds: float
+    probe: dict[str, float] = field(default_factory=dict)  # what the caller's epoch probe measured
 
 
 @dataclass
@@ -82,10 +84,13 @@ def train_classifier(
     rng: np.random.Generator,
     progress: bool = True,
     label: str = "train",
+    epoch_probe: Callable[[object, object], dict[str, float]] | None = None,
 ):
     """Wrap ``model`` with ``method``, train it on ``train``; return (trained model, TrainResult).
 
     With a dev set and ``select_on_dev``, the epoch with the best dev accuracy is kept.
+    ``epoch_probe(model, tokenizer)``, if given, runs after every epoch (e.g. ASR for a curve over
+    epochs) and its numbers are kept in that epoch's record.
     """
     from accelerate import Accelerator
 
@@ -131,7 +136,8 @@ def train_classifier(
         if dev is not None and len(dev):
             probs = predict_proba(accelerator.unwrap_model(model), tokenizer, dev.texts, training.eval_batch_size, training.max_length)
             dev_accuracy = float((probs.argmax(1) == dev.label_array()).mean())
-        result.epochs.append(EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), dev_accuracy, time.perf_counter() - epoch_start))
+        probed = epoch_probe(accelerator.unwrap_model(model), tokenizer) if epoch_probe else {}
+        result.epochs.append(EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), dev_accuracy, time.perf_counter() - epoch_start, probed))
         if dev_accuracy is None:
             result.best_epoch = epoch  # no dev set: the last epoch is kept
             continue

@@ -1,0 +1,173 @@
+"""Experiment grids: config validation, cache keys, the SQLite store, resume after a kill,
+the report, and the Ray executor, all on tiny random models and a few real SST-2 rows."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftshield.cli import main
+from peftshield.errors import ConfigError
+from peftshield.grid import ResultStore, load_grid_config, stage_key
+from peftshield.grid.executors import LocalExecutor
+from peftshield.grid.runner import STORE_FILE, plan_grid, run_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, shared: Path, methods=("full", "lora"), defenses=("psim", "strip"), seeds=(0,), extra: str = "") -> Path:
+    sst2 = shared / "psim" / "sst-2"
+    path.write_text(f"""
+name: tiny-grid
+backbone: tiny
+seeds: {list(seeds)}
+max_length: 32
+attack: {{data: {sst2}, samples: 48, poison_count: 16, epochs: 1, max_words: 20}}
+triggers: [{{name: badnet, options: {{words: mn}}}}]
+datasets: [{{name: sst-2, path: {sst2}}}]
+methods: {list(methods)}
+victim: {{samples: 48, epochs: 2, test_samples: 40, probe_samples: 16}}
+defenses: {list(defenses)}
+psim: {{samples: 48}}
+defense_options: {{strip: {{num_perturbations: 2}}}}
+{extra}""", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("colour: blue", "colour: Extra inputs are not permitted"),
+    ("victim: {epochs: 0}", "victim.epochs: Input should be greater than or equal to 1"),
+    ("methods: [lora, qlora]", "unknown method(s) qlora"),
+    ("defenses: [psim, magic]", "unknown defense(s) magic"),
+    ("triggers: [{name: emoji}]", "unknown trigger 'emoji'"),
+    ("attack: {data: x, learning_rate: fast}", "attack.learning_rate: Input should be a valid number"),
+    ("psim: {methd: lora}", "psim.methd: Extra inputs are not permitted"),
+])
+def test_grid_config_errors_name_the_key(tmp_path: Path, shared_data: Path, edit: str, message: str) -> None:
+    path = write_config(tmp_path / "grid.yaml", shared_data)
+    key = edit.split(":")[0]
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(f"{key}:")]
+    path.write_text("\n".join(lines + [edit]) + "\n")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_grid_config(path)
+
+
+def test_grid_cli_bad_config_is_one_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nattack: [unclosed\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"peftshield: error: {bad}:") and "invalid YAML" in err[0]
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a grid run" in capsys.readouterr().err
+
+
+def test_stage_keys_are_stable_and_content_addressed(tmp_path: Path, shared_data: Path) -> None:
+    # a fixed payload has a fixed key: changing it breaks every user's cache, so it must be deliberate
+    canonical = b'{"a":1,"b":[1,2],"kind":"backbone"}'  # sorted keys, no spaces
+    assert stage_key("backbone", {"a": 1, "b": [1, 2]}) == "backbone-" + hashlib.sha256(canonical).hexdigest()[:16] == "backbone-5bf3b88db4f5cfdf"
+    assert stage_key("backbone", {"b": [1, 2], "a": 1}) == stage_key("backbone", {"a": 1, "b": [1, 2]})
+    assert stage_key("backbone", {"a": 2, "b": [1, 2]}) != stage_key("backbone", {"a": 1, "b": [1, 2]})
+    config = load_grid_config(write_config(tmp_path / "a.yaml", shared_data))
+    first, again = plan_grid(config, tmp_path / "run"), plan_grid(config, tmp_path / "elsewhere")
+    assert [c.cell_key for c in first.cells] == [c.cell_key for c in again.cells], "keys do not depend on the run directory"
+    longer = plan_grid(config.model_copy(update={"victim": config.victim.model_copy(update={"epochs": 3})}), tmp_path / "run")
+    assert list(longer.backbones) == list(first.backbones) and list(longer.psims) == list(first.psims), "the attack and PSIM are reused"
+    assert not {c.victim_key for c in longer.cells} & {c.victim_key for c in first.cells}
+    assert len(first.backbones) == 1 and len(first.cells) == 2, "one backbone shared by both methods"
+
+
+def test_grid_run_store_rerun_and_report(tmp_path: Path, shared_data: Path) -> None:
+    config = load_grid_config(write_config(tmp_path / "grid.yaml", shared_data))
+    run_dir = tmp_path / "run"
+    run_grid(config, run_dir, LocalExecutor(), progress=False, log=lambda _m: None)
+    db = sqlite3.connect(run_dir / STORE_FILE)
+    assert {r[1] for r in db.execute("PRAGMA table_info(cells)")} >= {"cell_key", "config_hash", "seed", "dataset", "trigger", "method", "versions", "seconds"}
+    assert {r[1] for r in db.execute("PRAGMA table_info(results)")} == {"cell_key", "defense", "metric", "value"}
+    assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 2
+    defenses = {r[0] for r in db.execute("SELECT DISTINCT defense FROM results")}
+    assert defenses == {"none", "psim", "strip"}
+    asr = db.execute("SELECT value FROM results WHERE defense='none' AND metric='attack_success_rate'").fetchall()
+    assert len(asr) == 2 and all(0.0 <= v <= 1.0 for (v,) in asr)
+    versions = db.execute("SELECT versions FROM cells").fetchone()[0]
+    assert '"peftshield"' in versions and '"torch"' in versions
+    finished = dict(db.execute("SELECT cell_key, finished_at FROM cells").fetchall())
+    db.close()
+    header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert header == "cell_key,config_hash,seed,dataset,trigger,method,defense,metric,value,seconds"
+
+    messages: list[str] = []
+    stages = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").iterdir()}
+    run_grid(config, run_dir, LocalExecutor(), progress=False, log=messages.append)
+    assert "2 already stored" in messages[0] and "0 cells computed" in messages[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").iterdir()} == stages
+    assert {c["cell_key"]: c for c in ResultStore(run_dir / STORE_FILE).cells()}.keys() == finished.keys()
+
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| sst-2 | badnet-mn |" in report and "| full | lora |" in report.replace("| dataset | trigger ", "")
+    for png in ("asr_per_method.png", "asr_over_epochs.png", "confidence_sst-2_badnet-mn_lora_seed0.png", "roc_sst-2_badnet-mn_lora_seed0.png"):
+        assert (run_dir / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "<table>" in (run_dir / "report" / "report.html").read_text()
+    assert main(["export", str(run_dir), "--csv", str(tmp_path / "out.csv")]) == 0
+    assert (tmp_path / "out.csv").read_text() == (run_dir / "results.csv").read_text()
+
+
+def test_grid_resumes_after_a_kill_without_recomputing_or_duplicating(tmp_path: Path, shared_data: Path) -> None:
+    config_path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora", "ia3", "prompt", "full"), defenses=("psim",))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "peftshield", "run", str(config_path), "--out", str(run_dir), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    store = run_dir / STORE_FILE
+    while time.time() < deadline and process.poll() is None:
+        if store.is_file() and sqlite3.connect(store).execute("SELECT COUNT(*) FROM cells").fetchone()[0] >= 1:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run finished before it could be killed: make the grid bigger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = dict(sqlite3.connect(store).execute("SELECT cell_key, finished_at FROM cells").fetchall())
+    assert 1 <= len(before) < 4
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert f"({len(before)} already stored)" in finished.stderr
+    db = sqlite3.connect(store)
+    after = dict(db.execute("SELECT cell_key, finished_at FROM cells").fetchall())
+    assert len(after) == 4 and all(after[k] == v for k, v in before.items()), "finished cells must not be recomputed"
+    rows = db.execute("SELECT COUNT(*), COUNT(DISTINCT cell_key || defense || metric) FROM results").fetchone()
+    assert rows[0] == rows[1] > 0, "no duplicated results"
+
+
+def test_ray_executor_runs_two_tiny_cells(tmp_path: Path, shared_data: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from peftshield.grid.executors import RayExecutor
+
+    config = load_grid_config(write_config(tmp_path / "grid.yaml", shared_data, defenses=("psim",)))
+    try:
+        run_grid(config, tmp_path / "ray-run", RayExecutor(workers=2), progress=False, log=lambda _m: None)
+    finally:
+        ray.shutdown()
+    run_grid(config, tmp_path / "local-run", LocalExecutor(), progress=False, log=lambda _m: None)
+    by_ray = {(r["method"], r["defense"], r["metric"]): r["value"] for r in ResultStore(tmp_path / "ray-run" / STORE_FILE).rows()}
+    local = {(r["method"], r["defense"], r["metric"]): r["value"] for r in ResultStore(tmp_path / "local-run" / STORE_FILE).rows()}
+    assert len(ResultStore(tmp_path / "ray-run" / STORE_FILE).cells()) == 2
+    assert by_ray.keys() == local.keys()
+    for key in by_ray:
+        if key[2] in ("clean_accuracy", "attack_success_rate", "defended_clean_accuracy", "defended_attack_success_rate"):
+            assert by_ray[key] == pytest.approx(local[key], abs=1e-9), f"{key}: Ray and local runs must agree"
+
+
+@pytest.mark.parametrize("name", ["cpu-small", "paper"])
+def test_shipped_configs_validate(name: str) -> None:
+    config = load_grid_config(ROOT / "configs" / f"{name}.yaml")
+    assert config.name == name and plan_grid(config, ROOT / "runs" / name).cells
