@@ -17,6 +17,8 @@ EXECUTORS: Registry = Registry("executor")
 
 @EXECUTORS.register
 class LocalExecutor:
+    """Runs every task in this process, one after another."""
+
     name = "local"
 
     def __init__(self, workers: int | None = None) -> None:
@@ -28,8 +30,10 @@ class LocalExecutor:
 
 @EXECUTORS.register
 class RayExecutor:
-    """Each task is a Ray task. ``address`` None starts a local Ray with ``workers`` CPUs;
-    ``'auto'`` or ``ray://host:port`` joins a running cluster."""
+    """One Ray task per stage, on a local Ray or a cluster (--ray-address).
+
+    ``address`` None starts a local Ray with ``workers`` CPUs; ``'auto'`` or
+    ``ray://host:port`` joins a running cluster."""
 
     name = "ray"
 

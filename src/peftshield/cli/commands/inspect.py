@@ -1,4 +1,4 @@
-"""``peftshield list``: what is registered (triggers, methods, packaged datasets)."""
+"""``peftshield list``: what is registered (triggers, methods, defenses, executors, packaged datasets)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import typer
 from peftshield.attacks import POISONERS
 from peftshield.cli.app import app, stdout
 from peftshield.data import PACKAGE_SOURCES
+from peftshield.defenses import DEFENSES
 from peftshield.finetune import METHODS
+from peftshield.grid.executors import EXECUTORS
 
 
-@app.command(name="list", help="List triggers, fine-tuning methods and offline packaged datasets.")
-def list_components(what: str = typer.Argument("all", help="triggers, methods, datasets or all")) -> None:
+@app.command(name="list", help="List triggers, fine-tuning methods, defenses, grid executors and offline packaged datasets.")
+def list_components(what: str = typer.Argument("all", help="triggers, methods, defenses, executors, datasets or all")) -> None:
     sections = {
         "triggers": [(name, POISONERS.get(name).__doc__ or "") for name in POISONERS.names()],
         "methods": [(name, (METHODS.get(name).__doc__ or METHODS.get(name).__module__)) for name in METHODS.names()],
+        "defenses": [(name, DEFENSES.get(name).__doc__ or "") for name in DEFENSES.names()],
+        "executors": [(name, EXECUTORS.get(name).__doc__ or "") for name in EXECUTORS.names()],
         "datasets": [(f"pkg:{s.name}", s.description) for s in PACKAGE_SOURCES.values()],
     }
     if what != "all" and what not in sections:
@@ -23,4 +27,4 @@ def list_components(what: str = typer.Argument("all", help="triggers, methods, d
         if what in ("all", section):
             stdout.print(f"[bold]{section}[/bold]")
             for name, description in entries:
-                stdout.print(f"  {name:32} {description.strip().splitlines()[0] if description.strip() else ''}", highlight=False)
+                stdout.print(f"  {name:32} {description.strip().splitlines()[0] if description.strip() else ''}", highlight=False, soft_wrap=True)
