@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--strip-perturbations", type=int, default=8)
     parser.add_argument("--rap-word", default="jj", help="RAP's rare word (one token of the backbone's vocabulary)")
-    parser.add_argument("--onion-texts", type=int, default=150, help="ONION scores this many clean and triggered test texts (it is slow)")
+    parser.add_argument("--onion-texts", type=int, default=60, help="ONION scores this many clean and triggered test texts (it is slow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backbone", default="minilm", help="'tiny' for a quick smoke run of the script")
     parser.add_argument("--attack-samples", type=int, default=1600)

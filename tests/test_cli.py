@@ -139,11 +139,15 @@ def test_demo_on_tiny_model_writes_metrics_per_method(capsys, tiny_dataset_dir: 
     out = tmp_path / "demo"
     code, stdout, err = run(capsys, "demo", "--out", str(out), "--backbone", "tiny", "--data", str(tiny_dataset_dir), "--attack-data", str(tiny_dataset_dir),
                             "--methods", "full,lora,ia3", "--attack-samples", "32", "--poison-count", "8", "--attack-epochs", "1",
-                            "--victim-samples", "32", "--victim-epochs", "1", "--max-length", "32", "--no-progress")
+                            "--victim-samples", "32", "--victim-epochs", "1", "--max-length", "32", "--no-progress", "--defenses", "psim,bki,cube")
     assert code == 0, err
     for method in ("full", "lora", "ia3"):
         metrics = json.loads((out / method / "metrics.json").read_text())
         assert metrics["method"] == method and metrics["n_clean"] == 16
+        assert metrics["defense"] == "psim" and {"defended_clean_accuracy", "defended_attack_success_rate", "detection"} <= metrics.keys()
+        for defense in ("psim", "bki", "cube"):
+            report = json.loads((out / method / f"{defense}.json").read_text())
+            assert {"precision", "recall", "f1", "frr", "far", "auroc", "threshold"} <= report["detection"].keys()
     assert "poisoned backbone (no victim tuning)" in stdout and "lora" in stdout and "ASR" in stdout
     assert (out / "demo.json").is_file()
 

@@ -144,6 +144,7 @@ def test_grid_resumes_after_a_kill_without_recomputing_or_duplicating(tmp_path: 
     db = sqlite3.connect(store)
     after = dict(db.execute("SELECT cell_key, finished_at FROM cells").fetchall())
     assert len(after) == 4 and all(after[k] == v for k, v in before.items()), "finished cells must not be recomputed"
+    assert not list((run_dir / "stages").glob(".*.tmp")), "half-built stages of the killed run are cleaned up"
     rows = db.execute("SELECT COUNT(*), COUNT(DISTINCT cell_key || defense || metric) FROM results").fetchone()
     assert rows[0] == rows[1] > 0, "no duplicated results"
 

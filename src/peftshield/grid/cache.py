@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +51,8 @@ class StageCache:
         if self.done(key):
             return self.result(key), True
         self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(f".{key}.*.tmp"):  # a killed run's half-built stage
+            shutil.rmtree(leftover, ignore_errors=True)
         with atomic_directory(self.path(key)) as tmp:
             record = build(tmp)
             atomic_write_json(tmp / STAGE_FILE, {"key": key, "inputs": inputs, "record": record})

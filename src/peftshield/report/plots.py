@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from peftshield.grid.store import NO_DEFENSE  # noqa: E402
@@ -33,6 +34,7 @@ def confidence_histograms(scores: dict, title: str, path: Path) -> Path:
         axis.hist(scores[key]["clean"], bins=bins, alpha=0.6, label="clean", color="tab:blue")
         axis.hist(scores[key]["poisoned"], bins=bins, alpha=0.6, label="triggered", color="tab:red")
         axis.set_yscale("log")
+        axis.set_ylim(bottom=0.7)  # a single text still shows as a bar on the log axis
         axis.set_xlabel(label)
         axis.set_ylabel("texts (log)")
         axis.legend()
@@ -70,10 +72,11 @@ def asr_per_method(rows: list[dict], path: Path) -> Path:
         means = [np.mean(values[g][method]) if values[g][method] else np.nan for g in groups]
         axis.bar(np.arange(len(groups)) + index * width, means, width, label=method)
     axis.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, [f"{d}\n{t}" for d, t in groups])
-    axis.set_ylim(0, 1.05)
+    axis.set_ylim(0, 1.3)
+    axis.set_yticks(np.linspace(0, 1, 6))
     axis.set_ylabel("attack success rate")
     axis.set_title("ASR after victim fine-tuning, per method")
-    axis.legend(ncol=min(4, len(methods)), fontsize=8)
+    axis.legend(loc="upper center", ncol=min(8, len(methods)), fontsize=8)
     return _save(figure, path)
 
 
@@ -92,6 +95,7 @@ def asr_over_epochs(cells: list[dict], path: Path) -> Path:
             axis.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], marker="o", label=method)
         axis.set_title(f"{group[0]} / {group[1]}")
         axis.set_xlabel("victim fine-tuning epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("ASR (probe subset)")
         axis.set_ylim(-0.02, 1.02)
         axis.legend(fontsize=8)
