@@ -33,10 +33,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# Real-data measurements quoted in the README (about 90 minutes on 2 CPU cores, ONION alone 40); not part of `make test`.
+# Real-data measurements quoted in the README (about 80 minutes on 2 free CPU cores); not part of `make test`.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --shared $(SHARED)
 	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --backbone runs/defense-table/backbone-badnet --data $(SHARED)/psim/sst-2
+	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
 
 # The study's grid on subsets (configs/cpu-small.yaml, under an hour here), then its report.
 grid: $(STAMP)

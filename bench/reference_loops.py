@@ -252,8 +252,9 @@ def write_results(args, results: list[dict], scaling: list[dict]) -> None:
                  f"{total['reference'][1] / total['reference'][0]:.1f} | {total['peftshield'][1] / total['peftshield'][0]:.1f} | **{end_to_end:.2f}x** | | |")
     va, vb = by[("victim_lora", "reference")], by[("victim_lora", "peftshield")]
     lines += ["", f"PSIM scan agreement: largest score difference {scan_diff:.2e}; flags at 0.7 identical: {flags_equal}.",
-              f"Victim LoRA after 1 epoch: reference CA {va['clean_accuracy']:.3f} / ASR {va['attack_success_rate']:.3f}; "
-              f"peftshield CA {vb['clean_accuracy']:.3f} / ASR {vb['attack_success_rate']:.3f} (different batch composition, so not bit-identical).",
+              f"Victim LoRA (on the clean backbone, so ASR only measures the trigger word's side effect) after 1 epoch: "
+              f"reference CA {va['clean_accuracy']:.3f} / ASR {va['attack_success_rate']:.3f}; peftshield CA {vb['clean_accuracy']:.3f} / ASR {vb['attack_success_rate']:.3f}. "
+              "Not identical: the batches differ (length buckets vs arrival order) and peftshield's trainer decays the learning rate linearly where the reference keeps it constant.",
               "", "## Victim LoRA training time against training-set size\n",
               "| samples | reference s | peftshield s | reference samples/s | peftshield samples/s | speed-up |", "|---|---|---|---|---|---|"]
     sizes = sorted({r["samples"] for r in scaling})
