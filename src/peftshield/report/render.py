@@ -39,7 +39,7 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     tables = [attack_table(rows, methods), defense_table(rows, defenses)]
 
     figures = [("ASR per fine-tuning method", plots.asr_per_method(rows, out / "asr_per_method.png")),
-               ("ASR over victim fine-tuning epochs", plots.asr_over_epochs(cells, out / "asr_over_epochs.png"))]
+               ("ASR and clean accuracy over victim fine-tuning epochs", plots.asr_over_epochs(cells, out / "asr_over_epochs.png"))]
     for (dataset, trigger), cell in sorted(_representative_cells(cells).items()):
         scores_file = run_dir / "stages" / cell["cell_key"] / "scores.json"
         if not scores_file.is_file():
