@@ -168,7 +168,7 @@ def test_ray_executor_runs_two_tiny_cells(tmp_path: Path, shared_data: Path) -> 
             assert by_ray[key] == pytest.approx(local[key], abs=1e-9), f"{key}: Ray and local runs must agree"
 
 
-@pytest.mark.parametrize("name", ["cpu-small", "paper"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name: str) -> None:
     config = load_grid_config(ROOT / "configs" / f"{name}.yaml")
     assert config.name == name and plan_grid(config, ROOT / "runs" / name).cells
