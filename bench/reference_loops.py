@@ -89,18 +89,36 @@ def reference_scan(psim_dir: str, texts: list[str]) -> np.ndarray:
 
     psim = PSIM.load(psim_dir)
     model, tokenizer = psim.model_.eval(), psim.tokenizer_
+    started = time.perf_counter()
     scores = []
     with torch.no_grad():
         for text in texts:  # batch size 1, as the reference computes PSIM confidence
             encoded = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
             scores.append(float(torch.softmax(model(**encoded).logits, dim=-1).max()))
-    return np.asarray(scores)
+    return np.asarray(scores), time.perf_counter() - started
 
 
 def peftshield_scan(psim_dir: str, texts: list[str]) -> np.ndarray:
     from peftshield.defenses import PSIM
 
-    return PSIM.load(psim_dir).score(texts)
+    psim = PSIM.load(psim_dir)
+    started = time.perf_counter()
+    return psim.score(texts), time.perf_counter() - started
+
+
+def batch_size_sweep(psim_dir: str, texts: list[str]) -> dict[str, float]:
+    """Texts/s of the PSIM's forward passes alone at several batch sizes (length-sorted, in this
+    process, after loading): the ceiling batching can reach on this machine."""
+    from peftshield.defenses import PSIM
+    from peftshield.models.inference import predict_proba
+
+    psim = PSIM.load(psim_dir)
+    rates = {}
+    for batch_size in (1, 16, 64, 256):
+        started = time.perf_counter()
+        predict_proba(psim.model_, psim.tokenizer_, texts, batch_size=batch_size, max_length=MAX_LENGTH)
+        rates[str(batch_size)] = len(texts) / (time.perf_counter() - started)
+    return rates
 
 
 def run_stage(args) -> None:
@@ -111,9 +129,12 @@ def run_stage(args) -> None:
     result: dict = {}
     if args.stage == "psim_scan":
         texts, _ = _read(work / "scan.jsonl")
-        scores = (reference_scan if args.impl == "reference" else peftshield_scan)(str(work / "psim"), texts)
+        scores, result["scoring_seconds"] = (reference_scan if args.impl == "reference" else peftshield_scan)(str(work / "psim"), texts)
         np.save(work / f"scan-{args.impl}.npy", scores)
         result["samples"] = len(texts)
+    elif args.stage == "scan_batch_sizes":
+        texts, _ = _read(work / "scan.jsonl")
+        result.update(samples=len(texts), texts_per_second_by_batch_size=batch_size_sweep(str(work / "psim"), texts))
     else:
         data_file, method, lr = {"weight_poison": ("attack.jsonl", "full", 5e-5), "victim_lora": ("victim.jsonl", "lora", 2e-3),
                                  "psim_train": ("psim.jsonl", "ptuning", 2e-5)}[args.stage]
@@ -198,7 +219,7 @@ def timed(stage: str, impl: str, samples: int, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", choices=STAGES)
+    parser.add_argument("--stage", choices=(*STAGES, "scan_batch_sizes"))
     parser.add_argument("--impl", choices=("reference", "peftshield"))
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--scaling", default="1000,2000,4000", help="training-set sizes for the scaling table (victim LoRA)")
@@ -220,10 +241,11 @@ def main() -> None:
     prepare(Path(args.shared), Path(args.work), max([args.samples, *sizes]))
     results = [timed(stage, impl, args.samples, args) for stage in STAGES for impl in ("reference", "peftshield")]
     scaling = [timed("victim_lora", impl, n, args) for n in sizes for impl in ("reference", "peftshield")]
-    write_results(args, results, scaling)
+    sweep = timed("scan_batch_sizes", "peftshield", args.samples, args)
+    write_results(args, results, scaling, sweep)
 
 
-def write_results(args, results: list[dict], scaling: list[dict]) -> None:
+def write_results(args, results: list[dict], scaling: list[dict], sweep: dict) -> None:
     from peftshield.io import atomic_write_json, atomic_write_text
 
     work = Path(args.work)
@@ -263,8 +285,20 @@ def write_results(args, results: list[dict], scaling: list[dict]) -> None:
         b = next(r for r in scaling if r["samples"] == n and r["impl"] == "peftshield")
         lines.append(f"| {n} | {a['seconds']:.1f} | {b['seconds']:.1f} | {a['samples_per_second']:.1f} | {b['samples_per_second']:.1f} | "
                      f"{b['samples_per_second'] / a['samples_per_second']:.2f}x |")
+    sa, sb = by[("psim_scan", "reference")], by[("psim_scan", "peftshield")]
+    lines += ["", "## PSIM scan: where the time goes\n",
+              "| | reference | peftshield |", "|---|---|---|",
+              f"| process start, imports, loading (s) | {sa['seconds'] - sa['scoring_seconds']:.1f} | {sb['seconds'] - sb['scoring_seconds']:.1f} |",
+              f"| scoring (s) | {sa['scoring_seconds']:.1f} | {sb['scoring_seconds']:.1f} |",
+              f"| scoring texts/s | {sa['samples'] / sa['scoring_seconds']:.1f} | {sb['samples'] / sb['scoring_seconds']:.1f} "
+              f"({sa['scoring_seconds'] / sb['scoring_seconds']:.2f}x) |",
+              "", "Forward passes alone, length-sorted, at several batch sizes (same texts, one process, after loading): "
+              "the most that batching can buy on this machine.\n",
+              "| batch size | texts/s |", "|---|---|"]
+    lines += [f"| {size} | {rate:.1f} |" for size, rate in sweep["texts_per_second_by_batch_size"].items()]
     atomic_write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
-    atomic_write_json(Path(args.out + ".json"), {"stages": results, "scaling": scaling, "scan_max_difference": scan_diff, "scan_flags_identical": flags_equal})
+    atomic_write_json(Path(args.out + ".json"), {"stages": results, "scaling": scaling, "scan_batch_sizes": sweep,
+                                                 "scan_max_difference": scan_diff, "scan_flags_identical": flags_equal})
 
 
 if __name__ == "__main__":
