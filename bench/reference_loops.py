@@ -82,7 +82,8 @@ def peftshield_train(texts: list[str], labels: list[int], method: str, learning_
     return model
 
 
-def reference_scan(psim_dir: str, texts: list[str]) -> np.ndarray:
+def reference_scan(psim_dir: str, texts: list[str]) -> tuple[np.ndarray, float]:
+    """Scores and the seconds spent scoring (after loading)."""
     import torch
 
     from peftshield.defenses import PSIM
@@ -98,7 +99,8 @@ def reference_scan(psim_dir: str, texts: list[str]) -> np.ndarray:
     return np.asarray(scores), time.perf_counter() - started
 
 
-def peftshield_scan(psim_dir: str, texts: list[str]) -> np.ndarray:
+def peftshield_scan(psim_dir: str, texts: list[str]) -> tuple[np.ndarray, float]:
+    """Scores and the seconds spent scoring (after loading)."""
     from peftshield.defenses import PSIM
 
     psim = PSIM.load(psim_dir)

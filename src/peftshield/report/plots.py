@@ -107,6 +107,6 @@ def asr_over_epochs(cells: list[dict], path: Path) -> Path:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("probe subset")
         axis.set_ylim(-0.02, 1.05)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8, frameon=False)
+    legend = {label: handle for axis in axes[0] for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(8, len(legend)), fontsize=8, frameon=False)
     return _save(figure, path, layout_rect=(0, 0.07, 1, 1))
