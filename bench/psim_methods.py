@@ -1,55 +1,54 @@
-"""Which PEFT method makes the best PSIM here? Fit one PSIM per method on a poisoned backbone
-and measure separation (AUROC), FRR/FAR at the default tau, and the dev-calibrated (1% FRR) cost.
+"""Which PEFT method makes the best PSIM here? The grid ``configs/psim-methods.yaml`` (one PSIM
+per method and learning rate, on the defense table's badnet backbone and SST-2) run through the
+scenario's ``run_cell()``; measures separation (AUROC), FRR/FAR at the reference tau 0.7 and
+at the dev-calibrated (1% FRR) tau. Writes bench/psim_methods.md.
 
-    .venv/bin/python bench/psim_methods.py --backbone runs/demo/poisoned-backbone --data ../shared/data/psim/sst-2
+    .venv/bin/python bench/psim_methods.py [--config configs/psim-methods.yaml] [--work runs/psim-methods]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from peftshield.attacks import POISONERS, build_asr_set
-from peftshield.data import load_splits
-from peftshield.defenses import PSIM, DefenseContext, ThresholdPolicy
-from peftshield.io import atomic_write_text
+from peftshield.experiments.scenario import REPORTS_DIR, run_cell
+from peftshield.grid.config import load_grid_config
+from peftshield.grid.executors import LocalExecutor
+from peftshield.grid.runner import run_grid
+from peftshield.io import atomic_write_text, read_json
 from peftshield.metrics import detection_metrics
 
-CANDIDATES = [("lora", 2e-4), ("ptuning", 2e-5), ("ptuning", 2e-3), ("prompt", 2e-3), ("ia3", 2e-3)]
+REFERENCE_TAU = 0.7
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--trigger-words", default="mn")
-    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--config", default="configs/psim-methods.yaml")
+    parser.add_argument("--work", default="runs/psim-methods")
     parser.add_argument("--out", default="bench/psim_methods.md")
     args = parser.parse_args()
-    splits = load_splits(args.data)
-    rng = np.random.default_rng(0)
-    asr_set = build_asr_set(splits["test"], POISONERS.create("badnet", words=args.trigger_words), args.target, rng)
+    config = load_grid_config(args.config)
+    plan = run_grid(config, args.work, LocalExecutor(), progress=False, log=lambda m: print(m, flush=True))
+    cell = plan.cells[0]
+    result = run_cell(cell, args.work)
     rows = []
-    for method, lr in CANDIDATES:
-        psim = PSIM(method=method, learning_rate=lr, threshold=ThresholdPolicy("frr", target_frr=0.01))
-        started = time.perf_counter()
-        psim.fit(DefenseContext(args.backbone, splits["train"], splits["dev"], splits.num_labels, progress=False), np.random.default_rng(1))
-        fit_seconds = time.perf_counter() - started
-        clean, poisoned = psim.score(splits["test"].texts), psim.score(asr_set.texts)
-        fixed = detection_metrics(clean, poisoned, 0.7)
-        calibrated = detection_metrics(clean, poisoned, psim.threshold_)
-        rows.append({"method": method, "lr": lr, "auroc": fixed.auroc, "frr@0.7": fixed.frr, "far@0.7": fixed.far,
-                     "tau(dev 1% FRR)": psim.threshold_, "frr@tau": calibrated.frr, "far@tau": calibrated.far,
-                     "clean median": float(np.median(clean)), "triggered min": float(poisoned.min()), "fit s": fit_seconds})
+    for entry in cell.defenses:
+        report = read_json(result.stage_dir / REPORTS_DIR / f"{entry.label}.json")
+        clean, poisoned = np.asarray(report["scores"]["clean"]), np.asarray(report["scores"]["poisoned"])
+        fixed = detection_metrics(clean, poisoned, REFERENCE_TAU)
+        options = report["defense_spec"]["options"]
+        rows.append({"method": options["method"], "lr": options["learning_rate"], "auroc": fixed.auroc, "frr@0.7": fixed.frr, "far@0.7": fixed.far,
+                     "tau(dev 1% FRR)": report["detection"]["threshold"], "frr@tau": report["detection"]["frr"], "far@tau": report["detection"]["far"],
+                     "clean median": float(np.median(clean)), "triggered min": float(poisoned.min()), "fit s": report["fit_seconds"]})
         print(json.dumps(rows[-1]), flush=True)
     header = list(rows[0])
-    lines = [f"# PSIM method comparison\n", f"Backbone `{args.backbone}`, data `{args.data}`, trigger badnet `{args.trigger_words}` -> {args.target}; "
-             f"{len(splits['test'])} clean and {len(asr_set)} triggered test texts; 1 epoch on 2,000 randomly relabelled training texts.\n",
-             f"Command: `.venv/bin/python bench/psim_methods.py --backbone {args.backbone} --data {args.data}`\n",
+    lines = ["# PSIM method comparison\n",
+             f"Grid `{args.config}` (cell {cell.trigger_label} / {cell.dataset.name}, seed {cell.seed}); {rows and result.metrics['none']['n_clean']} clean "
+             f"and {result.metrics['none']['n_poisoned']} triggered test texts; 1 epoch on 2,000 randomly relabelled training texts.\n",
+             f"Command: `.venv/bin/python bench/psim_methods.py --config {args.config}`\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows]
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")

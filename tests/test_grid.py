@@ -23,6 +23,9 @@ from peftshield.grid.runner import STORE_FILE, plan_grid, run_grid
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DEFENSE_ENTRIES = {"psim": "{name: psim, options: {max_train_samples: 48}}", "strip": "{name: strip, options: {num_perturbations: 2}}"}
+
+
 def write_config(path: Path, shared: Path, methods=("full", "lora"), defenses=("psim", "strip"), seeds=(0,), extra: str = "") -> Path:
     sst2 = shared / "psim" / "sst-2"
     path.write_text(f"""
@@ -35,9 +38,7 @@ triggers: [{{name: badnet, options: {{words: mn}}}}]
 datasets: [{{name: sst-2, path: {sst2}}}]
 methods: {list(methods)}
 victim: {{samples: 48, epochs: 2, test_samples: 40, probe_samples: 16}}
-defenses: {list(defenses)}
-psim: {{samples: 48}}
-defense_options: {{strip: {{num_perturbations: 2}}}}
+defenses: [{", ".join(DEFENSE_ENTRIES[d] for d in defenses)}]
 {extra}""", encoding="utf-8")
     return path
 
@@ -46,10 +47,19 @@ defense_options: {{strip: {{num_perturbations: 2}}}}
     ("colour: blue", "colour: Extra inputs are not permitted"),
     ("victim: {epochs: 0}", "victim.epochs: Input should be greater than or equal to 1"),
     ("methods: [lora, qlora]", "unknown method(s) qlora"),
-    ("defenses: [psim, magic]", "unknown defense(s) magic"),
+    ("defenses: [psim, magic]", "unknown defense 'magic'"),
+    ("defenses: [{name: strip, options: {num_perturbatons: 2}}]", "defense 'strip': unknown option 'num_perturbatons'"),
+    ("defenses: [{name: strip, options: {num_perturbations: many}}]", "defense 'strip': option 'num_perturbations': Input should be a valid integer"),
+    ("defenses: [{name: psim, options: {threshold: {kind: sometimes}}}]", "defense 'psim': option 'threshold.kind': Input should be 'auto', 'fixed' or 'frr'"),
+    ("defenses: [{name: psim, options: {method: qlora}}]", "unknown fine-tuning method 'qlora'"),
+    ("defenses: [psim, {name: psim, options: {epochs: 2}}]", "defense labels must be unique"),
     ("triggers: [{name: emoji}]", "unknown trigger 'emoji'"),
+    ("triggers: [{name: badnet, options: {num_triggers: 0}}]", "trigger 'badnet': option 'num_triggers': Input should be greater than or equal to 1"),
     ("attack: {data: x, learning_rate: fast}", "attack.learning_rate: Input should be a valid number"),
     ("psim: {methd: lora}", "psim.methd: Extra inputs are not permitted"),
+    ("name: ..", "name: String should match pattern"),
+    ("name: a/b", "name: String should match pattern"),
+    ("datasets: [{name: .., path: x}]", "datasets.0.name: String should match pattern"),
 ])
 def test_grid_config_errors_name_the_key(tmp_path: Path, shared_data: Path, edit: str, message: str) -> None:
     path = write_config(tmp_path / "grid.yaml", shared_data)
@@ -80,9 +90,27 @@ def test_stage_keys_are_stable_and_content_addressed(tmp_path: Path, shared_data
     first, again = plan_grid(config, tmp_path / "run"), plan_grid(config, tmp_path / "elsewhere")
     assert [c.cell_key for c in first.cells] == [c.cell_key for c in again.cells], "keys do not depend on the run directory"
     longer = plan_grid(config.model_copy(update={"victim": config.victim.model_copy(update={"epochs": 3})}), tmp_path / "run")
-    assert list(longer.backbones) == list(first.backbones) and list(longer.psims) == list(first.psims), "the attack and PSIM are reused"
+    assert [c.backbone_key for c in longer.backbones] == [c.backbone_key for c in first.backbones]
+    assert [c.defense_keys for c in longer.cells] == [c.defense_keys for c in first.cells], "the attack and PSIM are reused"
     assert not {c.victim_key for c in longer.cells} & {c.victim_key for c in first.cells}
     assert len(first.backbones) == 1 and len(first.cells) == 2, "one backbone shared by both methods"
+    assert list(first.cells[0].defense_keys) == ["psim"], "PSIM is fitted on the backbone; STRIP scores with each victim"
+    other_psim = load_grid_config(write_config(tmp_path / "b.yaml", shared_data).write_text(
+        (tmp_path / "a.yaml").read_text().replace("max_train_samples: 48", "max_train_samples: 40")) and tmp_path / "b.yaml")
+    changed = plan_grid(other_psim, tmp_path / "run")
+    assert changed.cells[0].defense_keys["psim"] != first.cells[0].defense_keys["psim"], "a PSIM option is part of its key"
+    assert changed.cells[0].victim_key == first.cells[0].victim_key
+
+
+def test_release_0_1_psim_and_defense_options_sections_still_load(tmp_path: Path, shared_data: Path) -> None:
+    path = write_config(tmp_path / "old.yaml", shared_data, extra="psim: {method: lora, learning_rate: 2.0e-4, samples: 48, threshold_mode: frr}\n"
+                                                                   "defense_options: {strip: {num_perturbations: 3}}")
+    path.write_text(path.read_text().replace("defenses: [", "defenses: [psim, strip]\n#"))
+    config = load_grid_config(path)
+    options = {d.label: d.options for d in config.defenses}
+    assert options == {"psim": {"method": "lora", "learning_rate": 2e-4, "max_train_samples": 48,
+                                "threshold": {"kind": "frr", "value": None, "target_frr": 0.01}},
+                       "strip": {"num_perturbations": 3}}
 
 
 def test_grid_run_store_rerun_and_report(tmp_path: Path, shared_data: Path) -> None:
@@ -96,7 +124,7 @@ def test_grid_run_store_rerun_and_report(tmp_path: Path, shared_data: Path) -> N
     defenses = {r[0] for r in db.execute("SELECT DISTINCT defense FROM results")}
     assert defenses == {"none", "psim", "strip"}
     asr = db.execute("SELECT value FROM results WHERE defense='none' AND metric='attack_success_rate'").fetchall()
-    assert len(asr) == 2 and all(0.0 <= v <= 1.0 for (v,) in asr)
+    assert len(asr) == 2
     versions = db.execute("SELECT versions FROM cells").fetchone()[0]
     assert '"peftshield"' in versions and '"torch"' in versions
     finished = dict(db.execute("SELECT cell_key, finished_at FROM cells").fetchall())
@@ -172,3 +200,111 @@ def test_ray_executor_runs_two_tiny_cells(tmp_path: Path, shared_data: Path) -> 
 def test_shipped_configs_validate(name: str) -> None:
     config = load_grid_config(ROOT / "configs" / f"{name}.yaml")
     assert config.name == name and plan_grid(config, ROOT / "runs" / name).cells
+
+
+def test_a_second_process_on_the_same_run_folder_stops_with_the_holder_named(tmp_path: Path) -> None:
+    from peftshield.experiments.cache import run_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from peftshield.experiments.cache import run_lock\n"
+                               f"with run_lock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"in use by process {holder.pid} on .*; wait for it to finish, or pass --wait"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run_dir):  # the holder is gone: its lock is taken over
+        assert (run_dir / ".run.lock.owner").read_text().find(f'"pid": {os.getpid()}') >= 0
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_wait_waits(tmp_path: Path) -> None:
+    from peftshield.experiments.cache import run_lock
+
+    run_dir = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    run_dir.mkdir()
+    (run_dir / ".run.lock").write_text("")
+    (run_dir / ".run.lock.owner").write_text(f'{{"pid": {dead}, "host": "x", "command": "peftshield run", "started": "then"}}')
+    with run_lock(run_dir):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from peftshield.experiments.cache import run_lock\n"
+                               f"with run_lock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(2)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    with run_lock(run_dir, wait=True):
+        assert time.monotonic() - started > 1.0, "--wait acquires the lock only once the holder has released it"
+    holder.wait()
+
+
+def test_two_grid_runs_on_one_folder_the_second_is_refused_in_one_line(tmp_path: Path, shared_data: Path) -> None:
+    config_path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "peftshield", "run", str(config_path), "--out", str(run_dir), "--no-progress"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / ".run.lock.owner").is_file():
+            time.sleep(0.05)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0], second.stderr
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0
+
+
+def test_a_stage_whose_files_do_not_match_its_record_is_rebuilt(tmp_path: Path) -> None:
+    from peftshield.experiments.cache import StageCache
+
+    cache = StageCache(tmp_path / "stages")
+    calls = []
+
+    def build(directory: Path) -> dict:
+        calls.append(directory)
+        (directory / "model").mkdir()
+        (directory / "model" / "weights.bin").write_bytes(b"x" * 100)
+        return {"n": len(calls)}
+
+    assert cache.compute("victim-1", {}, build) == ({"n": 1}, False)
+    assert cache.compute("victim-1", {}, build) == ({"n": 1}, True)
+    (cache.path("victim-1") / "model" / "weights.bin").write_bytes(b"x" * 10)  # cut short
+    assert cache.compute("victim-1", {}, build) == ({"n": 2}, False)
+    (cache.path("victim-1") / "model" / "weights.bin").unlink()  # only stage.json left: not complete
+    assert not cache.done("victim-1")
+    assert cache.compute("victim-1", {}, build) == ({"n": 3}, False)
+    assert not list((tmp_path / "stages").glob(".*.tmp"))
+
+
+def test_a_live_processs_temporary_stage_is_not_removed_a_dead_ones_is(tmp_path: Path) -> None:
+    import socket
+
+    from peftshield.experiments.cache import StageCache
+
+    cache = StageCache(tmp_path / "stages")
+    cache.root.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    live = cache.root / f".psim-1.{socket.gethostname()}-{os.getpid()}-aaaa.tmp"
+    stale = cache.root / f".psim-1.{socket.gethostname()}-{dead}-bbbb.tmp"
+    for folder in (live, stale):
+        folder.mkdir()
+        (folder / "partial.bin").write_bytes(b"1")
+    cache.compute("psim-1", {}, lambda d: {})
+    assert live.is_dir() and not stale.exists()
+
+
+def test_a_trigger_word_with_a_slash_still_gets_a_report(tmp_path: Path, shared_data: Path) -> None:
+    path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",))
+    path.write_text(path.read_text().replace("words: mn", "words: m/n"))
+    run_dir = tmp_path / "run"
+    run_grid(load_grid_config(path), run_dir, LocalExecutor(), progress=False, log=lambda _m: None)
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report" / "confidence_sst-2_badnet-m_n_lora_seed0.png").is_file()
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["config.json", "report", "results.csv", "results.sqlite", "stages"]

@@ -22,3 +22,13 @@ class ConfigError(PeftshieldError):
 
 class HubUnavailableError(PeftshieldError):
     """A model or dataset hub was needed but could not be reached."""
+
+
+class OutputError(PeftshieldError):
+    """An output place cannot be written (read-only, full, a file in the way, no permission)."""
+
+
+class PeftshieldWarning(Warning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line.
+
+    Not a ``UserWarning``: filters that silence library chatter (``ignore::UserWarning``) keep it."""

@@ -1,9 +1,12 @@
-"""A small named registry shared by attacks, fine-tuning methods and defenses."""
+"""A small named registry shared by attacks, fine-tuning methods, defenses and executors."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, Mapping, TypeVar
 
+import pydantic
+
+from peftshield.components import describe_validation_error
 from peftshield.errors import ConfigError
 
 T = TypeVar("T")
@@ -31,12 +34,31 @@ class Registry(Generic[T]):
         except KeyError:
             raise ConfigError(f"unknown {self.kind} '{name}' (choose from: {', '.join(self.names())})") from None
 
-    def create(self, name: str, **params) -> T:
+    def validate(self, name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The options of component ``name``, typed and checked against its options model.
+
+        A bad option is a :class:`ConfigError` naming the component and the option."""
         cls = self.get(name)
+        validator = getattr(cls, "validate_options", None)
+        if validator is None:
+            return dict(options or {})
         try:
-            return cls(**params)
-        except TypeError as exc:
-            raise ConfigError(f"{self.kind} '{name}': bad options {sorted(params)} ({exc})") from None
+            return validator(dict(options or {}))
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"{self.kind} '{name}': {describe_validation_error(exc)}") from None
+        except ValueError as exc:  # a component's check across options
+            raise ConfigError(f"{self.kind} '{name}': {exc}") from None
+
+    def create(self, name: str, **options: Any) -> T:
+        """A new component from validated options. Errors raised inside a constructor are not
+        options errors and propagate unchanged."""
+        return self.get(name)(**self.validate(name, options))
+
+    def from_spec(self, spec: Mapping[str, Any]) -> T:
+        """Rebuild a component saved as ``{"name", "options"}``."""
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ConfigError(f"a saved {self.kind} must be {{name, options}}, got {spec!r}")
+        return self.create(spec["name"], **dict(spec.get("options") or {}))
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -46,6 +68,3 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-    def factory(self, name: str) -> Callable[..., T]:
-        return self.get(name)

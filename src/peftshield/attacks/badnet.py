@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import BeforeValidator, Field
 
 from peftshield.attacks.base import POISONERS, Poisoner, insert_words
-from peftshield.errors import ConfigError
 
 DEFAULT_WORDS = ("cf", "mn", "bb", "tq", "mb")
+
+
+def word_list(value: object) -> object:
+    """``"cf,mn"`` (as typed on a command line) -> ``["cf", "mn"]``; lists pass through, stripped."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, (list, tuple)):
+        return [str(word).strip() for word in value if str(word).strip()]
+    return value
+
+
+TriggerWords = Annotated[tuple[str, ...], BeforeValidator(word_list), Field(min_length=1)]
 
 
 @POISONERS.register
@@ -16,20 +30,11 @@ class BadNetPoisoner(Poisoner):
 
     name = "badnet"
 
-    def __init__(self, words: tuple[str, ...] | list[str] | str = DEFAULT_WORDS, num_triggers: int = 1) -> None:
+    def __init__(self, words: TriggerWords = DEFAULT_WORDS, num_triggers: Annotated[int, Field(ge=1)] = 1) -> None:
         self.words = words
         self.num_triggers = num_triggers
 
-    def _pool(self) -> list[str]:
-        pool = self.words.split(",") if isinstance(self.words, str) else list(self.words)
-        pool = [w.strip() for w in pool if w.strip()]
-        if not pool:
-            raise ConfigError("badnet: the trigger word pool is empty")
-        if int(self.num_triggers) < 1:
-            raise ConfigError(f"badnet: num_triggers must be >= 1, got {self.num_triggers}")
-        return pool
-
     def insert(self, text: str, rng: np.random.Generator) -> str:
-        pool = self._pool()
+        pool = word_list(self.words)
         chosen = [pool[int(rng.integers(0, len(pool)))] for _ in range(int(self.num_triggers))]
         return insert_words(text, chosen, rng)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
-from typing import ClassVar, Literal
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from peftshield.components import Component
 from peftshield.data.records import TextDataset
 from peftshield.errors import ConfigError, DataError
 from peftshield.registry import Registry
 
 
-class Poisoner(ABC):
-    """Inserts a trigger into texts. Constructors only store parameters."""
+class Poisoner(Component, ABC):
+    """Inserts a trigger into texts. Constructors only store parameters (typed keyword
+    parameters: they are the trigger's options model)."""
 
     name: ClassVar[str]
 
@@ -29,11 +32,15 @@ class Poisoner(ABC):
     def poison_texts(self, texts: list[str], rng: np.random.Generator) -> list[str]:
         return [self.insert(text, rng) for text in texts]
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    def describe(self) -> dict:
-        return {"trigger": self.name, **self.params()}
+    def label(self) -> str:
+        """A short human name: the trigger and its short option values (``badnet-mn``)."""
+        defaults = self.options_model()().model_dump(mode="json")
+        parts = [self.name]
+        for key, value in self.spec()["options"].items():
+            text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+            if value != defaults.get(key) and value not in (None, "", []) and len(text) <= 12:
+                parts.append(text)
+        return "-".join(parts)
 
 
 POISONERS: Registry[Poisoner] = Registry("trigger")
@@ -47,8 +54,7 @@ def insert_words(text: str, words: list[str], rng: np.random.Generator) -> str:
     return " ".join(tokens)
 
 
-@dataclass(frozen=True)
-class PoisonSpec:
+class PoisonSpec(BaseModel):
     """How a training set is poisoned.
 
     ``dirty``: non-target samples get the trigger and are relabelled to the target.
@@ -56,26 +62,24 @@ class PoisonSpec:
     Exactly one of ``rate`` (a fraction of the whole set) or ``count`` is used; ``count`` wins.
     """
 
-    target_label: int = 0
-    rate: float | None = 0.1
-    count: int | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_label: int = Field(0, ge=0)
+    rate: Optional[float] = Field(0.1, ge=0, le=1)
+    count: Optional[int] = Field(None, ge=0)
     label_mode: Literal["dirty", "clean"] = "dirty"
 
-    def __post_init__(self) -> None:
-        if self.label_mode not in ("dirty", "clean"):
-            raise ConfigError(f"--label-mode must be 'dirty' or 'clean', got '{self.label_mode}'")
-        if self.count is not None and self.count < 0:
-            raise ConfigError(f"--count must be >= 0, got {self.count}")
-        if self.count is None and (self.rate is None or not 0.0 <= self.rate <= 1.0):
-            raise ConfigError(f"--rate must be in [0, 1], got {self.rate}")
-        if self.target_label < 0:
-            raise ConfigError(f"--target must be >= 0, got {self.target_label}")
+    @model_validator(mode="after")
+    def _rate_or_count(self) -> "PoisonSpec":
+        if self.count is None and self.rate is None:
+            raise ValueError("give a poison rate or a count")
+        return self
 
     def n_poison(self, n_rows: int) -> int:
         return self.count if self.count is not None else int(round(self.rate * n_rows))
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return self.model_dump()
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class PoisonedData:
 
 def check_target(target_label: int, num_labels: int) -> None:
     if not 0 <= target_label < num_labels:
-        raise ConfigError(f"--target {target_label} is out of range for a {num_labels}-class dataset")
+        raise ConfigError(f"target label {target_label} is out of range for a {num_labels}-class dataset")
 
 
 def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng: np.random.Generator) -> PoisonedData:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import StringConstraints
 
 from peftshield.attacks.base import POISONERS, Poisoner, insert_words
-from peftshield.errors import ConfigError
 
 DEFAULT_SENTENCE = "I watched this 3D movie"
 
@@ -16,10 +18,8 @@ class InsertSentencePoisoner(Poisoner):
 
     name = "insent"
 
-    def __init__(self, sentence: str = DEFAULT_SENTENCE) -> None:
+    def __init__(self, sentence: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = DEFAULT_SENTENCE) -> None:
         self.sentence = sentence
 
     def insert(self, text: str, rng: np.random.Generator) -> str:
-        if not self.sentence.strip():
-            raise ConfigError("insent: the trigger sentence is empty")
         return insert_words(text, [self.sentence.strip()], rng)

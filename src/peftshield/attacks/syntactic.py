@@ -90,6 +90,11 @@ class SyntacticPoisoner(Poisoner):
         self.paraphraser = paraphraser
         self.template = template
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        if not options["paraphrases"] and not options["paraphraser"]:
+            raise ValueError("give paraphrases=FILE or CLEAN::PARAPHRASED (offline), or paraphraser=MODEL (online)")
+
     def _table(self) -> dict[str, str] | None:
         if self.paraphrases is None:
             return None
@@ -128,6 +133,3 @@ class SyntacticPoisoner(Poisoner):
         generator = self._generator()
         outputs = generator([f"paraphrase: {t}" for t in texts], max_new_tokens=64, do_sample=False)
         return [o["generated_text"].strip() or t for o, t in zip(outputs, texts)]
-
-    def params(self) -> dict:
-        return {"paraphrases": self.paraphrases, "paraphraser": self.paraphraser, "template": self.template}

@@ -20,7 +20,8 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False)
+    """One line of progress or result on stderr, printed as written (no markup: '[grid]' stays)."""
+    stderr.print(message, highlight=False, markup=False)
 
 
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

@@ -8,14 +8,15 @@ in an underscore (scikit-learn style) and exists only after ``fit``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from peftshield.data.records import TextDataset
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.components import Component
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.io import atomic_directory, atomic_write_json, read_json
 from peftshield.registry import Registry
@@ -37,15 +38,14 @@ class DefenseContext:
     progress: bool = True
 
 
-class Defense(ABC):
+class Defense(Component, ABC):
+    """Constructors only store their typed keyword parameters (the defense's options model)."""
+
     name: ClassVar[str]
     needs_victim: ClassVar[bool] = False  # True: fitted per victim model (it scores with the victim)
     # True: a data cleaner that judges the texts passed to one score() call as one pool
     # (keyword statistics, clustering), so a text's score depends on the rest of the pool.
     transductive: ClassVar[bool] = False
-
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
     @abstractmethod
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "Defense":
@@ -81,17 +81,13 @@ def victim_of(name: str, context: DefenseContext | None) -> tuple[object, object
 
 def clean_frr_policy(policy: ThresholdPolicy | None) -> ThresholdPolicy:
     """The baselines' default: threshold at 1% false rejections on clean held-out texts."""
-    return policy or ThresholdPolicy("frr", target_frr=0.01)
+    return policy or CLEAN_FRR_POLICY
 
 
 def save_json_state(defense: Defense, directory: str | Path, file_name: str, state: dict) -> Path:
-    """Write a defense's parameters, threshold policy, fitted threshold and ``state`` atomically."""
+    """Write the defense as ``{name, options}``, its fitted threshold and ``state``, atomically."""
     with atomic_directory(directory) as tmp:
-        atomic_write_json(tmp / file_name, {
-            "params": {k: v for k, v in defense.params().items() if k != "threshold"},
-            "threshold_policy": asdict(clean_frr_policy(getattr(defense, "threshold", None))),
-            "threshold": defense.fitted_threshold(), **state,
-        })
+        atomic_write_json(tmp / file_name, {"defense": defense.spec(), "threshold": defense.fitted_threshold(), **state})
     return Path(directory)
 
 
@@ -101,7 +97,10 @@ def load_json_state(cls: type[Defense], directory: str | Path, file_name: str) -
     if not path.is_file():
         raise ConfigError(f"{directory}: not a saved '{cls.name}' defense (no {file_name})")
     state = read_json(path)
-    defense = cls(**state["params"], threshold=ThresholdPolicy(**state["threshold_policy"]))
+    saved = state.get("defense") or {}
+    if saved.get("name") != cls.name:
+        raise ConfigError(f"{path}: holds a '{saved.get('name')}' defense, not '{cls.name}'")
+    defense = DEFENSES.from_spec(saved)
     defense.threshold_ = state["threshold"]
     return defense, state
 

@@ -16,10 +16,13 @@ threshold is 1.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from pydantic import PositiveInt
 
 from peftshield.data.transforms import leave_one_word_out
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, save_json_state, victim_of
@@ -39,8 +42,8 @@ class BKI(Defense):
     needs_victim = True
     transductive = True
 
-    def __init__(self, top_words_per_text: int = 5, num_keywords: int = 1, max_words: int = 64, batch_size: int = 128,
-                 max_length: int = 128, threshold: ThresholdPolicy | None = None) -> None:
+    def __init__(self, top_words_per_text: PositiveInt = 5, num_keywords: PositiveInt = 1, max_words: PositiveInt = 64,
+                 batch_size: PositiveInt = 128, max_length: PositiveInt = 128, threshold: Optional[ThresholdPolicy] = None) -> None:
         self.top_words_per_text = top_words_per_text
         self.num_keywords = num_keywords
         self.max_words = max_words

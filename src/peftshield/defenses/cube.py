@@ -16,9 +16,12 @@ its class's main cluster scores ``1 - membership`` in [0, 1]; any other text sco
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, PositiveInt
 from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
@@ -40,8 +43,9 @@ class CUBE(Defense):
     needs_victim = True
     transductive = True
 
-    def __init__(self, dimensions: int = 10, min_cluster_fraction: float = 0.02, flag_noise: bool = False, batch_size: int = 128,
-                 max_length: int = 128, threshold: ThresholdPolicy | None = None) -> None:
+    def __init__(self, dimensions: PositiveInt = 10, min_cluster_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02,
+                 flag_noise: bool = False, batch_size: PositiveInt = 128, max_length: PositiveInt = 128,
+                 threshold: Optional[ThresholdPolicy] = None) -> None:
         self.dimensions = dimensions
         self.min_cluster_fraction = min_cluster_fraction
         self.flag_noise = flag_noise

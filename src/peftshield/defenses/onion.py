@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import PositiveInt
 
 from peftshield.data.transforms import leave_one_word_out
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.models.language_model import load_language_model, sentence_log_perplexity
 
 STATE_FILE = "onion.json"
@@ -28,8 +29,8 @@ class ONION(Defense):
 
     name = "onion"
 
-    def __init__(self, language_model: str = "smollm2", batch_size: int = 64, max_words: int = 64, max_length: int = 128,
-                 threshold: ThresholdPolicy | None = None, calibration_texts: int = 300) -> None:
+    def __init__(self, language_model: str = "smollm2", batch_size: PositiveInt = 64, max_words: PositiveInt = 64,
+                 max_length: PositiveInt = 128, threshold: ThresholdPolicy = CLEAN_FRR_POLICY, calibration_texts: PositiveInt = 300) -> None:
         self.language_model = language_model
         self.batch_size = batch_size
         self.max_words = max_words

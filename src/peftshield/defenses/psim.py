@@ -9,10 +9,13 @@ probability exceeds the threshold is flagged as poisoned.
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from peftshield.data.records import TextDataset
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
@@ -41,9 +44,10 @@ class PSIM(Defense):
     name = "psim"
 
     def __init__(
-        self, method: str = "ptuning", method_options: dict | None = None, learning_rate: float = 2e-5, epochs: int = 1,
-        batch_size: int = 32, max_train_samples: int | None = 2000, max_length: int = 128,
-        threshold: ThresholdPolicy | None = None, score_batch_size: int = 128,
+        self, method: str = "ptuning", method_options: Optional[dict] = None, learning_rate: PositiveFloat = 2e-5,
+        epochs: PositiveInt = 1, batch_size: PositiveInt = 32, max_train_samples: Optional[PositiveInt] = 2000,
+        max_length: Annotated[int, Field(ge=8)] = 128, threshold: ThresholdPolicy = ThresholdPolicy(),
+        score_batch_size: PositiveInt = 128,
     ) -> None:
         self.method = method
         self.method_options = method_options
@@ -55,20 +59,29 @@ class PSIM(Defense):
         self.threshold = threshold
         self.score_batch_size = score_batch_size
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        from peftshield.errors import ConfigError
+
+        try:
+            METHODS.validate(options["method"], options["method_options"])
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "PSIM":
         started = time.perf_counter()
         method = METHODS.create(self.method, **(self.method_options or {}))
         training = TrainingConfig(
-            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length, select_on_dev=False
+            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length,
+            max_train_samples=self.max_train_samples, select_on_dev=False,
         )
-        train = random_label_reset(context.train.sample(self.max_train_samples, rng), context.num_labels, rng)
+        train = random_label_reset(context.train, context.num_labels, rng)
         seed_torch(int(rng.integers(0, 2**31 - 1)))
         base = load_backbone(context.backbone, context.num_labels)
         self.model_, self.train_result_ = train_classifier(base.model, base.tokenizer, train, None, method, training, rng, context.progress, label="psim")
         self.tokenizer_ = base.tokenizer
         self.backbone_, self.num_labels_ = context.backbone, context.num_labels
         self.method_config_ = method.config_dict()
-        self.num_training_steps_ = ((len(train) + self.batch_size - 1) // self.batch_size) * self.epochs
         dev_scores = self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
         self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores)
         self.fit_seconds_ = time.perf_counter() - started
@@ -81,34 +94,39 @@ class PSIM(Defense):
         return self.predict_proba(texts, progress).max(axis=1)
 
     def save(self, directory: str | Path) -> Path:
-        policy = self.threshold or ThresholdPolicy()
+        """A fine-tuned model folder whose ``finetune.json`` also holds the PSIM as
+        ``{name, options}``, its fitted threshold and its training record."""
         return save_finetuned(self.model_, self.tokenizer_, directory, {
             "method": self.method, "options": self.method_config_, "backbone": self.backbone_, "num_labels": self.num_labels_,
-            "num_training_steps": self.num_training_steps_,
-            PSIM_MANIFEST_KEY: {
-                "learning_rate": self.learning_rate, "epochs": self.epochs, "batch_size": self.batch_size,
-                "max_train_samples": self.max_train_samples, "max_length": self.max_length, "score_batch_size": self.score_batch_size,
-                "threshold_policy": {"kind": policy.kind, "value": policy.value, "target_frr": policy.target_frr},
-                "threshold": self.threshold_, "train_result": self.train_result_.to_dict(),
-            },
+            "num_training_steps": self.train_result_.num_training_steps,
+            PSIM_MANIFEST_KEY: {"defense": self.spec(), "threshold": self.threshold_, "train_result": self.train_result_.to_dict()},
         })
 
     @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "PSIM":
+    def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None) -> "PSIM":
+        """A saved PSIM; ``backbone`` overrides where its backbone is (after the folders moved)."""
         from peftshield.errors import ConfigError
         from peftshield.finetune.checkpoint import MANIFEST_FILE
 
         directory = Path(directory)
         manifest = read_json(directory / MANIFEST_FILE) if (directory / MANIFEST_FILE).is_file() else {}
         if PSIM_MANIFEST_KEY not in manifest:
-            raise ConfigError(f"--psim {directory}: not a PSIM directory (train one with 'peftshield psim train')")
+            raise ConfigError(f"{directory}: not a PSIM folder (train one with 'peftshield psim train')")
         saved = manifest[PSIM_MANIFEST_KEY]
-        policy = ThresholdPolicy(**saved["threshold_policy"])
-        psim = cls(manifest["method"], manifest["options"], saved["learning_rate"], saved["epochs"], saved["batch_size"],
-                   saved["max_train_samples"], saved["max_length"], policy, saved["score_batch_size"])
-        backbone, _ = load_finetuned(directory)
-        psim.model_, psim.tokenizer_ = backbone.model, backbone.tokenizer
+        psim = DEFENSES.from_spec(saved["defense"] if "defense" in saved else _spec_of_release_0_1(manifest))
+        loaded, _ = load_finetuned(directory, backbone=backbone)
+        psim.model_, psim.tokenizer_ = loaded.model, loaded.tokenizer
         psim.backbone_, psim.num_labels_ = manifest["backbone"], manifest["num_labels"]
-        psim.method_config_, psim.num_training_steps_ = manifest["options"], manifest["num_training_steps"]
+        psim.method_config_ = manifest["options"]
         psim.threshold_ = saved["threshold"]
         return psim
+
+
+def _spec_of_release_0_1(manifest: dict) -> dict:
+    """PSIM folders written before options were saved as ``{name, options}``."""
+    saved = manifest[PSIM_MANIFEST_KEY]
+    keys = ("learning_rate", "epochs", "batch_size", "max_train_samples", "max_length", "score_batch_size")
+    return {"name": "psim", "options": {
+        "method": manifest["method"], "method_options": manifest["options"], "threshold": saved["threshold_policy"],
+        **{key: saved[key] for key in keys},
+    }}

@@ -15,13 +15,16 @@ and every victim weight stays frozen, so RAP works unchanged in front of any PEF
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 import torch
 
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state, victim_of
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.batching import collate, encode_texts
 from peftshield.models.inference import model_device, predict_proba
@@ -49,9 +52,10 @@ class RAP(Defense):
     needs_victim = True
 
     def __init__(
-        self, word: str = "jj", protected_label: int | None = None, drop_range: tuple[float, float] = (0.1, 0.3),
-        learning_rate: float = 1e-2, epochs: int = 5, batch_size: int = 32, max_train_samples: int = 1000,
-        threshold: ThresholdPolicy | None = None, max_length: int = 128,
+        self, word: str = "jj", protected_label: Optional[NonNegativeInt] = None,
+        drop_range: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.1, 0.3),
+        learning_rate: PositiveFloat = 1e-2, epochs: PositiveInt = 5, batch_size: PositiveInt = 32,
+        max_train_samples: PositiveInt = 1000, threshold: ThresholdPolicy = CLEAN_FRR_POLICY, max_length: PositiveInt = 128,
     ) -> None:
         self.word = word
         self.protected_label = protected_label
@@ -62,6 +66,12 @@ class RAP(Defense):
         self.max_train_samples = max_train_samples
         self.threshold = threshold
         self.max_length = max_length
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        low, high = options["drop_range"]
+        if not low < high:
+            raise ValueError(f"drop_range must satisfy low < high, got {tuple(options['drop_range'])}")
 
     def _attach(self, context: DefenseContext) -> None:
         self.model_, self.tokenizer_ = victim_of(self.name, context)

@@ -9,14 +9,17 @@ more suspicious), and the threshold sits at a clean-data FRR percentile.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import json
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, PositiveInt
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state, victim_of
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import predict_proba
 
@@ -48,8 +51,9 @@ class STRIP(Defense):
     needs_victim = True
 
     def __init__(
-        self, num_perturbations: int = 10, replace_ratio: float = 0.25, top_words: int = 1000,
-        threshold: ThresholdPolicy | None = None, batch_size: int = 128, max_length: int = 128, max_reference_texts: int = 2000,
+        self, num_perturbations: PositiveInt = 10, replace_ratio: Annotated[float, Field(gt=0, le=1)] = 0.25,
+        top_words: PositiveInt = 1000, threshold: ThresholdPolicy = CLEAN_FRR_POLICY, batch_size: PositiveInt = 128,
+        max_length: PositiveInt = 128, max_reference_texts: PositiveInt = 2000,
     ) -> None:
         self.num_perturbations = num_perturbations
         self.replace_ratio = replace_ratio

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from peftshield.errors import ConfigError
 
@@ -19,7 +20,7 @@ def default_confidence_threshold(num_labels: int) -> float:
 def calibrate_threshold(clean_scores: np.ndarray, target_frr: float) -> float:
     """The smallest threshold that rejects at most ``target_frr`` of these clean scores."""
     if not 0.0 <= target_frr < 1.0:
-        raise ConfigError(f"--target-frr must be in [0, 1), got {target_frr}")
+        raise ConfigError(f"target_frr must be in [0, 1), got {target_frr}")
     scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if scores.size == 0:
         raise ConfigError("cannot calibrate a threshold without clean scores")
@@ -27,26 +28,26 @@ def calibrate_threshold(clean_scores: np.ndarray, target_frr: float) -> float:
     return float(scores[scores.size - 1 - allowed])
 
 
-@dataclass(frozen=True)
-class ThresholdPolicy:
-    """``fixed`` (``value`` or the class-count default), ``frr`` (calibrated to ``target_frr``
-    on clean dev scores), or ``auto``: ``frr`` when clean dev data is given, else ``fixed``."""
+class ThresholdPolicy(BaseModel):
+    """``fixed`` (``value`` or the defense's default), ``frr`` (calibrated to ``target_frr``
+    on clean dev scores), or ``auto``: ``frr`` when clean dev data is given, else ``fixed``.
 
-    kind: str = "auto"
-    value: float | None = None
-    target_frr: float = 0.01
+    Saved and loaded like every option (``model_dump`` / the constructor)."""
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("fixed", "frr", "auto"):
-            raise ConfigError(f"--threshold-mode must be 'auto', 'fixed' or 'frr', got '{self.kind}'")
-        if not 0.0 <= self.target_frr < 1.0:
-            raise ConfigError(f"--target-frr must be in [0, 1), got {self.target_frr}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["auto", "fixed", "frr"] = "auto"
+    value: Optional[float] = None
+    target_frr: float = Field(0.01, ge=0, lt=1)
 
     def resolve(self, num_labels: int, clean_dev_scores: np.ndarray | None, default: float | None = None) -> float:
         if self.kind == "fixed" or (self.kind == "auto" and (clean_dev_scores is None or len(clean_dev_scores) == 0)):
             if self.value is not None:
                 return float(self.value)
             return float(default if default is not None else default_confidence_threshold(num_labels))
-        if clean_dev_scores is None:
-            raise ConfigError("--threshold-mode frr needs clean dev data")
+        if clean_dev_scores is None or len(clean_dev_scores) == 0:
+            raise ConfigError("threshold kind 'frr' needs clean dev data to calibrate on")
         return calibrate_threshold(clean_dev_scores, self.target_frr)
+
+
+CLEAN_FRR_POLICY = ThresholdPolicy(kind="frr", target_frr=0.01)

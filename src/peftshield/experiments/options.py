@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from peftshield.yaml_config import safe_load_plain
+
 from peftshield.errors import ConfigError
 
 
@@ -15,7 +17,7 @@ def parse_key_values(pairs: list[str] | None, option: str) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"{option} '{pair}': expected KEY=VALUE")
         try:
-            parsed[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else ""
+            parsed[key.strip().replace("-", "_")] = safe_load_plain(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed[key.strip().replace("-", "_")] = value
     return parsed

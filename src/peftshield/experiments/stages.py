@@ -15,6 +15,7 @@ from peftshield.data import DatasetSplits, TextDataset, load_splits
 from peftshield.data.transforms import truncate_words
 from peftshield.data.writers import split_jsonl
 from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
+from peftshield.finetune.trainer import draw_training_rows
 from peftshield.errors import ConfigError
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
@@ -36,8 +37,25 @@ class TriggerChoice:
         return None if self.name == "none" else POISONERS.create(self.name, **self.options)
 
 
+NO_TRIGGER = {"name": "none", "options": {}}
+
+
+def trigger_of(manifest: dict) -> dict:
+    """The ``{name, options}`` of the trigger an ``attack.json`` records (release 0.1 kept the
+    trigger's options beside its name at the top level)."""
+    trigger = manifest.get("trigger")
+    if isinstance(trigger, dict):
+        return trigger
+    if trigger in (None, "none"):
+        return dict(NO_TRIGGER)
+    fields = POISONERS.get(trigger).options_model().model_fields
+    return {"name": trigger, "options": {k: manifest[k] for k in fields if manifest.get(k) is not None}}
+
+
 def backbone_reference(name_or_path: str) -> str:
     """What a manifest records: aliases and hub names as given, local paths made absolute."""
+    if name_or_path in ("tiny", "minilm", "default"):
+        return name_or_path
     path = Path(name_or_path)
     return str(path.resolve()) if path.exists() else name_or_path
 
@@ -56,7 +74,7 @@ def poison_to_directory(data: str, poisoner: Poisoner, spec: PoisonSpec, out_dir
     rng = np.random.default_rng(seed)
     poisoned = poison_dataset(splits["train"], poisoner, spec, rng)
     summary = {
-        "source": str(data), **poisoner.describe(), **spec.to_dict(), "seed": seed,
+        "source": str(data), "trigger": poisoner.spec(), **spec.to_dict(), "seed": seed,
         "n_train": len(poisoned.data), "n_poisoned_train": len(poisoned.records),
     }
     with atomic_directory(out_dir) as tmp:
@@ -70,6 +88,23 @@ def poison_to_directory(data: str, poisoner: Poisoner, spec: PoisonSpec, out_dir
         (tmp / "manifest.jsonl").write_text(jsonl_rows(poisoned.manifest_rows()), encoding="utf-8")
         atomic_write_json(tmp / "poison.json", summary)
     return summary
+
+
+def load_poisoned_test(path: str | Path, target_label: int, skip_empty: bool = True) -> TextDataset:
+    """A ready-made triggered test file (texts that already carry the trigger, as syntactic-
+    trigger benchmarks ship them). Its rows count as attacks: if every row carries the target
+    label the file was relabelled to the target (HiddenKiller's layout) and all rows are kept;
+    otherwise the labels are the true ones and only the non-target rows are kept."""
+    from peftshield.data import load_texts
+    from peftshield.errors import DataError
+
+    data = load_texts(str(path), "test", skip_empty=skip_empty)
+    if all(label == target_label for label in data.labels):
+        return data
+    keep = [i for i, label in enumerate(data.labels) if label != target_label]
+    if not keep:
+        raise DataError(f"{path}: no triggered rows (every row has the target label {target_label})")
+    return data.subset(keep, name=data.name)
 
 
 def evaluate_classifier(
@@ -112,7 +147,7 @@ def weight_poison(
     check_target(spec.target_label, splits.num_labels)
     rng = np.random.default_rng(seed)
     poisoner = trigger.build()
-    train = truncate_words(splits["train"], max_words).sample(training.max_train_samples, rng)
+    train = draw_training_rows(truncate_words(splits["train"], max_words), training, rng)
     dev = truncate_words(splits.get("dev"), max_words) if "dev" in splits else None
     test = truncate_words(splits["test"], max_words)
     poisoned = poison_dataset(train, poisoner, spec, rng) if poisoner else None
@@ -126,7 +161,7 @@ def weight_poison(
     report = {
         "backbone": backbone_reference(backbone),
         "attack_data": splits.source,
-        **(poisoner.describe() if poisoner else {"trigger": "none"}),
+        "trigger": poisoner.spec() if poisoner else dict(NO_TRIGGER),
         **spec.to_dict(),
         "seed": seed,
         "max_words": max_words,
@@ -162,17 +197,15 @@ def finetune_victim(
 ) -> VictimResult:
     """The victim: fine-tune ``backbone`` on clean ``data`` with ``method``; save if ``out_dir``."""
     splits = data if isinstance(data, DatasetSplits) else load_splits(data)
-    fine_tuning = METHODS.create(method, **method_options)
-    fine_tuning.config()  # validate options before any loading
+    fine_tuning = METHODS.create(method, **method_options)  # options are validated here, before any loading
     rng = np.random.default_rng(seed)
     seed_torch(seed)
     base = load_backbone(backbone, splits.num_labels)
     model, result = train_classifier(base.model, base.tokenizer, splits["train"], splits.get("dev"), fine_tuning, training, rng, progress, label=label, epoch_probe=epoch_probe)
     if out_dir is not None:
-        steps = ((min(len(splits["train"]), training.max_train_samples or len(splits["train"])) + training.batch_size - 1) // training.batch_size) * training.epochs
         save_finetuned(model, base.tokenizer, out_dir, {
             "method": method, "options": fine_tuning.config_dict(), "backbone": backbone_reference(backbone),
-            "num_labels": splits.num_labels, "num_training_steps": steps, "data": splits.source, "seed": seed,
+            "num_labels": splits.num_labels, "num_training_steps": result.num_training_steps, "data": splits.source, "seed": seed,
             "training": training.model_dump(), "train_result": result.to_dict(),
         })
     return VictimResult(Backbone(model, base.tokenizer, base.source, splits.num_labels), result, Path(out_dir) if out_dir else None)

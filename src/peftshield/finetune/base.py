@@ -29,6 +29,17 @@ class FineTuneMethod(ABC):
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options checked against ``Config``; raises ``pydantic.ValidationError``."""
+        return asdict(cls.Config(**options))
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.config_dict()}
+
     def config(self):
         try:
             return self.Config(**self.options)

@@ -42,9 +42,21 @@ class TrainResult:
     samples_per_second: float = 0.0
     trainable_parameters: int = 0
     total_parameters: int = 0
+    n_train: int = 0
+    num_training_steps: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def draw_training_rows(data: TextDataset, training: TrainingConfig, rng: np.random.Generator) -> TextDataset:
+    """The rows a run trains on: a random ``max_train_samples`` subset, or all of them."""
+    return data.sample(training.max_train_samples, rng)
+
+
+def count_training_steps(n_rows: int, training: TrainingConfig) -> int:
+    """Optimiser steps of a run over ``n_rows`` rows (the last batch of an epoch may be short)."""
+    return ((n_rows + training.batch_size - 1) // training.batch_size) * training.epochs
 
 
 def seed_torch(seed: int) -> None:
@@ -93,15 +105,16 @@ def train_classifier(
     epochs) and its numbers are kept in that epoch's record.
     """
     from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
 
     started = time.perf_counter()
-    train = train.sample(training.max_train_samples, rng)
+    train = draw_training_rows(train, training, rng)
     learning_rate = training.learning_rate or method.default_learning_rate
-    steps_per_epoch = (len(train) + training.batch_size - 1) // training.batch_size
-    total_steps = steps_per_epoch * training.epochs
+    total_steps = count_training_steps(len(train), training)
     model = method.wrap(model, total_steps)
     trainable, total = count_parameters(model)
-    result = TrainResult(method=method.name, learning_rate=learning_rate, trainable_parameters=trainable, total_parameters=total)
+    result = TrainResult(method=method.name, learning_rate=learning_rate, trainable_parameters=trainable, total_parameters=total,
+                         n_train=len(train), num_training_steps=total_steps)
 
     encoded = encode_texts(tokenizer, train.texts, training.max_length)
     labels = train.label_array()
@@ -110,10 +123,7 @@ def train_classifier(
         _IndexDataset(len(train)), batch_sampler=sampler, collate_fn=lambda idx: collate(encoded, idx, labels)
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=training.weight_decay)
-    warmup = int(training.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup and step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * total_steps), total_steps)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 

@@ -1,7 +1,7 @@
 """Experiment grids: a YAML config, cells cached by content hash, a SQLite result store,
 and executors (local, Ray) that run the cells."""
 
-from peftshield.grid.cache import StageCache, stage_key
+from peftshield.experiments.cache import StageCache, stage_key
 from peftshield.grid.config import GridConfig, load_grid_config
 from peftshield.grid.store import ResultStore
 

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftshield.errors import ConfigError, HubUnavailableError
+from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldError
 from peftshield.hub import require_hub
 
 DEFAULT_BACKBONE = "minilm"
@@ -58,7 +58,9 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, tru
 
     source = resolve_backbone(name_or_path)
     is_local = Path(source).exists()
-    if not is_local:
+    if is_local:
+        check_backbone_folder(source)
+    else:
         require_hub(f"backbone '{source}'", "pass a local model directory or use the offline default --backbone minilm")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
@@ -71,20 +73,63 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, tru
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_local:
             raise ConfigError(f"backbone {source}: cannot load ({message[:200]}); it must hold safetensors weights") from None
         raise HubUnavailableError(f"backbone '{source}': cannot load from the hub ({message[:200]})") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"backbone {source}: damaged or truncated weights ({message[:200]}); re-create it") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     logging.getLogger(__name__).debug("loaded backbone %s", source)
     return Backbone(model=model, tokenizer=tokenizer, source=source, num_labels=num_labels)
 
 
+def check_backbone_folder(source: str | Path) -> None:
+    """One-line errors for a local backbone folder that cannot be a backbone.
+
+    A fine-tuned module (``finetune.json``, no ``config.json``) is named as such, with how
+    to pass it; a cut-short weight file is named as damaged before transformers reads it.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        manifest_path = folder / "finetune.json"
+        if manifest_path.is_file():
+            from peftshield.io import read_json
+
+            try:
+                manifest = read_json(manifest_path)
+            except PeftshieldError:
+                manifest = {}
+            manifest = manifest if isinstance(manifest, dict) else {}
+            method = manifest.get("method", "unknown")
+            kind = "PSIM" if "psim" in manifest else "fine-tuned"
+            flag = "--psim" if kind == "PSIM" else "--model (or --psim)"
+            recorded = manifest.get("backbone")
+            where = f" ({recorded})" if recorded else " (recorded in its finetune.json)"
+            raise ConfigError(
+                f"backbone {folder}: this folder is a {kind} module (method '{method}'), not a backbone; "
+                f"pass it as {flag} and its backbone{where} as --backbone"
+            )
+        raise ConfigError(f"backbone {folder}: not a model folder (no config.json)")
+    from peftshield.io import check_safetensors
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
 def save_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
-    """Save model and tokenizer as an ordinary HF directory (safetensors weights)."""
+    """Save model and tokenizer as an ordinary HF directory (safetensors weights), atomically."""
+    from peftshield.io import atomic_directory
+
     out_dir = Path(out_dir)
-    backbone.model.save_pretrained(out_dir, safe_serialization=True)
-    backbone.tokenizer.save_pretrained(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        backbone.model.save_pretrained(tmp, safe_serialization=True)
+        backbone.tokenizer.save_pretrained(tmp)
     return out_dir

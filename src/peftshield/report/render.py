@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from peftshield.errors import ConfigError
+from peftshield.experiments.config import slug
 from peftshield.grid.runner import CONFIG_FILE, STORE_FILE
 from peftshield.grid.store import NO_DEFENSE, ResultStore
 from peftshield.io import atomic_write_text, read_json
@@ -35,7 +36,8 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         raise ConfigError(f"{run_dir / STORE_FILE}: no finished cells yet")
     config = read_json(run_dir / CONFIG_FILE)["config"] if (run_dir / CONFIG_FILE).is_file() else {}
     methods = config.get("methods") or sorted({r["method"] for r in rows})
-    defenses = [d for d in (config.get("defenses") or sorted({r["defense"] for r in rows})) if d != NO_DEFENSE]
+    configured = [d.get("label") or d["name"] if isinstance(d, dict) else d for d in config.get("defenses") or []]
+    defenses = [d for d in (configured or sorted({r["defense"] for r in rows})) if d != NO_DEFENSE]
     tables = [attack_table(rows, methods), defense_table(rows, defenses)]
 
     figures = [("ASR per fine-tuning method", plots.asr_per_method(rows, out / "asr_per_method.png")),
@@ -45,7 +47,7 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         if not scores_file.is_file():
             continue
         scores = read_json(scores_file)
-        tag = f"{dataset}_{trigger}_{cell['method']}_seed{cell['seed']}"
+        tag = slug(f"{dataset}_{trigger}_{cell['method']}_seed{cell['seed']}")
         title = f"{dataset} / {trigger} / victim {cell['method']} (seed {cell['seed']})"
         figures.append((f"Confidence histograms: {title}", plots.confidence_histograms(scores, title, out / f"confidence_{tag}.png")))
         if len(scores) > 1:

@@ -13,6 +13,8 @@ from peftshield.cli.commands.common import training_from_options
 from peftshield.data import load_splits
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import TriggerChoice, weight_poison
+from peftshield.cli.commands.common import typed_from_flags
+from peftshield.io import check_output_place
 
 
 @app.command(help="Weight-poison a backbone: full fine-tuning on a poisoned copy of the attacker's data. Writes an HF model directory plus attack.json.")
@@ -36,10 +38,12 @@ def attack(
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
 ) -> None:
-    spec = PoisonSpec(target_label=target, rate=rate, count=count, label_mode=label_mode)
+    spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
+                                         "label_mode": ("--label-mode", label_mode)})
     choice = TriggerChoice(trigger, parse_key_values(trigger_option, "--trigger-option"))
     choice.build()  # validate the trigger before loading anything
     training = training_from_options(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples)
+    check_output_place(out, "dir")  # before any compute: a bad --out fails now, not after training
     splits = load_splits(data, skip_empty=skip_empty)
     for note in splits.notes:
         info(f"note: {note}")

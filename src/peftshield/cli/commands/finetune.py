@@ -13,6 +13,7 @@ from peftshield.data import load_splits
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import finetune_victim
 from peftshield.finetune import METHODS, FineTuneFileConfig, load_finetune_yaml
+from peftshield.io import check_output_place
 
 
 @app.command(help="Fine-tune a (possibly poisoned) backbone on clean data; saves the trained tensors (safetensors) and finetune.json.")
@@ -39,6 +40,7 @@ def finetune(
     training = training_from_options(
         file_config.training, learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples
     )
+    check_output_place(out, "dir")  # before any compute: a bad --out fails now, not after training
     splits = load_splits(data, skip_empty=skip_empty)
     for note in splits.notes:
         info(f"note: {note}")

@@ -11,6 +11,8 @@ from peftshield.attacks import POISONERS, PoisonSpec
 from peftshield.cli.app import SeedOption, app, info
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import poison_to_directory
+from peftshield.cli.commands.common import typed_from_flags
+from peftshield.io import check_output_place
 
 
 @app.command(help="Write a poisoned dataset directory (train poisoned; dev/test clean plus their triggered ASR sets) and a manifest.")
@@ -25,7 +27,9 @@ def poison(
     label_mode: str = typer.Option("dirty", "--label-mode", help="dirty: relabel to target; clean: trigger target-class rows only."),
     seed: int = SeedOption,
 ) -> None:
-    spec = PoisonSpec(target_label=target, rate=rate, count=count, label_mode=label_mode)
+    spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
+                                         "label_mode": ("--label-mode", label_mode)})
     poisoner = POISONERS.create(trigger, **parse_key_values(trigger_option, "--trigger-option"))
+    check_output_place(out, "dir")
     summary = poison_to_directory(data, poisoner, spec, out, seed)
     info(f"poisoned {summary['n_poisoned_train']} of {summary['n_train']} training rows with '{trigger}' -> {out}")

@@ -14,13 +14,17 @@ import typer
 
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, app, info
 from peftshield.data import load_splits, load_texts
-from peftshield.defenses import PSIM, DefenseContext, ThresholdPolicy
+from peftshield.cli.commands.common import typed_component, typed_from_flags
+from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
-from peftshield.io import atomic_write_text
+from peftshield.io import atomic_write_text, check_output_place
 
 psim_app = typer.Typer(help="Train a Poisoned Sample Identification Module (PSIM).", no_args_is_help=True)
 app.add_typer(psim_app, name="psim")
+
+
+_PSIM = {name: field.default for name, field in DEFENSES.get("psim").options_model().model_fields.items()}
 
 
 @psim_app.command("train", help="Train a PSIM: a PEFT module on the backbone with randomly reset training labels.")
@@ -28,27 +32,33 @@ def psim_train(
     backbone: str = typer.Option(..., "--backbone", help="The backbone you were given (possibly poisoned)."),
     data: str = typer.Option(..., "--data", help="Your training data (labels are ignored: reset at random); its dev split calibrates."),
     out: Path = typer.Option(..., "--out"),
-    method: str = typer.Option("ptuning", "--method", help="PEFT method of the PSIM (see bench/psim_methods.md)."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"PEFT method of the PSIM (default {_PSIM['method']}; see bench/psim_methods.md)."),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option"),
-    lr: float = typer.Option(2e-5, "--lr"),
-    epochs: int = typer.Option(1, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    max_train_samples: Optional[int] = typer.Option(2000, "--max-train-samples"),
-    max_length: int = typer.Option(128, "--max-length"),
-    threshold_mode: str = typer.Option("auto", "--threshold-mode", help="auto (frr when the data has a dev split, else fixed), fixed (--threshold, default 0.7 for 2 classes) or frr."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Default {_PSIM['learning_rate']}."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Default {_PSIM['epochs']}."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Default {_PSIM['batch_size']}."),
+    max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples", help=f"Random training rows, relabelled (default {_PSIM['max_train_samples']})."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help=f"Default {_PSIM['max_length']}."),
+    threshold_mode: Optional[str] = typer.Option(None, "--threshold-mode", help="auto (default: frr when the data has a dev split, else fixed), fixed (--threshold, default 0.7 for 2 classes) or frr."),
     threshold: Optional[float] = typer.Option(None, "--threshold"),
-    target_frr: float = typer.Option(0.01, "--target-frr", help="The clean false-rejection rate to allow when calibrating."),
+    target_frr: Optional[float] = typer.Option(None, "--target-frr", help=f"The clean false-rejection rate to allow when calibrating (default {_PSIM['threshold'].target_frr})."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
 ) -> None:
-    policy = ThresholdPolicy(threshold_mode, threshold, target_frr)
-    psim = PSIM(method, parse_key_values(method_option, "--method-option"), lr, epochs, batch_size, max_train_samples, max_length, policy)
+    policy = typed_from_flags(ThresholdPolicy, {"kind": ("--threshold-mode", threshold_mode), "value": ("--threshold", threshold),
+                                                "target_frr": ("--target-frr", target_frr)})
+    psim = typed_component(DEFENSES, "psim", {
+        "method": ("--method", method), "method_options": ("--method-option", parse_key_values(method_option, "--method-option") or None),
+        "learning_rate": ("--lr", lr), "epochs": ("--epochs", epochs), "batch_size": ("--batch-size", batch_size),
+        "max_train_samples": ("--max-train-samples", max_train_samples), "max_length": ("--max-length", max_length),
+    }, threshold=policy)
+    check_output_place(out, "dir")
     splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty)
-    context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=max_length, progress=progress)
+    context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=psim.max_length, progress=progress)
     psim.fit(context, np.random.default_rng(seed))
     psim.save(out)
-    info(f"PSIM ({method}) -> {out}: threshold {psim.threshold_:.4f} ({threshold_mode}), trained in {psim.fit_seconds_:.0f} s")
+    info(f"PSIM ({psim.method}) -> {out}: threshold {psim.threshold_:.4f} ({policy.kind}), trained in {psim.fit_seconds_:.0f} s")
 
 
 @app.command(help="Score texts with a PSIM; writes id, score and flag per text (JSONL or CSV) and reports texts per second.")
@@ -57,6 +67,7 @@ def scan(
     data: str = typer.Option(..., "--data", help="A file, or a dataset directory (see --split)."),
     out: Path = typer.Option(..., "--out", help="Output .jsonl or .csv."),
     split: str = typer.Option("test", "--split"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="The PSIM's backbone, if it is no longer where finetune.json recorded it."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's threshold."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     skip_empty: bool = SkipEmptyOption,
@@ -64,8 +75,9 @@ def scan(
 ) -> None:
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
+    check_output_place(out, "file")
     texts = load_texts(data, split, skip_empty=skip_empty)
-    psim = PSIM.load(psim_dir)
+    psim = PSIM.load(psim_dir, backbone=backbone)
     if batch_size:
         psim.score_batch_size = batch_size
     tau = psim.threshold_ if threshold is None else threshold
