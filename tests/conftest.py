@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data in ../shared/data and tiny random models."""
+"""Shared fixtures: the real data in ../shared/data (or its extracts in tests/data) and tiny datasets."""
 
 from __future__ import annotations
 
@@ -13,13 +13,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PEFTSHIELD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+EXTRACTS = ROOT / "tests" / "data"  # a few hundred rows per file, same layout (tests/data/README.md)
+
+
+def real_data_present() -> bool:
+    return (SHARED / "psim" / "sst-2" / "train.json").is_file()
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED / "psim" / "sst-2" / "train.json").is_file():
-        pytest.fail(f"real data not found at {SHARED} (set PEFTSHIELD_SHARED_DATA)")
+    """The study's real data when present (PEFTSHIELD_SHARED_DATA, default ../shared/data),
+    else the small extracts in tests/data: tests using it must hold for either."""
+    return SHARED if real_data_present() else EXTRACTS
+
+
+@pytest.fixture(scope="session")
+def full_shared_data() -> Path:
+    """The full real data, for full-size assertions; skipped without it (each such test has
+    an extract-based sibling)."""
+    if not real_data_present():
+        pytest.skip(f"full real data not found at {SHARED} (set PEFTSHIELD_SHARED_DATA)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def extract_data() -> Path:
+    """The small extracts in tests/data, whether or not the real data is present."""
+    return EXTRACTS
 
 
 @pytest.fixture

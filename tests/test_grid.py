@@ -308,3 +308,45 @@ def test_a_trigger_word_with_a_slash_still_gets_a_report(tmp_path: Path, shared_
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report" / "confidence_sst-2_badnet-m_n_lora_seed0.png").is_file()
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["config.json", "report", "results.csv", "results.sqlite", "stages"]
+
+
+def test_an_infeasible_cell_is_refused_before_any_training(tmp_path: Path, shared_data: Path) -> None:
+    path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",))
+    path.write_text(path.read_text().replace("poison_count: 16", "poison_count: 40"))
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "peftshield", "run", str(path), "--out", str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "poison_count 40 is more than the" in lines[0] and "trigger badnet-mn, seed 0" in lines[0], result.stderr
+    assert not (run_dir / "stages").exists(), "nothing was trained"
+    assert time.monotonic() - started < 60
+
+
+def test_an_oversized_grid_needs_yes_and_the_log_keeps_its_prefix(tmp_path: Path, shared_data: Path) -> None:
+    path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",), seeds=tuple(range(201)))
+    result = subprocess.run([sys.executable, "-m", "peftshield", "run", str(path), "--out", str(tmp_path / "big")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "has 201 cells to run" in result.stderr and "pass --yes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    small = write_config(tmp_path / "small.yaml", shared_data, methods=("lora",), defenses=("psim",))
+    result = subprocess.run([sys.executable, "-m", "peftshield", "run", str(small), "--out", str(tmp_path / "small"), "--no-progress"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("[grid] tiny-grid: 1 cells (0 already stored)"), "the [grid] prefix is printed, not read as markup"
+    assert "min at MiniLM speed" in result.stderr
+
+
+def test_a_dataset_with_a_ready_made_triggered_test_file(tmp_path: Path, shared_data: Path) -> None:
+    """HiddenKiller ships its syntactic test set already paraphrased: the grid takes it as the triggered set."""
+    scpn_test = shared_data / "hiddenkiller" / "scpn" / "20" / "sst-2" / "test.tsv"
+    path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",))
+    text = path.read_text().replace("poison_count: 16,", "poison_count: 16, target_label: 1,")
+    text = text.replace("datasets: [{name: sst-2, path: ", f"datasets: [{{name: sst-2, poisoned_test: {scpn_test}, path: ")
+    path.write_text(text)
+    config = load_grid_config(path)
+    run_grid(config, tmp_path / "run", LocalExecutor(), progress=False, log=lambda _m: None)
+    rows = {(r["defense"], r["metric"]): r["value"] for r in ResultStore(tmp_path / "run" / STORE_FILE).rows()}
+    assert rows[("none", "n_poisoned")] == 40, "test_samples of the ready-made file, not trigger insertions"
+    changed = plan_grid(config.model_copy(update={"datasets": [config.datasets[0].model_copy(update={"poisoned_test": None})]}), tmp_path / "run")
+    assert changed.cells[0].cell_key != plan_grid(config, tmp_path / "run").cells[0].cell_key

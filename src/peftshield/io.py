@@ -175,13 +175,23 @@ def check_output_place(path: str | Path, kind: Literal["file", "dir"] = "file", 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and rename it."""
+    with atomic_text_stream(path) as handle:
+        handle.write(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_text_stream(path: str | Path) -> Iterator[Any]:
+    """A text handle on a temporary file beside ``path``, renamed to ``path`` when the block
+    ends without error (for outputs written piece by piece, such as a streamed scan); on any
+    error the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
         os.chmod(tmp, file_mode())  # mkstemp's 0600 would otherwise stay
         os.replace(tmp, path)
     except BaseException as exc:
@@ -191,7 +201,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         if is_output_failure(exc):
             raise output_error(path, exc) from None
         raise
-    return path
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:

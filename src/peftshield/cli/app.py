@@ -28,3 +28,4 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progr
 SeedOption = typer.Option(0, "--seed", help="Seed of every random choice (numpy Generator and torch).")
 BackboneOption = typer.Option("minilm", "--backbone", help="HF model name, local directory, 'minilm' (offline default) or 'tiny'.")
 SkipEmptyOption = typer.Option(False, "--skip-empty", help="Drop rows with empty text (counted and reported) instead of failing.")
+NumLabelsOption = typer.Option(None, "--num-labels", min=2, help="The task's class count (default: from the training labels, which must then be 0..K-1 with every class present).")

@@ -92,7 +92,7 @@ PACKAGE_SOURCES: dict[str, PackageSource] = {
 }
 
 
-def load_package_dataset(name: str, splits: Iterable[str]) -> DatasetSplits:
+def load_package_dataset(name: str, splits: Iterable[str], num_labels: int | None = None) -> DatasetSplits:
     source = PACKAGE_SOURCES.get(name)
     if source is None:
         raise DataError(f"pkg:{name}: unknown packaged dataset (known: {', '.join(sorted(PACKAGE_SOURCES))})")
@@ -107,10 +107,10 @@ def load_package_dataset(name: str, splits: Iterable[str]) -> DatasetSplits:
     bounds = {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
     full = TextDataset(texts, labels, [str(i) for i in range(len(texts))], name=name)
     chosen = {split: full.subset(np.sort(bounds[split]), name=split) for split in splits}
-    return finalize_splits(chosen, f"pkg:{name}")
+    return finalize_splits(chosen, f"pkg:{name}", num_labels=num_labels)
 
 
-def load_hub_dataset(spec: str, splits: Iterable[str]) -> DatasetSplits:
+def load_hub_dataset(spec: str, splits: Iterable[str], num_labels: int | None = None) -> DatasetSplits:
     """``NAME[:CONFIG]`` through ``datasets``; test splits without labels fall back to validation."""
     name, _, config = spec.partition(":")
     require_hub(f"hf:{spec}", "pass a local directory instead (e.g. --data ../shared/data/psim/sst-2)")
@@ -150,6 +150,6 @@ def load_hub_dataset(spec: str, splits: Iterable[str]) -> DatasetSplits:
         available["train"] = train.subset(np.sort(order[n_dev:]), name="train")
         notes.append("no labelled dev split on the hub: 10% of train held out as dev")
     chosen = {s: available[s] for s in splits if s in available}
-    result = finalize_splits(chosen, f"hf:{spec}")
+    result = finalize_splits(chosen, f"hf:{spec}", num_labels=num_labels)
     result.notes.extend(notes)
     return result

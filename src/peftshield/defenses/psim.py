@@ -21,6 +21,7 @@ from peftshield.data.records import TextDataset
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.finetune import METHODS, TrainingConfig, load_finetuned, save_finetuned, seed_torch, train_classifier
+from peftshield.finetune.trainer import draw_training_rows
 from peftshield.io import read_json
 from peftshield.models import load_backbone
 from peftshield.models.inference import predict_proba
@@ -71,11 +72,11 @@ class PSIM(Defense):
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "PSIM":
         started = time.perf_counter()
         method = METHODS.create(self.method, **(self.method_options or {}))
+        sampling = TrainingConfig(max_train_samples=self.max_train_samples)
+        train = random_label_reset(draw_training_rows(context.train, sampling, rng), context.num_labels, rng)
         training = TrainingConfig(
-            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length,
-            max_train_samples=self.max_train_samples, select_on_dev=False,
+            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length, select_on_dev=False,
         )
-        train = random_label_reset(context.train, context.num_labels, rng)
         seed_torch(int(rng.integers(0, 2**31 - 1)))
         base = load_backbone(context.backbone, context.num_labels)
         self.model_, self.train_result_ = train_classifier(base.model, base.tokenizer, train, None, method, training, rng, context.progress, label="psim")

@@ -104,6 +104,7 @@ class DatasetEntry(Section):
     name: str = Field(pattern=PLAIN_NAME)
     path: str
     poisoned_test: Optional[str] = None
+    num_labels: Optional[int] = Field(None, ge=2, description="the class count, when the training labels do not show every class")
 
 
 class AttackSection(Section):
@@ -185,19 +186,13 @@ class ScenarioConfig(Section):
         payload["defenses"] = entries
         return payload
 
-    @field_validator("defenses", mode="before")
+    @field_validator("defenses", "triggers", mode="before")
     @classmethod
-    def _names_as_entries(cls, defenses: Any) -> Any:
-        if isinstance(defenses, list):
-            return [{"name": d} if isinstance(d, str) else d for d in defenses]
-        return defenses
-
-    @field_validator("triggers", mode="before")
-    @classmethod
-    def _trigger_names_as_entries(cls, triggers: Any) -> Any:
-        if isinstance(triggers, list):
-            return [{"name": t} if isinstance(t, str) else t for t in triggers]
-        return triggers
+    def _names_as_entries(cls, entries: Any) -> Any:
+        """A bare name in a list of components stands for ``{name: ...}`` with default options."""
+        if isinstance(entries, list):
+            return [{"name": e} if isinstance(e, str) else e for e in entries]
+        return entries
 
     @field_validator("methods")
     @classmethod

@@ -184,7 +184,7 @@ def backbone_stage(cell: CellSpec, run_dir: str | Path, progress: bool = False) 
 def _load_dataset(cell: CellSpec):
     from peftshield.data import load_splits
 
-    return load_splits(cell.dataset.path, skip_empty=True)
+    return load_splits(cell.dataset.path, skip_empty=True, num_labels=cell.dataset.num_labels)
 
 
 def _defense_context(cell: CellSpec, run_dir: str | Path, splits, victim=None, progress: bool = False):
@@ -331,3 +331,49 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
     record, cached = cache.compute(cell.cell_key, cell.coordinates(), build)
     return CellResult(cell.cell_key, record["metrics"], record["seconds"] + victim_record["train_result"]["seconds"],
                       cache.path(cell.cell_key), cached, victim_record)
+
+
+def check_backbone_feasible(cell: CellSpec) -> None:
+    """Raise a one-line error if the attacker's stage of ``cell`` cannot run: the same rows are
+    drawn as the stage would draw them (no model is loaded), so a poison count larger than the
+    rows that can take the trigger is found before any training."""
+    from peftshield.attacks import check_target
+    from peftshield.data import load_splits
+    from peftshield.data.transforms import truncate_words
+    from peftshield.errors import ConfigError
+    from peftshield.finetune import TrainingConfig
+    from peftshield.finetune.trainer import draw_training_rows
+
+    attack = cell.attack
+    where = f"trigger {cell.trigger_label}, seed {cell.seed}"
+    splits = load_splits(attack.data)
+    try:
+        check_target(attack.target_label, splits.num_labels)
+    except ConfigError as exc:
+        raise ConfigError(f"attack ({where}): {exc}") from None
+    poisoner = cell.trigger.build()
+    rows = draw_training_rows(truncate_words(splits["train"], attack.max_words), TrainingConfig(max_train_samples=attack.samples),
+                              np.random.default_rng(cell.seeds.training))
+    labels = rows.label_array()
+    pool = labels != attack.target_label if attack.label_mode == "dirty" else labels == attack.target_label
+    available = sum(1 for i in np.flatnonzero(pool) if poisoner.can_poison(rows.texts[i]))
+    if available < attack.poison_count:
+        kind = "non-target" if attack.label_mode == "dirty" else f"label-{attack.target_label}"
+        raise ConfigError(f"attack ({where}): poison_count {attack.poison_count} is more than the {available} {kind} rows of the "
+                          f"{len(rows)} drawn from {attack.data} that can take the trigger; lower poison_count or raise samples")
+
+
+def check_dataset_feasible(cell: CellSpec) -> None:
+    """Raise a one-line error if the victim's data of ``cell`` cannot be used (target out of
+    range, no triggered test rows)."""
+    from peftshield.attacks import check_target
+    from peftshield.errors import PeftshieldError
+
+    where = f"dataset {cell.dataset.name}, trigger {cell.trigger_label}, seed {cell.seed}"
+    try:
+        splits, _, _, asr_set = cell_test_sets(cell)
+        check_target(cell.attack.target_label, splits.num_labels)
+    except PeftshieldError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    if not len(asr_set):
+        raise PeftshieldError(f"{where}: no triggered test texts")

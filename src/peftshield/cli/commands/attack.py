@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from peftshield.attacks import POISONERS, PoisonSpec
-from peftshield.cli.app import BackboneOption, ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.app import BackboneOption, ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.cli.commands.common import training_from_options
 from peftshield.data import load_splits
 from peftshield.experiments.options import parse_key_values
@@ -36,6 +36,7 @@ def attack(
     max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples", help="Use a random subset of the training split."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
+    num_labels: Optional[int] = NumLabelsOption,
     progress: bool = ProgressOption,
 ) -> None:
     spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
@@ -44,7 +45,7 @@ def attack(
     choice.build()  # validate the trigger before loading anything
     training = training_from_options(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples)
     check_output_place(out, "dir")  # before any compute: a bad --out fails now, not after training
-    splits = load_splits(data, skip_empty=skip_empty)
+    splits = load_splits(data, skip_empty=skip_empty, num_labels=num_labels)
     for note in splits.notes:
         info(f"note: {note}")
     result = weight_poison(splits, backbone, choice, spec, training, out, seed, max_words, progress)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.cli.commands.common import find_attack_manifest
 from peftshield.data import load_splits
 from peftshield.errors import ConfigError
@@ -46,6 +46,7 @@ def evaluate(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The backbone of --model (and --psim), if no longer where finetune.json recorded it."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
+    num_labels: Optional[int] = NumLabelsOption,
     progress: bool = ProgressOption,
 ) -> None:
     started = time.perf_counter()
@@ -56,7 +57,7 @@ def evaluate(
     if not model.is_dir():
         raise ConfigError(f"--model {model}: no such model directory")
     check_output_place(out or model / "metrics.json", "file")
-    splits = load_splits(data, (split,), skip_empty=skip_empty)
+    splits = load_splits(data, (split,), skip_empty=skip_empty, num_labels=num_labels)
     attack = find_attack_manifest(model) or {}
     recorded = trigger_of(attack)
     if trigger is None and recorded["name"] == "none" and poisoned_test is None:

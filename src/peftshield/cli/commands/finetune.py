@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from peftshield.cli.app import BackboneOption, ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.app import BackboneOption, ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.cli.commands.common import training_from_options
 from peftshield.data import load_splits
 from peftshield.experiments.options import parse_key_values
@@ -31,6 +31,7 @@ def finetune(
     max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
+    num_labels: Optional[int] = NumLabelsOption,
     progress: bool = ProgressOption,
 ) -> None:
     file_config = load_finetune_yaml(config) if config else FineTuneFileConfig()
@@ -41,7 +42,7 @@ def finetune(
         file_config.training, learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples
     )
     check_output_place(out, "dir")  # before any compute: a bad --out fails now, not after training
-    splits = load_splits(data, skip_empty=skip_empty)
+    splits = load_splits(data, skip_empty=skip_empty, num_labels=num_labels)
     for note in splits.notes:
         info(f"note: {note}")
     result = finetune_victim(splits, backbone, chosen, options, training, seed, out, progress)

@@ -17,6 +17,7 @@ def run(
     executor: str = typer.Option("local", "--executor", help="local (this process) or ray (a local Ray, or a cluster with --ray-address)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPUs for a local Ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster ('auto' or ray://host:port)."),
+    yes: bool = typer.Option(False, "--yes", help="Run a grid of more than 200 cells (it takes days on a CPU)."),
     wait: bool = typer.Option(False, "--wait", help="If another process is running in the run folder, wait for it instead of stopping."),
     progress: bool = ProgressOption,
 ) -> None:
@@ -29,7 +30,7 @@ def run(
     grid = load_grid_config(config)
     check_output_place(out or Path("runs") / grid.name, "dir")
     options = {"workers": workers} if executor != "ray" else {"workers": workers, "address": ray_address}
-    run_grid(grid, out or Path("runs") / grid.name, EXECUTORS.create(executor, **options), progress, log=info, wait=wait)
+    run_grid(grid, out or Path("runs") / grid.name, EXECUTORS.create(executor, **options), progress, log=info, wait=wait, confirmed=yes)
 
 
 @app.command(help="Render a grid run's tables (Markdown, HTML) and plots (PNG).")

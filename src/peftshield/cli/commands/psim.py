@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -12,18 +11,20 @@ from typing import Optional
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, app, info
-from peftshield.data import load_splits, load_texts
+from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
+from peftshield.data import load_splits
+from peftshield.data.loaders import iter_text_chunks
 from peftshield.cli.commands.common import typed_component, typed_from_flags
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
-from peftshield.io import atomic_write_text, check_output_place
+from peftshield.io import atomic_text_stream, check_output_place
 
 psim_app = typer.Typer(help="Train a Poisoned Sample Identification Module (PSIM).", no_args_is_help=True)
 app.add_typer(psim_app, name="psim")
 
 
+SCAN_CHUNK_ROWS = 4096  # texts read, scored and written at a time
 _PSIM = {name: field.default for name, field in DEFENSES.get("psim").options_model().model_fields.items()}
 
 
@@ -44,6 +45,7 @@ def psim_train(
     target_frr: Optional[float] = typer.Option(None, "--target-frr", help=f"The clean false-rejection rate to allow when calibrating (default {_PSIM['threshold'].target_frr})."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
+    num_labels: Optional[int] = NumLabelsOption,
     progress: bool = ProgressOption,
 ) -> None:
     policy = typed_from_flags(ThresholdPolicy, {"kind": ("--threshold-mode", threshold_mode), "value": ("--threshold", threshold),
@@ -54,7 +56,7 @@ def psim_train(
         "max_train_samples": ("--max-train-samples", max_train_samples), "max_length": ("--max-length", max_length),
     }, threshold=policy)
     check_output_place(out, "dir")
-    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty)
+    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=num_labels)
     context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=psim.max_length, progress=progress)
     psim.fit(context, np.random.default_rng(seed))
     psim.save(out)
@@ -76,21 +78,30 @@ def scan(
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
     check_output_place(out, "file")
-    texts = load_texts(data, split, skip_empty=skip_empty)
     psim = PSIM.load(psim_dir, backbone=backbone)
     if batch_size:
         psim.score_batch_size = batch_size
     tau = psim.threshold_ if threshold is None else threshold
-    started = time.perf_counter()
-    scores = psim.score(texts.texts, progress=progress)
-    seconds = time.perf_counter() - started
-    flags = scores > tau
-    if out.suffix.lower() == ".csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["id", "score", "flagged"])
-        writer.writerows((row_id, f"{score:.6f}", int(flag)) for row_id, score, flag in zip(texts.ids, scores, flags))
-        atomic_write_text(out, buffer.getvalue())
-    else:
-        atomic_write_text(out, "".join(json.dumps({"id": i, "score": round(float(s), 6), "flagged": bool(f)}) + "\n" for i, s, f in zip(texts.ids, scores, flags)))
-    info(f"scanned {len(texts)} texts in {seconds:.1f} s ({len(texts) / seconds:.0f} texts/s): {int(flags.sum())} flagged at threshold {tau:.4f} -> {out}")
+    scored = flagged = 0
+    seconds = 0.0
+    # Read, score and write in bounded chunks: peak memory does not grow with the input.
+    with atomic_text_stream(out) as handle:
+        writer = csv.writer(handle, lineterminator="\n") if out.suffix.lower() == ".csv" else None
+        if writer:
+            writer.writerow(["id", "score", "flagged"])
+        for chunk in iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty):
+            started = time.perf_counter()
+            scores = psim.score(chunk.texts, progress=False)
+            seconds += time.perf_counter() - started
+            flags = scores > tau
+            if writer:
+                writer.writerows((row_id, f"{score:.6f}", int(flag)) for row_id, score, flag in zip(chunk.ids, scores, flags))
+            else:
+                handle.writelines(json.dumps({"id": i, "score": round(float(v), 6), "flagged": bool(f)}) + "\n"
+                                  for i, v, f in zip(chunk.ids, scores, flags))
+            scored += len(chunk)
+            flagged += int(flags.sum())
+            if progress:
+                info(f"scan: {scored:,} texts scored, {flagged:,} flagged")
+    rate = scored / seconds if seconds else 0.0
+    info(f"scanned {scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {flagged} flagged at threshold {tau:.4f} -> {out}")
