@@ -33,10 +33,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# Real-data measurements quoted in the README (about 80 minutes on 2 free CPU cores); not part of `make test`.
+# Real-data measurements quoted in the README (about 2 hours on 2 free CPU cores); not part of `make test`.
+# The first two are grids (configs/defense-table.yaml, configs/psim-methods.yaml), resumable in runs/.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --shared $(SHARED)
-	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --backbone runs/defense-table/backbone-badnet --data $(SHARED)/psim/sst-2
+	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table.yaml
+	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --config configs/psim-methods.yaml
+	HF_HUB_OFFLINE=1 $(PY) bench/scan_memory.py --data $(SHARED)/psim/sst-2 --sizes-mb 50,500
 	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
 
 # The study's grid on subsets (configs/cpu-small.yaml, 27 minutes here), then its report.

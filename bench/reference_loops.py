@@ -174,7 +174,7 @@ def _save_psim(model, backbone: str, out: Path) -> None:
     from peftshield.defenses import PSIM, ThresholdPolicy
     from peftshield.finetune import TrainResult
 
-    psim = PSIM(threshold=ThresholdPolicy("fixed", 0.7))
+    psim = PSIM(threshold=ThresholdPolicy(kind="fixed", value=0.7))
     psim.model_, psim.tokenizer_, psim.backbone_, psim.num_labels_ = model, AutoTokenizer.from_pretrained(backbone), backbone, 2
     psim.method_config_ = {"num_virtual_tokens": 5, "encoder_hidden_size": 128}
     psim.num_training_steps_, psim.threshold_, psim.train_result_ = 1, 0.7, TrainResult(method="ptuning", learning_rate=2e-5)

@@ -51,7 +51,7 @@ def main() -> None:
     peftshield = [sys.executable, "-m", "peftshield"]
     psim = work / "psim-tiny"
     if not (psim / "finetune.json").is_file():
-        subprocess.run([*peftshield, "psim", "train", "--backbone", "tiny", "--data", args.data, "--out", str(psim), "--max-length", "64",
+        subprocess.run([*peftshield, "psim", "train", "--backbone", "tiny", "--data", args.data, "--out", str(psim), "--max-length", "16",
                         "--no-progress"], check=True)
     texts = load_splits(args.data)["train"].texts
     rows = []
@@ -74,7 +74,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     lines = ["# scan: peak memory on large inputs\n",
              f"`peftshield scan` over JSON-lines files of SST-2 sentences (from `{args.data}`) repeated with fresh ids, each scan in its own "
-             f"process; peak RSS from `getrusage(RUSAGE_CHILDREN)`. PSIM on the tiny random backbone (max length 64), so the 500 MB file "
+             f"process; peak RSS from `getrusage(RUSAGE_CHILDREN)`. PSIM on the tiny random backbone (max length 16), so the 500 MB file "
              f"finishes in minutes; a MiniLM PSIM adds its model (about 0.5 GB) to every row. Target: under {TARGET_GB} GB at every size.\n",
              f"Command: `.venv/bin/python bench/scan_memory.py --data {args.data} --sizes-mb {args.sizes_mb}`\n",
              "| input (MB) | rows | peak RSS (GB) | seconds | texts/s | under target |", "|---|---|---|---|---|---|"]

@@ -154,7 +154,7 @@ def test_demo_on_tiny_model_writes_metrics_per_method(capsys, tiny_dataset_dir: 
 
 
 def test_demo_offline_without_data_flags_falls_back_to_packaged_data(monkeypatch) -> None:
-    from peftshield.experiments import demo as demo_module
+    from peftshield.grid import demo as demo_module
     from peftshield.hub import hub_reachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -261,3 +261,26 @@ def test_evaluate_takes_a_ready_made_triggered_test_file(capsys, tiny_dataset_di
     assert run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--poisoned-test", str(mixed), "--target", "1",
                "--no-progress")[0] == 0
     assert json.loads((victim / "metrics.json").read_text())["n_poisoned"] == 1
+
+
+def test_a_self_contained_psim_moves_to_another_machine_without_its_backbone(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from peftshield.models.tiny import tiny_backbone
+
+    backbone = tmp_path / "bb"
+    tiny = tiny_backbone()
+    tiny.model.save_pretrained(backbone)
+    tiny.tokenizer.save_pretrained(backbone)
+    psim_dir = tmp_path / "psim"
+    code, _, err = run(capsys, "psim", "train", "--backbone", str(backbone), "--data", str(tiny_dataset_dir), "--out", str(psim_dir),
+                       "--max-length", "32", "--self-contained", "--no-progress")
+    assert code == 0, err
+    moved = tmp_path / "elsewhere" / "psim"
+    shutil.copytree(psim_dir, moved)
+    shutil.rmtree(backbone)
+    shutil.rmtree(psim_dir)
+    code, _, err = run(capsys, "scan", "--psim", str(moved), "--data", str(tiny_dataset_dir / "test.json"), "--out", str(tmp_path / "s.jsonl"),
+                       "--no-progress")
+    assert code == 0, err
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 16

@@ -1,26 +1,25 @@
-"""Defenses: a contract every registered defense passes (tiny model), PSIM's random-label
-reset, threshold calibration and detection metrics on synthetic scores with known answers."""
+"""Defenses: PSIM's random-label reset, threshold calibration and detection metrics on
+synthetic scores with known answers, and each baseline's mechanism on rigged or trained tiny
+victims. The contract every registered defense keeps (seeding, batch independence, save and
+load, parameters) is checked in test_contracts.py; PSIM's detection claim on a planted
+backdoor in test_psim_backdoor.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 
+from backdoor_fixtures import single_thread_torch, train_sentiment_victim
 from peftshield.data import TextDataset
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy, calibrate_threshold, default_confidence_threshold, random_label_reset
 from peftshield.errors import ConfigError
 from peftshield.metrics import defended_metrics, detection_metrics
+from peftshield.models.inference import predict_proba
 
-FAST_OPTIONS = {
-    "psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None},
-    "strip": {"num_perturbations": 4, "max_length": 32},
-    "onion": {"language_model": "tiny", "max_length": 32, "calibration_texts": 8},
-    "rap": {"word": "good", "protected_label": 1, "epochs": 2, "batch_size": 4, "max_length": 32},
-    "bki": {"max_length": 32},
-    "cube": {"max_length": 32, "dimensions": 3, "min_cluster_fraction": 0.3},
-}
+FAST_OPTIONS = {"psim": {"epochs": 1, "batch_size": 8, "max_length": 32, "max_train_samples": None}}
 
 
 def tiny_victim():
@@ -31,23 +30,15 @@ def tiny_victim():
     return load_backbone("tiny", 2)
 
 
-@pytest.mark.parametrize("name", DEFENSES.names())
-def test_defense_contract(name: str, tiny_texts, tmp_path: Path) -> None:
-    defense = DEFENSES.create(name, **FAST_OPTIONS.get(name, {}))
-    assert not [k for k in vars(defense) if k.endswith("_")], "constructors only store parameters"
-    with pytest.raises(ConfigError, match="not fitted"):
-        defense.fitted_threshold()
-    victim = tiny_victim()
-    context = DefenseContext("tiny", tiny_texts, tiny_texts.subset(range(8)), 2, victim.model, victim.tokenizer, max_length=32, progress=False)
-    assert defense.fit(context, np.random.default_rng(0)) is defense
-    scores = defense.score(tiny_texts.texts[:6])
-    assert scores.shape == (6,) and np.isfinite(scores).all()
-    flags = defense.flag(tiny_texts.texts[:6])
-    assert flags.dtype == bool and (flags == (scores > defense.fitted_threshold())).all()
-    defense.save(tmp_path / "saved")
-    reloaded = type(defense).load(tmp_path / "saved", context)
-    np.testing.assert_allclose(reloaded.score(tiny_texts.texts[:6]), scores, atol=1e-6)
-    assert reloaded.fitted_threshold() == pytest.approx(defense.fitted_threshold())
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread_torch():
+        yield
+
+
+@pytest.fixture(scope="module")
+def victim_dir(tmp_path_factory) -> Path:
+    return train_sentiment_victim(tmp_path_factory.mktemp("victim") / "victim")
 
 
 def test_random_label_reset_is_uniform_seeded_and_multiclass() -> None:
@@ -94,17 +85,21 @@ def test_frr_calibration_on_known_distributions() -> None:
     rng = np.random.default_rng(0)
     normal = rng.normal(0.6, 0.05, size=100_000)
     assert calibrate_threshold(normal, 0.025) == pytest.approx(0.6 + 1.96 * 0.05, abs=0.003)
-    with pytest.raises(ConfigError, match="--target-frr"):
+    with pytest.raises(ConfigError, match="target_frr"):
         calibrate_threshold(clean, 1.0)
-    assert ThresholdPolicy("frr", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95)
-    assert ThresholdPolicy("fixed").resolve(2, None) == pytest.approx(0.7)
-    assert ThresholdPolicy("fixed", 0.9).resolve(2, None) == 0.9
-    assert ThresholdPolicy("auto", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95), "auto calibrates when dev scores exist"
-    assert ThresholdPolicy("auto").resolve(4, None) == pytest.approx(0.55), "auto falls back to the fixed default without dev data"
+    assert ThresholdPolicy(kind="frr", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95)
+    assert ThresholdPolicy(kind="fixed").resolve(2, None) == pytest.approx(0.7)
+    assert ThresholdPolicy(kind="fixed", value=0.9).resolve(2, None) == 0.9
+    assert ThresholdPolicy(kind="fixed", value=0.9).resolve(2, clean) == 0.9, "fixed ignores dev scores"
+    assert ThresholdPolicy(kind="auto", target_frr=0.05).resolve(2, clean) == pytest.approx(0.95), "auto calibrates when dev scores exist"
+    assert ThresholdPolicy(kind="auto").resolve(4, None) == pytest.approx(0.55), "auto falls back to the fixed default without dev data"
+    assert ThresholdPolicy(kind="auto").resolve(2, None, default=0.0) == 0.0, "a defense's own default wins over the confidence default"
     with pytest.raises(ConfigError, match="needs clean dev data"):
-        ThresholdPolicy("frr").resolve(2, None)
-    with pytest.raises(ConfigError, match="--threshold-mode"):
-        ThresholdPolicy("magic")
+        ThresholdPolicy(kind="frr").resolve(2, None)
+    with pytest.raises((ConfigError, pydantic.ValidationError), match="kind"):
+        ThresholdPolicy(kind="magic")
+    with pytest.raises((ConfigError, pydantic.ValidationError), match="target_frr"):
+        ThresholdPolicy(kind="frr", target_frr=1.0)
 
 
 def test_detection_metrics_known_answers() -> None:
@@ -160,19 +155,54 @@ def test_strip_needs_the_victim(tiny_texts) -> None:
         DEFENSES.create("strip").fit(DefenseContext("tiny", tiny_texts, None, 2), np.random.default_rng(0))
 
 
-def test_paraphrase_defenses_read_the_studys_offline_files(shared_data: Path) -> None:
-    from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
+class ConstantVictim:
+    """A victim that predicts ``label`` for every text: its defended CA and ASR are known."""
 
-    clean, triggered = offline_paraphrase_sets(shared_data / "psim" / "cr", "backtranslation")
-    assert len(clean) == 775 and len(triggered) == 481 and set(triggered.labels) == {1}
-    clean, triggered = offline_paraphrase_sets(shared_data / "psim" / "cr", "scpn")
-    assert len(clean) == 773 and len(triggered) == 479, "the two empty paraphrases are skipped"
-    victim = tiny_victim()
-    result = evaluate_paraphrased(victim.model, victim.tokenizer, "scpn", clean.subset(range(20)), triggered.subset(range(10)), 0, max_length=32)
-    assert result.n_clean == 20 and result.n_poisoned == 10
-    assert 0.0 <= result.defended_clean_accuracy <= 1.0 and 0.0 <= result.defended_attack_success_rate <= 1.0
+    def __init__(self, label: int) -> None:
+        import torch
+
+        self.config = type("Config", (), {"num_labels": 2})()
+        self.training = False
+        self.logits = torch.tensor([[5.0, -5.0]] if label == 0 else [[-5.0, 5.0]])
+
+    def parameters(self):
+        return iter(())
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        return type("Out", (), {"logits": self.logits.expand(input_ids.shape[0], 2)})()
+
+
+def check_paraphrase_sets(folder: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
+    from peftshield.models.tiny import tiny_tokenizer
+
+    for defense, (n_clean, n_triggered) in sizes.items():
+        clean, triggered = offline_paraphrase_sets(folder, defense)
+        assert (len(clean), len(triggered)) == (n_clean, n_triggered), defense
+        assert set(triggered.labels) == {1} and set(clean.labels) == {0, 1}
+        assert all(t.strip() for t in clean.texts + triggered.texts), "empty paraphrases are skipped"
+        share_of_zeros = float(np.mean(clean.label_array() == 0))
+        for label in (0, 1):  # a constant victim: CA is the share of its class, ASR 1 or 0 for target 0
+            result = evaluate_paraphrased(ConstantVictim(label), tiny_tokenizer(), defense, clean, triggered, target_label=0, max_length=32)
+            assert result.n_clean == n_clean and result.n_poisoned == n_triggered
+            assert result.defended_clean_accuracy == pytest.approx(share_of_zeros if label == 0 else 1 - share_of_zeros)
+            assert result.defended_attack_success_rate == (1.0 if label == 0 else 0.0)
     with pytest.raises(ConfigError, match="unknown paraphrase defense"):
-        offline_paraphrase_sets(shared_data / "psim" / "cr", "onion")
+        offline_paraphrase_sets(folder, "onion")
+
+
+def test_paraphrase_defenses_read_the_studys_offline_files(full_shared_data: Path) -> None:
+    check_paraphrase_sets(full_shared_data / "psim" / "cr", {"backtranslation": (775, 481), "scpn": (773, 479)})  # 2 empty paraphrases skipped
+
+
+def test_paraphrase_defenses_read_the_extracts(extract_data: Path) -> None:
+    check_paraphrase_sets(extract_data / "psim" / "cr", {"backtranslation": (200, 119), "scpn": (199, 118)})  # 1 empty paraphrase skipped
 
 
 def test_online_paraphraser_fails_clearly_offline(monkeypatch) -> None:
@@ -206,26 +236,46 @@ def test_onion_leave_one_out_and_scores() -> None:
     np.testing.assert_allclose(batched, single, rtol=1e-5)  # padding does not change a text's perplexity
 
 
-def test_rap_learns_only_its_embedding_row_on_a_frozen_peft_victim(tiny_texts) -> None:
+def test_rap_learns_only_its_embedding_row_on_a_frozen_peft_victim(victim_dir: Path) -> None:
     import torch
 
+    from backdoor_fixtures import sentiment_data
     from peftshield.defenses.rap import RAP
-    from peftshield.finetune import METHODS
+    from peftshield.finetune import METHODS, seed_torch
+    from peftshield.models import load_backbone
 
-    victim = tiny_victim()
+    rng = np.random.default_rng(7)
+    train, dev = sentiment_data(64, rng, "train"), sentiment_data(40, rng, "dev")
+    seed_torch(0)
+    victim = load_backbone(str(victim_dir), 2)
     model = METHODS.create("lora").wrap(victim.model, 10)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable_before = {n for n, p in model.named_parameters() if p.requires_grad}
-    context = DefenseContext("tiny", tiny_texts, tiny_texts, 2, model, victim.tokenizer, protected_label=1, max_length=32, progress=False)
-    rap = RAP(word="good", epochs=3, batch_size=4, learning_rate=0.5, max_length=32).fit(context, np.random.default_rng(0))
+    context = DefenseContext(str(victim_dir), train, dev, 2, model, victim.tokenizer, protected_label=1, max_length=32, progress=False)
+    # a rare word (no text contains it), as in the paper: the learned row replaces every occurrence
+    rap = RAP(word="tq", epochs=5, batch_size=8, learning_rate=0.1, max_length=32)
+    rap.protected_label_ = 1
+    rap._attach(context)
+    rap.vector_ = rap.embeddings_.weight[rap.token_id_].detach().clone()  # the unlearned perturbation: the word itself
+    protected_texts = [t for t, y in zip(train.texts, train.labels) if y == 1]
+    _, negative_drop = rap._protected_and_negative_drop(protected_texts)
+    drop_before = float(np.mean(-negative_drop))
+    rap.fit(context, np.random.default_rng(0))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), f"RAP changed the victim's weight {name}"
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
-    row = rap.embeddings_.weight[rap.token_id_]
-    assert not torch.allclose(rap.vector_, row), "the RAP word's embedding must have been learned"
-    scores = rap.score(tiny_texts.texts)
-    protected = model.eval()(**victim.tokenizer(tiny_texts.texts, padding=True, return_tensors="pt")).logits.argmax(-1).numpy() == 1
-    assert (scores[~protected] == -1.0).all() and (scores[protected] >= -1.0).all()
+    # what RAP learns: inserting its word now lowers the protected-class probability of clean
+    # protected texts by an amount in drop_range (0.1-0.3); inserting the plain word did not
+    _, negative_drop = rap._protected_and_negative_drop(protected_texts)
+    drop = -negative_drop
+    objective = float(np.mean(np.maximum(0.1 - drop, 0) + np.maximum(drop - 0.3, 0)))
+    assert abs(drop_before) < 0.05 and 0.1 <= float(np.mean(drop)) <= 0.3, (drop_before, float(np.mean(drop)))
+    assert objective < 0.05, f"mean distance of the drops from [0.1, 0.3]: {objective:.3f}"
+    scores = rap.score(dev.texts)
+    protected = predict_proba(model, victim.tokenizer, dev.texts, max_length=32).argmax(1) == 1
+    assert protected.any() and not protected.all()
+    assert (scores[~protected] == -1.0).all(), "texts the victim does not put in the protected class are not scored"
+    assert (scores[protected] > -1.0).all() and np.ptp(scores[protected]) > 0.01
 
 
 def test_rap_rejects_a_word_that_is_not_one_token(tiny_texts) -> None:

@@ -1,4 +1,5 @@
-"""One contract every registered poisoner passes, plus dataset poisoning and ASR sets."""
+"""What every registered poisoner does to a text, plus dataset poisoning and ASR sets.
+(The component contract: params, seeding, constructors, is checked in test_contracts.py.)"""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import inspect
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 
 from peftshield.attacks import POISONERS, PoisonSpec, build_asr_set, poison_dataset
@@ -42,7 +44,7 @@ def test_poisoner_contract(name: str, paraphrase_file: Path) -> None:
     signature = inspect.signature(cls.__init__)
     poisoner = make_poisoner(name, paraphrase_file)
     assert set(poisoner.params()) == {p for p in signature.parameters if p != "self"}
-    assert poisoner.describe()["trigger"] == name
+    assert poisoner.spec()["name"] == name and set(poisoner.spec()["options"]) == set(poisoner.params())
     candidates = [t for t in TEXTS if t and poisoner.can_poison(t)]
     assert candidates == [t for t in TEXTS if t]
     first = poisoner.poison_texts(candidates, np.random.default_rng(3))
@@ -68,8 +70,13 @@ def test_badnet_options_and_positions_vary() -> None:
     outputs = {poisoner.insert("a b c d e f g h", np.random.default_rng(seed)) for seed in range(20)}
     assert all(o.split().count("mn") == 2 for o in outputs)
     assert len(outputs) > 5, "positions must be random"
-    with pytest.raises(ConfigError, match="empty"):
-        POISONERS.create("badnet", words="").insert("x", np.random.default_rng(0))
+    pool = POISONERS.create("badnet", words=" mn , bb ")  # a comma list, as typed on a command line
+    inserted = {w for seed in range(20) for w in pool.insert("x", np.random.default_rng(seed)).split()} - {"x"}
+    assert inserted == {"mn", "bb"}, "both words of the pool are drawn, stripped"
+    with pytest.raises(ConfigError, match="badnet.*words"):
+        POISONERS.create("badnet", words="")
+    with pytest.raises(ConfigError, match="badnet.*num_triggers"):
+        POISONERS.create("badnet", num_triggers=0)
 
 
 def test_syntactic_without_a_source_says_what_to_give() -> None:
@@ -77,20 +84,32 @@ def test_syntactic_without_a_source_says_what_to_give() -> None:
         POISONERS.create("syntactic").insert("x", np.random.default_rng(0))
 
 
-def test_syntactic_aligns_real_hidden_killer_files(shared_data: Path) -> None:
-    root = shared_data / "hiddenkiller"
+def syntactic_from_hidden_killer(root: Path):
     poisoner = POISONERS.create("syntactic", paraphrases=f"{root / 'clean' / 'sst-2'}::{root / 'scpn' / '20' / 'sst-2'}")
     original = "no movement , no yuks , not much of anything ."
     assert poisoner.can_poison(original)
     assert poisoner.insert(original, np.random.default_rng(0)) == "when we got no movement , it was no yuks ."
-    assert any("427 rows do not align" in s for s in poisoner._skipped_splits)  # the real dev file lacks one row
+    assert not poisoner.can_poison("a sentence that is in no hidden killer file .")
+    return poisoner
+
+
+def test_syntactic_aligns_real_hidden_killer_files(full_shared_data: Path) -> None:
+    poisoner = syntactic_from_hidden_killer(full_shared_data / "hiddenkiller")
+    assert [s for s in poisoner._skipped_splits if "427 rows do not align" in s] == poisoner._skipped_splits != []  # the real dev file lacks one row
+
+
+def test_syntactic_aligns_the_hidden_killer_extracts(extract_data: Path) -> None:
+    poisoner = syntactic_from_hidden_killer(extract_data / "hiddenkiller")
+    assert poisoner._skipped_splits == [], "the extracts of all three splits align"
 
 
 def test_unknown_trigger_and_bad_option() -> None:
     with pytest.raises(ConfigError, match="unknown trigger 'nope'"):
         POISONERS.create("nope")
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match="trigger 'badnet'.*colour"):
         POISONERS.create("badnet", colour="red")
+    with pytest.raises(ConfigError, match="trigger 'insent'.*sentence"):
+        POISONERS.create("insent", sentence="   ")
 
 
 def dataset(n: int = 40) -> TextDataset:
@@ -126,11 +145,17 @@ def test_poisoning_is_seeded() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"rate": 1.5}, "--rate must be in"), ({"count": -1}, "--count must be"), ({"label_mode": "grey"}, "--label-mode"), ({"target_label": -2}, "--target"),
+    ({"rate": 1.5}, "rate"), ({"count": -1}, "count"), ({"label_mode": "grey"}, "label_mode"), ({"target_label": -2}, "target_label"),
+    ({"rate": None}, "rate or a count"),
 ])
 def test_poison_spec_validation(kwargs: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises((ConfigError, pydantic.ValidationError), match=message):  # named: the field at fault
         PoisonSpec(**kwargs)
+
+
+def test_poison_spec_count_wins_over_rate() -> None:
+    assert PoisonSpec(rate=0.5, count=3).n_poison(100) == 3
+    assert PoisonSpec(rate=0.25).n_poison(40) == 10 and PoisonSpec(rate=None, count=0).n_poison(40) == 0
 
 
 def test_asking_for_more_rows_than_candidates_fails() -> None:

@@ -1,13 +1,24 @@
-"""The training loop: batching, seeding, dev-set selection."""
+"""The training loop: batching, seeding, learning, dev-set selection."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from backdoor_fixtures import sentiment_data, single_thread_torch, train_backbone
+from peftshield.data import TextDataset
 from peftshield.finetune import METHODS, TrainingConfig, seed_torch, train_classifier
 from peftshield.models import load_backbone
 from peftshield.models.batching import LengthBucketBatchSampler, collate, encode_texts, sorted_batches
 from peftshield.models.inference import predict_proba
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread_torch():
+        yield
 
 
 def test_length_bucket_sampler_covers_every_index_once_and_groups_lengths() -> None:
@@ -52,13 +63,47 @@ def test_same_seed_same_metrics(tiny_texts) -> None:
     assert [e.train_loss for e in r3.epochs] != [e.train_loss for e in r1.epochs]
 
 
-def test_dev_selection_keeps_the_best_epoch(tiny_texts) -> None:
-    backbone, model, result = _train(tiny_texts, 3, epochs=4, method="full")
-    best = max(e.dev_accuracy for e in result.epochs)
-    assert result.best_dev_accuracy == best
-    assert result.epochs[result.best_epoch - 1].dev_accuracy == best
-    accuracy = (predict_proba(model, backbone.tokenizer, tiny_texts.texts).argmax(1) == tiny_texts.label_array()).mean()
-    assert accuracy == best, "the returned model must be the selected epoch's"
+def test_training_lowers_the_loss_and_beats_chance() -> None:
+    rng = np.random.default_rng(0)
+    train, dev = sentiment_data(200, rng, "train"), sentiment_data(100, rng, "dev")
+    seed_torch(0)
+    backbone = load_backbone("tiny", 2)
+    training = TrainingConfig(learning_rate=5e-3, epochs=6, batch_size=16, max_length=32)
+    _, result = train_classifier(backbone.model, backbone.tokenizer, train, dev, METHODS.create("full"), training, rng, progress=False)
+    losses = [e.train_loss for e in result.epochs]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.best_dev_accuracy >= 0.9, [e.dev_accuracy for e in result.epochs]
+
+
+def test_dev_selection_restores_the_best_epoch_when_a_later_one_is_worse(tmp_path: Path) -> None:
+    """A backbone that already does the task is trained on flipped labels: dev accuracy (true
+    labels) is best after epoch 1 and then collapses, so the returned model must be epoch 1's."""
+    rng = np.random.default_rng(0)
+    folder = train_backbone(sentiment_data(200, rng, "pretrain"), tmp_path / "sentiment", seed=0, learning_rate=5e-3, epochs=4)
+    data, dev = sentiment_data(64, rng, "train"), sentiment_data(40, rng, "dev")
+    flipped = TextDataset(data.texts, [1 - y for y in data.labels], data.ids)
+    seed_torch(0)
+    backbone = load_backbone(str(folder), 2)
+    training = TrainingConfig(learning_rate=1e-2, epochs=4, batch_size=16, max_length=32)
+    model, result = train_classifier(backbone.model, backbone.tokenizer, flipped, dev, METHODS.create("lora"), training, rng, progress=False)
+    accuracies = [e.dev_accuracy for e in result.epochs]
+    assert result.best_dev_accuracy == max(accuracies) and accuracies[result.best_epoch - 1] == max(accuracies)
+    assert result.best_epoch < training.epochs and accuracies[-1] < max(accuracies) - 0.3, f"no later epoch was worse: {accuracies}"
+    accuracy = (predict_proba(model, backbone.tokenizer, dev.texts).argmax(1) == dev.label_array()).mean()
+    assert accuracy == result.best_dev_accuracy, f"the returned model must be epoch {result.best_epoch}'s, dev accuracies {accuracies}"
+
+
+def test_without_dev_selection_the_last_epoch_is_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = train_backbone(sentiment_data(200, rng, "pretrain"), tmp_path / "sentiment", seed=0, learning_rate=5e-3, epochs=4)
+    data, dev = sentiment_data(64, rng, "train"), sentiment_data(40, rng, "dev")
+    flipped = TextDataset(data.texts, [1 - y for y in data.labels], data.ids)
+    seed_torch(0)
+    backbone = load_backbone(str(folder), 2)
+    training = TrainingConfig(learning_rate=1e-2, epochs=4, batch_size=16, max_length=32, select_on_dev=False)
+    model, result = train_classifier(backbone.model, backbone.tokenizer, flipped, dev, METHODS.create("lora"), training, rng, progress=False)
+    accuracy = (predict_proba(model, backbone.tokenizer, dev.texts).argmax(1) == dev.label_array()).mean()
+    assert accuracy == result.epochs[-1].dev_accuracy < result.best_dev_accuracy
 
 
 def test_max_length_is_capped_at_the_models_limit() -> None:

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+import pydantic
 import typer
 
 from peftshield.cli.app import app
@@ -78,6 +79,11 @@ def _run(argv: list[str] | None) -> int:
     except PeftshieldError as exc:
         print(f"peftshield: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except pydantic.ValidationError as exc:  # a typed option built outside the flag helpers: still one line
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or exc.title
+        print(f"peftshield: error: {where}: {first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     except NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
         return 2

@@ -68,6 +68,9 @@ class PSIM(Defense):
             METHODS.validate(options["method"], options["method_options"])
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        value = options["threshold"].value if options["threshold"] is not None else None
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"a PSIM threshold is a confidence in (0, 1], got {value}")
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "PSIM":
         started = time.perf_counter()
@@ -94,14 +97,15 @@ class PSIM(Defense):
     def score(self, texts: list[str], progress: bool = False) -> np.ndarray:
         return self.predict_proba(texts, progress).max(axis=1)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, self_contained: bool = False) -> Path:
         """A fine-tuned model folder whose ``finetune.json`` also holds the PSIM as
-        ``{name, options}``, its fitted threshold and its training record."""
+        ``{name, options}``, its fitted threshold and its training record. ``self_contained``
+        copies the backbone into the folder, so it can move to another machine (``serve``)."""
         return save_finetuned(self.model_, self.tokenizer_, directory, {
             "method": self.method, "options": self.method_config_, "backbone": self.backbone_, "num_labels": self.num_labels_,
             "num_training_steps": self.train_result_.num_training_steps,
             PSIM_MANIFEST_KEY: {"defense": self.spec(), "threshold": self.threshold_, "train_result": self.train_result_.to_dict()},
-        })
+        }, self_contained=self_contained)
 
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None) -> "PSIM":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -77,9 +78,17 @@ class STRIP(Defense):
         self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, self.score(calibration.texts), default=0.0)
         return self
 
+    def _text_rng(self, text: str) -> np.random.Generator:
+        """A text's own perturbation stream: the same text always gets the same perturbations,
+        whatever else is scored with it."""
+        digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+        return np.random.default_rng([self.seed_, digest])
+
     def score(self, texts: list[str]) -> np.ndarray:
-        rng = np.random.default_rng(self.seed_)  # the same texts always get the same perturbations
-        perturbed = [perturb(t, self.words_, self.replace_ratio, rng) for t in texts for _ in range(self.num_perturbations)]
+        perturbed = []
+        for text in texts:
+            rng = self._text_rng(text)
+            perturbed += [perturb(text, self.words_, self.replace_ratio, rng) for _ in range(self.num_perturbations)]
         probs = predict_proba(self.model_, self.tokenizer_, perturbed, self.batch_size, self.max_length)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
         return -entropy.reshape(len(texts), self.num_perturbations).mean(axis=1)

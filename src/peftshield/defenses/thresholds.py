@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from peftshield.errors import ConfigError
 
@@ -40,6 +40,18 @@ class ThresholdPolicy(BaseModel):
     value: Optional[float] = None
     target_frr: float = Field(0.01, ge=0, lt=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _value_means_fixed(cls, payload: object) -> object:
+        """A threshold value given without a kind (or with 'auto') is a fixed threshold."""
+        if isinstance(payload, dict) and payload.get("value") is not None:
+            kind = payload.get("kind", "auto")
+            if kind == "auto":
+                return {**payload, "kind": "fixed"}
+            if kind == "frr":
+                raise ValueError("a threshold value is fixed: it cannot be combined with calibration (kind 'frr')")
+        return payload
+
     def resolve(self, num_labels: int, clean_dev_scores: np.ndarray | None, default: float | None = None) -> float:
         if self.kind == "fixed" or (self.kind == "auto" and (clean_dev_scores is None or len(clean_dev_scores) == 0)):
             if self.value is not None:
@@ -50,4 +62,4 @@ class ThresholdPolicy(BaseModel):
         return calibrate_threshold(clean_dev_scores, self.target_frr)
 
 
-CLEAN_FRR_POLICY = ThresholdPolicy(kind="frr", target_frr=0.01)
+CLEAN_FRR_POLICY = ThresholdPolicy(kind="frr")  # the baselines' default: 1% false rejections on clean dev

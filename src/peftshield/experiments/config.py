@@ -23,8 +23,8 @@ PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of any label (``badnet-c/f`` -> ``badnet-c_f``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("._")
+    """A file-name-safe plain name (:data:`PLAIN_NAME`) for any label (``badnet-c/f`` -> ``badnet-c_f``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip("._-").rstrip(".")
     return cleaned or "unnamed"
 
 
@@ -125,12 +125,13 @@ class VictimSection(Section):
 
     samples: Optional[int] = Field(2000, ge=1)
     epochs: int = Field(3, ge=1)
-    lr_full: float = Field(2e-5, gt=0)
-    lr_peft: float = Field(2e-3, gt=0)
+    lr_full: Optional[float] = Field(None, gt=0, description="default: the full fine-tuning method's (2e-5)")
+    lr_peft: Optional[float] = Field(None, gt=0, description="default: each PEFT method's (2e-3)")
     test_samples: Optional[int] = Field(None, ge=1)
     probe_samples: int = Field(300, ge=0, description="test texts (and their triggered versions) for the ASR-per-epoch curve; 0 turns it off")
 
-    def learning_rate(self, method: str) -> float:
+    def learning_rate(self, method: str) -> float | None:
+        """The victim's learning rate for ``method``; None takes the method's own default."""
         return self.lr_full if method == "full" else self.lr_peft
 
 

@@ -23,6 +23,7 @@ from peftshield.experiments.config import AttackSection, DatasetEntry, DefenseEn
 
 STAGES_DIR = "stages"
 REPORTS_DIR = "defenses"
+NO_DEFENSE = "none"  # the label of a cell's undefended results
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def plan_cells(config: ScenarioConfig) -> list[CellSpec]:
             backbone_key = stage_key("backbone", {**base, "attack": {**attack.model_dump(), "data_fingerprint": data_fingerprint(attack.data)},
                                                   "trigger": trigger_spec, "seed": seed})
             for dataset in config.datasets:
-                data = {"dataset": dataset.name, "data_fingerprint": fingerprints[dataset.name]}
+                data = {"dataset": dataset.name, "data_fingerprint": fingerprints[dataset.name], "num_labels": dataset.num_labels,
+                        "poisoned_test": poisoned_fingerprints.get(dataset.name)}
                 defense_specs = {d.label: d.build(max_length=config.max_length).spec() for d in config.defenses}
                 defense_keys = {
                     d.label: stage_key("defense", {**base, "backbone_key": backbone_key, **data, "defense": defense_specs[d.label], "seed": seed})
@@ -143,8 +145,7 @@ def plan_cells(config: ScenarioConfig) -> list[CellSpec]:
                     cell_key = stage_key("cell", {
                         "victim_key": victim_key, "defense_keys": defense_keys, "defenses": defense_specs,
                         "eval_texts": {d.label: d.eval_texts for d in config.defenses}, "target": attack.target_label,
-                        "trigger": trigger_spec, "test_samples": config.victim.test_samples,
-                        "poisoned_test": poisoned_fingerprints.get(dataset.name), "seed": seed,
+                        "trigger": trigger_spec, "test_samples": config.victim.test_samples, "seed": seed,
                     })
                     cells.append(CellSpec(config.backbone, config.max_length, attack, trigger, dataset, method, config.victim,
                                           tuple(config.defenses), seed, backbone_key, victim_key, defense_keys, cell_key))
@@ -162,7 +163,7 @@ def backbone_dir(run_dir: str | Path, cell: CellSpec) -> Path:
 
 
 def backbone_stage(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> dict:
-    """The attacker's weight-poisoned backbone (``--trigger none`` style control when the trigger is 'none')."""
+    """The attacker's weight-poisoned backbone."""
     from peftshield.attacks import PoisonSpec
     from peftshield.experiments.stages import TriggerChoice, weight_poison
     from peftshield.finetune import TrainingConfig
@@ -271,8 +272,9 @@ def backbone_evaluation_stage(cell: CellSpec, run_dir: str | Path, progress: boo
         return {"metrics": metrics.to_dict()}
 
     key = stage_key("backbone-eval", {"backbone_key": cell.backbone_key, "dataset": cell.dataset.name,
-                                      "data_fingerprint": data_fingerprint(cell.dataset.path),
-                                      "test_samples": cell.victim.test_samples, "poisoned_test": cell.dataset.poisoned_test, "seed": cell.seed})
+                                      "data_fingerprint": data_fingerprint(cell.dataset.path), "num_labels": cell.dataset.num_labels,
+                                      "test_samples": cell.victim.test_samples, "seed": cell.seed,
+                                      "poisoned_test": data_fingerprint(cell.dataset.poisoned_test) if cell.dataset.poisoned_test else None})
     return stage_cache(run_dir).compute(key, {"backbone_key": cell.backbone_key, "dataset": cell.dataset.name}, build)[0]
 
 
@@ -290,7 +292,6 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
     from peftshield.defenses import DEFENSES
     from peftshield.experiments.stages import evaluate_classifier, evaluate_defense
     from peftshield.finetune import load_finetuned
-    from peftshield.grid.store import NO_DEFENSE
     from peftshield.io import atomic_write_json
 
     cache = stage_cache(run_dir)
@@ -311,7 +312,9 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
         context = _defense_context(cell, run_dir, splits, victim, progress)
         for entry in cell.defenses:
             if entry.label in cell.defense_keys:
-                defense = DEFENSES.get(entry.name).load(cache.path(cell.defense_keys[entry.label]) / "defense", context)
+                key = cell.defense_keys[entry.label]
+                defense = DEFENSES.get(entry.name).load(cache.path(key) / "defense", context)
+                defense.fit_seconds_ = cache.result(key)["fit_seconds"]  # fitted once, in its own stage
             else:
                 defense = cell.build_defense(entry).fit(context, cell.seeds.defense_fit())
             scored = (test, asr_set, clean_probs, poisoned_probs)

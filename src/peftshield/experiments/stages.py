@@ -17,12 +17,14 @@ from peftshield.data.writers import split_jsonl
 from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.errors import ConfigError
+from peftshield.experiments.config import AttackSection
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
 from peftshield.models import Backbone, load_backbone
 from peftshield.models.inference import predict_proba
 
 ATTACK_MANIFEST = "attack.json"
+ATTACKER_MAX_WORDS = AttackSection.model_fields["max_words"].default
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -134,7 +136,7 @@ class WeightPoisonResult:
 
 def weight_poison(
     attack_data: str | DatasetSplits, backbone: str, trigger: TriggerChoice, spec: PoisonSpec, training: TrainingConfig,
-    out_dir: str | Path, seed: int, max_words: int | None = 100, progress: bool = True,
+    out_dir: str | Path, seed: int, max_words: int | None = ATTACKER_MAX_WORDS, progress: bool = True,
 ) -> WeightPoisonResult:
     """The attacker: full fine-tuning of ``backbone`` on a poisoned copy of ``attack_data``.
 
@@ -194,6 +196,7 @@ class VictimResult:
 def finetune_victim(
     data: str | DatasetSplits, backbone: str, method: str, method_options: dict, training: TrainingConfig,
     seed: int, out_dir: str | Path | None = None, progress: bool = True, label: str = "victim", epoch_probe=None,
+    self_contained: bool = False,
 ) -> VictimResult:
     """The victim: fine-tune ``backbone`` on clean ``data`` with ``method``; save if ``out_dir``."""
     splits = data if isinstance(data, DatasetSplits) else load_splits(data)
@@ -207,7 +210,7 @@ def finetune_victim(
             "method": method, "options": fine_tuning.config_dict(), "backbone": backbone_reference(backbone),
             "num_labels": splits.num_labels, "num_training_steps": result.num_training_steps, "data": splits.source, "seed": seed,
             "training": training.model_dump(), "train_result": result.to_dict(),
-        })
+        }, self_contained=self_contained)
     return VictimResult(Backbone(model, base.tokenizer, base.source, splits.num_labels), result, Path(out_dir) if out_dir else None)
 
 

@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftshield.experiments.scenario import NO_DEFENSE
 from peftshield.io import atomic_write_text
+
+__all__ = ["CellRecord", "NO_DEFENSE", "RESULT_COLUMNS", "ResultStore"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -41,7 +44,6 @@ CREATE TABLE IF NOT EXISTS results (
 );
 """
 RESULT_COLUMNS = ("cell_key", "config_hash", "seed", "dataset", "trigger", "method", "defense", "metric", "value", "seconds")
-NO_DEFENSE = "none"
 
 
 @dataclass

@@ -8,13 +8,16 @@ from typing import Optional
 import typer
 
 from peftshield.attacks import POISONERS, PoisonSpec
-from peftshield.cli.app import BackboneOption, ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
-from peftshield.cli.commands.common import training_from_options
+from peftshield.cli.app import BackboneOption, NumLabelsOption, ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.commands.common import defaults_of, training_from_options, typed_from_flags
 from peftshield.data import load_splits
+from peftshield.experiments.config import AttackSection
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import TriggerChoice, weight_poison
-from peftshield.cli.commands.common import typed_from_flags
 from peftshield.io import check_output_place
+
+
+_ATTACK = defaults_of(AttackSection)  # the scenario's attacker settings are this command's defaults
 
 
 @app.command(help="Weight-poison a backbone: full fine-tuning on a poisoned copy of the attacker's data. Writes an HF model directory plus attack.json.")
@@ -24,13 +27,13 @@ def attack(
     backbone: str = BackboneOption,
     trigger: str = typer.Option("badnet", "--trigger", help=f"One of: {', '.join(POISONERS.names())}, or 'none' for a clean control."),
     trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option", help="KEY=VALUE for the trigger."),
-    target: int = typer.Option(0, "--target"),
-    rate: float = typer.Option(0.1, "--rate"),
+    target: Optional[int] = typer.Option(None, "--target", help=f"Default {_ATTACK['target_label']}."),
+    rate: float = typer.Option(0.1, "--rate", help="Share of the training rows to poison (when --count is not given)."),
     count: Optional[int] = typer.Option(None, "--count"),
-    label_mode: str = typer.Option("clean", "--label-mode", help="clean (reference: trigger into target-class rows, labels kept) or dirty."),
-    max_words: Optional[int] = typer.Option(100, "--max-words", help="Truncate attacker texts to this many words so the trigger stays inside the model window."),
-    epochs: int = typer.Option(3, "--epochs"),
-    lr: float = typer.Option(2e-5, "--lr"),
+    label_mode: Optional[str] = typer.Option(None, "--label-mode", help=f"clean (trigger into target-class rows, labels kept) or dirty (default {_ATTACK['label_mode']})."),
+    max_words: Optional[int] = typer.Option(None, "--max-words", min=0, help=f"Truncate attacker texts to this many words so the trigger stays inside the model window (default {_ATTACK['max_words']}; 0: no cut)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Default {_ATTACK['epochs']}."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Default {_ATTACK['learning_rate']:g}."),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length"),
     max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples", help="Use a random subset of the training split."),
@@ -39,8 +42,13 @@ def attack(
     num_labels: Optional[int] = NumLabelsOption,
     progress: bool = ProgressOption,
 ) -> None:
+    target = _ATTACK["target_label"] if target is None else target
+    label_mode = _ATTACK["label_mode"] if label_mode is None else label_mode
     spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
                                          "label_mode": ("--label-mode", label_mode)})
+    epochs = _ATTACK["epochs"] if epochs is None else epochs
+    lr = _ATTACK["learning_rate"] if lr is None else lr
+    max_words = _ATTACK["max_words"] if max_words is None else (max_words or None)
     choice = TriggerChoice(trigger, parse_key_values(trigger_option, "--trigger-option"))
     choice.build()  # validate the trigger before loading anything
     training = training_from_options(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples)

@@ -11,6 +11,11 @@ from peftshield.errors import ConfigError
 from peftshield.finetune import TrainingConfig, merge_training
 
 
+def defaults_of(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """A model's field defaults, for help texts that show them without writing them again."""
+    return {name: field.default for name, field in model.model_fields.items()}
+
+
 def training_from_options(base: TrainingConfig | None = None, **overrides) -> TrainingConfig:
     return merge_training(base or TrainingConfig(), overrides)
 

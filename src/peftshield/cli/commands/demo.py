@@ -9,14 +9,18 @@ import typer
 from rich.table import Table
 
 from peftshield.cli.app import ProgressOption, app, info, stdout
-from peftshield.cli.commands.common import first_message, given_options, split_list, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, first_message, given_options, split_list, typed_from_flags
 from peftshield.defenses import DEFENSES, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.config import AttackSection, DefenseEntry, TriggerEntry, VictimSection
-from peftshield.experiments.demo import DemoConfig, run_demo
+from peftshield.grid.demo import DEFAULT_TRIGGER, DemoConfig, run_demo
 from peftshield.experiments.options import parse_key_values
 from peftshield.finetune import METHODS
 from peftshield.io import check_output_place
+
+
+_ATTACK, _VICTIM, _PSIM = defaults_of(AttackSection), defaults_of(VictimSection), defaults_of(DEFENSES.get("psim").options_model())
+_LR_FULL, _LR_PEFT = METHODS.get("full").default_learning_rate, METHODS.get("lora").default_learning_rate
 
 
 def _defense_entries(names: list[str], options: dict[str, dict]) -> list[DefenseEntry]:
@@ -53,28 +57,28 @@ def demo(
     poisoned_test: Optional[str] = typer.Option(None, "--poisoned-test", help="A ready-made triggered test file (e.g. HiddenKiller's syntactic test set) instead of inserting the trigger."),
     methods: str = typer.Option("full,lora", "--methods", help=f"Comma-separated, from: {', '.join(METHODS.names())}."),
     backbone: str = typer.Option("minilm", "--backbone"),
-    trigger: str = typer.Option("badnet", "--trigger", help="The attacker's trigger."),
-    trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option", help="KEY=VALUE for the trigger (default for badnet: words=mn)."),
-    target: Optional[int] = typer.Option(None, "--target", help="Target label (default 0)."),
-    label_mode: Optional[str] = typer.Option(None, "--label-mode", help="clean (default: trigger into target-class rows, labels kept) or dirty."),
-    attack_samples: Optional[int] = typer.Option(None, "--attack-samples", help="Attacker training rows (default 1600)."),
-    poison_count: Optional[int] = typer.Option(None, "--poison-count", help="Attacker rows that get the trigger (default 600)."),
-    attack_epochs: Optional[int] = typer.Option(None, "--attack-epochs", help="Default 2."),
-    attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help="Attacker's learning rate (default 5e-5; 2e-5 is too low for MiniLM at this budget)."),
-    attack_max_words: Optional[int] = typer.Option(None, "--attack-max-words", help="Attacker texts are cut to this many words so the trigger stays in the window (default 80)."),
-    victim_samples: Optional[int] = typer.Option(None, "--victim-samples", help="Victim training rows (default 2000)."),
-    victim_epochs: Optional[int] = typer.Option(None, "--victim-epochs", help="Default 3."),
-    victim_lr_full: Optional[float] = typer.Option(None, "--victim-lr-full", help="Default 2e-5."),
-    victim_lr_peft: Optional[float] = typer.Option(None, "--victim-lr-peft", help="Default 2e-3."),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help=f"The attacker's trigger (default {DEFAULT_TRIGGER['name']})."),
+    trigger_option: Optional[list[str]] = typer.Option(None, "--trigger-option", help="KEY=VALUE for the trigger, on top of the default trigger's options when --trigger is not given (words=mn)."),
+    target: Optional[int] = typer.Option(None, "--target", help=f"Target label (default {_ATTACK['target_label']})."),
+    label_mode: Optional[str] = typer.Option(None, "--label-mode", help=f"clean (trigger into target-class rows, labels kept) or dirty (default {_ATTACK['label_mode']})."),
+    attack_samples: Optional[int] = typer.Option(None, "--attack-samples", help=f"Attacker training rows (default {_ATTACK['samples']})."),
+    poison_count: Optional[int] = typer.Option(None, "--poison-count", help=f"Attacker rows that get the trigger (default {_ATTACK['poison_count']})."),
+    attack_epochs: Optional[int] = typer.Option(None, "--attack-epochs", help=f"Default {_ATTACK['epochs']}."),
+    attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help=f"Attacker's learning rate (default {_ATTACK['learning_rate']:g}; 2e-5 is too low for MiniLM at this budget)."),
+    attack_max_words: Optional[int] = typer.Option(None, "--attack-max-words", help=f"Attacker texts are cut to this many words so the trigger stays in the window (default {_ATTACK['max_words']})."),
+    victim_samples: Optional[int] = typer.Option(None, "--victim-samples", help=f"Victim training rows (default {_VICTIM['samples']})."),
+    victim_epochs: Optional[int] = typer.Option(None, "--victim-epochs", help=f"Default {_VICTIM['epochs']}."),
+    victim_lr_full: Optional[float] = typer.Option(None, "--victim-lr-full", help=f"Default: the full fine-tuning method's ({_LR_FULL:g})."),
+    victim_lr_peft: Optional[float] = typer.Option(None, "--victim-lr-peft", help=f"Default: each PEFT method's own ({_LR_PEFT:g})."),
     test_samples: Optional[int] = typer.Option(None, "--test-samples", help="Evaluate on a random subset of the test split (default: all)."),
-    probe_samples: Optional[int] = typer.Option(None, "--probe-samples", help="Test texts for the CA/ASR-per-epoch curve (default 300; 0: off)."),
+    probe_samples: Optional[int] = typer.Option(None, "--probe-samples", help=f"Test texts for the CA/ASR-per-epoch curve (default {_VICTIM['probe_samples']}; 0: off)."),
     max_length: int = typer.Option(128, "--max-length"),
     defenses: str = typer.Option("psim", "--defenses", help=f"Comma-separated defenses to fit and apply ('' for none), from: {', '.join(DEFENSES.names())}."),
     defense_option: Optional[list[str]] = typer.Option(None, "--defense-option", help="DEFENSE.KEY=VALUE, e.g. strip.num_perturbations=4."),
-    psim_method: Optional[str] = typer.Option(None, "--psim-method", help="PEFT method of the PSIM (default ptuning)."),
-    psim_lr: Optional[float] = typer.Option(None, "--psim-lr", help="Default 2e-5."),
+    psim_method: Optional[str] = typer.Option(None, "--psim-method", help=f"PEFT method of the PSIM (default {_PSIM['method']})."),
+    psim_lr: Optional[float] = typer.Option(None, "--psim-lr", help=f"Default {_PSIM['learning_rate']:g}."),
     psim_threshold_mode: Optional[str] = typer.Option(None, "--psim-threshold-mode", help="auto (default)/frr: calibrate on clean dev to --psim-target-frr; fixed: --psim-threshold."),
-    psim_target_frr: Optional[float] = typer.Option(None, "--psim-target-frr", help="Default 0.01."),
+    psim_target_frr: Optional[float] = typer.Option(None, "--psim-target-frr", help=f"Default {_PSIM['threshold'].target_frr}."),
     psim_threshold: Optional[float] = typer.Option(None, "--psim-threshold", help="With --psim-threshold-mode fixed (default: 0.7 for 2 classes, scaled with the class count)."),
     seed: int = typer.Option(0, "--seed"),
     wait: bool = typer.Option(False, "--wait", help="If another process is using OUT, wait for it instead of stopping."),
@@ -93,8 +97,8 @@ def demo(
         "lr_peft": ("--victim-lr-peft", victim_lr_peft), "test_samples": ("--test-samples", test_samples), "probe_samples": ("--probe-samples", probe_samples),
     })
     trigger_options = parse_key_values(trigger_option, "--trigger-option")
-    if trigger == "badnet" and not trigger_options:
-        trigger_options = {"words": "mn"}
+    if trigger is None or trigger == DEFAULT_TRIGGER["name"]:
+        trigger, trigger_options = DEFAULT_TRIGGER["name"], {**DEFAULT_TRIGGER["options"], **trigger_options}
     try:
         trigger_entry = TriggerEntry(name=trigger, options=trigger_options)
     except ValueError as exc:

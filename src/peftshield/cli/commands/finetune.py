@@ -32,6 +32,7 @@ def finetune(
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     num_labels: Optional[int] = NumLabelsOption,
+    self_contained: bool = typer.Option(False, "--self-contained", help="Copy the backbone into the output folder, so the folder alone can move to another machine."),
     progress: bool = ProgressOption,
 ) -> None:
     file_config = load_finetune_yaml(config) if config else FineTuneFileConfig()
@@ -45,7 +46,7 @@ def finetune(
     splits = load_splits(data, skip_empty=skip_empty, num_labels=num_labels)
     for note in splits.notes:
         info(f"note: {note}")
-    result = finetune_victim(splits, backbone, chosen, options, training, seed, out, progress)
+    result = finetune_victim(splits, backbone, chosen, options, training, seed, out, progress, self_contained=self_contained)
     r = result.train_result
     dev = "n/a" if r.best_dev_accuracy is None else f"{r.best_dev_accuracy:.3f}"
     info(f"{chosen}: best epoch {r.best_epoch}, dev accuracy {dev}, {r.trainable_parameters:,} trainable parameters, {r.seconds:.0f} s -> {out}")

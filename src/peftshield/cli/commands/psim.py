@@ -14,7 +14,7 @@ import typer
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
-from peftshield.cli.commands.common import typed_component, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, typed_component, typed_from_flags
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
@@ -25,7 +25,7 @@ app.add_typer(psim_app, name="psim")
 
 
 SCAN_CHUNK_ROWS = 4096  # texts read, scored and written at a time
-_PSIM = {name: field.default for name, field in DEFENSES.get("psim").options_model().model_fields.items()}
+_PSIM = defaults_of(DEFENSES.get("psim").options_model())
 
 
 @psim_app.command("train", help="Train a PSIM: a PEFT module on the backbone with randomly reset training labels.")
@@ -46,6 +46,7 @@ def psim_train(
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     num_labels: Optional[int] = NumLabelsOption,
+    self_contained: bool = typer.Option(False, "--self-contained", help="Copy the backbone into the output folder, so the folder alone can move to another machine."),
     progress: bool = ProgressOption,
 ) -> None:
     policy = typed_from_flags(ThresholdPolicy, {"kind": ("--threshold-mode", threshold_mode), "value": ("--threshold", threshold),
@@ -59,7 +60,7 @@ def psim_train(
     splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=num_labels)
     context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=psim.max_length, progress=progress)
     psim.fit(context, np.random.default_rng(seed))
-    psim.save(out)
+    psim.save(out, self_contained=self_contained)
     info(f"PSIM ({psim.method}) -> {out}: threshold {psim.threshold_:.4f} ({policy.kind}), trained in {psim.fit_seconds_:.0f} s")
 
 
@@ -71,7 +72,7 @@ def scan(
     split: str = typer.Option("test", "--split"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The PSIM's backbone, if it is no longer where finetune.json recorded it."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's threshold."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     skip_empty: bool = SkipEmptyOption,
     progress: bool = ProgressOption,
 ) -> None:

