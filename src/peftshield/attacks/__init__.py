@@ -9,10 +9,11 @@ from peftshield.attacks.base import (
     PoisonSpec,
     build_asr_set,
     check_target,
+    poison_candidates,
     poison_dataset,
 )
 
 __all__ = [
     "POISONERS", "PoisonedData", "Poisoner", "PoisonRecord", "PoisonSpec",
-    "build_asr_set", "check_target", "poison_dataset",
+    "build_asr_set", "check_target", "poison_candidates", "poison_dataset",
 ]

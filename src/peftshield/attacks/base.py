@@ -111,11 +111,17 @@ def check_target(target_label: int, num_labels: int) -> None:
         raise ConfigError(f"target label {target_label} is out of range for a {num_labels}-class dataset")
 
 
-def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng: np.random.Generator) -> PoisonedData:
-    """Return a copy of ``data`` with ``spec.n_poison`` rows carrying the trigger."""
+def poison_candidates(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec) -> list[int]:
+    """The rows that may be poisoned: non-target rows (dirty-label) or target rows (clean-label)
+    that can take the trigger."""
     labels = data.label_array()
     pool = labels != spec.target_label if spec.label_mode == "dirty" else labels == spec.target_label
-    candidates = [i for i in np.flatnonzero(pool) if poisoner.can_poison(data.texts[i])]
+    return [int(i) for i in np.flatnonzero(pool) if poisoner.can_poison(data.texts[i])]
+
+
+def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng: np.random.Generator) -> PoisonedData:
+    """Return a copy of ``data`` with ``spec.n_poison`` rows carrying the trigger."""
+    candidates = poison_candidates(data, poisoner, spec)
     wanted = spec.n_poison(len(data))
     if wanted > len(candidates):
         raise ConfigError(

@@ -340,12 +340,11 @@ def check_backbone_feasible(cell: CellSpec) -> None:
     """Raise a one-line error if the attacker's stage of ``cell`` cannot run: the same rows are
     drawn as the stage would draw them (no model is loaded), so a poison count larger than the
     rows that can take the trigger is found before any training."""
-    from peftshield.attacks import check_target
+    from peftshield.attacks import PoisonSpec, check_target, poison_candidates
     from peftshield.data import load_splits
-    from peftshield.data.transforms import truncate_words
     from peftshield.errors import ConfigError
+    from peftshield.experiments.stages import attacker_training_rows
     from peftshield.finetune import TrainingConfig
-    from peftshield.finetune.trainer import draw_training_rows
 
     attack = cell.attack
     where = f"trigger {cell.trigger_label}, seed {cell.seed}"
@@ -354,12 +353,10 @@ def check_backbone_feasible(cell: CellSpec) -> None:
         check_target(attack.target_label, splits.num_labels)
     except ConfigError as exc:
         raise ConfigError(f"attack ({where}): {exc}") from None
-    poisoner = cell.trigger.build()
-    rows = draw_training_rows(truncate_words(splits["train"], attack.max_words), TrainingConfig(max_train_samples=attack.samples),
-                              np.random.default_rng(cell.seeds.training))
-    labels = rows.label_array()
-    pool = labels != attack.target_label if attack.label_mode == "dirty" else labels == attack.target_label
-    available = sum(1 for i in np.flatnonzero(pool) if poisoner.can_poison(rows.texts[i]))
+    rows = attacker_training_rows(splits, attack.max_words, TrainingConfig(max_train_samples=attack.samples),
+                                  np.random.default_rng(cell.seeds.training))
+    spec = PoisonSpec(target_label=attack.target_label, count=attack.poison_count, rate=None, label_mode=attack.label_mode)
+    available = len(poison_candidates(rows, cell.trigger.build(), spec))
     if available < attack.poison_count:
         kind = "non-target" if attack.label_mode == "dirty" else f"label-{attack.target_label}"
         raise ConfigError(f"attack ({where}): poison_count {attack.poison_count} is more than the {available} {kind} rows of the "

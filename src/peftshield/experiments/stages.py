@@ -127,6 +127,12 @@ def evaluate_classifier(
     return metrics, clean_probs, poisoned_probs
 
 
+def attacker_training_rows(splits: DatasetSplits, max_words: int | None, training: TrainingConfig, rng: np.random.Generator) -> TextDataset:
+    """The rows the attacker trains on (and poisons): texts cut to ``max_words``, then the
+    trainer's draw of ``max_train_samples`` of them."""
+    return draw_training_rows(truncate_words(splits["train"], max_words), training, rng)
+
+
 @dataclass
 class WeightPoisonResult:
     backbone: Backbone
@@ -149,7 +155,7 @@ def weight_poison(
     check_target(spec.target_label, splits.num_labels)
     rng = np.random.default_rng(seed)
     poisoner = trigger.build()
-    train = draw_training_rows(truncate_words(splits["train"], max_words), training, rng)
+    train = attacker_training_rows(splits, max_words, training, rng)
     dev = truncate_words(splits.get("dev"), max_words) if "dev" in splits else None
     test = truncate_words(splits["test"], max_words)
     poisoned = poison_dataset(train, poisoner, spec, rng) if poisoner else None
