@@ -9,6 +9,9 @@ from peftshield.models.batching import collate, encode_texts, sorted_batches
 from peftshield.progress import track
 
 
+ENCODE_CHUNK = 8192  # texts tokenised at a time
+
+
 def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -19,9 +22,17 @@ def model_device(model) -> torch.device:
 def predict_proba(
     model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128, progress: bool = False, description: str = "predict"
 ) -> np.ndarray:
-    """Softmax class probabilities, shape (len(texts), num_labels), in the order of ``texts``."""
+    """Softmax class probabilities, shape (len(texts), num_labels), in the order of ``texts``.
+
+    Texts are tokenised and scored :data:`ENCODE_CHUNK` at a time (length-sorted within a
+    chunk), so the token ids of a large input are never all in memory at once."""
     if not texts:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
+    if len(texts) > ENCODE_CHUNK:
+        return np.concatenate([
+            predict_proba(model, tokenizer, texts[start : start + ENCODE_CHUNK], batch_size, max_length, False, description)
+            for start in track(range(0, len(texts), ENCODE_CHUNK), description, enabled=progress)
+        ])
     encoded = encode_texts(tokenizer, texts, max_length)
     device = model_device(model)
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)

@@ -1,0 +1,27 @@
+"""Batched inference: chunked tokenisation gives the same probabilities as one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from peftshield.models import inference
+from peftshield.models.tiny import tiny_backbone
+
+
+def test_large_inputs_are_tokenised_in_chunks_with_identical_scores(monkeypatch) -> None:
+    backbone = tiny_backbone()
+    texts = [("good film " if i % 3 else "bad boring plot ") * (i % 7 + 1) for i in range(50)]
+    whole = inference.predict_proba(backbone.model, backbone.tokenizer, texts, 8, 32)
+    encoded_sizes: list[int] = []
+    original = inference.encode_texts
+
+    def counting_encode(tokenizer, batch, max_length):
+        encoded_sizes.append(len(batch))
+        return original(tokenizer, batch, max_length)
+
+    monkeypatch.setattr(inference, "ENCODE_CHUNK", 7)
+    monkeypatch.setattr(inference, "encode_texts", counting_encode)
+    chunked = inference.predict_proba(backbone.model, backbone.tokenizer, texts, 8, 32)
+    assert max(encoded_sizes) == 7 and sum(encoded_sizes) == 50, "never more than one chunk's token ids at once"
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)
+    assert np.ptp(whole[:, 0]) > 0, "the texts get different scores, so the comparison means something"
