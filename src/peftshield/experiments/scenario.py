@@ -33,7 +33,7 @@ class CellSeeds:
     seed: int
 
     @property
-    def training(self) -> int:
+    def training_seed(self) -> int:
         """The attacker's and the victim's runs (data order, initialisation, dropout)."""
         return self.seed
 
@@ -44,7 +44,7 @@ class CellSeeds:
     def defense_fit(self) -> np.random.Generator:
         return np.random.default_rng(self.seed + 2)
 
-    def pool(self) -> np.random.Generator:
+    def cleaner_pool(self) -> np.random.Generator:
         """The triggered share of a data cleaner's pool."""
         return np.random.default_rng(self.seed + 3)
 
@@ -176,7 +176,7 @@ def backbone_stage(cell: CellSpec, run_dir: str | Path, progress: bool = False) 
         training = TrainingConfig(learning_rate=attack.learning_rate, epochs=attack.epochs, max_length=cell.max_length,
                                   max_train_samples=attack.samples)
         result = weight_poison(attack.data, cell.backbone, TriggerChoice(cell.trigger.name, dict(cell.trigger.options)), spec, training,
-                               directory / "model", cell.seeds.training, attack.max_words, progress)
+                               directory / "model", cell.seeds.training_seed, attack.max_words, progress)
         return {"report": result.report, "seconds": time.perf_counter() - started}
 
     return stage_cache(run_dir).compute(cell.backbone_key, {"trigger": cell.trigger.model_dump(), "seed": cell.seed}, build)[0]
@@ -249,7 +249,7 @@ def victim_stage(cell: CellSpec, run_dir: str | Path, progress: bool = False) ->
 
         training = TrainingConfig(learning_rate=cell.victim.learning_rate(cell.method), epochs=cell.victim.epochs,
                                   max_length=cell.max_length, max_train_samples=cell.victim.samples)
-        result = finetune_victim(splits, str(backbone_dir(run_dir, cell)), cell.method, {}, training, cell.seeds.training,
+        result = finetune_victim(splits, str(backbone_dir(run_dir, cell)), cell.method, {}, training, cell.seeds.training_seed,
                                  directory / "model", progress, label=f"victim {cell.method}",
                                  epoch_probe=probe if cell.victim.probe_samples else None)
         return {"train_result": result.train_result.to_dict()}
@@ -320,7 +320,7 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
             scored = (test, asr_set, clean_probs, poisoned_probs)
             if entry.eval_texts:
                 scored = _eval_subset(*scored, entry.eval_texts, cell.seeds.eval_subset())
-            report = evaluate_defense(defense, *scored, target, metrics, rng=cell.seeds.pool())
+            report = evaluate_defense(defense, *scored, target, metrics, rng=cell.seeds.cleaner_pool())
             atomic_write_json(directory / REPORTS_DIR / f"{entry.label}.json", {"defense_spec": defense.spec(), **report})
             results[entry.label] = {
                 "defended_clean_accuracy": report["defended_clean_accuracy"],
@@ -354,7 +354,7 @@ def check_backbone_feasible(cell: CellSpec) -> None:
     except ConfigError as exc:
         raise ConfigError(f"attack ({where}): {exc}") from None
     rows = attacker_training_rows(splits, attack.max_words, TrainingConfig(max_train_samples=attack.samples),
-                                  np.random.default_rng(cell.seeds.training))
+                                  np.random.default_rng(cell.seeds.training_seed))
     spec = PoisonSpec(target_label=attack.target_label, count=attack.poison_count, rate=None, label_mode=attack.label_mode)
     available = len(poison_candidates(rows, cell.trigger.build(), spec))
     if available < attack.poison_count:
