@@ -259,15 +259,16 @@ def finalize_splits(
             return f"{file}:{row_lines[index]}"
         return f"{file or f'{source}[{split}]'}: row {data.ids[index]}"
 
-    if num_labels is not None:
-        _check_num_labels(num_labels, source)
+    def check_every_label_below(bound: int, explain) -> None:
+        """One line naming the first row, in any split, whose label is not below ``bound``."""
         for split, data in splits.items():
             for index, label in enumerate(data.labels):
-                if label >= num_labels:
-                    raise DataError(
-                        f"{where(split, index)}: label {label} is not in 0..{num_labels - 1} "
-                        f"(labels found in {split}: {_label_set(data.labels)}; --num-labels is {num_labels})"
-                    )
+                if label >= bound:
+                    raise DataError(f"{where(split, index)}: label {label} is not in 0..{bound - 1} ({explain(split, data, label)})")
+
+    if num_labels is not None:
+        _check_num_labels(num_labels, source)
+        check_every_label_below(num_labels, lambda split, data, _label: f"labels found in {split}: {_label_set(data.labels)}; --num-labels is {num_labels}")
         return DatasetSplits(splits=splits, num_labels=num_labels, source=source)
 
     ref_split = "train" if "train" in splits else next(iter(splits))
@@ -297,13 +298,8 @@ def finalize_splits(
     inferred = run
     if inferred < 2:
         raise DataError(f"{source}: the {ref_split} split has a single class; need at least 2")
-    for split, data in splits.items():
-        for index, label in enumerate(data.labels):
-            if label >= inferred:
-                raise DataError(
-                    f"{where(split, index)}: label {label} is not in 0..{inferred - 1} (the {ref_split} split has "
-                    f"labels 0..{inferred - 1}; pass --num-labels {label + 1} if the task has {label + 1} classes)"
-                )
+    check_every_label_below(inferred, lambda _split, _data, label: f"the {ref_split} split has labels 0..{inferred - 1}; "
+                                                                  f"pass --num-labels {label + 1} if the task has {label + 1} classes")
     return DatasetSplits(splits=splits, num_labels=inferred, source=source)
 
 
