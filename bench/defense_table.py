@@ -16,7 +16,7 @@ from pathlib import Path
 
 from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
 from peftshield.experiments.scenario import REPORTS_DIR, backbone_stage, run_cell, stage_cache
-from peftshield.finetune import load_finetuned
+from peftshield.finetune import METHODS, load_finetuned
 from peftshield.grid.config import load_grid_config
 from peftshield.grid.executors import LocalExecutor
 from peftshield.grid.runner import run_grid
@@ -74,7 +74,7 @@ def write_table(args, config, rows: list[dict], timings: dict, attackers: dict) 
              f"(trigger into {config.attack.poison_count} label-{config.attack.target_label} rows, labels kept, lr {config.attack.learning_rate:g}, "
              f"{config.attack.epochs} epochs); attacker's own CA/ASR on IMDB: "
              + ", ".join(f"{t} {a['clean_accuracy']:.3f}/{a['attack_success_rate']:.3f}" for t, a in attackers.items()) + ". "
-             f"Victim LoRA (lr {config.victim.lr_peft:g}, {config.victim.epochs} epochs, {config.victim.samples:,} training rows, dev-selected epoch); "
+             f"Victim LoRA (lr {config.victim.lr_peft or METHODS.get('lora').default_learning_rate:g}, {config.victim.epochs} epochs, {config.victim.samples:,} training rows, dev-selected epoch); "
              "full test sets (empty texts skipped). CA/ASR are the same run undefended; in the defended columns a flagged clean text counts as an "
              "error and a flagged triggered text as a failed attack.\n",
              "- **psim**: its defaults (P-tuning, lr 2e-5, 1 epoch on 2,000 randomly relabelled training texts; tau calibrated to 1% FRR on clean dev).",
