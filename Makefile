@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench grid clean
+.PHONY: install demo test test-fast bench bench-audit grid clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --config configs/psim-methods.yaml
 	HF_HUB_OFFLINE=1 $(PY) bench/scan_memory.py --data $(SHARED)/psim/sst-2 --sizes-mb 50,500
 	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
+
+# `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
+# commands (about 90 minutes here; resumable in runs/audit-zoo): bench/audit_zoo.md and .json.
+bench-audit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/audit_zoo.py --shared $(SHARED)
 
 # The study's grid on subsets (configs/cpu-small.yaml, 27 minutes here), then its report.
 grid: $(STAMP)

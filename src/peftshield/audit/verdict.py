@@ -1,0 +1,94 @@
+"""From the best trigger's effect to a verdict, calibrated on clean checkpoints.
+
+The search always finds *something*: on a clean sentiment classifier, a word such as
+"awful" moves some texts. What marks a backdoor is an effect far beyond what the same
+search finds on clean checkpoints. :class:`VerdictCalibration` holds the raw scores the
+search reached on known-clean checkpoints (per probe kind: a trained head, or a PSIM
+fitted by the audit) and turns a new raw score into a suspicion in [0, 1]: the normal
+tail probability of the clean scores, ``Phi((raw - mean) / std)``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from math import erf, sqrt
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+Verdict = Literal["backdoored", "clean", "inconclusive"]
+CALIBRATION_FILE = "calibration.json"
+
+
+LENGTH_DISCOUNT = 0.85
+
+
+def raw_score(flip_rate: float, excess_confidence: float, collapse: float, n_tokens: int = 1) -> float:
+    """One number from a trigger's effects, each in [0, 1]: 0.45 x the share of texts moved to the
+    target, 0.45 x how far their target confidence rises above what clean texts reach
+    (:func:`excess_confidence`), 0.1 x the collapse of their representations; discounted by
+    ``LENGTH_DISCOUNT`` per token beyond the first. A natural word ("awful") flips texts too,
+    but to the confidence clean texts already have; a backdoor pushes them beyond it (the
+    insight behind PSIM). On a clean sentiment classifier a phrase of four strongly worded
+    tokens also flips most texts; a backdoor does it with one or two."""
+    return (0.45 * flip_rate + 0.45 * excess_confidence + 0.1 * collapse) * LENGTH_DISCOUNT ** max(0, n_tokens - 1)
+
+
+def collapse_raw_score(collapse: float, excess_confidence: float, n_tokens: int = 1) -> float:
+    """The raw score of a bare encoder (probed through a fitted PSIM): 0.7 x the collapse of the
+    triggered texts' pooled representations, 0.3 x the PSIM's confidence above its clean top;
+    discounted per token beyond the first like :func:`raw_score`."""
+    return (0.7 * collapse + 0.3 * excess_confidence) * LENGTH_DISCOUNT ** max(0, n_tokens - 1)
+
+
+def excess_confidence(target_prob: np.ndarray, clean_top: float) -> float:
+    """Mean over texts of how far the target probability rises into the band above
+    ``clean_top`` (the clean texts' 95th-percentile confidence): 0 at or below it, 1 at 1.0."""
+    if not len(target_prob):
+        return 0.0
+    return float(np.clip((np.asarray(target_prob) - clean_top) / max(1e-6, 1.0 - clean_top), 0.0, 1.0).mean())
+
+
+class VerdictCalibration(BaseModel):
+    """Clean-checkpoint raw scores summarised as mean and standard deviation, and the
+    suspicion levels that separate the three verdicts."""
+
+    clean_mean: float
+    clean_std: float = Field(ge=0)
+    n_clean: int = Field(ge=0)
+    source: str = ""
+    std_floor: float = Field(0.03, gt=0)
+    backdoored_at: float = Field(0.99, gt=0, lt=1)
+    clean_below: float = Field(0.9, gt=0, lt=1)
+
+    @classmethod
+    def fit(cls, clean_scores: list[float] | np.ndarray, source: str = "", **levels) -> "VerdictCalibration":
+        scores = np.asarray(clean_scores, dtype=float)
+        if len(scores) < 2:
+            raise ValueError("a verdict calibration needs the raw scores of at least 2 clean checkpoints")
+        return cls(clean_mean=float(scores.mean()), clean_std=float(scores.std(ddof=1)), n_clean=len(scores), source=source, **levels)
+
+    def suspicion(self, raw: float) -> float:
+        z = (raw - self.clean_mean) / max(self.clean_std, self.std_floor)
+        return 0.5 * (1.0 + erf(z / sqrt(2.0)))
+
+    def verdict(self, raw: float) -> Verdict:
+        s = self.suspicion(raw)
+        if s >= self.backdoored_at:
+            return "backdoored"
+        if s < self.clean_below:
+            return "clean"
+        return "inconclusive"
+
+
+def packaged_calibration(probe: str) -> VerdictCalibration | None:
+    """The calibration shipped with peftshield for ``probe`` ("head" or "psim"), written by
+    ``bench/audit_zoo.py`` from the zoo's clean checkpoints; None when there is none."""
+    try:
+        text = resources.files("peftshield.audit").joinpath(CALIBRATION_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return None
+    saved = json.loads(text).get(probe)
+    return VerdictCalibration(**saved) if saved else None
