@@ -42,7 +42,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
 
 # `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
-# commands (about 90 minutes here; resumable in runs/audit-zoo): bench/audit_zoo.md and .json.
+# commands (about 2 hours here: ~60 min of builds, ~4 min per audit; resumable in runs/audit-zoo):
+# bench/audit_zoo.md and .json, and the packaged verdict calibration.
 bench-audit: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/audit_zoo.py --shared $(SHARED)
 
