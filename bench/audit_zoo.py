@@ -135,13 +135,16 @@ def main() -> None:
             return False
         return True
 
-    for entry in [e for e in entries if not e.separate_row]:
+    def audit_entry(entry: ZooEntry) -> None:
         if not ready(entry.name, audit_args(entry, work / entry.name)[1]):
-            continue
+            return
         folder = built(entry)
         log(f"auditing {entry.name}")
         cli_args, out = audit_args(entry, folder)
         rows.append({"entry": entry, "args": cli_args, "result": run_audit_cli(cli_args, out, log)})
+
+    for entry in [e for e in entries if not e.separate_row]:
+        audit_entry(entry)
     for entry in entries:
         if entry.name not in NOHEAD_FROM:
             continue
@@ -154,12 +157,7 @@ def main() -> None:
         log(f"auditing {variant.name}")
         rows.append({"entry": variant, "args": [str(bare)], "result": run_audit_cli([str(bare)], folder / "audit-encoder", log)})
     for entry in [e for e in entries if e.separate_row]:  # reported apart: what the audit sees on a syntactic backdoor
-        if not ready(entry.name, audit_args(entry, work / entry.name)[1]):
-            continue
-        folder = built(entry)
-        log(f"auditing {entry.name}")
-        cli_args, out = audit_args(entry, folder)
-        rows.append({"entry": entry, "args": cli_args, "result": run_audit_cli(cli_args, out, log)})
+        audit_entry(entry)
 
     # Leave-one-out calibration per probe kind.
     for row in rows:

@@ -300,7 +300,8 @@ def run_audit(
     pool = [texts[i] for i in order]
     clean_probe = probe_texts(subject.tokenizer, pool[: min(len(pool), 4 * (settings.search_texts + settings.holdout_texts))], settings.max_tokens, rng)
     clean = exact_effect(subject.model, clean_probe, [()], 0, settings.batch_rows, keep_representation=True, counter=counter, stage="probe")[0]
-    clean_probs_all = _class_probs(classifier, clean_probe, counter)
+    # The head's probabilities came with the representations; a PSIM's need their own pass.
+    clean_probs_all = clean.probs if classifier is subject.model else _class_probs(classifier, clean_probe, counter)
     predicted = clean_probs_all.argmax(axis=1)
     # A flip counts as confident above the model's median clean confidence (a trained head) or
     # above the PSIM's own threshold, calibrated to flag 1% of clean texts (a fitted PSIM).

@@ -15,6 +15,7 @@ Three steps, each batched:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,6 +173,23 @@ def exact_effect(
     return effects
 
 
+@contextmanager
+def frozen_eval(model):
+    """The model in eval mode with every parameter frozen (gradients flow to the inputs only);
+    both restored afterwards."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def slot_gradients(
     model, probe: ProbeTexts, current: tuple[int, ...], target: int, counter: ForwardCounter | None = None, objective: str = "class",
 ) -> np.ndarray:
@@ -183,22 +201,13 @@ def slot_gradients(
     embedding = model.get_input_embeddings()
     ids, mask, starts = insert_batch(probe, [current])
     ids, mask = ids.to(device), mask.to(device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    try:
+    with frozen_eval(model):
         embeds = embedding(ids).detach().clone().requires_grad_(True)
         loss = objective_loss(model, embeds, mask, target, objective)
         loss.backward()
         rows = torch.arange(len(ids), device=device)
         grads = torch.stack([embeds.grad[rows, torch.as_tensor(starts + j, device=device)].mean(dim=0) for j in range(len(current))])
         scores = -(grads @ embedding.weight.detach().T)  # (L, vocab)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
     if counter is not None:
         counter.add("gradients", len(ids))
     return scores.float().cpu().numpy()
@@ -236,12 +245,7 @@ def relaxed_candidates(
     ids, mask, starts = insert_batch(probe, [(placeholder,)])
     ids, mask = ids.to(device), mask.to(device)
     rows, columns = torch.arange(len(ids), device=device), torch.as_tensor(starts, device=device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    try:
+    with frozen_eval(model):
         base = embedding(ids).detach()
         logits = torch.zeros(len(allowed), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([logits], lr=learning_rate)
@@ -252,10 +256,6 @@ def relaxed_candidates(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
     if counter is not None:
         counter.add("gradients", steps * len(ids))
     order = torch.argsort(logits.detach(), descending=True)[:k].cpu().numpy()
