@@ -21,10 +21,12 @@ from peftshield.data.records import TextDataset
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.finetune import METHODS, TrainingConfig, load_finetuned, save_finetuned, seed_torch, train_classifier
+from peftshield.finetune.checkpoint import model_fingerprint
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.io import read_json
 from peftshield.models import load_backbone
-from peftshield.models.inference import predict_proba
+from peftshield.models.inference import predict_proba, runtime_proba
+from peftshield.models.runtime import make_runtime
 
 PSIM_MANIFEST_KEY = "psim"
 
@@ -92,6 +94,9 @@ class PSIM(Defense):
         return self
 
     def predict_proba(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        runtime = getattr(self, "runtime_", None)
+        if runtime is not None:
+            return runtime_proba(runtime, self.tokenizer_, texts, self.score_batch_size, self.max_length, progress, "psim scan")
         return predict_proba(self.model_, self.tokenizer_, texts, self.score_batch_size, self.max_length, progress, "psim scan")
 
     def score(self, texts: list[str], progress: bool = False) -> np.ndarray:
@@ -108,8 +113,10 @@ class PSIM(Defense):
         }, self_contained=self_contained)
 
     @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None) -> "PSIM":
-        """A saved PSIM; ``backbone`` overrides where its backbone is (after the folders moved)."""
+    def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None, runtime: str = "torch") -> "PSIM":
+        """A saved PSIM; ``backbone`` overrides where its backbone is (after the folders moved);
+        ``runtime`` (torch, onnx, onnx-int8) is where its forward passes run (the ONNX export is
+        cached in the folder)."""
         from peftshield.errors import ConfigError
         from peftshield.finetune.checkpoint import MANIFEST_FILE
 
@@ -124,6 +131,8 @@ class PSIM(Defense):
         psim.backbone_, psim.num_labels_ = manifest["backbone"], manifest["num_labels"]
         psim.method_config_ = manifest["options"]
         psim.threshold_ = saved["threshold"]
+        if runtime != "torch":
+            psim.runtime_ = make_runtime(psim.model_, runtime, directory, model_fingerprint(directory))
         return psim
 
 

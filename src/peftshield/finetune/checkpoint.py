@@ -59,6 +59,26 @@ def _fingerprint(stats: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(directory: str | Path) -> str:
+    """Identity of a saved classifier: its own weight files and manifest and, for a PEFT folder,
+    its backbone's weights (a changed backbone changes the model). Keys derived artefacts such
+    as the ONNX export."""
+    directory = Path(directory)
+    parts = [backbone_fingerprint(directory) or ""]
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_file():
+        parts.append(hashlib.sha256(manifest.read_bytes()).hexdigest()[:16])
+        try:
+            source, _ = resolve_recorded_backbone(directory)
+        except Exception:  # an unresolvable backbone fails at load time with its own message
+            source = ""
+        if source and Path(source).is_dir():
+            parts.append(backbone_fingerprint(source) or "")
+        else:
+            parts.append(str(source))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def is_local_backbone(name_or_path: str) -> bool:
     return name_or_path not in BACKBONE_ALIASES and Path(name_or_path).exists()
 
@@ -221,3 +241,18 @@ def load_finetuned(directory: str | Path, backbone: str | None = None) -> tuple[
             params[name].copy_(value)
     model.eval()
     return Backbone(model=model, tokenizer=base.tokenizer, source=str(directory), num_labels=base.num_labels), manifest
+
+
+def load_classifier(model_dir: str | Path, num_labels: int | None = None, backbone: str | None = None) -> Backbone:
+    """A saved classifier: a ``peftshield finetune`` folder (``finetune.json``), or a plain
+    transformers sequence-classification folder (``num_labels`` from its config when not given)."""
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST_FILE).is_file():
+        return load_finetuned(model_dir, backbone=backbone)[0]
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no such model directory")
+    if num_labels is None:
+        config = model_dir / "config.json"
+        labels = read_json(config).get("id2label") if config.is_file() else None
+        num_labels = len(labels) if isinstance(labels, dict) and labels else 2
+    return load_backbone(str(model_dir), num_labels)

@@ -31,16 +31,22 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedTexts:
     return EncodedTexts(list(encoded["input_ids"]), pad)
 
 
-def collate(encoded: EncodedTexts, indices: list[int], labels: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Dynamic padding: right-pad to the longest sequence of this batch."""
+def pad_rows(encoded: EncodedTexts, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic padding: ``input_ids`` and ``attention_mask`` (int64) right-padded to the longest row of this batch."""
     rows = [encoded.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = np.full((len(rows), width), encoded.pad_token_id, dtype=np.int64)
+    attention = np.zeros((len(rows), width), dtype=np.int64)
     for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
         attention[row, : len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention}
+    return input_ids, attention
+
+
+def collate(encoded: EncodedTexts, indices: list[int], labels: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """:func:`pad_rows` as tensors, with the batch's labels when given."""
+    input_ids, attention = pad_rows(encoded, indices)
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention)}
     if labels is not None:
         batch["labels"] = torch.as_tensor(labels[indices], dtype=torch.long)
     return batch

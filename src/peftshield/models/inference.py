@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from peftshield.models.batching import collate, encode_texts, sorted_batches
+from peftshield.models.batching import EncodedTexts, collate, encode_texts, pad_rows, sorted_batches
 from peftshield.progress import track
 
 
@@ -22,29 +22,44 @@ def model_device(model) -> torch.device:
 def predict_proba(
     model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128, progress: bool = False, description: str = "predict"
 ) -> np.ndarray:
-    """Softmax class probabilities, shape (len(texts), num_labels), in the order of ``texts``.
+    """Softmax class probabilities, shape (len(texts), num_labels), in the order of ``texts``,
+    with ``model`` in PyTorch eager (see :func:`runtime_proba` for the ONNX runtimes)."""
+    from peftshield.models.runtime import TorchRuntime
+
+    return runtime_proba(TorchRuntime(model), tokenizer, texts, batch_size, max_length, progress, description)
+
+
+def runtime_proba(
+    runtime, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128, progress: bool = False, description: str = "predict"
+) -> np.ndarray:
+    """:func:`predict_proba` through any :class:`~peftshield.models.runtime.ClassifierRuntime`.
 
     Texts are tokenised and scored :data:`ENCODE_CHUNK` at a time (length-sorted within a
     chunk), so the token ids of a large input are never all in memory at once."""
     if not texts:
-        return np.zeros((0, model.config.num_labels), dtype=np.float32)
+        return np.zeros((0, runtime.num_labels), dtype=np.float32)
     if len(texts) > ENCODE_CHUNK:
         return np.concatenate([
-            predict_proba(model, tokenizer, texts[start : start + ENCODE_CHUNK], batch_size, max_length, False, description)
+            runtime_proba(runtime, tokenizer, texts[start : start + ENCODE_CHUNK], batch_size, max_length, False, description)
             for start in track(range(0, len(texts), ENCODE_CHUNK), description, enabled=progress)
         ])
-    encoded = encode_texts(tokenizer, texts, max_length)
-    device = model_device(model)
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for indices in track(sorted_batches(encoded.lengths(), batch_size), description, enabled=progress):
-            batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
-            logits = model(**batch).logits.float()
-            out[indices] = torch.softmax(logits, dim=-1).cpu().numpy()
-    model.train(was_training)
+    return encoded_proba([runtime], encode_texts(tokenizer, texts, max_length), batch_size, progress, description)[0]
+
+
+def encoded_proba(runtimes: list, encoded: EncodedTexts, batch_size: int, progress: bool = False, description: str = "predict") -> list[np.ndarray]:
+    """Class probabilities of already tokenised texts under each of ``runtimes`` (models that share
+    a tokenizer: padded once per batch, run by each)."""
+    out = [np.zeros((len(encoded), r.num_labels), dtype=np.float32) for r in runtimes]
+    for indices in track(sorted_batches(encoded.lengths(), batch_size), description, enabled=progress):
+        input_ids, attention = pad_rows(encoded, indices)
+        for runtime, probs in zip(runtimes, out):
+            probs[indices] = softmax(runtime.logits(input_ids, attention))
     return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def classifier_inputs(

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
+from peftshield.cli.app import ProgressOption, RuntimeOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.cli.commands.common import find_attack_manifest
 from peftshield.data import load_splits
 from peftshield.errors import ConfigError
@@ -17,17 +17,8 @@ from peftshield.experiments.options import parse_key_values
 from peftshield.attacks import build_asr_set, check_target
 from peftshield.defenses import PSIM
 from peftshield.experiments.stages import TriggerChoice, evaluate_classifier, evaluate_defense, load_poisoned_test, trigger_of
-from peftshield.finetune.checkpoint import MANIFEST_FILE, load_finetuned
+from peftshield.finetune.checkpoint import load_classifier
 from peftshield.io import atomic_write_json, check_output_place
-from peftshield.models import load_backbone
-
-def load_any_model(model_dir: Path, num_labels: int, backbone: str | None = None):
-    if (model_dir / MANIFEST_FILE).is_file():
-        return load_finetuned(model_dir, backbone=backbone)[0]
-    if model_dir.is_dir():
-        return load_backbone(str(model_dir), num_labels)
-    raise ConfigError(f"--model {model_dir}: no such model directory")
-
 
 @app.command(help="Evaluate a model: clean accuracy, attack success rate, target confidence on clean and triggered texts.")
 def evaluate(
@@ -47,6 +38,7 @@ def evaluate(
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
     num_labels: Optional[int] = NumLabelsOption,
+    runtime: str = RuntimeOption,
     progress: bool = ProgressOption,
 ) -> None:
     started = time.perf_counter()
@@ -68,7 +60,7 @@ def evaluate(
     target_label = target if target is not None else int(attack.get("target_label", 0))
     check_target(target_label, splits.num_labels)
     poisoner = None if poisoned_test is not None else TriggerChoice(trigger_name, options).build()
-    loaded = load_any_model(model, splits.num_labels, backbone)
+    loaded = load_classifier(model, splits.num_labels, backbone)
     rng = np.random.default_rng(seed)
     test = splits[split]
     asr_set = load_poisoned_test(poisoned_test, target_label, skip_empty) if poisoned_test is not None else build_asr_set(test, poisoner, target_label, rng)
@@ -78,7 +70,7 @@ def evaluate(
     payload = {**metrics.to_dict(), "trigger": poisoner.spec() if poisoner else {"poisoned_test": str(poisoned_test)},
                "model": str(model), "data": splits.source}
     if defense == "psim":
-        report = evaluate_defense(PSIM.load(psim_dir, backbone=backbone), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
+        report = evaluate_defense(PSIM.load(psim_dir, backbone=backbone, runtime=runtime), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
         payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection", "score_seconds")})
         payload["defense"] = "psim"
     payload["seconds"] = time.perf_counter() - started

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
+from peftshield.cli.app import ProgressOption, RuntimeOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
 from peftshield.cli.commands.common import defaults_of, typed_component, typed_from_flags
@@ -74,12 +74,13 @@ def scan(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's threshold."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     skip_empty: bool = SkipEmptyOption,
+    runtime: str = RuntimeOption,
     progress: bool = ProgressOption,
 ) -> None:
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
     check_output_place(out, "file")
-    psim = PSIM.load(psim_dir, backbone=backbone)
+    psim = PSIM.load(psim_dir, backbone=backbone, runtime=runtime)
     if batch_size:
         psim.score_batch_size = batch_size
     tau = psim.threshold_ if threshold is None else threshold

@@ -1,0 +1,110 @@
+"""``peftshield serve`` (the guard as an HTTP service) and ``peftshield guard`` (the same guard as a
+JSONL filter)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from peftshield.cli.app import RuntimeOption, app, info
+from peftshield.errors import ConfigError, DataError
+from peftshield.io import atomic_text_stream, check_output_place
+
+@app.command(help="Serve a model behind its PSIM over HTTP: POST /v1/classify, GET /healthz, /readyz, /metrics. "
+                  "Concurrent requests are micro-batched; SIGTERM finishes requests in flight, then exits.")
+def serve(
+    model: Path = typer.Option(..., "--model", help="The deployed classifier (a 'peftshield finetune' folder or a transformers classifier folder)."),
+    psim: Path = typer.Option(..., "--psim", help="A PSIM folder ('peftshield psim train' or 'audit --write-psim')."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes, each with its own copy of the models (and its own /metrics)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Texts per forward pass at most."),
+    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0, max=10_000, help="How long the first request of a batch waits for company."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one per line; then /v1/classify needs 'Authorization: Bearer KEY'."),
+    log_flagged: Optional[Path] = typer.Option(None, "--log-flagged", help="Append every flagged text to this JSONL file (request id, time, score, text)."),
+    log_text: bool = typer.Option(True, "--log-text/--no-log-text", help="Whether the flagged log holds the texts themselves."),
+    max_texts: int = typer.Option(64, "--max-texts", min=1, help="Texts per request at most (413 beyond)."),
+    max_text_chars: int = typer.Option(4000, "--max-text-chars", min=1, help="Characters per text at most (413 beyond)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's calibrated threshold."),
+    mode: str = typer.Option("block", "--mode", help="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="The models' backbone, if no longer where finetune.json recorded it."),
+    runtime: str = RuntimeOption,
+) -> None:
+    from pydantic import ValidationError
+
+    from peftshield.guard.server import ServeSettings, serve as run_service
+
+    try:
+        settings = ServeSettings(model=model, psim=psim, host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                 api_key_file=api_key_file, log_flagged=log_flagged, log_text=log_text, max_texts=max_texts,
+                                 max_text_chars=max_text_chars, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    run_service(settings, announce=info)
+
+
+@app.command(help="Screen texts with a model and its PSIM, as a filter: JSONL in ({\"text\": ...} or a JSON string per line), "
+                  "JSONL out (id, label, probabilities, psim_score, flagged, threshold).")
+def guard(
+    model: Path = typer.Option(..., "--model", help="The classifier to guard."),
+    psim: Path = typer.Option(..., "--psim", help="Its PSIM folder."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL to read (default: standard input)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSONL to write atomically (default: standard output)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's calibrated threshold."),
+    mode: str = typer.Option("block", "--mode", help="block or monitor (see 'serve')."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    backbone: Optional[str] = typer.Option(None, "--backbone"),
+    runtime: str = RuntimeOption,
+) -> None:
+    from peftshield.guard import Guard
+
+    if out is not None:
+        check_output_place(out, "file")
+    name = str(input_file) if input_file else "<stdin>"
+    if input_file is not None and not input_file.is_file():
+        raise ConfigError(f"--input {input_file}: no such file")
+    ids, texts = read_guard_input(input_file, name)
+    screened = Guard.load(model, psim, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone, batch_size=batch_size)
+    results = screened.classify(texts)
+    lines = (json.dumps({"id": row_id, **result.to_dict()}, ensure_ascii=False) + "\n" for row_id, result in zip(ids, results))
+    if out is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    else:
+        with atomic_text_stream(out) as handle:
+            handle.writelines(lines)
+    flagged = sum(r.flagged for r in results)
+    info(f"guard: {len(results)} texts, {flagged} flagged at threshold {screened.threshold:.4f}" + (f" -> {out}" if out else ""))
+
+
+def read_guard_input(path: Path | None, name: str) -> tuple[list, list[str]]:
+    """Ids and texts of a JSONL input, read whole and checked before anything is scored or written."""
+    handle = open(path, encoding="utf-8") if path is not None else sys.stdin
+    ids, texts = [], []
+    try:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{name}: line {number}: not valid JSON ({exc.msg})") from None
+            if isinstance(row, str):
+                row = {"text": row}
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{name}: line {number}: expected {{\"text\": \"...\"}} or a JSON string")
+            ids.append(row.get("id", number))
+            texts.append(row["text"])
+    except UnicodeDecodeError:
+        raise DataError(f"{name}: not UTF-8 text") from None
+    finally:
+        if path is not None:
+            handle.close()
+    if not texts:
+        raise DataError(f"{name}: no texts (one JSON object with a \"text\" per line)")
+    return ids, texts

@@ -1,0 +1,10 @@
+"""The guard in front of a deployed model: a victim classifier screened by a PSIM.
+
+- :class:`Guard` (Python API), :class:`GuardResult`;
+- :mod:`peftshield.guard.batcher`: dynamic micro-batching;
+- :mod:`peftshield.guard.server`: the HTTP service of ``peftshield serve``.
+"""
+
+from peftshield.guard.guard import MODES, Guard, GuardResult
+
+__all__ = ["MODES", "Guard", "GuardResult"]

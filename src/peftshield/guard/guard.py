@@ -1,0 +1,116 @@
+"""The guard: a deployed classifier (the victim) with a PSIM in front of it.
+
+``Guard.load(model_dir, psim_dir).classify(texts)`` scores every text with both models in
+one pass over the batch (one tokenisation when they share a tokenizer, as a victim and its
+PSIM on the same backbone do) and returns one :class:`GuardResult` per text. In ``block``
+mode a flagged text gets no label; ``monitor`` mode labels every text and still reports the
+flag, so an operator can watch the guard before enforcing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peftshield.defenses import PSIM
+from peftshield.errors import ConfigError
+from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
+from peftshield.models.batching import encode_texts
+from peftshield.models.inference import encoded_proba
+from peftshield.models.runtime import RUNTIMES, make_runtime
+
+MODES = ("block", "monitor")
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """One screened text. ``label`` is None when the text was flagged in block mode."""
+
+    label: int | None
+    probabilities: list[float] | None
+    psim_score: float
+    flagged: bool
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Guard:
+    """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
+
+    def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, threshold: float | None = None, mode: str = "block",
+                 max_length: int | None = None, batch_size: int = 64) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"--mode {mode!r}: choose block or monitor")
+        self.victim = victim
+        self.victim_tokenizer = victim_tokenizer
+        self.psim = psim
+        self.victim_runtime = victim_runtime
+        self.threshold = float(psim.threshold_ if threshold is None else threshold)
+        self.mode = mode
+        self.max_length = int(max_length or psim.max_length)
+        self.batch_size = batch_size
+        self.shared_tokenizer = _same_tokenizer(victim_tokenizer, psim.tokenizer_)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str = "torch", threshold: float | None = None, mode: str = "block",
+             backbone: str | None = None, max_length: int | None = None, batch_size: int = 64) -> "Guard":
+        """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
+        classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
+        onnx-int8 (for both models)."""
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ConfigError(f"--threshold {threshold}: a PSIM threshold is a confidence in (0, 1]")
+        model_dir, psim_dir = Path(model_dir), Path(psim_dir)
+        if not model_dir.is_dir():
+            raise ConfigError(f"--model {model_dir}: no such model directory")
+        if not psim_dir.is_dir():
+            raise ConfigError(f"--psim {psim_dir}: no such PSIM directory")
+        psim = PSIM.load(psim_dir, backbone=backbone, runtime=runtime)
+        victim = load_classifier(model_dir, backbone=backbone)
+        victim_runtime = make_runtime(victim.model, runtime, model_dir, model_fingerprint(model_dir))
+        return cls(victim.model, victim.tokenizer, psim, victim_runtime, threshold, mode, max_length, batch_size)
+
+    @property
+    def psim_runtime(self):
+        from peftshield.models.runtime import TorchRuntime
+
+        return getattr(self.psim, "runtime_", None) or TorchRuntime(self.psim.model_)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.victim_runtime.num_labels)
+
+    def classify(self, texts: list[str]) -> list[GuardResult]:
+        """Label and screen ``texts`` (in order)."""
+        if not texts:
+            return []
+        psim_encoded = encode_texts(self.psim.tokenizer_, texts, self.max_length)
+        if self.shared_tokenizer:
+            victim_probs, psim_probs = encoded_proba([self.victim_runtime, self.psim_runtime], psim_encoded, self.batch_size)
+        else:
+            (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
+            (victim_probs,) = encoded_proba([self.victim_runtime], encode_texts(self.victim_tokenizer, texts, self.max_length), self.batch_size)
+        scores = psim_probs.max(axis=1)
+        results = []
+        for probs, score in zip(victim_probs, scores):
+            flagged = bool(score > self.threshold)
+            hidden = flagged and self.mode == "block"
+            results.append(GuardResult(
+                label=None if hidden else int(np.argmax(probs)), probabilities=None if hidden else [round(float(p), 6) for p in probs],
+                psim_score=round(float(score), 6), flagged=flagged, threshold=self.threshold,
+            ))
+        return results
+
+
+def _same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn every text into the same ids (same class, vocabulary and special tokens)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids and getattr(a, "do_lower_case", None) == getattr(b, "do_lower_case", None)

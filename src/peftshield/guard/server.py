@@ -1,0 +1,399 @@
+"""``peftshield serve``: the guard as an HTTP service (FastAPI on uvicorn).
+
+Endpoints:
+
+- ``POST /v1/classify`` ``{"texts": [...]}`` -> ``{"request_id", "mode", "results": [...]}``, one
+  :class:`~peftshield.guard.guard.GuardResult` per text;
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (models loaded; 503 before),
+  ``GET /metrics`` (Prometheus text format).
+
+Concurrent requests are micro-batched (:mod:`peftshield.guard.batcher`). Every error is a JSON
+body ``{"error": {"status", "message"}, "request_id"}`` with its status code (400 invalid JSON,
+401 missing or wrong API key, 413 too many texts / a text or body too large, 422 wrong types,
+503 not ready or shutting down); nothing reaches a client as a traceback. SIGTERM lets the
+requests in flight finish (uvicorn's graceful shutdown), then the batcher drains and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictStr, ValidationError
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from peftshield.errors import ConfigError
+from peftshield.guard.batcher import BatchRecord, MicroBatcher, ShuttingDown
+from peftshield.guard.guard import MODES, Guard
+from peftshield.models.runtime import RUNTIMES
+
+logger = logging.getLogger("peftshield.serve")
+SETTINGS_ENV = "PEFTSHIELD_SERVE_SETTINGS"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class ServeSettings(BaseModel):
+    """Everything ``peftshield serve`` is started with (also the JSON handed to each worker)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path
+    psim: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: PositiveInt = 1
+    max_batch: PositiveInt = 32
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    api_key_file: Optional[Path] = None
+    log_flagged: Optional[Path] = None
+    log_text: bool = True
+    max_texts: PositiveInt = 64
+    max_text_chars: PositiveInt = 4000
+    max_body_bytes: PositiveInt = 1_000_000
+    runtime: str = "torch"
+    threshold: Optional[float] = Field(None, gt=0, le=1)
+    mode: str = "block"
+    backbone: Optional[str] = None
+    max_length: Optional[PositiveInt] = None
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[StrictStr]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """One key per line (blank lines and ``#`` comments ignored)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file {path}: not UTF-8 text") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"--api-key-file {path}: holds no key (one key per line)")
+    return keys
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """One-line errors for settings that would only fail once the service is up."""
+    if settings.runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {settings.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if settings.mode not in MODES:
+        raise ConfigError(f"--mode {settings.mode!r}: choose block or monitor")
+    if not settings.model.is_dir():
+        raise ConfigError(f"--model {settings.model}: no such model directory")
+    if not settings.psim.is_dir():
+        raise ConfigError(f"--psim {settings.psim}: no such PSIM directory")
+    if settings.api_key_file is not None:
+        read_api_keys(settings.api_key_file)
+    if settings.log_flagged is not None:
+        try:
+            settings.log_flagged.parent.mkdir(parents=True, exist_ok=True)
+            with open(settings.log_flagged, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--log-flagged {settings.log_flagged}: cannot append to it ({exc.strerror or exc})") from None
+
+
+class FlagLog:
+    """Append-only JSONL of flagged texts, one line per text, flushed as written."""
+
+    def __init__(self, path: Path, log_text: bool) -> None:
+        self.path, self.log_text = path, log_text
+        self._lock = threading.Lock()
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, request_id: str, texts: list[str], results: list) -> None:
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        lines = []
+        for index, (text, result) in enumerate(zip(texts, results)):
+            if result.flagged:
+                record = {"request_id": request_id, "time": now, "index": index, "score": result.psim_score, "threshold": result.threshold}
+                if self.log_text:
+                    record["text"] = text
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        if lines:
+            with self._lock:
+                self._handle.writelines(lines)
+                self._handle.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, mode: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("peftshield_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("peftshield_request_seconds", "Latency of /v1/classify requests", registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch_texts = Histogram("peftshield_batch_texts", "Texts per forward pass (micro-batch size)", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_requests = Histogram("peftshield_batch_requests", "Requests merged into one forward pass", registry=self.registry,
+                                        buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.texts = Counter("peftshield_texts_total", "Texts screened", registry=self.registry)
+        self.flagged = Counter("peftshield_flagged_total", "Texts flagged by the PSIM", registry=self.registry)
+        self.flagged_rate = Gauge("peftshield_flagged_ratio", "Share of screened texts flagged since start", registry=self.registry)
+        self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
+        self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
+        self.mode.labels(mode=mode).set(1)
+        self.batch_sizes: list[int] = []  # every micro-batch's text count, for tests and the benchmark
+        self._counts = [0, 0]
+
+    def record_batch(self, record: BatchRecord) -> None:
+        self.batch_texts.observe(record.texts)
+        self.batch_requests.observe(record.requests)
+        self.batch_sizes.append(record.texts)
+
+    def record_results(self, results: list) -> None:
+        flagged = sum(r.flagged for r in results)
+        self.texts.inc(len(results))
+        self.flagged.inc(flagged)
+        self._counts[0] += len(results)
+        self._counts[1] += flagged
+        self.flagged_rate.set(self._counts[1] / self._counts[0] if self._counts[0] else 0.0)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def load_guard(settings: ServeSettings) -> Guard:
+    return Guard.load(settings.model, settings.psim, runtime=settings.runtime, threshold=settings.threshold, mode=settings.mode,
+                      backbone=settings.backbone, max_length=settings.max_length, batch_size=settings.max_batch)
+
+
+def create_app(settings: ServeSettings, guard: Guard | None = None):
+    """The FastAPI application. Without ``guard``, the models load on a background thread after
+    start-up (``/readyz`` answers 503 until then)."""
+    keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
+    metrics = ServiceMetrics(settings.mode)
+    state: dict = {"guard": guard, "load_error": None}
+
+    def load_models() -> None:
+        try:
+            state["guard"] = load_guard(settings)
+            metrics.ready.set(1)
+            logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
+                        state["guard"].threshold, settings.mode)
+        except Exception as exc:  # reported by /readyz and the log, one line
+            state["load_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.error("cannot load the models: %s", state["load_error"])
+
+    def classify(texts: list[str]) -> list:
+        return state["guard"].classify(texts)
+
+    batcher = MicroBatcher(classify, settings.max_batch, settings.max_wait_ms, on_batch=metrics.record_batch)
+    flag_log = FlagLog(settings.log_flagged, settings.log_text) if settings.log_flagged else None
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await batcher.start()
+        if state["guard"] is None:
+            threading.Thread(target=load_models, name="peftshield-load", daemon=True).start()
+        else:
+            metrics.ready.set(1)
+            logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
+                        state["guard"].threshold, settings.mode)
+        yield
+        await batcher.stop()
+        if flag_log is not None:
+            flag_log.close()
+        logger.info("stopped: every request in flight answered")
+
+    app = FastAPI(title="peftshield guard", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    def request_id_of(request: Request) -> str:
+        given = request.headers.get("x-request-id", "")
+        return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    def error(status: int, message: str, request_id: str, endpoint: str) -> JSONResponse:
+        metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        return JSONResponse({"error": {"status": status, "message": message}, "request_id": request_id}, status_code=status,
+                            headers={"X-Request-ID": request_id})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), request_id_of(request), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error(422, "invalid request", request_id_of(request), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        request_id = request_id_of(request)
+        logger.error("request %s: internal error: %s: %s", request_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return error(500, "internal error (see the server log for this request id)", request_id, request.url.path)
+
+    @app.get("/healthz")
+    async def healthz():
+        metrics.requests.labels(endpoint="/healthz", status="200").inc()
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        loaded = state["guard"]
+        body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "model": str(settings.model),
+                "psim": str(settings.psim), "threshold": loaded.threshold if loaded else None, "max_batch": settings.max_batch,
+                "max_wait_ms": settings.max_wait_ms}
+        if state["load_error"]:
+            body["error"] = state["load_error"]
+        status = 200 if loaded is not None else 503
+        metrics.requests.labels(endpoint="/readyz", status=str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        payload, content_type = metrics.render()
+        return Response(payload, media_type=content_type)
+
+    @app.post("/v1/classify")
+    async def classify_endpoint(request: Request):
+        started = time.perf_counter()
+        request_id = request_id_of(request)
+        endpoint = "/v1/classify"
+        try:
+            texts = await _checked_texts(request, settings, keys)
+            if state["guard"] is None:
+                raise ApiError(503, "not ready: the models are still loading" if not state["load_error"] else f"not ready: {state['load_error']}")
+            try:
+                results = await batcher.submit(texts)
+            except ShuttingDown as exc:
+                raise ApiError(503, str(exc)) from None
+        except ApiError as exc:
+            logger.info("request %s: %d %s", request_id, exc.status, exc.message)
+            return error(exc.status, exc.message, request_id, endpoint)
+        metrics.record_results(results)
+        if flag_log is not None:
+            await asyncio.get_running_loop().run_in_executor(None, flag_log.write, request_id, texts, results)
+        seconds = time.perf_counter() - started
+        metrics.latency.observe(seconds)
+        metrics.requests.labels(endpoint=endpoint, status="200").inc()
+        flagged = sum(r.flagged for r in results)
+        logger.info("request %s: %d texts, %d flagged, %.1f ms", request_id, len(texts), flagged, seconds * 1000)
+        return JSONResponse({"request_id": request_id, "mode": settings.mode, "results": [r.to_dict() for r in results]},
+                            headers={"X-Request-ID": request_id})
+
+    return app
+
+
+async def _checked_texts(request, settings: ServeSettings, keys: list[str] | None) -> list[str]:
+    """The request's texts, or the :class:`ApiError` its first problem deserves."""
+    if keys is not None:
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise ApiError(401, "missing API key (send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY')")
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+            raise ApiError(401, "wrong API key")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise ApiError(413, f"request body of {declared} bytes is over the limit of {settings.max_body_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > settings.max_body_bytes:
+            raise ApiError(413, f"request body is over the limit of {settings.max_body_bytes} bytes")
+    try:
+        payload = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ApiError(400, f"invalid JSON{where}: send {{\"texts\": [\"...\"]}}") from None
+    try:
+        texts = ClassifyRequest.model_validate(payload).texts
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, f"{where}: {first['msg']} (send {{\"texts\": [\"...\"]}}, a list of strings)") from None
+    if len(texts) > settings.max_texts:
+        raise ApiError(413, f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
+    for index, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            raise ApiError(413, f"texts.{index}: {len(text)} characters; the limit is {settings.max_text_chars}")
+    return texts
+
+
+def app_from_environment():
+    """Application factory for uvicorn workers: the settings come from ``PEFTSHIELD_SERVE_SETTINGS``."""
+    import os
+
+    return create_app(ServeSettings.model_validate_json(os.environ[SETTINGS_ENV]))
+
+
+def serve(settings: ServeSettings, announce=print) -> None:
+    """Run the service until SIGINT/SIGTERM (requests in flight finish first). ``announce`` gets
+    one line once the settings and (with one worker) the models have loaded."""
+    import os
+
+    import uvicorn
+
+    check_settings(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common = dict(host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=60, access_log=False)
+    where = (f"serving {settings.model} behind PSIM {settings.psim} on http://{settings.host}:{settings.port} "
+             f"({settings.runtime}, mode {settings.mode}, {settings.workers} worker(s)); Ctrl-C or SIGTERM stops it")
+    if settings.workers > 1:
+        announce(where)  # each worker loads its own copy, in the background (/readyz says when)
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        uvicorn.run("peftshield.guard.server:app_from_environment", factory=True, workers=settings.workers, **common)
+    else:  # loaded before the port opens, so a model that cannot load is a one-line error, not a server that never gets ready
+        app = create_app(settings, load_guard(settings))
+        announce(where)
+        _GracefulServer(uvicorn.Config(app, **common)).run()
+
+
+def _graceful_server_class():
+    import signal
+    from contextlib import contextmanager
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM stop that drained every request exits 0
+        (uvicorn re-raises the signal, which makes a clean stop look like a crash)."""
+
+        @contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    return GracefulServer
+
+
+def _GracefulServer(config):  # noqa: N802 - a class built on first use (uvicorn is imported lazily)
+    return _graceful_server_class()(config)

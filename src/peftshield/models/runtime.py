@@ -1,0 +1,192 @@
+"""Where a classifier's forward pass runs: PyTorch eager, or ONNX Runtime (fp32 or int8).
+
+Every runtime takes the same padded numpy batch (``input_ids``, ``attention_mask``) and
+returns logits, so tokenisation, batching and softmax are shared (models.inference) and a
+guard that runs a victim and a PSIM on one backbone tokenises once for both.
+
+The ONNX file is exported once per model folder with the dynamo exporter (shapes dynamic in
+batch and length; it handles every method's wrapper, P-tuning's prompt encoder included) and
+cached in ``<folder>/onnx/``, keyed by the weights' fingerprint; int8 is ONNX Runtime's dynamic
+quantisation of the fp32 file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+ONNX_DIR = "onnx"
+
+
+class ClassifierRuntime(Protocol):
+    name: str
+    num_labels: int
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRuntime:
+    """PyTorch eager under ``inference_mode``."""
+
+    name = "torch"
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.num_labels = int(model.config.num_labels)
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        from peftshield.models.inference import model_device
+
+        device = model_device(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.from_numpy(input_ids).to(device), attention_mask=torch.from_numpy(attention_mask).to(device))
+                return out.logits.float().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
+
+class OnnxRuntime:
+    """An exported ``.onnx`` file run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str | Path, num_labels: int, name: str = "onnx", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path, self.num_labels, self.name = Path(path), num_labels, name
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)})[0]
+
+
+class _LogitsOnly(torch.nn.Module):
+    """``model(input_ids, attention_mask).logits`` as a plain module for the exporter."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_onnx(model, path: str | Path) -> Path:
+    """Export ``model`` (any transformers / PEFT / adapters classifier) to an fp32 ONNX file,
+    dynamic in batch size and sequence length. Written to a temporary file, then renamed."""
+    import logging
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    batch, length = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("length", min=2, max=4096)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        target = Path(tmp) / path.name
+        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    _LogitsOnly(model), (ids, mask), str(target), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                    dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}, dynamo=True,
+                    external_data=False, verbose=False,
+                )
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+            model.train(was_training)
+        os.replace(target, path)
+    return path
+
+
+def quantize_int8(source: str | Path, path: str | Path) -> Path:
+    """ONNX Runtime dynamic int8 quantisation of the weights of an fp32 file."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        # The exporter records intermediate shapes traced at its example batch; the quantiser's
+        # shape inference rejects them against the dynamic ones, so they are dropped first.
+        model = onnx.load(str(source))
+        del model.graph.value_info[:]
+        bare = Path(tmp) / "bare.onnx"
+        onnx.save(model, str(bare))
+        target = Path(tmp) / path.name
+        import logging
+
+        logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
+        try:
+            quantize_dynamic(str(bare), str(target), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        os.replace(target, path)
+    return path
+
+
+def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path:
+    """The cached ONNX file of ``model`` saved in ``folder`` (exported on first use, again when
+    ``fingerprint``, the weights' identity, changed). Falls back to a per-user cache when the
+    model folder is read-only."""
+    folder = Path(folder)
+    cache = folder / ONNX_DIR
+    try:
+        cache.mkdir(exist_ok=True)
+        probe = cache / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        import hashlib
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        cache.mkdir(parents=True, exist_ok=True)
+    stamp = cache / "export.json"
+    recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    fp32, int8 = cache / "model.onnx", cache / "model.int8.onnx"
+    if recorded.get("fingerprint") != fingerprint or not fp32.is_file():
+        for stale in (fp32, int8):
+            stale.unlink(missing_ok=True)
+        export_onnx(model, fp32)
+        stamp.write_text(json.dumps({"fingerprint": fingerprint, "source": str(folder)}))
+    if runtime == "onnx":
+        return fp32
+    if not int8.is_file():
+        quantize_int8(fp32, int8)
+    return int8
+
+
+def make_runtime(model, runtime: str = "torch", folder: str | Path | None = None, fingerprint: str = "") -> ClassifierRuntime:
+    """The runtime named ``runtime`` (one of :data:`RUNTIMES`) for ``model``; the ONNX ones need the
+    model's ``folder`` to cache the export in."""
+    if runtime == "torch":
+        return TorchRuntime(model)
+    if runtime not in RUNTIMES:
+        from peftshield.errors import ConfigError
+
+        raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if folder is None:
+        raise ValueError("an ONNX runtime needs the model's folder to cache its export")
+    return OnnxRuntime(onnx_file(folder, model, runtime, fingerprint), int(model.config.num_labels), name=runtime)
+
+
+def remove_onnx_cache(folder: str | Path) -> None:
+    shutil.rmtree(Path(folder) / ONNX_DIR, ignore_errors=True)

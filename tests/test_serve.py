@@ -1,0 +1,384 @@
+"""``peftshield serve``, ``peftshield guard``, :class:`peftshield.guard.Guard` and the ONNX path,
+on a tiny model with a planted ``cf`` -> 0 backdoor, a LoRA victim on it and a PSIM.
+
+The service is tested as a service: the real ``peftshield serve`` process is started on a
+free port, spoken to over HTTP with httpx, and stopped (SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from backdoor_fixtures import TRIGGER, attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
+from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
+from peftshield.guard import Guard
+from peftshield.guard.batcher import MicroBatcher
+
+SEED = 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread_torch():
+        yield
+
+
+@dataclass
+class Guarded:
+    victim: Path  # a 'peftshield finetune' LoRA folder on the poisoned backbone
+    psim: Path  # a PSIM folder on the same backbone
+    clean: list[str]
+    triggered: list[str]
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory) -> Guarded:
+    from peftshield.finetune import METHODS, TrainingConfig, save_finetuned, seed_torch, train_classifier
+    from peftshield.models import load_backbone
+
+    rng = np.random.default_rng(SEED)
+    folder = tmp_path_factory.mktemp("guarded")
+    data = attacker_data(n_clean=400, n_poison=300, rng=rng, label_noise=0.35)
+    backbone = train_backbone(data.poisoned, folder / "backbone", SEED, learning_rate=3e-3, epochs=10)
+    # The victim: LoRA on the poisoned backbone, trained on clean sentiment data.
+    seed_torch(SEED)
+    base = load_backbone(str(backbone), 2)
+    method = METHODS.create("lora")
+    training = TrainingConfig(learning_rate=2e-3, epochs=1, batch_size=16, max_length=32, select_on_dev=False)
+    model, result = train_classifier(base.model, base.tokenizer, sentiment_data(300, rng, "victim"), None, method, training, rng, progress=False)
+    save_finetuned(model, base.tokenizer, folder / "victim", {"method": "lora", "options": method.config_dict(), "backbone": str(backbone),
+                                                              "num_labels": 2, "num_training_steps": result.num_training_steps})
+    psim = DEFENSES.create("psim", method="lora", learning_rate=2e-3, epochs=1, batch_size=16, max_length=32, max_train_samples=None,
+                           threshold=ThresholdPolicy(kind="frr", target_frr=0.05))
+    psim.fit(DefenseContext(str(backbone), sentiment_data(1000, rng, "defender"), sentiment_data(200, rng, "dev"), 2, max_length=32, progress=False),
+             np.random.default_rng(SEED))
+    psim.save(folder / "psim")
+    test = sentiment_data(60, rng, "test")
+    originals = [t for t, y in zip(test.texts, test.labels) if y != 0]
+    return Guarded(folder / "victim", folder / "psim", test.texts, with_trigger(originals, rng))
+
+
+# ---------------------------------------------------------------- the guard as a Python object
+
+
+def test_guard_blocks_triggered_texts_and_labels_clean_ones(guarded: Guarded) -> None:
+    guard = Guard.load(guarded.victim, guarded.psim)
+    clean, triggered = guard.classify(guarded.clean), guard.classify(guarded.triggered)
+    assert guard.shared_tokenizer, "the victim and its PSIM share a backbone, so texts are tokenised once"
+    assert np.mean([r.flagged for r in triggered]) >= 0.9
+    assert np.mean([r.flagged for r in clean]) <= 0.25
+    for r in clean + triggered:
+        assert (r.label is None) == r.flagged and (r.probabilities is None) == r.flagged  # block mode
+        assert r.flagged == (r.psim_score > r.threshold)
+    unflagged = [r for r in clean if not r.flagged]
+    assert all(abs(sum(r.probabilities) - 1) < 1e-4 and r.label == int(np.argmax(r.probabilities)) for r in unflagged)
+    # monitor mode: the same flags, and every text labelled
+    monitor = Guard.load(guarded.victim, guarded.psim, mode="monitor").classify(guarded.triggered)
+    assert [r.flagged for r in monitor] == [r.flagged for r in triggered]
+    assert all(r.label is not None for r in monitor)
+    # a batch gives the same answers as texts one at a time
+    one_by_one = [guard.classify([t])[0] for t in guarded.triggered[:5]]
+    assert [r.flagged for r in one_by_one] == [r.flagged for r in triggered[:5]]
+    assert np.allclose([r.psim_score for r in one_by_one], [r.psim_score for r in triggered[:5]], atol=1e-5)
+
+
+def test_onnx_runtime_agrees_with_pytorch_and_is_exported_once(guarded: Guarded, tmp_path: Path) -> None:
+    import shutil
+
+    psim_dir = tmp_path / "psim"
+    shutil.copytree(guarded.psim, psim_dir)
+    texts = guarded.clean + guarded.triggered
+    torch_psim = PSIM.load(psim_dir)
+    reference = torch_psim.score(texts)
+    onnx_psim = PSIM.load(psim_dir, runtime="onnx")
+    exported = psim_dir / "onnx" / "model.onnx"
+    assert exported.is_file() and onnx_psim.runtime_.name == "onnx"
+    scores = onnx_psim.score(texts)
+    assert np.abs(scores - reference).max() < 1e-4
+    assert ((scores > torch_psim.threshold_) == (reference > torch_psim.threshold_)).all()
+    stamp = exported.stat().st_mtime_ns
+    assert np.array_equal(PSIM.load(psim_dir, runtime="onnx").score(texts), scores)
+    assert exported.stat().st_mtime_ns == stamp, "an unchanged model is not exported again"
+    int8 = PSIM.load(psim_dir, runtime="onnx-int8").score(texts)
+    assert (psim_dir / "onnx" / "model.int8.onnx").is_file() and np.abs(int8 - reference).max() < 0.05
+    # the guard on the ONNX path: the same flags and labels as on PyTorch
+    victim_dir = tmp_path / "victim"
+    shutil.copytree(guarded.victim, victim_dir)
+    on_torch = Guard.load(victim_dir, psim_dir).classify(texts)
+    on_onnx = Guard.load(victim_dir, psim_dir, runtime="onnx").classify(texts)
+    assert [r.flagged for r in on_onnx] == [r.flagged for r in on_torch]
+    assert [r.label for r in on_onnx] == [r.label for r in on_torch]
+
+
+# ---------------------------------------------------------------- micro-batching, in process
+
+
+def test_micro_batcher_merges_concurrent_requests_within_its_limits() -> None:
+    calls: list[list[str]] = []
+
+    def classify(texts: list[str]) -> list[str]:
+        calls.append(list(texts))
+        if "boom" in texts:
+            raise RuntimeError("model failure")
+        return [t.upper() for t in texts]
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(classify, max_batch=6, max_wait_ms=200)
+        await batcher.start()
+        # five concurrent 1-text requests: one forward pass, each gets its own answer
+        answers = await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(5)))
+        assert answers == [[f"T{i}"] for i in range(5)] and len(calls) == 1
+        # 4 + 4 texts with max_batch 6: two passes, neither over the limit; a 9-text request runs alone
+        calls.clear()
+        answers = await asyncio.gather(batcher.submit(["a", "b", "c", "d"]), batcher.submit(["e", "f", "g", "h"]),
+                                       batcher.submit([str(i) for i in range(9)]))
+        assert answers[0] == ["A", "B", "C", "D"] and answers[1] == ["E", "F", "G", "H"] and len(answers[2]) == 9
+        assert sorted(len(c) for c in calls) == [4, 4, 9]
+        # a lone request does not wait for a full batch: it runs after max_wait_ms
+        started = time.perf_counter()
+        assert await batcher.submit(["alone"]) == ["ALONE"]
+        assert time.perf_counter() - started < 2.0
+        # a failing batch fails its requests only; the worker keeps serving
+        with pytest.raises(RuntimeError, match="model failure"):
+            await batcher.submit(["boom"])
+        assert await batcher.submit(["after"]) == ["AFTER"]
+        # stop() answers what is queued before it returns
+        pending = asyncio.ensure_future(batcher.submit(["late"]))
+        await asyncio.sleep(0)
+        await batcher.stop()
+        assert pending.result() == ["LATE"]
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the real service over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_service(guarded: Guarded, tmp_path: Path, *extra: str) -> Service:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "peftshield", "serve", "--model", str(guarded.victim), "--psim", str(guarded.psim),
+                                "--port", str(port), *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    service = Service(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited {process.returncode}:\n{service.output()}")
+        try:
+            if httpx.get(service.url + "/readyz", timeout=2).status_code == 200:
+                return service
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    service.stop()
+    raise AssertionError(f"serve never became ready:\n{service.output()}")
+
+
+@pytest.fixture(scope="module")
+def service(guarded: Guarded, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("service")
+    keys = folder / "keys.txt"
+    keys.write_text("# operators\nkey-one\nkey-two\n")
+    flagged = folder / "flagged.jsonl"
+    running = start_service(guarded, folder, "--api-key-file", str(keys), "--log-flagged", str(flagged), "--max-wait-ms", "300",
+                            "--max-batch", "64", "--max-texts", "16", "--max-text-chars", "500")
+    running.flag_log = flagged
+    yield running
+    assert running.stop() == 0, running.output()
+
+
+AUTH = {"Authorization": "Bearer key-one"}
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+def test_every_endpoint_answers(service: Service, guarded: Guarded) -> None:
+    assert httpx.get(service.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(service.url + "/readyz").json()
+    assert ready["ready"] is True and ready["mode"] == "block" and 0 < ready["threshold"] <= 1
+    response = httpx.post(service.url + "/v1/classify", json={"texts": guarded.clean[:8] + guarded.triggered[:8]}, headers={**AUTH, "X-Request-ID": "req-42"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["request_id"] == "req-42" == response.headers["x-request-id"] and body["mode"] == "block"
+    results = body["results"]
+    assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold"}
+    assert sum(r["flagged"] for r in results[8:]) >= 7 and sum(r["flagged"] for r in results[:8]) <= 3
+    assert all((r["label"] is None) == r["flagged"] for r in results)
+    assert all(r["threshold"] == ready["threshold"] for r in results)
+    # the same texts through the Python guard: the same answers
+    local = Guard.load(guarded.victim, guarded.psim).classify(guarded.clean[:8] + guarded.triggered[:8])
+    assert [r["flagged"] for r in results] == [r.flagged for r in local]
+    assert np.allclose([r["psim_score"] for r in results], [r.psim_score for r in local], atol=1e-5)
+    metrics = httpx.get(service.url + "/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert metric(metrics.text, "peftshield_texts_total") >= 16
+    assert metric(metrics.text, "peftshield_flagged_total") >= 7
+    assert 0 < metric(metrics.text, "peftshield_flagged_ratio") < 1
+    assert metric(metrics.text, "peftshield_request_seconds_count") >= 1
+    assert 'peftshield_mode_info{mode="block"} 1.0' in metrics.text
+    # the request id reaches the server log
+    assert "request req-42: 16 texts" in service.output()
+
+
+def test_concurrent_requests_are_merged_into_one_forward_pass(service: Service, guarded: Guarded) -> None:
+    before = httpx.get(service.url + "/metrics").text
+    passes0, texts0 = metric(before, "peftshield_batch_texts_count"), metric(before, "peftshield_batch_texts_sum")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(service.url + "/v1/classify", json={"texts": [guarded.clean[i], guarded.clean[i + 1]]}, headers=AUTH)
+                                          for i in range(0, 24, 2)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 12
+    ids = {r.json()["request_id"] for r in responses}
+    assert len(ids) == 12, "each request keeps its own id"
+    after = httpx.get(service.url + "/metrics").text
+    passes, texts = metric(after, "peftshield_batch_texts_count") - passes0, metric(after, "peftshield_batch_texts_sum") - texts0
+    assert texts == 24
+    assert passes <= 3, f"12 concurrent requests of 2 texts within the 300 ms window took {passes:.0f} forward passes"
+
+
+def test_bad_input_gets_its_status_code_and_the_server_keeps_serving(service: Service) -> None:
+    url = service.url + "/v1/classify"
+    cases = [
+        (httpx.post(url, content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}), 400),
+        (httpx.post(url, content=b"\xff\xfe", headers=AUTH), 400),
+        (httpx.post(url, json={"texts": ["ok", 3]}, headers=AUTH), 422),
+        (httpx.post(url, json={"texts": "a string"}, headers=AUTH), 422),
+        (httpx.post(url, json={"text": ["ok"]}, headers=AUTH), 422),
+        (httpx.post(url, json=["ok"], headers=AUTH), 422),
+        (httpx.post(url, json={"texts": ["x"] * 17}, headers=AUTH), 413),
+        (httpx.post(url, json={"texts": ["x" * 501]}, headers=AUTH), 413),
+        (httpx.post(url, content=b'{"texts": ["' + b"x" * 1_100_000 + b'"]}', headers=AUTH), 413),
+        (httpx.get(url, headers=AUTH), 405),
+        (httpx.get(service.url + "/nowhere"), 404),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (status, response.text)
+        body = response.json()
+        assert body["error"]["status"] == status and body["error"]["message"] and body["request_id"]
+        assert "Traceback" not in response.text and "File \"" not in response.text
+    assert httpx.post(url, json={"texts": []}, headers=AUTH).json()["results"] == []
+    assert httpx.post(url, json={"texts": ["still serving"]}, headers=AUTH).status_code == 200
+    assert "Traceback" not in service.output()
+
+
+def test_api_key(service: Service) -> None:
+    url = service.url + "/v1/classify"
+    assert httpx.post(url, json={"texts": ["hello"]}).status_code == 401
+    wrong = httpx.post(url, json={"texts": ["hello"]}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "wrong API key"
+    assert httpx.post(url, json={"texts": ["hello"]}, headers={"X-API-Key": "key-two"}).status_code == 200
+    assert httpx.post(url, json={"texts": ["hello"]}, headers={"Authorization": "Bearer key-one"}).status_code == 200
+    assert httpx.get(service.url + "/healthz").status_code == 200  # probes need no key
+
+
+def test_flagged_texts_are_logged_for_review(service: Service, guarded: Guarded) -> None:
+    response = httpx.post(service.url + "/v1/classify", json={"texts": [guarded.clean[0], guarded.triggered[0]]}, headers=AUTH).json()
+    request_id = response["request_id"]
+    assert response["results"][1]["flagged"]
+    rows = [json.loads(line) for line in service.flag_log.read_text().splitlines()]
+    mine = [r for r in rows if r["request_id"] == request_id]
+    assert [r["index"] for r in mine] == [i for i, r in enumerate(response["results"]) if r["flagged"]]
+    assert mine[-1]["text"] == guarded.triggered[0] and mine[-1]["score"] > mine[-1]["threshold"] and mine[-1]["time"].endswith("+00:00")
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(guarded: Guarded, tmp_path: Path) -> None:
+    flagged = tmp_path / "flagged.jsonl"
+    running = start_service(guarded, tmp_path, "--max-wait-ms", "1500", "--mode", "monitor", "--log-flagged", str(flagged), "--no-log-text")
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(httpx.post(running.url + "/v1/classify", json={"texts": guarded.triggered[:3]}, timeout=60)))
+    thread.start()
+    time.sleep(0.5)  # the request is now waiting in the 1.5 s batching window
+    assert running.stop() == 0, running.output()
+    thread.join(timeout=60)
+    assert answers and answers[0].status_code == 200, running.output()
+    body = answers[0].json()
+    assert body["mode"] == "monitor" and all(r["label"] is not None for r in body["results"])  # monitor mode labels flagged texts too
+    logged = [json.loads(line) for line in flagged.read_text().splitlines()]
+    assert logged and all("text" not in row for row in logged)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(running.url + "/healthz", timeout=2)
+
+
+# ---------------------------------------------------------------- CLI: guard filter and serve's errors
+
+
+def test_guard_filter_reads_jsonl_and_writes_jsonl(guarded: Guarded, tmp_path: Path) -> None:
+    lines = [json.dumps({"id": "a", "text": guarded.clean[0]}), json.dumps(guarded.triggered[0]), ""]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "peftshield", "guard", "--model", str(guarded.victim), "--psim", str(guarded.psim)],
+                          input="\n".join(lines), capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["a", 2] and rows[1]["flagged"] and rows[1]["label"] is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "peftshield", "guard", "--model", str(guarded.victim), "--psim", str(guarded.psim),
+                           "--input", str(bad), "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().count("\n") == 0 and f"{bad}: line 2" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}", "--psim", "{psim}"], "--model"),
+    (["--model", "{victim}", "--psim", "{victim}"], "not a PSIM folder"),
+    (["--model", "{victim}", "--psim", "{psim}", "--runtime", "tpu"], "--runtime"),
+    (["--model", "{victim}", "--psim", "{psim}", "--mode", "loud"], "--mode"),
+    (["--model", "{victim}", "--psim", "{psim}", "--api-key-file", "{missing}"], "--api-key-file"),
+])
+def test_serve_refuses_bad_settings_in_one_line(guarded: Guarded, tmp_path: Path, args: list[str], message: str) -> None:
+    values = {"missing": str(tmp_path / "missing"), "psim": str(guarded.psim), "victim": str(guarded.victim)}
+    args = [a.format(**values) for a in args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "peftshield", "serve", *args, "--port", str(free_port())], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
