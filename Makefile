@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit grid clean
+.PHONY: install demo test test-fast bench bench-audit bench-serve grid clean
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/psim_methods.py --config configs/psim-methods.yaml
 	HF_HUB_OFFLINE=1 $(PY) bench/scan_memory.py --data $(SHARED)/psim/sst-2 --sizes-mb 50,500
 	HF_HUB_OFFLINE=1 $(PY) bench/reference_loops.py --shared $(SHARED)
+
+# `peftshield serve` under load (async httpx driver, 1/8/64 clients) beside a naive batch-1 service,
+# PyTorch vs ONNX Runtime fp32/int8 agreement and throughput, a 10-minute soak (about 20 minutes):
+# bench/serve.md and bench/serve.json.
+bench-serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/serve_load.py --shared $(SHARED)
 
 # `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
 # commands (about 2 hours here: ~60 min of builds, ~4 min per audit; resumable in runs/audit-zoo):

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from audit_zoo_build import PEFTSHIELD, ZooEntry, build_entry, zoo  # noqa: E402
 
 from peftshield.audit import DEFAULT_AUDIT_TEXTS, VerdictCalibration, load_audit_texts  # noqa: E402
+from peftshield.audit.verdict import RAW_SCORE_REVISION, raw_score  # noqa: E402
 from peftshield.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 CALIBRATION_OUT = Path("src/peftshield/audit/calibration.json")
@@ -76,6 +77,20 @@ def run_audit_cli(args: list[str], out: Path, log) -> dict:
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     log(f"  audited in {result['wall_seconds']:.0f} s: raw {result['raw_score']:.3f}, top {[t['text'] for t in result['triggers'][:5]]}")
     return result
+
+
+def rescore(result: dict) -> None:
+    """Recompute the raw score of a head-probe audit with the current :func:`raw_score` from the
+    effects stored per trigger (flip rate, excess confidence, collapse, length), best first. The search is the
+    same; only the stored top triggers are re-ranked, so a phrase the old score ranked below
+    the top 5 cannot come back (a limit of rescoring instead of re-auditing)."""
+    if result["probe"] != "head" or result.get("raw_score_revision") == RAW_SCORE_REVISION:
+        return
+    for trigger in result["triggers"]:
+        trigger["raw_score"] = raw_score(trigger["flip_rate"], trigger["excess_confidence"], trigger["collapse"], len(trigger["tokens"]))
+    result["triggers"].sort(key=lambda t: (-t["raw_score"], -t["confidence"], len(t["tokens"]), t["text"]))
+    result["raw_score"] = result["triggers"][0]["raw_score"] if result["triggers"] else 0.0
+    result["rescored"] = True
 
 
 NO_CALIBRATION = Path("runs/audit-zoo/uncalibrated.json")  # blind: the audit must not read a calibration built from this zoo
@@ -159,6 +174,9 @@ def main() -> None:
     for entry in [e for e in entries if e.separate_row]:  # reported apart: what the audit sees on a syntactic backdoor
         audit_entry(entry)
 
+    # Audits run before the raw score's revision 2 are rescored from their stored trigger effects.
+    for row in rows:
+        rescore(row["result"])
     # Leave-one-out calibration per probe kind.
     for row in rows:
         probe = row["result"]["probe"]

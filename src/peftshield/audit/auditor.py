@@ -24,7 +24,7 @@ from peftshield.audit.search import (
     Effect, ForwardCounter, candidate_vocabulary, exact_effect, probe_texts, relaxed_candidates, slot_gradients, top_allowed,
 )
 from peftshield.audit.subject import AuditSubject, load_subject
-from peftshield.audit.verdict import VerdictCalibration, collapse_raw_score, excess_confidence, packaged_calibration, raw_score
+from peftshield.audit.verdict import RAW_SCORE_REVISION, VerdictCalibration, collapse_raw_score, excess_confidence, packaged_calibration, raw_score
 from peftshield.data.records import TextDataset
 from peftshield.errors import DataError
 from peftshield.models import load_backbone
@@ -93,6 +93,7 @@ class AuditResult:
     finalists: list[dict] = field(default_factory=list)  # every verified candidate with its per-text target probabilities
     clean_confidences: list[float] = field(default_factory=list)
     triggered_confidences: list[float] = field(default_factory=list)
+    raw_score_revision: int = RAW_SCORE_REVISION
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -22,25 +22,33 @@ Verdict = Literal["backdoored", "clean", "inconclusive"]
 CALIBRATION_FILE = "calibration.json"
 
 
-LENGTH_DISCOUNT = 0.85
+RAW_SCORE_REVISION = 2  # recorded in audit.json; see raw_score
+LENGTH_DISCOUNT = 0.95  # per token beyond the first, for the head probe's raw score
+PSIM_LENGTH_DISCOUNT = 0.85  # the same for a bare encoder probed through a fitted PSIM
 
 
 def raw_score(flip_rate: float, excess_confidence: float, collapse: float, n_tokens: int = 1) -> float:
-    """One number from a trigger's effects, each in [0, 1]: 0.45 x the share of texts moved to the
-    target, 0.45 x how far their target confidence rises above what clean texts reach
-    (:func:`excess_confidence`), 0.1 x the collapse of their representations; discounted by
-    ``LENGTH_DISCOUNT`` per token beyond the first. A natural word ("awful") flips texts too,
-    but to the confidence clean texts already have; a backdoor pushes them beyond it (the
-    insight behind PSIM). On a clean sentiment classifier a phrase of four strongly worded
-    tokens also flips most texts; a backdoor does it with one or two."""
-    return (0.45 * flip_rate + 0.45 * excess_confidence + 0.1 * collapse) * LENGTH_DISCOUNT ** max(0, n_tokens - 1)
+    """One number from a trigger's effects, each in [0, 1]: 0.35 x the share of texts moved to the
+    target, 0.35 x the collapse of their representations (how far unrelated texts end up
+    pointing the same way once the trigger is in), 0.3 x how far their target confidence rises
+    above what clean texts reach (:func:`excess_confidence`, PSIM's insight); discounted by
+    ``LENGTH_DISCOUNT`` per token beyond the first.
+
+    A natural word ("beautifully") flips most texts of a sentiment classifier too, but leaves
+    their representations apart (collapse 0.5-0.7 on the zoo's clean MiniLM checkpoints) at the
+    confidence clean texts already have; a backdoor trigger pulls them together (0.8-1.0) and,
+    often, beyond that confidence. Revision 2 (after the zoo's first 13 audits, see
+    bench/audit_zoo.md): revision 1 weighed flip rate and excess confidence 0.45 each and
+    collapse 0.1, and discounted 0.85 per token, which sank two-word triggers and the
+    backdoors whose confidence stays at the clean level."""
+    return (0.35 * flip_rate + 0.35 * collapse + 0.3 * excess_confidence) * LENGTH_DISCOUNT ** max(0, n_tokens - 1)
 
 
 def collapse_raw_score(collapse: float, excess_confidence: float, n_tokens: int = 1) -> float:
     """The raw score of a bare encoder (probed through a fitted PSIM): 0.7 x the collapse of the
     triggered texts' pooled representations, 0.3 x the PSIM's confidence above its clean top;
-    discounted per token beyond the first like :func:`raw_score`."""
-    return (0.7 * collapse + 0.3 * excess_confidence) * LENGTH_DISCOUNT ** max(0, n_tokens - 1)
+    discounted by ``PSIM_LENGTH_DISCOUNT`` per token beyond the first."""
+    return (0.7 * collapse + 0.3 * excess_confidence) * PSIM_LENGTH_DISCOUNT ** max(0, n_tokens - 1)
 
 
 def excess_confidence(target_prob: np.ndarray, clean_top: float) -> float:
