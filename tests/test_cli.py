@@ -187,6 +187,17 @@ def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path,
             assert all(r["flagged"] == (r["score"] > tau) for r in rows if abs(r["score"] - tau) > 1e-5)  # scores are written to 6 decimals
         else:
             assert lines[0] == "id,score,flagged" and len(lines) == 17
+    # the ONNX Runtime path writes the same flags and scores (to 1e-4)
+    onnx_out = tmp_path / "scores-onnx.jsonl"
+    code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir / "test.json"), "--out", str(onnx_out),
+                       "--runtime", "onnx", "--no-progress")
+    assert code == 0, err
+    eager = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    onnx = [json.loads(line) for line in onnx_out.read_text().splitlines()]
+    assert [r["flagged"] for r in onnx] == [r["flagged"] for r in eager]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(onnx, eager)) < 1e-4
+    code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir / "test.json"), "--out", str(onnx_out), "--runtime", "gpu")
+    assert_one_line_error(code, err, "--runtime", "torch, onnx, onnx-int8")
     victim = tmp_path / "victim"
     assert run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(victim), "--backbone", "tiny", "--epochs", "1", "--max-length", "32", "--no-progress")[0] == 0
     code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--defense", "psim", "--psim", str(psim_dir),
@@ -195,6 +206,12 @@ def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path,
     metrics = json.loads((victim / "metrics.json").read_text())
     assert set(metrics["detection"]) == {"precision", "recall", "f1", "frr", "far", "auroc", "threshold"}
     assert metrics["detection"]["threshold"] == manifest["psim"]["threshold"], "the PSIM's calibrated threshold is applied"
+    code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--defense", "psim", "--psim", str(psim_dir),
+                       "--trigger", "badnet", "--target", "0", "--runtime", "onnx", "--out", str(tmp_path / "metrics-onnx.json"), "--no-progress")
+    assert code == 0, err
+    on_onnx = json.loads((tmp_path / "metrics-onnx.json").read_text())
+    assert abs(on_onnx["detection"]["auroc"] - metrics["detection"]["auroc"]) < 1e-3
+    assert on_onnx["defended_attack_success_rate"] == metrics["defended_attack_success_rate"]
     code, _, err = run(capsys, "scan", "--psim", str(victim), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.jsonl"))
     assert_one_line_error(code, err, "not a PSIM folder")
     code, _, err = run(capsys, "scan", "--psim", str(psim_dir), "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "s.txt"))

@@ -27,7 +27,8 @@ def info(message: str) -> None:
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 RuntimeOption = typer.Option(
     "torch", "--runtime", help="Where forward passes run: torch (eager), onnx (ONNX Runtime fp32) or onnx-int8 (dynamic int8); "
-    "the ONNX export is made on first use and cached in the model folder's onnx/ (see bench/serve.md for speed and agreement).",
+    "the ONNX export is made on first use and cached in the model folder's onnx/. onnx-int8 quantises activations with one scale per batch, "
+    "so a text's score depends on the other texts of its batch (bench/serve.md measures how far).",
 )
 SeedOption = typer.Option(0, "--seed", help="Seed of every random choice (numpy Generator and torch).")
 BackboneOption = typer.Option("minilm", "--backbone", help="HF model name, local directory, 'minilm' (offline default) or 'tiny'.")

@@ -95,7 +95,7 @@ class PSIM(Defense):
 
     def predict_proba(self, texts: list[str], progress: bool = False) -> np.ndarray:
         runtime = getattr(self, "runtime_", None)
-        if runtime is not None:
+        if runtime is not None:  # an ONNX runtime (PyTorch goes through predict_proba, which sets eval mode)
             return runtime_proba(runtime, self.tokenizer_, texts, self.score_batch_size, self.max_length, progress, "psim scan")
         return predict_proba(self.model_, self.tokenizer_, texts, self.score_batch_size, self.max_length, progress, "psim scan")
 

@@ -42,7 +42,7 @@ class Guard:
     """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
 
     def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, threshold: float | None = None, mode: str = "block",
-                 max_length: int | None = None, batch_size: int = 64) -> None:
+                 max_length: int | None = None, batch_size: int = 16) -> None:
         if mode not in MODES:
             raise ConfigError(f"--mode {mode!r}: choose block or monitor")
         self.victim = victim
@@ -54,10 +54,15 @@ class Guard:
         self.max_length = int(max_length or psim.max_length)
         self.batch_size = batch_size
         self.shared_tokenizer = _same_tokenizer(victim_tokenizer, psim.tokenizer_)
+        from peftshield.models.runtime import TorchRuntime
+
+        victim.eval()
+        psim.model_.eval()
+        self.psim_runtime = getattr(psim, "runtime_", None) or TorchRuntime(psim.model_)
 
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str = "torch", threshold: float | None = None, mode: str = "block",
-             backbone: str | None = None, max_length: int | None = None, batch_size: int = 64) -> "Guard":
+             backbone: str | None = None, max_length: int | None = None, batch_size: int = 16) -> "Guard":
         """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
         onnx-int8 (for both models)."""
@@ -74,12 +79,6 @@ class Guard:
         victim = load_classifier(model_dir, backbone=backbone)
         victim_runtime = make_runtime(victim.model, runtime, model_dir, model_fingerprint(model_dir))
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, threshold, mode, max_length, batch_size)
-
-    @property
-    def psim_runtime(self):
-        from peftshield.models.runtime import TorchRuntime
-
-        return getattr(self.psim, "runtime_", None) or TorchRuntime(self.psim.model_)
 
     @property
     def num_labels(self) -> int:

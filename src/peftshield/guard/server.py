@@ -69,6 +69,7 @@ class ServeSettings(BaseModel):
     mode: str = "block"
     backbone: Optional[str] = None
     max_length: Optional[PositiveInt] = None
+    score_batch: PositiveInt = 16
 
 
 class ClassifyRequest(BaseModel):
@@ -165,13 +166,11 @@ class ServiceMetrics:
         self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
         self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
         self.mode.labels(mode=mode).set(1)
-        self.batch_sizes: list[int] = []  # every micro-batch's text count, for tests and the benchmark
         self._counts = [0, 0]
 
     def record_batch(self, record: BatchRecord) -> None:
         self.batch_texts.observe(record.texts)
         self.batch_requests.observe(record.requests)
-        self.batch_sizes.append(record.texts)
 
     def record_results(self, results: list) -> None:
         flagged = sum(r.flagged for r in results)
@@ -189,7 +188,7 @@ class ServiceMetrics:
 
 def load_guard(settings: ServeSettings) -> Guard:
     return Guard.load(settings.model, settings.psim, runtime=settings.runtime, threshold=settings.threshold, mode=settings.mode,
-                      backbone=settings.backbone, max_length=settings.max_length, batch_size=settings.max_batch)
+                      backbone=settings.backbone, max_length=settings.max_length, batch_size=settings.score_batch)
 
 
 def create_app(settings: ServeSettings, guard: Guard | None = None):
@@ -267,7 +266,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         loaded = state["guard"]
         body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "model": str(settings.model),
                 "psim": str(settings.psim), "threshold": loaded.threshold if loaded else None, "max_batch": settings.max_batch,
-                "max_wait_ms": settings.max_wait_ms}
+                "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch}
         if state["load_error"]:
             body["error"] = state["load_error"]
         status = 200 if loaded is not None else 503

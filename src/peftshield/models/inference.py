@@ -26,7 +26,12 @@ def predict_proba(
     with ``model`` in PyTorch eager (see :func:`runtime_proba` for the ONNX runtimes)."""
     from peftshield.models.runtime import TorchRuntime
 
-    return runtime_proba(TorchRuntime(model), tokenizer, texts, batch_size, max_length, progress, description)
+    was_training = model.training
+    model.eval()
+    try:
+        return runtime_proba(TorchRuntime(model), tokenizer, texts, batch_size, max_length, progress, description)
+    finally:
+        model.train(was_training)
 
 
 def runtime_proba(

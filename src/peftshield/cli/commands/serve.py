@@ -24,6 +24,7 @@ def serve(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes, each with its own copy of the models (and its own /metrics)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Texts per forward pass at most."),
     max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0, max=10_000, help="How long the first request of a batch waits for company."),
+    score_batch: int = typer.Option(16, "--score-batch", min=1, help="A micro-batch runs as length-sorted forward passes of this many texts (less padding than one pass over texts of any length; bench/serve.md)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one per line; then /v1/classify needs 'Authorization: Bearer KEY'."),
     log_flagged: Optional[Path] = typer.Option(None, "--log-flagged", help="Append every flagged text to this JSONL file (request id, time, score, text)."),
     log_text: bool = typer.Option(True, "--log-text/--no-log-text", help="Whether the flagged log holds the texts themselves."),
@@ -39,7 +40,7 @@ def serve(
     from peftshield.guard.server import ServeSettings, serve as run_service
 
     try:
-        settings = ServeSettings(model=model, psim=psim, host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        settings = ServeSettings(model=model, psim=psim, host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms, score_batch=score_batch,
                                  api_key_file=api_key_file, log_flagged=log_flagged, log_text=log_text, max_texts=max_texts,
                                  max_text_chars=max_text_chars, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone)
     except ValidationError as exc:
@@ -57,7 +58,7 @@ def guard(
     out: Optional[Path] = typer.Option(None, "--out", help="JSONL to write atomically (default: standard output)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's calibrated threshold."),
     mode: str = typer.Option("block", "--mode", help="block or monitor (see 'serve')."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (length-sorted)."),
     backbone: Optional[str] = typer.Option(None, "--backbone"),
     runtime: str = RuntimeOption,
 ) -> None:
