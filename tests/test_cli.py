@@ -229,7 +229,9 @@ def test_demo_interrupted_exits_130_and_resumes_without_redoing_finished_stages(
     command = [sys.executable, "-m", "peftshield", "demo", "--out", str(out), "--backbone", "tiny", "--data", str(tiny_dataset_dir),
                "--attack-data", str(tiny_dataset_dir), "--methods", "lora,full", "--attack-samples", "32", "--poison-count", "8",
                "--attack-epochs", "1", "--victim-samples", "32", "--victim-epochs", "300", "--max-length", "32", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from subprocess_helpers import restore_sigint
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
     stages = out / "stages"
     deadline = time.time() + 180
     while time.time() < deadline and not list(stages.glob(".victim-*.tmp")):  # the backbone is done, a victim is training

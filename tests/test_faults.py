@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from peftshield.cli import main
+from subprocess_helpers import restore_sigint
 
 PEFTSHIELD = Path(sys.executable).with_name("peftshield")
 ROWS = [
@@ -192,7 +193,7 @@ def test_ctrl_c_during_grid_run_exits_130_and_says_interrupted(tmp_path: Path) -
     config.write_text(GRID.format(data=data))
     run_dir = tmp_path / "run"
     process = subprocess.Popen([str(PEFTSHIELD), "run", str(config), "--out", str(run_dir), "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(), cwd=tmp_path)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(), cwd=tmp_path, preexec_fn=restore_sigint)
     reader = StderrReader(process)
     try:
         stages = run_dir / "stages"
@@ -218,7 +219,7 @@ def test_ctrl_c_during_finetune_exits_130_and_writes_nothing(tmp_path: Path) -> 
     # FORCE_COLOR makes the progress bar draw into the pipe, so the test sees training start
     process = subprocess.Popen([str(PEFTSHIELD), "finetune", "--backbone", "tiny", "--data", str(data), "--out", str(out),
                                 "--epochs", "500", "--batch-size", "8", "--max-length", "32"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(FORCE_COLOR="1"), cwd=tmp_path)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(FORCE_COLOR="1"), cwd=tmp_path, preexec_fn=restore_sigint)
     reader = StderrReader(process)
     try:
         wait_for(lambda: "epoch 1/500" in reader.text or process.poll() is not None, 180, "fine-tuning to start")
