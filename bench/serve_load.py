@@ -103,9 +103,8 @@ def score_worker(psim_dir: str, runtime: str, shared: str, out: str) -> None:
     # so its scores can depend on the other texts of the batch.
     from peftshield.models.batching import encode_texts, pad_rows
     from peftshield.models.inference import softmax
-    from peftshield.models.runtime import TorchRuntime
 
-    runtime_of = getattr(psim, "runtime_", None) or TorchRuntime(psim.model_.eval())
+    runtime_of = psim.scoring_runtime()
     order = np.random.default_rng(0).permutation(len(texts))
     encoded = encode_texts(psim.tokenizer_, [texts[i] for i in order], psim.max_length)
     mixed = np.zeros(len(texts), dtype=np.float32)
@@ -400,7 +399,7 @@ def render(summary: dict) -> str:
         f"{limit['limit_texts_per_s_fp32']} texts/s; the best fp32 ONNX rate is {limit['best_share_of_limit']:.0%} of that. "
         "int8 can pass it because its matmuls are cheaper than the fp32 rate measured.",
         "",
-        f"## Load: the guard service vs a naive one (one text per request, max batch 64, max wait 5 ms, score batch 16)",
+        "## Load: the guard service vs a naive one (one text per request, max batch 64, max wait 5 ms, score batch 16)",
         "",
         "Clients cycle through the SST-2 test texts: 1,818 alternating clean and triggered texts, then 912 clean ones, one "
         "text per request; the *flagged* share is therefore near 50% while a run stays in the first part and falls towards "

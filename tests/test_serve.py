@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backdoor_fixtures import TRIGGER, attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
+from backdoor_fixtures import attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.guard import Guard
 from peftshield.guard.batcher import MicroBatcher

@@ -26,7 +26,7 @@ from peftshield.finetune.trainer import draw_training_rows
 from peftshield.io import read_json
 from peftshield.models import load_backbone
 from peftshield.models.inference import predict_proba, runtime_proba
-from peftshield.models.runtime import make_runtime
+from peftshield.models.runtime import TorchRuntime, make_runtime
 
 PSIM_MANIFEST_KEY = "psim"
 
@@ -92,6 +92,11 @@ class PSIM(Defense):
         self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores)
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    def scoring_runtime(self):
+        """Where this PSIM's forward passes run: the ONNX runtime chosen at :meth:`load`, else
+        PyTorch (the caller keeps the model in eval mode, as :meth:`load` leaves it)."""
+        return getattr(self, "runtime_", None) or TorchRuntime(self.model_)
 
     def predict_proba(self, texts: list[str], progress: bool = False) -> np.ndarray:
         runtime = getattr(self, "runtime_", None)

@@ -5,6 +5,7 @@
 - :mod:`peftshield.guard.server`: the HTTP service of ``peftshield serve``.
 """
 
-from peftshield.guard.guard import MODES, Guard, GuardResult
+from peftshield.guard.guard import Guard, GuardResult
+from peftshield.guard.settings import MODES
 
 __all__ = ["MODES", "Guard", "GuardResult"]

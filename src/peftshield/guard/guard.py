@@ -19,9 +19,8 @@ from peftshield.errors import ConfigError
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
-from peftshield.models.runtime import RUNTIMES, make_runtime
-
-MODES = ("block", "monitor")
+from peftshield.guard.settings import SCORE_BATCH, check_guard_inputs, check_mode
+from peftshield.models.runtime import make_runtime
 
 
 @dataclass(frozen=True)
@@ -42,39 +41,30 @@ class Guard:
     """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
 
     def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, threshold: float | None = None, mode: str = "block",
-                 max_length: int | None = None, batch_size: int = 16) -> None:
-        if mode not in MODES:
-            raise ConfigError(f"--mode {mode!r}: choose block or monitor")
+                 max_length: int | None = None, batch_size: int = SCORE_BATCH) -> None:
         self.victim = victim
         self.victim_tokenizer = victim_tokenizer
         self.psim = psim
         self.victim_runtime = victim_runtime
         self.threshold = float(psim.threshold_ if threshold is None else threshold)
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.max_length = int(max_length or psim.max_length)
         self.batch_size = batch_size
         self.shared_tokenizer = _same_tokenizer(victim_tokenizer, psim.tokenizer_)
-        from peftshield.models.runtime import TorchRuntime
-
         victim.eval()
         psim.model_.eval()
-        self.psim_runtime = getattr(psim, "runtime_", None) or TorchRuntime(psim.model_)
+        self.psim_runtime = psim.scoring_runtime()
 
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str = "torch", threshold: float | None = None, mode: str = "block",
-             backbone: str | None = None, max_length: int | None = None, batch_size: int = 16) -> "Guard":
+             backbone: str | None = None, max_length: int | None = None, batch_size: int = SCORE_BATCH) -> "Guard":
         """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
         onnx-int8 (for both models)."""
-        if runtime not in RUNTIMES:
-            raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if threshold is not None and not 0 < threshold <= 1:
             raise ConfigError(f"--threshold {threshold}: a PSIM threshold is a confidence in (0, 1]")
         model_dir, psim_dir = Path(model_dir), Path(psim_dir)
-        if not model_dir.is_dir():
-            raise ConfigError(f"--model {model_dir}: no such model directory")
-        if not psim_dir.is_dir():
-            raise ConfigError(f"--psim {psim_dir}: no such PSIM directory")
+        check_guard_inputs(model_dir, psim_dir, runtime, mode)
         psim = PSIM.load(psim_dir, backbone=backbone, runtime=runtime)
         victim = load_classifier(model_dir, backbone=backbone)
         victim_runtime = make_runtime(victim.model, runtime, model_dir, model_fingerprint(model_dir))

@@ -27,49 +27,22 @@ import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftshield.errors import ConfigError
 from peftshield.guard.batcher import BatchRecord, MicroBatcher, ShuttingDown
-from peftshield.guard.guard import MODES, Guard
-from peftshield.models.runtime import RUNTIMES
+from peftshield.guard.guard import Guard
+from peftshield.guard.settings import ServeSettings, check_guard_inputs
 
 logger = logging.getLogger("peftshield.serve")
 SETTINGS_ENV = "PEFTSHIELD_SERVE_SETTINGS"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class ServeSettings(BaseModel):
-    """Everything ``peftshield serve`` is started with (also the JSON handed to each worker)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Path
-    psim: Path
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: PositiveInt = 1
-    max_batch: PositiveInt = 32
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    api_key_file: Optional[Path] = None
-    log_flagged: Optional[Path] = None
-    log_text: bool = True
-    max_texts: PositiveInt = 64
-    max_text_chars: PositiveInt = 4000
-    max_body_bytes: PositiveInt = 1_000_000
-    runtime: str = "torch"
-    threshold: Optional[float] = Field(None, gt=0, le=1)
-    mode: str = "block"
-    backbone: Optional[str] = None
-    max_length: Optional[PositiveInt] = None
-    score_batch: PositiveInt = 16
 
 
 class ClassifyRequest(BaseModel):
@@ -100,14 +73,7 @@ def read_api_keys(path: Path) -> list[str]:
 
 def check_settings(settings: ServeSettings) -> None:
     """One-line errors for settings that would only fail once the service is up."""
-    if settings.runtime not in RUNTIMES:
-        raise ConfigError(f"--runtime {settings.runtime!r}: choose one of {', '.join(RUNTIMES)}")
-    if settings.mode not in MODES:
-        raise ConfigError(f"--mode {settings.mode!r}: choose block or monitor")
-    if not settings.model.is_dir():
-        raise ConfigError(f"--model {settings.model}: no such model directory")
-    if not settings.psim.is_dir():
-        raise ConfigError(f"--psim {settings.psim}: no such PSIM directory")
+    check_guard_inputs(settings.model, settings.psim, settings.runtime, settings.mode)
     if settings.api_key_file is not None:
         read_api_keys(settings.api_key_file)
     if settings.log_flagged is not None:
@@ -196,14 +162,17 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     start-up (``/readyz`` answers 503 until then)."""
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
     metrics = ServiceMetrics(settings.mode)
-    state: dict = {"guard": guard, "load_error": None}
+    state: dict = {"guard": None, "load_error": None}
+
+    def mark_ready(loaded: Guard) -> None:
+        state["guard"] = loaded
+        metrics.ready.set(1)
+        logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
+                    loaded.threshold, settings.mode)
 
     def load_models() -> None:
         try:
-            state["guard"] = load_guard(settings)
-            metrics.ready.set(1)
-            logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
-                        state["guard"].threshold, settings.mode)
+            mark_ready(load_guard(settings))
         except Exception as exc:  # reported by /readyz and the log, one line
             state["load_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             logger.error("cannot load the models: %s", state["load_error"])
@@ -217,12 +186,10 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     @asynccontextmanager
     async def lifespan(_app):
         await batcher.start()
-        if state["guard"] is None:
+        if guard is None:
             threading.Thread(target=load_models, name="peftshield-load", daemon=True).start()
         else:
-            metrics.ready.set(1)
-            logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
-                        state["guard"].threshold, settings.mode)
+            mark_ready(guard)
         yield
         await batcher.stop()
         if flag_log is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -22,8 +21,20 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from peftshield.io import atomic_write_json
+from peftshield.models.inference import model_device
+
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 ONNX_DIR = "onnx"
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of :data:`RUNTIMES`, else a one-line :class:`ConfigError`."""
+    if runtime not in RUNTIMES:
+        from peftshield.errors import ConfigError
+
+        raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    return runtime
 
 
 class ClassifierRuntime(Protocol):
@@ -43,10 +54,7 @@ class TorchRuntime:
     def __init__(self, model) -> None:
         self.model = model
         self.num_labels = int(model.config.num_labels)
-        try:
-            self.device = next(model.parameters()).device
-        except StopIteration:
-            self.device = torch.device("cpu")
+        self.device = model_device(model)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -120,7 +128,9 @@ def export_onnx(model, path: str | Path) -> Path:
 
 
 def quantize_int8(source: str | Path, path: str | Path) -> Path:
-    """ONNX Runtime dynamic int8 quantisation of the weights of an fp32 file."""
+    """ONNX Runtime dynamic int8 quantisation of an fp32 file (weights ahead of time, activations per batch)."""
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -133,8 +143,6 @@ def quantize_int8(source: str | Path, path: str | Path) -> Path:
         bare = Path(tmp) / "bare.onnx"
         onnx.save(model, str(bare))
         target = Path(tmp) / path.name
-        import logging
-
         logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
         try:
             quantize_dynamic(str(bare), str(target), weight_type=QuantType.QInt8)
@@ -167,7 +175,7 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path
         for stale in (fp32, int8):
             stale.unlink(missing_ok=True)
         export_onnx(model, fp32)
-        stamp.write_text(json.dumps({"fingerprint": fingerprint, "source": str(folder)}))
+        atomic_write_json(stamp, {"fingerprint": fingerprint, "source": str(folder)})
     if runtime == "onnx":
         return fp32
     if not int8.is_file():
@@ -178,16 +186,9 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path
 def make_runtime(model, runtime: str = "torch", folder: str | Path | None = None, fingerprint: str = "") -> ClassifierRuntime:
     """The runtime named ``runtime`` (one of :data:`RUNTIMES`) for ``model``; the ONNX ones need the
     model's ``folder`` to cache the export in."""
-    if runtime == "torch":
+    if check_runtime(runtime) == "torch":
         return TorchRuntime(model)
-    if runtime not in RUNTIMES:
-        from peftshield.errors import ConfigError
-
-        raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if folder is None:
         raise ValueError("an ONNX runtime needs the model's folder to cache its export")
     return OnnxRuntime(onnx_file(folder, model, runtime, fingerprint), int(model.config.num_labels), name=runtime)
 
-
-def remove_onnx_cache(folder: str | Path) -> None:
-    shutil.rmtree(Path(folder) / ONNX_DIR, ignore_errors=True)

@@ -11,41 +11,44 @@ from typing import Optional
 import typer
 
 from peftshield.cli.app import RuntimeOption, app, info
+from peftshield.cli.commands.common import defaults_of, typed_from_flags
 from peftshield.errors import ConfigError, DataError
+from peftshield.guard.settings import SCORE_BATCH, ServeSettings
 from peftshield.io import atomic_text_stream, check_output_place
+
+_SERVE = defaults_of(ServeSettings)
+
 
 @app.command(help="Serve a model behind its PSIM over HTTP: POST /v1/classify, GET /healthz, /readyz, /metrics. "
                   "Concurrent requests are micro-batched; SIGTERM finishes requests in flight, then exits.")
 def serve(
     model: Path = typer.Option(..., "--model", help="The deployed classifier (a 'peftshield finetune' folder or a transformers classifier folder)."),
     psim: Path = typer.Option(..., "--psim", help="A PSIM folder ('peftshield psim train' or 'audit --write-psim')."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
-    workers: int = typer.Option(1, "--workers", min=1, help="Processes, each with its own copy of the models (and its own /metrics)."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Texts per forward pass at most."),
-    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0, max=10_000, help="How long the first request of a batch waits for company."),
-    score_batch: int = typer.Option(16, "--score-batch", min=1, help="A micro-batch runs as length-sorted forward passes of this many texts (less padding than one pass over texts of any length; bench/serve.md)."),
+    host: str = typer.Option(_SERVE["host"], "--host"),
+    port: int = typer.Option(_SERVE["port"], "--port"),
+    workers: int = typer.Option(_SERVE["workers"], "--workers", help="Processes, each with its own copy of the models (and its own /metrics)."),
+    max_batch: int = typer.Option(_SERVE["max_batch"], "--max-batch", help="Texts per forward pass at most."),
+    max_wait_ms: float = typer.Option(_SERVE["max_wait_ms"], "--max-wait-ms", help="How long the first request of a batch waits for company."),
+    score_batch: int = typer.Option(_SERVE["score_batch"], "--score-batch", help="A micro-batch runs as length-sorted forward passes of this many texts (less padding than one pass over texts of any length; bench/serve.md)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one per line; then /v1/classify needs 'Authorization: Bearer KEY'."),
     log_flagged: Optional[Path] = typer.Option(None, "--log-flagged", help="Append every flagged text to this JSONL file (request id, time, score, text)."),
-    log_text: bool = typer.Option(True, "--log-text/--no-log-text", help="Whether the flagged log holds the texts themselves."),
-    max_texts: int = typer.Option(64, "--max-texts", min=1, help="Texts per request at most (413 beyond)."),
-    max_text_chars: int = typer.Option(4000, "--max-text-chars", min=1, help="Characters per text at most (413 beyond)."),
+    log_text: bool = typer.Option(_SERVE["log_text"], "--log-text/--no-log-text", help="Whether the flagged log holds the texts themselves."),
+    max_texts: int = typer.Option(_SERVE["max_texts"], "--max-texts", help="Texts per request at most (413 beyond)."),
+    max_text_chars: int = typer.Option(_SERVE["max_text_chars"], "--max-text-chars", help="Characters per text at most (413 beyond)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's calibrated threshold."),
-    mode: str = typer.Option("block", "--mode", help="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported."),
+    mode: str = typer.Option(_SERVE["mode"], "--mode", help="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The models' backbone, if no longer where finetune.json recorded it."),
     runtime: str = RuntimeOption,
 ) -> None:
-    from pydantic import ValidationError
+    from peftshield.guard.server import serve as run_service
 
-    from peftshield.guard.server import ServeSettings, serve as run_service
-
-    try:
-        settings = ServeSettings(model=model, psim=psim, host=host, port=port, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms, score_batch=score_batch,
-                                 api_key_file=api_key_file, log_flagged=log_flagged, log_text=log_text, max_texts=max_texts,
-                                 max_text_chars=max_text_chars, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    settings = typed_from_flags(ServeSettings, {
+        "model": ("--model", model), "psim": ("--psim", psim), "host": ("--host", host), "port": ("--port", port), "workers": ("--workers", workers),
+        "max_batch": ("--max-batch", max_batch), "max_wait_ms": ("--max-wait-ms", max_wait_ms), "score_batch": ("--score-batch", score_batch),
+        "api_key_file": ("--api-key-file", api_key_file), "log_flagged": ("--log-flagged", log_flagged), "log_text": ("--log-text", log_text),
+        "max_texts": ("--max-texts", max_texts), "max_text_chars": ("--max-text-chars", max_text_chars), "runtime": ("--runtime", runtime),
+        "threshold": ("--threshold", threshold), "mode": ("--mode", mode), "backbone": ("--backbone", backbone),
+    })
     run_service(settings, announce=info)
 
 
@@ -57,8 +60,8 @@ def guard(
     input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL to read (default: standard input)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSONL to write atomically (default: standard output)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's calibrated threshold."),
-    mode: str = typer.Option("block", "--mode", help="block or monitor (see 'serve')."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts per forward pass (length-sorted)."),
+    mode: str = typer.Option(_SERVE["mode"], "--mode", help="block or monitor (see 'serve')."),
+    batch_size: int = typer.Option(SCORE_BATCH, "--batch-size", min=1, help="Texts per forward pass (length-sorted)."),
     backbone: Optional[str] = typer.Option(None, "--backbone"),
     runtime: str = RuntimeOption,
 ) -> None:
