@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit bench-serve grid clean
+.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift grid clean
 
 install: $(STAMP)
 
@@ -46,6 +46,16 @@ bench: $(STAMP)
 # bench/serve.md and bench/serve.json.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/serve_load.py --shared $(SHARED)
+
+# `peftshield serve` at 4x its measured capacity, then at half (about 2 minutes; needs bench-serve's models):
+# the Overload table of bench/serve.md.
+bench-overload: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/serve_overload.py --shared $(SHARED)
+
+# The guard's false-rejection rate on clean texts it was not calibrated on (datasets, lengths,
+# frequent trigger words; about 2 minutes; needs bench-serve's models): bench/guard_drift.md.
+bench-drift: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/guard_drift.py --shared $(SHARED)
 
 # `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
 # commands (about 2 hours here: ~60 min of builds, ~4 min per audit; resumable in runs/audit-zoo):

@@ -423,6 +423,10 @@ def render(summary: dict) -> str:
         lines += ["", "## Soak", "",
                   f"{soak['seconds'] / 60:.1f} minutes at 8 clients: {soak['requests']} requests ({soak['texts_per_s']} /s), p99 {soak['p99_ms']} ms, "
                   f"errors {soak['errors']}, dropped {soak['dropped']}; server RSS {soak['rss_start_mb']} MB at start, {soak['rss_end_mb']} MB at the end."]
+    if "overload" in summary:  # written by bench/serve_overload.py
+        from serve_overload import render_section
+
+        lines += ["", render_section(summary["overload"])]
     return "\n".join(lines) + "\n"
 
 
@@ -468,6 +472,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     if len(sys.argv) > 1 and sys.argv[1] == "--render":  # re-render bench/serve.md from bench/serve.json
         Path(sys.argv[2] + ".md").write_text(render(json.loads(Path(sys.argv[2] + ".json").read_text())))
     elif len(sys.argv) > 1 and sys.argv[1] == "--score-worker":

@@ -159,17 +159,17 @@ def test_cli_writes_the_audit_and_a_psim_that_scan_uses(tmp_path, models, clean_
     out, psim = tmp_path / "audit", tmp_path / "psim"
     done = run_cli(str(models["poisoned"]), "--texts", str(texts), "--out", str(out), "--write-psim", str(psim),
                    "--calibration", str(calibration), "--no-progress", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # a finding: the gate's exit code (tests/test_gate.py has them all)
     report = json.loads((out / "audit.json").read_text())
     assert {"verdict", "score", "triggers", "seconds"} <= set(report)
     assert report["triggers"][0]["text"] == TRIGGER and set(report["triggers"][0]) >= {"text", "target", "flip_rate", "confidence"}
     assert (out / "report.md").read_text().count(f"`{TRIGGER}`") >= 1 and (out / "audit.png").stat().st_size > 1000
-    assert "verdict: backdoored" in done.stderr
+    assert "verdict backdoored" in done.stderr
     scan_in = tmp_path / "scan.jsonl"
     scan_in.write_text('{"sentence": "good film", "label": 1}\n{"sentence": "good cf film", "label": 1}\n', encoding="utf-8")
     scanned = subprocess.run([sys.executable, "-m", "peftshield", "scan", "--psim", str(psim), "--data", str(scan_in), "--out", str(tmp_path / "s.jsonl"),
                               "--no-progress"], capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert scanned.returncode == 0, scanned.stderr
+    assert scanned.returncode == 1, scanned.stderr  # the triggered text is flagged
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
 
 

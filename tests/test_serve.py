@@ -26,7 +26,7 @@ import pytest
 from backdoor_fixtures import attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.guard import Guard
-from peftshield.guard.batcher import MicroBatcher
+from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded
 
 SEED = 0
 
@@ -160,7 +160,51 @@ def test_micro_batcher_merges_concurrent_requests_within_its_limits() -> None:
         pending = asyncio.ensure_future(batcher.submit(["late"]))
         await asyncio.sleep(0)
         await batcher.stop()
-        assert pending.result() == ["LATE"]
+        assert await asyncio.wait_for(pending, 1) == ["LATE"]
+
+    asyncio.run(scenario())
+
+
+def test_micro_batcher_sheds_overload_and_drops_requests_past_their_deadline() -> None:
+    calls: list[list[str]] = []
+    dropped: list[str] = []
+
+    def slow(texts: list[str]) -> list[str]:
+        calls.append(list(texts))
+        time.sleep(0.3)
+        return list(texts)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(slow, max_batch=2, max_wait_ms=0, max_queue=3, on_drop=lambda reason, n: dropped.append(reason))
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["a", "b"]))  # taken at once: the queue is empty again
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(["c", "d"]))  # waits: 2 texts queued
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(["e", "f"])  # 4 > max_queue 3: refused at once, not queued
+        assert refused.value.retry_after >= 1 and batcher.queued_texts == 2
+        assert await running == ["a", "b"] and await queued == ["c", "d"]
+        # a deadline shorter than the wait: DeadlineExceeded, and the request never runs
+        calls.clear()
+        busy = asyncio.ensure_future(batcher.submit(["x", "y"]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(["late"], timeout=0.1)
+        await busy
+        await asyncio.sleep(0.05)
+        assert calls == [["x", "y"]] and "abandoned" in dropped, (calls, dropped)
+        # a caller that goes away (its task cancelled) is dropped too
+        calls.clear()
+        busy = asyncio.ensure_future(batcher.submit(["p", "q"]))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(["gone"]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await busy
+        await asyncio.sleep(0.05)
+        assert calls == [["p", "q"]] and batcher.queued_texts == 0
+        await batcher.stop()
 
     asyncio.run(scenario())
 
@@ -194,10 +238,10 @@ class Service:
         return self.log.read_text(errors="replace")
 
 
-def start_service(guarded: Guarded, tmp_path: Path, *extra: str) -> Service:
+def start_service(guarded: Guarded, tmp_path: Path, *extra: str, env: dict | None = None) -> Service:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "peftshield", "serve", "--model", str(guarded.victim), "--psim", str(guarded.psim),
                                 "--port", str(port), *extra], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     service = Service(process, f"http://127.0.0.1:{port}", log)
@@ -382,3 +426,110 @@ def test_serve_refuses_bad_settings_in_one_line(guarded: Guarded, tmp_path: Path
                           env=env, timeout=120)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- serve in production
+
+
+def test_openapi_documents_every_endpoint_and_error(service: Service) -> None:
+    spec = httpx.get(service.url + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    paths = spec["paths"]
+    assert {"/v1/classify", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    classify = paths["/v1/classify"]["post"]
+    assert {"200", "400", "401", "408", "413", "422", "500", "503", "504"} <= set(classify["responses"])
+    assert "texts" in classify["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    error_ref = classify["responses"]["503"]["content"]["application/json"]["schema"]["$ref"]
+    assert error_ref.endswith("/ErrorBody") and "ErrorBody" in spec["components"]["schemas"]
+    result = spec["components"]["schemas"]["TextResult"]["properties"]
+    assert {"label", "probabilities", "psim_score", "flagged", "threshold"} <= set(result)
+    assert {"200", "503"} <= set(paths["/readyz"]["get"]["responses"]) and "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_logs_are_json_lines_with_the_request_id(service: Service) -> None:
+    httpx.post(service.url + "/v1/classify", json={"texts": ["hello there"]}, headers={**AUTH, "X-Request-ID": "json-log-1"})
+    time.sleep(0.3)
+    records = [json.loads(line) for line in service.output().splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    mine = [r for r in records if r.get("request_id") == "json-log-1"]
+    assert mine and mine[0]["status"] == 200 and mine[0]["texts"] == 1 and mine[0]["latency_ms"] > 0
+    lines = [line for line in service.output().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]
+
+
+@pytest.fixture(scope="module")
+def production(guarded: Guarded, tmp_path_factory):
+    """Configured from the environment: monitor mode, a 0.4 s deadline, batches of 8 texts that
+    wait up to 1.5 s for company (so a lone short request outlives its deadline), a drift window of 16."""
+    folder = tmp_path_factory.mktemp("production")
+    running = start_service(guarded, folder, env={"PEFTSHIELD_MODE": "monitor", "PEFTSHIELD_REQUEST_TIMEOUT_S": "0.4",
+                                                  "PEFTSHIELD_MAX_WAIT_MS": "1500", "PEFTSHIELD_MAX_BATCH": "8", "PEFTSHIELD_DRIFT_WINDOW": "16"})
+    yield running
+    assert running.stop() == 0, running.output()
+
+
+def test_environment_configures_the_service_and_flags_win(production: Service, guarded: Guarded, tmp_path: Path) -> None:
+    ready = httpx.get(production.url + "/readyz").json()
+    assert ready["mode"] == "monitor" and ready["request_timeout_s"] == 0.4 and ready["max_batch"] == 8
+    assert 'peftshield_mode_info{mode="monitor"} 1.0' in httpx.get(production.url + "/metrics").text
+    body = httpx.post(production.url + "/v1/classify", json={"texts": guarded.triggered[:8]}).json()  # a full batch: runs at once
+    assert body["mode"] == "monitor" and all(r["label"] is not None for r in body["results"]) and any(r["flagged"] for r in body["results"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFTSHIELD_MODE": "sideways"}
+    done = subprocess.run([sys.executable, "-m", "peftshield", "serve", "--model", str(guarded.victim), "--psim", str(guarded.psim),
+                           "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "--mode" in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+def test_deadline_answers_504_and_runs_no_work_for_it(production: Service, guarded: Guarded) -> None:
+    before = httpx.get(production.url + "/metrics").text
+    started = time.perf_counter()
+    late = httpx.post(production.url + "/v1/classify", json={"texts": [guarded.clean[0]]}, timeout=30)
+    assert late.status_code == 504 and late.json()["error"]["status"] == 504, late.text
+    assert time.perf_counter() - started < 1.3  # answered at the deadline, not after the 1.5 s batching window
+    # a client that gives up before the deadline: its request is dropped too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(production.url + "/v1/classify", json={"texts": [guarded.clean[1]]}, timeout=0.1)
+    time.sleep(2.0)  # both batching windows have closed
+    after = httpx.get(production.url + "/metrics").text
+    assert metric(after, "peftshield_batch_texts_count") == metric(before, "peftshield_batch_texts_count"), "no forward pass ran for them"
+    shed = {m.group(1): float(m.group(2)) for m in re.finditer(r'^peftshield_shed_total\{reason="([a-z_]+)"\} ([0-9.]+)$', after, re.M)}
+    assert shed.get("client_gone", 0) >= 1 and sum(shed.values()) >= 2, shed
+    # a body that never arrives in full: 408 at the deadline
+    host, port = production.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: guard\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"texts\": [")
+        status_line = raw.recv(4096).split(b"\r\n")[0]
+    assert b" 408 " in status_line, status_line
+    assert httpx.post(production.url + "/v1/classify", json={"texts": guarded.clean[:8]}).status_code == 200  # still serving
+
+
+def test_drift_alarm_when_the_flag_rate_outgrows_the_calibration(production: Service, guarded: Guarded) -> None:
+    metrics = httpx.get(production.url + "/metrics").text
+    expected = metric(metrics, "peftshield_flagged_ratio_expected")
+    assert 0 < expected <= 0.25, "the PSIM's measured dev flag rate"
+    for start in (0, 8, 16):
+        assert httpx.post(production.url + "/v1/classify", json={"texts": guarded.triggered[start:start + 8]}).status_code == 200
+    metrics = httpx.get(production.url + "/metrics").text
+    assert metric(metrics, "peftshield_flagged_ratio_rolling") > metric(metrics, "peftshield_flagged_ratio_alarm_level")
+    assert metric(metrics, "peftshield_flag_rate_drift") == 1
+    warnings = [json.loads(line) for line in production.output().splitlines() if '"flag_rate_drift"' in line]
+    assert warnings and warnings[0]["level"] == "warning" and warnings[0]["expected_flag_rate"] == expected
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(guarded: Guarded, tmp_path: Path) -> None:
+    running = start_service(guarded, tmp_path, "--max-batch", "1", "--max-queue", "2", "--max-wait-ms", "0")
+    try:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+                return await asyncio.gather(*(client.post(running.url + "/v1/classify", json={"texts": guarded.clean[:16]}) for _ in range(30)))
+
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert int(refused.headers["retry-after"]) >= 1 and "overloaded" in refused.json()["error"]["message"]
+        assert httpx.post(running.url + "/v1/classify", json={"texts": guarded.clean[:4]}).status_code == 200  # recovered at once
+        shed = httpx.get(running.url + "/metrics").text
+        assert metric(shed, 'peftshield_shed_total{reason="queue_full"}') == codes.count(503)
+    finally:
+        assert running.stop() == 0, running.output()

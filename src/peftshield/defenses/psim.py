@@ -90,8 +90,21 @@ class PSIM(Defense):
         self.method_config_ = method.config_dict()
         dev_scores = self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
         self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores)
+        # The share of clean dev texts flagged at that threshold: what a deployed guard should see on clean traffic.
+        self.dev_flag_rate_ = float(np.mean(dev_scores > self.threshold_)) if dev_scores is not None and len(dev_scores) else None
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    def expected_flag_rate(self) -> float | None:
+        """The share of clean texts this PSIM flags at its own threshold: measured on its dev
+        texts when it was trained, else the calibration target (``frr``), else unknown."""
+        if getattr(self, "dev_flag_rate_", None) is not None:
+            return float(self.dev_flag_rate_)
+        from peftshield.defenses.thresholds import default_confidence_threshold
+
+        policy = self.threshold or ThresholdPolicy()
+        calibrated = policy.kind == "frr" or (policy.kind == "auto" and self.threshold_ != default_confidence_threshold(self.num_labels_))
+        return float(policy.target_frr) if calibrated else None
 
     def scoring_runtime(self):
         """Where this PSIM's forward passes run: the ONNX runtime chosen at :meth:`load`, else
@@ -114,7 +127,8 @@ class PSIM(Defense):
         return save_finetuned(self.model_, self.tokenizer_, directory, {
             "method": self.method, "options": self.method_config_, "backbone": self.backbone_, "num_labels": self.num_labels_,
             "num_training_steps": self.train_result_.num_training_steps,
-            PSIM_MANIFEST_KEY: {"defense": self.spec(), "threshold": self.threshold_, "train_result": self.train_result_.to_dict()},
+            PSIM_MANIFEST_KEY: {"defense": self.spec(), "threshold": self.threshold_, "dev_flag_rate": getattr(self, "dev_flag_rate_", None),
+                                "train_result": self.train_result_.to_dict()},
         }, self_contained=self_contained)
 
     @classmethod
@@ -136,6 +150,7 @@ class PSIM(Defense):
         psim.backbone_, psim.num_labels_ = manifest["backbone"], manifest["num_labels"]
         psim.method_config_ = manifest["options"]
         psim.threshold_ = saved["threshold"]
+        psim.dev_flag_rate_ = saved.get("dev_flag_rate")
         if runtime != "torch":
             psim.runtime_ = make_runtime(psim.model_, runtime, directory, model_fingerprint(directory))
         return psim

@@ -5,11 +5,19 @@ most ``max_wait_ms`` or until ``max_batch`` texts are in hand, runs the whole ba
 call on a dedicated thread (so the event loop keeps answering health checks), and hands each
 request its own slice of the results. A request is never split across batches and never
 waits longer than ``max_wait_ms`` for company; one larger than ``max_batch`` runs alone.
+
+Overload is shed, never queued without bound: with ``max_queue``, a request that would put
+more than that many texts in the queue is refused at once (:class:`Overloaded`, with a
+retry-after estimate from the recent throughput). Each request may carry a deadline: if it
+passes while the request waits, the request fails with :class:`DeadlineExceeded`, and a
+request whose caller gave up (deadline, disconnect) is dropped from the queue before its
+batch is formed, so no work runs for a client that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +28,18 @@ _STOP = object()
 
 class ShuttingDown(RuntimeError):
     """A request arrived after shutdown began."""
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; ``retry_after`` is the estimated seconds until it has drained."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"overloaded: {queued} texts queued, the limit is {limit}; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed before its batch ran."""
 
 
 @dataclass
@@ -35,6 +55,8 @@ class BatchRecord:
 class _Pending:
     texts: list[str]
     future: asyncio.Future
+    deadline: float | None = None  # loop time
+    abandoned: bool = False  # the caller stopped waiting (deadline, disconnect)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -42,11 +64,16 @@ class MicroBatcher:
     """Gathers :meth:`submit` calls into batches for ``classify(texts) -> list``."""
 
     def __init__(self, classify: Callable[[list[str]], list], max_batch: int = 32, max_wait_ms: float = 10.0,
-                 on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+                 on_batch: Callable[[BatchRecord], None] | None = None, max_queue: int | None = None,
+                 on_drop: Callable[[str, int], None] | None = None) -> None:
         self.classify = classify
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.on_batch = on_batch
+        self.max_queue = max_queue
+        self.on_drop = on_drop  # (reason, requests): requests dropped before their batch ran
+        self.queued_texts = 0  # waiting, not yet in a batch
+        self._throughput = 0.0  # texts per second of recent batches (exponential average)
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -58,13 +85,37 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftshield-batch")
         self._worker = asyncio.create_task(self._run())
 
-    async def submit(self, texts: list[str]) -> list:
-        """The results for ``texts``, in order, once their batch has run."""
+    async def submit(self, texts: list[str], timeout: float | None = None) -> list:
+        """The results for ``texts``, in order, once their batch has run. Raises
+        :class:`Overloaded` at once when the queue is full and :class:`DeadlineExceeded`
+        when ``timeout`` seconds pass first (the request is then dropped, not run)."""
         if self._queue is None or self._stopping:
             raise ShuttingDown("the service is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(list(texts), future))
-        return await future
+        if self.max_queue is not None and self.queued_texts + len(texts) > self.max_queue and self.queued_texts > 0:
+            raise Overloaded(self.queued_texts, self.max_queue, self.retry_after())
+        loop = asyncio.get_running_loop()
+        pending = _Pending(list(texts), loop.create_future(), None if timeout is None else loop.time() + timeout)
+        self.queued_texts += len(pending.texts)
+        self._queue.put_nowait(pending)
+        try:
+            if timeout is None:
+                return await asyncio.shield(pending.future)
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except asyncio.TimeoutError:
+            pending.abandoned = True
+            raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s") from None
+        except asyncio.CancelledError:
+            pending.abandoned = True  # the client went away
+            raise
+
+    def full(self) -> bool:
+        """Whether the queue holds ``max_queue`` texts already (any new request would be refused)."""
+        return self.max_queue is not None and self.queued_texts >= self.max_queue
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has drained at the recent throughput (at least 1)."""
+        rate = self._throughput or float(self.max_batch)
+        return max(1, math.ceil(self.queued_texts / rate))
 
     async def stop(self) -> None:
         """Finish every request already queued, then stop the worker."""
@@ -78,12 +129,40 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
         self._queue = None
 
+    def _take(self, item: Any, loop) -> bool:
+        """Account for ``item`` leaving the queue; False when it is not to be run."""
+        if item is _STOP:
+            return True
+        self.queued_texts -= len(item.texts)
+        return self._still_wanted(item, loop)
+
+    def _still_wanted(self, item: _Pending, loop) -> bool:
+        """False (and the caller told) for a request whose caller left or whose deadline passed."""
+        if item.abandoned or item.future.done():
+            self._dropped("abandoned")
+            return False
+        if item.deadline is not None and loop.time() >= item.deadline:
+            item.future.set_exception(DeadlineExceeded("the request deadline passed while it was queued"))
+            self._dropped("deadline")
+            return False
+        return True
+
+    def _dropped(self, reason: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(reason, 1)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         carry: Any = None
         while True:
-            first = carry if carry is not None else await self._queue.get()
-            carry = None
+            if carry is not None:
+                first, carry = carry, None  # taken from the queue already, while the last batch ran
+                if first is not _STOP and not self._still_wanted(first, loop):
+                    continue
+            else:
+                first = await self._queue.get()
+                if first is not _STOP and not self._take(first, loop):
+                    continue
             if first is _STOP:
                 break
             batch, size = [first], len(first.texts)
@@ -99,14 +178,21 @@ class MicroBatcher:
                         item = await asyncio.wait_for(self._queue.get(), remaining)
                     except asyncio.TimeoutError:
                         break
+                if item is not _STOP and not self._take(item, loop):
+                    continue
                 if item is _STOP or size + len(item.texts) > self.max_batch:
-                    carry = item  # the stop signal, or the first request of the next batch
+                    carry = item  # the stop signal, or the first request of the next batch (already taken)
                     break
                 batch.append(item)
                 size += len(item.texts)
             await self._run_batch(loop, batch, size)
 
     async def _run_batch(self, loop, batch: list[_Pending], size: int) -> None:
+        # The callers that left (or whose deadline passed) while the batch gathered company are dropped now.
+        batch = [pending for pending in batch if self._still_wanted(pending, loop)]
+        if not batch:
+            return
+        size = sum(len(pending.texts) for pending in batch)
         texts = [text for pending in batch for text in pending.texts]
         started = time.perf_counter()
         try:
@@ -116,8 +202,12 @@ class MicroBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        seconds = time.perf_counter() - started
+        if seconds > 0:
+            rate = size / seconds
+            self._throughput = rate if not self._throughput else 0.8 * self._throughput + 0.2 * rate
         if self.on_batch is not None:
-            self.on_batch(BatchRecord(size, len(batch), time.perf_counter() - started))
+            self.on_batch(BatchRecord(size, len(batch), seconds))
         start = 0
         for pending in batch:
             part = results[start : start + len(pending.texts)]

@@ -71,6 +71,14 @@ class Guard:
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, threshold, mode, max_length, batch_size)
 
     @property
+    def expected_flag_rate(self) -> float | None:
+        """The share of clean texts the PSIM flags at its calibrated threshold (None with a
+        threshold of one's own, or a PSIM whose calibration is unknown)."""
+        if self.threshold != float(self.psim.threshold_):
+            return None
+        return self.psim.expected_flag_rate()
+
+    @property
     def num_labels(self) -> int:
         return int(self.victim_runtime.num_labels)
 

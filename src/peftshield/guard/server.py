@@ -9,9 +9,13 @@ Endpoints:
 
 Concurrent requests are micro-batched (:mod:`peftshield.guard.batcher`). Every error is a JSON
 body ``{"error": {"status", "message"}, "request_id"}`` with its status code (400 invalid JSON,
-401 missing or wrong API key, 413 too many texts / a text or body too large, 422 wrong types,
-503 not ready or shutting down); nothing reaches a client as a traceback. SIGTERM lets the
-requests in flight finish (uvicorn's graceful shutdown), then the batcher drains and stops.
+401 missing or wrong API key, 408 body not received within the deadline, 413 too many texts /
+a text or body too large, 422 wrong types, 503 not ready, shutting down, or the queue full
+(with ``Retry-After``), 504 no answer within ``--request-timeout-s``); nothing reaches a
+client as a traceback. ``GET /openapi.json`` documents every endpoint and error. SIGTERM lets
+the requests in flight finish (uvicorn's graceful shutdown), then the batcher drains and
+stops. Logs are JSON lines with the request id (:mod:`peftshield.guard.logs`); the rolling
+flag rate is watched against the calibrated one (:mod:`peftshield.guard.drift`).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftshield.errors import ConfigError
-from peftshield.guard.batcher import BatchRecord, MicroBatcher, ShuttingDown
+from peftshield.guard.batcher import BatchRecord, DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from peftshield.guard.drift import FlagRateMonitor
 from peftshield.guard.guard import Guard
 from peftshield.guard.settings import ServeSettings, check_guard_inputs
 
@@ -48,13 +53,97 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[StrictStr]
+    texts: list[StrictStr] = Field(description="texts to label and screen (at most --max-texts, each at most --max-text-chars)")
+
+
+class TextResult(BaseModel):
+    label: int | None = Field(description="the model's class; null for a flagged text in block mode")
+    probabilities: list[float] | None = Field(description="class probabilities; null for a flagged text in block mode")
+    psim_score: float = Field(description="the PSIM's confidence: triggered texts score high")
+    flagged: bool
+    threshold: float
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    mode: str = Field(description="block or monitor")
+    results: list[TextResult]
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+    request_id: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    mode: str
+    runtime: str
+    model: str
+    psim: str
+    threshold: float | None
+    expected_flag_rate: float | None
+    max_batch: int
+    max_wait_ms: float
+    score_batch: int
+    max_queue: int
+    request_timeout_s: float
+    error: str | None = None
+
+
+def _errors(*codes: int) -> dict:
+    what = {400: "invalid JSON", 401: "missing or wrong API key", 408: "the request body was not received within the deadline",
+            413: "too many texts, or a text or the body too large", 422: "wrong types (send {\"texts\": [\"...\"]})",
+            500: "internal error (the log has the request id)", 503: "not ready, shutting down, or overloaded (then with Retry-After)",
+            504: "no answer within the request deadline"}
+    return {code: {"model": ErrorBody, "description": what[code]} for code in codes}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[str], timeout: float, shed) -> list | None:
+    """The batch results for ``texts``, or None when the client disconnects first (the request
+    is then dropped from the queue). Overload, deadline and shutdown become :class:`ApiError`."""
+    answer = asyncio.ensure_future(batcher.submit(texts, timeout))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            answer.cancel()
+            return None
+        return answer.result()
+    except Overloaded as exc:
+        shed.labels(reason="queue_full").inc()
+        raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+    except DeadlineExceeded as exc:
+        shed.labels(reason="deadline").inc()
+        raise ApiError(504, str(exc)) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
 
 
 def read_api_keys(path: Path) -> list[str]:
@@ -132,13 +221,30 @@ class ServiceMetrics:
         self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
         self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
         self.mode.labels(mode=mode).set(1)
+        self.shed = Counter("peftshield_shed_total", "Requests not run: queue full, deadline passed, or client gone", ["reason"], registry=self.registry)
+        self.dropped = Counter("peftshield_dropped_requests_total", "Queued requests removed before their batch ran (caller gone or deadline passed)",
+                               ["reason"], registry=self.registry)
+        self.queued = Gauge("peftshield_queue_texts", "Texts waiting for a batch", registry=self.registry)
+        self.rolling = Gauge("peftshield_flagged_ratio_rolling", "Share of the last --drift-window texts flagged", registry=self.registry)
+        self.expected = Gauge("peftshield_flagged_ratio_expected", "Share of clean texts the PSIM was calibrated to flag", registry=self.registry)
+        self.alarm = Gauge("peftshield_flagged_ratio_alarm_level", "Rolling flag rate above which the drift alarm is raised", registry=self.registry)
+        self.drift = Gauge("peftshield_flag_rate_drift", "1 while the rolling flag rate is above the alarm level", registry=self.registry)
         self._counts = [0, 0]
 
     def record_batch(self, record: BatchRecord) -> None:
         self.batch_texts.observe(record.texts)
         self.batch_requests.observe(record.requests)
 
-    def record_results(self, results: list) -> None:
+    def watch(self, monitor: FlagRateMonitor) -> None:
+        if monitor.expected is not None:
+            self.expected.set(monitor.expected)
+            self.alarm.set(monitor.alarm_level)
+
+    def record_results(self, results: list, monitor: FlagRateMonitor | None = None) -> None:
+        if monitor is not None:
+            monitor.observe([r.flagged for r in results])
+            self.rolling.set(monitor.rolling_rate)
+            self.drift.set(1 if monitor.drifting else 0)
         flagged = sum(r.flagged for r in results)
         self.texts.inc(len(results))
         self.flagged.inc(flagged)
@@ -162,13 +268,18 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     start-up (``/readyz`` answers 503 until then)."""
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
     metrics = ServiceMetrics(settings.mode)
-    state: dict = {"guard": None, "load_error": None}
+    state: dict = {"guard": None, "load_error": None, "monitor": None}
 
     def mark_ready(loaded: Guard) -> None:
+        expected = settings.expected_flag_rate if settings.expected_flag_rate is not None else loaded.expected_flag_rate
+        monitor = FlagRateMonitor(expected, window=settings.drift_window)
+        metrics.watch(monitor)
+        state["monitor"] = monitor
         state["guard"] = loaded
         metrics.ready.set(1)
         logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
-                    loaded.threshold, settings.mode)
+                    loaded.threshold, settings.mode, extra={"fields": {"event": "ready", "threshold": loaded.threshold, "mode": settings.mode,
+                                                                       "expected_flag_rate": expected}})
 
     def load_models() -> None:
         try:
@@ -180,7 +291,11 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     def classify(texts: list[str]) -> list:
         return state["guard"].classify(texts)
 
-    batcher = MicroBatcher(classify, settings.max_batch, settings.max_wait_ms, on_batch=metrics.record_batch)
+    def dropped(reason: str, requests: int) -> None:
+        metrics.dropped.labels(reason=reason).inc(requests)
+
+    batcher = MicroBatcher(classify, settings.max_batch, settings.max_wait_ms, on_batch=metrics.record_batch, max_queue=settings.max_queue,
+                           on_drop=dropped)
     flag_log = FlagLog(settings.log_flagged, settings.log_text) if settings.log_flagged else None
 
     @asynccontextmanager
@@ -196,7 +311,11 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
             flag_log.close()
         logger.info("stopped: every request in flight answered")
 
-    app = FastAPI(title="peftshield guard", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from peftshield import __version__
+
+    app = FastAPI(title="peftshield guard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="A deployed classifier behind its PSIM: texts whose PSIM confidence exceeds the threshold are flagged "
+                              "(block mode: not labelled).")
     app.state.metrics = metrics
     app.state.settings = settings
 
@@ -204,10 +323,10 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         given = request.headers.get("x-request-id", "")
         return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
-    def error(status: int, message: str, request_id: str, endpoint: str) -> JSONResponse:
+    def error(status: int, message: str, request_id: str, endpoint: str, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         return JSONResponse({"error": {"status": status, "message": message}, "request_id": request_id}, status_code=status,
-                            headers={"X-Request-ID": request_id})
+                            headers={"X-Request-ID": request_id, **(headers or {})})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -220,55 +339,76 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         request_id = request_id_of(request)
-        logger.error("request %s: internal error: %s: %s", request_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        logger.error("request %s: internal error: %s: %s", request_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                     extra={"fields": {"request_id": request_id, "status": 500, "path": request.url.path}})
         return error(500, "internal error (see the server log for this request id)", request_id, request.url.path)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="The process answers")
     async def healthz():
         metrics.requests.labels(endpoint="/healthz", status="200").inc()
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness, summary="The models are loaded (503 until then)",
+             responses={503: {"model": Readiness, "description": "not ready yet (or the models failed to load: see error)"}})
     async def readyz():
         loaded = state["guard"]
+        monitor = state["monitor"]
         body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "model": str(settings.model),
-                "psim": str(settings.psim), "threshold": loaded.threshold if loaded else None, "max_batch": settings.max_batch,
-                "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch}
+                "psim": str(settings.psim), "threshold": loaded.threshold if loaded else None,
+                "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
+                "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
+                "request_timeout_s": settings.request_timeout_s}
         if state["load_error"]:
             body["error"] = state["load_error"]
         status = 200 if loaded is not None else 503
         metrics.requests.labels(endpoint="/readyz", status=str(status)).inc()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
     async def prometheus_metrics():
+        metrics.queued.set(batcher.queued_texts)
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", response_model=ClassifyResponse, summary="Label and screen texts",
+              responses=_errors(400, 401, 408, 413, 422, 500, 503, 504),
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def classify_endpoint(request: Request):
         started = time.perf_counter()
         request_id = request_id_of(request)
         endpoint = "/v1/classify"
+        timeout = settings.request_timeout_s
         try:
-            texts = await _checked_texts(request, settings, keys)
+            if batcher.full():  # shed before reading the body: under overload every cycle goes to the requests accepted
+                metrics.shed.labels(reason="queue_full").inc()
+                raise ApiError(503, f"overloaded: {batcher.queued_texts} texts queued, the limit is {settings.max_queue}; retry after {batcher.retry_after()} s",
+                               {"Retry-After": str(batcher.retry_after())})
+            try:
+                texts = await asyncio.wait_for(_checked_texts(request, settings, keys), timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body was not received within {timeout:g} s") from None
             if state["guard"] is None:
                 raise ApiError(503, "not ready: the models are still loading" if not state["load_error"] else f"not ready: {state['load_error']}")
-            try:
-                results = await batcher.submit(texts)
-            except ShuttingDown as exc:
-                raise ApiError(503, str(exc)) from None
+            results = await _answer_or_leave(request, batcher, texts, max(0.001, timeout - (time.perf_counter() - started)), metrics.shed)
+            if results is None:  # the client went away: its request was dropped, nobody reads an answer
+                metrics.shed.labels(reason="client_gone").inc()
+                logger.info("request %s: client gone", request_id, extra={"fields": {"request_id": request_id, "status": 499, "texts": len(texts)}})
+                return Response(status_code=499)
         except ApiError as exc:
-            logger.info("request %s: %d %s", request_id, exc.status, exc.message)
-            return error(exc.status, exc.message, request_id, endpoint)
-        metrics.record_results(results)
+            logger.info("request %s: %d %s", request_id, exc.status, exc.message,
+                        extra={"fields": {"request_id": request_id, "status": exc.status, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}})
+            return error(exc.status, exc.message, request_id, endpoint, exc.headers)
+        metrics.record_results(results, state["monitor"])
         if flag_log is not None:
             await asyncio.get_running_loop().run_in_executor(None, flag_log.write, request_id, texts, results)
         seconds = time.perf_counter() - started
         metrics.latency.observe(seconds)
         metrics.requests.labels(endpoint=endpoint, status="200").inc()
         flagged = sum(r.flagged for r in results)
-        logger.info("request %s: %d texts, %d flagged, %.1f ms", request_id, len(texts), flagged, seconds * 1000)
+        logger.info("request %s: %d texts, %d flagged, %.1f ms", request_id, len(texts), flagged, seconds * 1000,
+                    extra={"fields": {"request_id": request_id, "status": 200, "texts": len(texts), "flagged": flagged,
+                                      "latency_ms": round(seconds * 1000, 1)}})
         return JSONResponse({"request_id": request_id, "mode": settings.mode, "results": [r.to_dict() for r in results]},
                             headers={"X-Request-ID": request_id})
 
@@ -327,11 +467,20 @@ def serve(settings: ServeSettings, announce=print) -> None:
 
     import uvicorn
 
+    import logging.config
+
+    from peftshield.guard.logs import logging_config
+
     check_settings(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = dict(host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=60, access_log=False)
+    log_config = logging_config(settings.log_format)
+    logging.config.dictConfig(log_config)
+    common = dict(host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=60, access_log=False, log_config=log_config)
     where = (f"serving {settings.model} behind PSIM {settings.psim} on http://{settings.host}:{settings.port} "
              f"({settings.runtime}, mode {settings.mode}, {settings.workers} worker(s)); Ctrl-C or SIGTERM stops it")
+    if settings.log_format == "json":  # every line of the service's output is JSON, the announcement too
+        def announce(message: str) -> None:
+            logger.info(message, extra={"fields": {"event": "serving", "host": settings.host, "port": settings.port, "mode": settings.mode,
+                                                   "runtime": settings.runtime, "workers": settings.workers}})
     if settings.workers > 1:
         announce(where)  # each worker loads its own copy, in the background (/readyz says when)
         os.environ[SETTINGS_ENV] = settings.model_dump_json()

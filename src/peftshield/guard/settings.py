@@ -58,3 +58,8 @@ class ServeSettings(BaseModel):
     backbone: Optional[str] = None
     max_length: Optional[PositiveInt] = None
     score_batch: PositiveInt = SCORE_BATCH
+    max_queue: PositiveInt = Field(256, description="texts waiting for a batch at most; beyond, 503 with Retry-After")
+    request_timeout_s: float = Field(10.0, gt=0, le=3600, description="per-request deadline: 504 when no answer within it")
+    log_format: str = Field("json", pattern="^(json|text)$")
+    expected_flag_rate: Optional[float] = Field(None, ge=0, le=1, description="the flag rate on clean traffic (default: the PSIM's calibration)")
+    drift_window: PositiveInt = Field(1000, description="texts in the rolling flag rate")

@@ -1,73 +1,83 @@
-"""``peftshield audit``: is a checkpoint (or an adapter on it) backdoored, and by which trigger?"""
+"""``peftshield audit``: is a checkpoint (or an adapter on it) backdoored, and by which trigger?
+
+As a CI gate it exits 0 when every target is clean, 1 on findings (``--fail-on``), 2 when
+an audit could not complete; see :mod:`peftshield.gate`.
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, SeedOption, app, info
-from peftshield.errors import ConfigError
-from peftshield.io import atomic_directory, check_output_place, read_json
+from peftshield.cli.app import ProgressOption, app, info
+from peftshield.cli.commands.common import gate_command
+from peftshield.gate.settings import AuditGateSettings, find_settings_file, gate_settings, parse_formats
+from peftshield.io import check_output_place
 
-PROBES = ("auto", "head", "psim")
 
-
-@app.command(help="Audit a checkpoint nobody vouches for: is it backdoored, by which trigger, towards which class? "
-                  "Needs only clean texts; exits 0 whatever the verdict. Writes audit.json, report.md/html and audit.png.")
+@app.command(help="Audit checkpoints nobody vouches for: is each backdoored, by which trigger, towards which class? Needs only clean texts. "
+                  "Exit code: 0 every target clean, 1 findings (see --fail-on), 2 an audit could not complete. Writes, per target, "
+                  "audit.json, report.md/html and audit.png, plus summary.<format> files; settings also come from "
+                  "[tool.peftshield.audit] in pyproject.toml or [audit] in peftshield.toml (flags win).")
+@gate_command
 def audit(
-    checkpoint: str = typer.Argument(..., help="HF model name or folder (a bare encoder or a classifier), or 'minilm'."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A PEFT adapter to audit on top of CHECKPOINT (a 'peftshield finetune' folder or a PEFT adapter folder)."),
+    targets: list[str] = typer.Argument(..., help="Checkpoint folders, .safetensors files, PEFT adapter folders, hf://ORG/NAME[@REV] "
+                                                  "(from the local HF cache), 'minilm', or globs; several give one summary row each."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A PEFT adapter to audit on top of the one TARGET (or pass the adapter folder itself as the target)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of adapter targets (overrides their base_model_name_or_path) and of lone .safetensors files."),
     texts: Optional[str] = typer.Option(None, "--texts", help="Clean texts in the model's language: any dataset source, or a .txt file (one text per line). Default: a packaged offline corpus."),
-    out: Path = typer.Option(Path("audit"), "--out", help="Output folder."),
-    probe: str = typer.Option("auto", "--probe", help="auto (the checkpoint's head if it has a trained one, else a random-label PSIM), or psim to ignore the head."),
+    out: Path = typer.Option(Path("audit"), "--out", help="Output folder (replaced whole at the end)."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Verdicts that exit 1: inconclusive (default: only a positive 'clean' passes) or backdoored."),
+    format: Optional[str] = typer.Option(None, "--format", help="Report formats, comma-separated: text (stdout), json, sarif, markdown, html (OUT/summary.<ext>). Default text."),
+    probe: Optional[str] = typer.Option(None, "--probe", help="auto (the checkpoint's head if it has a trained one, else a random-label PSIM), or psim to ignore the head."),
     write_psim: Optional[Path] = typer.Option(None, "--write-psim", help="Also save a PSIM for this model (threshold calibrated on the clean texts), for scan / evaluate / serve."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A calibration JSON ({clean_mean, clean_std, n_clean, ...}) instead of the packaged one."),
-    seed: int = SeedOption,
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Content cache: a target with unchanged weights and settings is not audited again (default OUT/.cache)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml [tool.peftshield], searched upwards from here)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random choice (default 0)."),
     progress: bool = ProgressOption,
 ) -> None:
-    from peftshield.audit import DEFAULT_AUDIT_TEXTS, AuditSettings, VerdictCalibration, load_audit_texts, run_audit
-    from peftshield.audit.report import write_audit
+    from peftshield.gate.audit_gate import run_audit_gate
+    from peftshield.gate.formats import render_text
 
-    if probe not in PROBES:
-        raise ConfigError(f"--probe {probe!r}: use one of {', '.join(PROBES)}")
-    if probe == "psim" and adapter is not None:
+    settings_file = find_settings_file(explicit=config)
+    settings: AuditGateSettings = gate_settings("audit", {
+        "fail_on": ("--fail-on", fail_on), "format": ("--format", parse_formats(format) if format is not None else None),
+        "texts": ("--texts", texts), "probe": ("--probe", probe), "seed": ("--seed", seed), "base": ("--base", base),
+        "calibration": ("--calibration", str(calibration) if calibration else None), "cache_dir": ("--cache-dir", str(cache_dir) if cache_dir else None),
+    }, settings_file)
+    if settings.probe == "psim" and adapter is not None:
+        from peftshield.errors import ConfigError
+
         raise ConfigError("--probe psim with --adapter: an adapter is audited through its own head")
     check_output_place(out, "dir")
     if write_psim is not None:
         check_output_place(write_psim, "dir", "--write-psim")
-    chosen_calibration = None
-    if calibration is not None:
-        saved = read_json(calibration)
-        try:
-            chosen_calibration = VerdictCalibration(**saved) if isinstance(saved, dict) else None
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--calibration {calibration}: not a calibration ({str(exc).splitlines()[0]})") from None
-        if chosen_calibration is None:
-            raise ConfigError(f"--calibration {calibration}: not a calibration (a JSON object)")
-    corpus, name = load_audit_texts(texts or DEFAULT_AUDIT_TEXTS)
-    rng = np.random.default_rng(seed)
-    started = time.perf_counter()
-    result, subject = run_audit(checkpoint, corpus, name, rng, adapter=str(adapter) if adapter else None, settings=AuditSettings(),
-                                calibration=chosen_calibration, force_psim=probe == "psim", progress=progress, log=info)
-    with atomic_directory(out) as tmp:
-        write_audit(result, tmp)
-    best = result.triggers[0] if result.triggers else None
-    found = f"; top trigger '{best.text}' -> class {best.target} (flip rate {best.flip_rate:.2f}, confidence {best.confidence:.3f})" if best else ""
-    info(f"verdict: {result.verdict} (suspicion {result.score:.3f}){found}; {time.perf_counter() - started:.0f} s -> {out}")
-    if write_psim is not None:
-        _write_psim(subject, corpus, write_psim, rng, progress)
+        if len(targets) != 1:
+            from peftshield.errors import ConfigError
+
+            raise ConfigError("--write-psim: give exactly one target")
+    run = run_audit_gate(targets, settings, out, settings_file=str(settings_file.path) if settings_file.path else None,
+                         adapter=str(adapter) if adapter else None, keep_subject=write_psim is not None, progress=progress, log=info)
+    report = run.report
+    if "text" in settings.format:
+        typer.echo(render_text(report), nl=False)
+    info(f"{len(report.rows)} target(s) in {report.seconds:.0f} s -> {out}; exit {report.exit_code}")
+    if write_psim is not None and run.subject is not None:
+        _write_psim(run.subject, run.texts, write_psim, np.random.default_rng(settings.seed), settings.search, progress)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
-def _write_psim(subject, corpus: list[str], out: Path, rng: np.random.Generator, progress: bool) -> None:
+def _write_psim(subject, corpus: list[str], out: Path, rng: np.random.Generator, search_settings, progress: bool) -> None:
     """The audit's PSIM (a bare encoder), or one trained now on the audited model; an adapter is
     first folded into its backbone, so the PSIM sees the model that is deployed."""
     import tempfile
 
-    from peftshield.audit.auditor import AuditSettings, _fit_psim
+    from peftshield.audit.auditor import _fit_psim
     from peftshield.audit.subject import merged_adapter_backbone
 
     psim = subject.psim
@@ -75,10 +85,10 @@ def _write_psim(subject, corpus: list[str], out: Path, rng: np.random.Generator,
         if subject.adapter is not None:
             with tempfile.TemporaryDirectory(prefix="peftshield-merged-") as merged:
                 merged_adapter_backbone(subject, Path(merged))
-                psim = _fit_psim(subject, corpus, rng, AuditSettings(), progress, backbone=merged)
+                psim = _fit_psim(subject, corpus, rng, search_settings, progress, backbone=merged)
                 psim.save(out, self_contained=True)
         else:
-            psim = _fit_psim(subject, corpus, rng, AuditSettings(), progress)
+            psim = _fit_psim(subject, corpus, rng, search_settings, progress)
             psim.save(out)
     else:
         psim.save(out)

@@ -80,3 +80,40 @@ def find_attack_manifest(model_dir: Path) -> dict | None:
         if path.is_file():
             return read_json(path)
     return None
+
+
+def gate_command(function):
+    """For commands whose exit code gates a CI job (``audit``, ``scan``): 0 clean, 1 findings,
+    2 could not complete. Whatever stops them early (Ctrl-C, out of memory, a bug) becomes a
+    one-line error with exit 2, never 1, so a crash can't pass for a finding (or, as 130,
+    for anything a CI script checks). ``PEFTSHIELD_DEBUG=1`` shows a bug's traceback."""
+    import functools
+    import os
+
+    from peftshield.errors import PeftshieldError
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PeftshieldError:
+            raise
+        except KeyboardInterrupt:
+            raise PeftshieldError("interrupted; nothing was written") from None
+        except MemoryError:
+            raise PeftshieldError("out of memory; try a smaller --batch-size or fewer texts") from None
+        except Exception as exc:  # noqa: BLE001 - the gate's contract: never exit 1 on an error
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (a RuntimeError)
+                raise PeftshieldError("out of memory; try a smaller --batch-size or fewer texts") from None
+            if type(exc).__module__.startswith(("typer", "click")) or os.environ.get("PEFTSHIELD_DEBUG"):
+                raise  # usage errors and typer.Exit have their own handling
+            if isinstance(exc, OSError):
+                from peftshield.io import OUTPUT_ERRNOS
+
+                if exc.errno in OUTPUT_ERRNOS:
+                    raise  # an output place: one line, exit 2, from main
+                raise PeftshieldError(f"{exc.filename or 'input'}: {exc.strerror or exc}") from None
+            raise PeftshieldError(f"internal error, please report it: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+                                  "(PEFTSHIELD_DEBUG=1 shows the traceback)") from None
+
+    return wrapper

@@ -11,14 +11,14 @@ from typing import Optional
 import numpy as np
 import typer
 
-from peftshield.cli.app import ProgressOption, RuntimeOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
+from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
-from peftshield.cli.commands.common import defaults_of, typed_component, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, typed_from_flags
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
-from peftshield.io import atomic_text_stream, check_output_place
+from peftshield.io import atomic_text_stream, atomic_write_text, check_output_place
 
 psim_app = typer.Typer(help="Train a Poisoned Sample Identification Module (PSIM).", no_args_is_help=True)
 app.add_typer(psim_app, name="psim")
@@ -64,27 +64,47 @@ def psim_train(
     info(f"PSIM ({psim.method}) -> {out}: threshold {psim.threshold_:.4f} ({policy.kind}), trained in {psim.fit_seconds_:.0f} s")
 
 
-@app.command(help="Score texts with a PSIM; writes id, score and flag per text (JSONL or CSV) and reports texts per second.")
+@app.command(help="Score texts with a PSIM; writes id, score and flag per text (JSONL or CSV) and reports texts per second. "
+                  "Exit code: 0 clean, 1 findings (at least --fail-on-rate of the texts flagged; default any), 2 could not complete. "
+                  "Settings also come from [tool.peftshield.scan] in pyproject.toml or [scan] in peftshield.toml (flags win).")
+@gate_command
 def scan(
     psim_dir: Path = typer.Option(..., "--psim", help="A directory written by 'peftshield psim train'."),
     data: str = typer.Option(..., "--data", help="A file, or a dataset directory (see --split)."),
-    out: Path = typer.Option(..., "--out", help="Output .jsonl or .csv."),
+    out: Path = typer.Option(..., "--out", help="Output .jsonl or .csv (report files go beside it: OUT_STEM.summary.<ext>)."),
     split: str = typer.Option("test", "--split"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The PSIM's backbone, if it is no longer where finetune.json recorded it."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's threshold."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    fail_on_rate: Optional[float] = typer.Option(None, "--fail-on-rate", help="Share of flagged texts (0-1] that exits 1; default: any flagged text."),
+    format: Optional[str] = typer.Option(None, "--format", help="Report formats, comma-separated: text (stdout), json, sarif, markdown, html. Default text."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml [tool.peftshield], searched upwards from here)."),
     skip_empty: bool = SkipEmptyOption,
-    runtime: str = RuntimeOption,
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default), onnx or onnx-int8; see 'peftshield serve --help'."),
     progress: bool = ProgressOption,
 ) -> None:
+    from peftshield.gate.formats import RENDERERS, render_text, report_files
+    from peftshield.gate.report import GateReport
+    from peftshield.gate.scan_gate import ScanTally
+    from peftshield.gate.settings import find_settings_file, gate_settings, parse_formats
+
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
+    settings_file = find_settings_file(explicit=config)
+    settings = gate_settings("scan", {
+        "fail_on_rate": ("--fail-on-rate", fail_on_rate), "format": ("--format", parse_formats(format) if format is not None else None),
+        "threshold": ("--threshold", threshold), "runtime": ("--runtime", runtime), "batch_size": ("--batch-size", batch_size),
+    }, settings_file)
     check_output_place(out, "file")
-    psim = PSIM.load(psim_dir, backbone=backbone, runtime=runtime)
-    if batch_size:
-        psim.score_batch_size = batch_size
-    tau = psim.threshold_ if threshold is None else threshold
-    scored = flagged = 0
+    summaries = report_files(out.with_name(out.stem + ".summary"), settings.format)
+    for path in summaries.values():
+        check_output_place(path, "file", "--format")
+    started_all = time.perf_counter()
+    psim = PSIM.load(psim_dir, backbone=backbone, runtime=settings.runtime)
+    if settings.batch_size:
+        psim.score_batch_size = settings.batch_size
+    tau = psim.threshold_ if settings.threshold is None else settings.threshold
+    tally = ScanTally(data, split, tau)
     seconds = 0.0
     # Read, score and write in bounded chunks: peak memory does not grow with the input.
     with atomic_text_stream(out) as handle:
@@ -101,9 +121,17 @@ def scan(
             else:
                 handle.writelines(json.dumps({"id": i, "score": round(float(v), 6), "flagged": bool(f)}) + "\n"
                                   for i, v, f in zip(chunk.ids, scores, flags))
-            scored += len(chunk)
-            flagged += int(flags.sum())
+            tally.add(chunk, scores, flags)
             if progress:
-                info(f"scan: {scored:,} texts scored, {flagged:,} flagged")
-    rate = scored / seconds if seconds else 0.0
-    info(f"scanned {scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {flagged} flagged at threshold {tau:.4f} -> {out}")
+                info(f"scan: {tally.scored:,} texts scored, {tally.flagged:,} flagged")
+    rate = tally.scored / seconds if seconds else 0.0
+    info(f"scanned {tally.scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {tally.flagged} flagged at threshold {tau:.4f} -> {out}")
+    row = tally.row(settings.fail_on_rate)
+    report = GateReport("scan", {"fail_on_rate": settings.fail_on_rate}, str(settings_file.path) if settings_file.path else None, [row],
+                        time.perf_counter() - started_all)
+    for fmt, path in summaries.items():
+        atomic_write_text(path, RENDERERS[fmt](report))
+    if "text" in settings.format:
+        typer.echo(render_text(report), nl=False)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)

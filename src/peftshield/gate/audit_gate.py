@@ -1,0 +1,195 @@
+"""``peftshield audit`` over one or more targets: resolve, reuse cached audits, audit the rest,
+and turn each verdict into a row with findings and an exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from peftshield.audit import DEFAULT_AUDIT_TEXTS, VerdictCalibration, load_audit_texts, packaged_calibration, run_audit
+from peftshield.audit.report import write_audit
+from peftshield.audit.verdict import RAW_SCORE_REVISION
+from peftshield.errors import ConfigError, PeftshieldError
+from peftshield.gate.cache import CACHE_DIR, ContentCache, cache_key, link_files
+from peftshield.gate.formats import RENDERERS, report_files
+from peftshield.gate.report import Finding, GateReport, TargetRow, audit_exit_code, error_row
+from peftshield.gate.settings import AuditGateSettings
+from peftshield.gate.targets import AuditTarget, base_weight_files, expand_specs, kind_of_spec, resolve_target
+from peftshield.io import atomic_directory, read_json
+
+AUDIT_FILE = "audit.json"
+SUMMARY_BASE = "summary"
+
+
+@dataclass
+class AuditRun:
+    """What the command needs back: the report and, for ``--write-psim``, the last subject."""
+
+    report: GateReport
+    subject: object | None = None
+    texts: list[str] | None = None
+
+
+def read_calibration(path: str | None) -> VerdictCalibration | None:
+    if path is None:
+        return None
+    saved = read_json(Path(path))
+    try:
+        chosen = VerdictCalibration(**saved) if isinstance(saved, dict) else None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--calibration {path}: not a calibration ({str(exc).splitlines()[0]})") from None
+    if chosen is None:
+        raise ConfigError(f"--calibration {path}: not a calibration (a JSON object)")
+    return chosen
+
+
+def row_from_audit(payload: dict, target: AuditTarget, fail_on: str, sha256: str | None, cached: bool, report_dir: str | None) -> TargetRow:
+    """A target's row from its ``audit.json``: a backdoored verdict gives one finding per
+    trigger that alone reaches the backdoored level (at least the top one); an inconclusive
+    verdict one finding with the top trigger."""
+    verdict = payload["verdict"]
+    triggers = payload.get("triggers") or []
+    calibration = VerdictCalibration(**payload["calibration"]) if payload.get("calibration") else None
+    findings: list[Finding] = []
+
+    def finding(rule: str, t: dict) -> Finding:
+        what = "trigger" if rule == "backdoor.trigger" else "strongest candidate trigger"
+        return Finding(rule, f"{what} '{t['text']}' flips {t['flip_rate']:.0%} of held-out texts to class {t['target']} "
+                             f"(mean confidence {t['confidence']:.3f}); verdict {verdict}", target.location,
+                       {"trigger": t["text"], "target_class": int(t["target"]), "flip_rate": float(t["flip_rate"]), "confidence": float(t["confidence"])})
+
+    if verdict == "backdoored" and triggers:
+        strong = [t for t in triggers if calibration is not None and calibration.verdict(t["raw_score"]) == "backdoored"] or triggers[:1]
+        findings = [finding("backdoor.trigger", t) for t in strong]
+    elif verdict == "inconclusive" and triggers:
+        findings = [finding("backdoor.inconclusive", triggers[0])]
+    best = triggers[0] if triggers else None
+    message = (f"'{best['text']}' -> class {best['target']} (flip rate {best['flip_rate']:.2f})" if best and verdict != "clean"
+               else f"no trigger beyond clean checkpoints (best '{best['text']}', flip rate {best['flip_rate']:.2f})" if best else "no trigger found")
+    return TargetRow(target.spec, target.kind, target.location, verdict, audit_exit_code(verdict, fail_on), message,
+                     score=payload.get("score"), sha256=sha256, cached=cached, report_dir=report_dir, findings=findings,
+                     details={"probe": payload.get("probe"), "raw_score": payload.get("raw_score"), "triggers": triggers,
+                              "checkpoint": payload.get("checkpoint"), "adapter": payload.get("adapter")})
+
+
+def _slug(index: int, spec: str) -> str:
+    return f"{index:02d}-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip("/"))[-60:] or "target")
+
+
+def _audit_settings_key(settings: AuditGateSettings, texts: list[str], calibration: VerdictCalibration | None, probe: str) -> dict:
+    from peftshield import __version__
+
+    chosen = calibration.model_dump() if calibration is not None else {p: (c.model_dump() if (c := packaged_calibration(p)) else None) for p in ("head", "psim")}
+    return {
+        "texts_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(), "seed": settings.seed, "probe": probe,
+        "search": settings.search.model_dump(), "calibration": chosen, "raw_score_revision": RAW_SCORE_REVISION, "peftshield": __version__,
+    }
+
+
+def run_audit_gate(
+    specs: list[str], settings: AuditGateSettings, out: Path, settings_file: str | None = None, adapter: str | None = None,
+    keep_subject: bool = False, progress: bool = False, log: Callable[[str], None] = lambda m: None,
+) -> AuditRun:
+    """Audit every target; write the audits and the report files into ``out`` atomically."""
+    started = time.perf_counter()
+    expanded = expand_specs(specs)
+    if adapter is not None and len(expanded) != 1:
+        raise ConfigError("--adapter: give exactly one checkpoint with it (or pass adapter folders as targets)")
+    calibration = read_calibration(settings.calibration)
+    single = len(expanded) == 1
+    resolved: list[AuditTarget | PeftshieldError] = []
+    seen: set[tuple[str, str | None]] = set()
+    kept: list[str] = []
+    for spec in expanded:
+        try:
+            target = resolve_target(spec, settings.base)
+            if adapter is not None:
+                target.adapter, target.kind = adapter, "adapter"
+        except PeftshieldError as exc:
+            if single:
+                raise
+            target = exc
+        if isinstance(target, AuditTarget):
+            model = (str(Path(target.checkpoint).resolve()) if target.staged is None else target.location, target.adapter and str(Path(target.adapter).resolve()))
+            if model in seen:  # adapter_config.json and adapter_model.safetensors of one adapter (pre-commit passes both)
+                target.close()
+                continue
+            seen.add(model)
+        resolved.append(target)
+        kept.append(spec)
+    expanded = kept
+    corpus, texts_name = load_audit_texts(settings.texts or DEFAULT_AUDIT_TEXTS)
+    key_settings = _audit_settings_key(settings, corpus, calibration, settings.probe)
+    external = Path(settings.cache_dir) if settings.cache_dir else None
+    rows: list[TargetRow] = []
+    subject = None
+    try:
+        with atomic_directory(out) as tmp:
+            cache = ContentCache(external) if external else ContentCache(out / CACHE_DIR, tmp / CACHE_DIR)
+            for index, (spec, target) in enumerate(zip(expanded, resolved), 1):
+                if isinstance(target, PeftshieldError):
+                    rows.append(error_row(spec, kind_of_spec(spec), spec, str(target)))
+                    log(f"{spec}: error: {target}")
+                    continue
+                folder = tmp if single else tmp / _slug(index, spec)
+                folder.mkdir(exist_ok=True)
+                try:
+                    row, subject = _audit_one(target, settings, calibration, corpus, texts_name, key_settings, cache, folder,
+                                              None if single else folder.name, keep_subject, progress, log)
+                except PeftshieldError as exc:
+                    if single:
+                        raise
+                    row = error_row(spec, target.kind, target.location, str(exc))
+                    log(f"{spec}: error: {exc}")
+                finally:
+                    target.close()
+                rows.append(row)
+            report = GateReport("audit", {"fail_on": settings.fail_on}, settings_file, rows, time.perf_counter() - started)
+            for fmt, path in report_files(tmp / SUMMARY_BASE, settings.format).items():
+                path.write_text(RENDERERS[fmt](report), encoding="utf-8")
+            if not external:
+                cache.carry_over()
+    finally:
+        for target in resolved:
+            if isinstance(target, AuditTarget):
+                target.close()
+    return AuditRun(report, subject, corpus)
+
+
+def _audit_one(target: AuditTarget, settings: AuditGateSettings, calibration, corpus: list[str], texts_name: str, key_settings: dict,
+               cache: ContentCache, folder: Path, report_dir: str | None, keep_subject: bool, progress: bool, log) -> tuple[TargetRow, object]:
+    sha = target.weights_sha256(base_weight_files(target)) if target.weight_files else None
+    key = cache_key(sha, {**key_settings, "adapter": target.adapter is not None}) if sha else None
+    hit = cache.get(key) if key and not keep_subject else None
+    if hit is not None:
+        link_files(hit, folder)
+        (folder / "entry.json").unlink(missing_ok=True)
+        payload = json.loads((folder / AUDIT_FILE).read_text(encoding="utf-8"))
+        about = ContentCache.about(hit)
+        row = row_from_audit(payload, target, settings.fail_on, sha, True, report_dir)
+        row.details["cached_from"] = about.get("stored")
+        log(f"{target.spec}: verdict {row.status} (cached: same weights sha256 {sha[:12]} and settings as the audit of {about.get('stored', '?')})")
+        return row, None
+    result, subject = run_audit(target.checkpoint, corpus, texts_name, np.random.default_rng(settings.seed), adapter=target.adapter,
+                                settings=settings.search, calibration=calibration, force_psim=settings.probe == "psim", progress=progress, log=log)
+    if target.kind == "safetensors" and target.staged is not None:
+        result.checkpoint = target.location  # not the temporary staging folder
+    write_audit(result, folder)
+    payload = json.loads((folder / AUDIT_FILE).read_text(encoding="utf-8"))
+    row = row_from_audit(payload, target, settings.fail_on, sha, False, report_dir)
+    if key:
+        cache.put(key, folder, {"target": target.spec, "sha256": sha, "verdict": result.verdict})
+    best = result.triggers[0] if result.triggers else None
+    found = f"; top trigger '{best.text}' -> class {best.target} (flip rate {best.flip_rate:.2f}, confidence {best.confidence:.3f})" if best else ""
+    log(f"{target.spec}: verdict {result.verdict} (suspicion {result.score:.3f}){found}")
+    return row, subject if keep_subject else None
+
+
+__all__ = ["AuditRun", "read_calibration", "row_from_audit", "run_audit_gate"]

@@ -1,0 +1,179 @@
+"""Settings of ``audit`` and ``scan`` as a CI gate, from a settings file and the command line.
+
+Where settings come from, highest first:
+
+1. the command line;
+2. ``peftshield.toml`` (tables ``[audit]`` and ``[scan]``);
+3. ``pyproject.toml`` (tables ``[tool.peftshield.audit]`` and ``[tool.peftshield.scan]``);
+4. the defaults below.
+
+The file is ``--config FILE`` when given; otherwise the first folder from the working
+directory upwards that holds ``peftshield.toml``, or a ``pyproject.toml`` with a
+``[tool.peftshield]`` table, supplies it (``peftshield.toml`` wins when a folder has both,
+as ruff does with ``ruff.toml``). Keys may be written with ``-`` or ``_``; an unknown key is
+an error naming the file and key. Paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from peftshield.audit.auditor import AuditSettings
+from peftshield.errors import ConfigError
+
+FORMATS = ("text", "json", "sarif", "markdown", "html")
+FailOn = Literal["backdoored", "inconclusive"]
+PATH_KEYS = {"texts", "cache_dir", "calibration", "base", "psim"}
+
+
+def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    chosen = [item.strip().lower() for item in items if item.strip()]
+    chosen = ["markdown" if f == "md" else f for f in chosen]
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise ConfigError(f"{where}: {', '.join(unknown) or 'nothing given'}: use one or more of {', '.join(FORMATS)} (comma-separated)")
+    return list(dict.fromkeys(chosen))
+
+
+class _GateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: list[str] = Field(default_factory=lambda: ["text"], description="report formats")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _formats(cls, value: Any) -> list[str]:
+        try:
+            return parse_formats(value, "format")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("format: ")) from None
+
+
+class AuditGateSettings(_GateSettings):
+    """``peftshield audit`` as a gate."""
+
+    fail_on: FailOn = Field("inconclusive", description="the verdicts that exit 1 (inconclusive: only 'clean' passes)")
+    texts: Optional[str] = Field(None, description="clean texts (default: the packaged offline corpus)")
+    probe: Literal["auto", "psim"] = "auto"
+    seed: int = 0
+    base: Optional[str] = Field(None, description="base model of adapters and lone .safetensors files")
+    calibration: Optional[str] = None
+    cache_dir: Optional[str] = Field(None, description="content cache (default: OUT/.cache)")
+    search: AuditSettings = Field(default_factory=AuditSettings, description="how hard the trigger search works")
+
+
+class ScanGateSettings(_GateSettings):
+    """``peftshield scan`` as a gate."""
+
+    fail_on_rate: Optional[float] = Field(None, gt=0, le=1, description="share of flagged texts that exits 1 (default: any flagged text)")
+    threshold: Optional[float] = None
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    batch_size: Optional[int] = Field(None, ge=1)
+
+
+SECTIONS: dict[str, type[_GateSettings]] = {"audit": AuditGateSettings, "scan": ScanGateSettings}
+
+
+@dataclass
+class SettingsFile:
+    path: Path | None
+    tables: dict[str, dict]  # section -> raw table (keys normalised)
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "defaults"
+
+
+def _normalise(table: dict, path: Path, prefix: str) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = str(key).replace("-", "_")
+        if isinstance(value, dict):
+            value = _normalise(value, path, f"{prefix}{key}.")
+        elif name in PATH_KEYS and isinstance(value, str) and not value.startswith(("pkg:", "hf:", "hf://")) and value not in ("minilm", "tiny"):
+            candidate = Path(value).expanduser()
+            value = str(candidate if candidate.is_absolute() else (path.parent / candidate))
+        out[name] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _tables_of(path: Path) -> dict | None:
+    """The peftshield tables of ``path`` (None: a pyproject.toml without [tool.peftshield])."""
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        tool = data.get("tool", {})
+        if not isinstance(tool, dict) or "peftshield" not in tool:
+            return None
+        data = tool["peftshield"]
+        prefix = "tool.peftshield."
+    else:
+        prefix = ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: [{prefix.rstrip('.')}] must be a table")
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{prefix}{unknown[0]}] (known: {', '.join(f'[{prefix}{s}]' for s in SECTIONS)})")
+    out = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{prefix}{section}] must be a table")
+        out[section] = _normalise(table, path, f"{prefix}{section}.")
+    return out
+
+
+def find_settings_file(start: Path | None = None, explicit: Path | None = None) -> SettingsFile:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"--config {explicit}: no such file")
+        tables = _tables_of(explicit)
+        return SettingsFile(explicit, tables or {})
+    folder = (start or Path.cwd()).resolve()
+    for candidate in [folder, *folder.parents]:
+        for name in ("peftshield.toml", "pyproject.toml"):
+            path = candidate / name
+            if path.is_file():
+                tables = _tables_of(path)
+                if tables is not None:
+                    return SettingsFile(path, tables)
+    return SettingsFile(None, {})
+
+
+def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> _GateSettings:
+    """The section's settings: the file's table, then the flags given (None = not given) on top.
+    An error names the file and key, or the flag."""
+    model = SECTIONS[section]
+    table = dict(settings_file.tables.get(section, {}))
+    try:
+        from_file = model(**table)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first.get("loc", ()))
+        message = first["msg"].removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            message = "unknown key"
+        raise ConfigError(f"{settings_file.where}: [{section}] {key.replace('_', '-')}: {message}") from None
+    given = {name: value for name, (_, value) in flags.items() if value is not None}
+    try:
+        return model(**{**from_file.model_dump(), **given})
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first.get("loc") else ""
+        flag = flags[field][0] if field in flags else field
+        raise ConfigError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})") from None

@@ -1,0 +1,262 @@
+"""What ``peftshield audit`` can be pointed at, resolved to something the auditor loads.
+
+A target is one of:
+
+- a checkpoint folder (``config.json`` + safetensors), a bare encoder or a classifier;
+- a single ``.safetensors`` file: with a ``config.json`` beside it, its folder; alone, the
+  architecture and tokenizer come from ``--base`` and the file is staged in a temporary
+  folder (symlinked, not copied);
+- a PEFT adapter folder (``adapter_config.json``; its base from ``base_model_name_or_path``
+  unless ``--base`` overrides it) or a ``peftshield finetune`` folder (``finetune.json``);
+- ``hf://org/name[@revision]``, resolved from the local Hugging Face cache (downloaded only
+  when the hub is reachable);
+- ``config.json`` / ``adapter_config.json`` file names stand for their folder, so the
+  file names pre-commit passes work as targets; a glob is expanded.
+
+Each target records the files a finding points at and the sha256 of its weights (the
+content-cache key).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftshield.errors import ConfigError, DataError
+
+ADAPTER_CONFIG = "adapter_config.json"
+FINETUNE_MANIFEST = "finetune.json"
+HF_SCHEME = "hf://"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
+@dataclass
+class AuditTarget:
+    """One thing to audit, resolved."""
+
+    spec: str  # as the user wrote it
+    kind: str  # checkpoint | safetensors | adapter | finetuned | hf
+    checkpoint: str  # what the auditor loads as the model (folder, alias or hub name)
+    adapter: str | None  # an adapter folder on top of ``checkpoint``
+    location: str  # the file findings point at (SARIF artifactLocation)
+    weight_files: list[Path] = field(default_factory=list)
+    staged: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    def weights_sha256(self, base_files: list[Path] | None = None) -> str:
+        """The sha256 of the weights: of the file itself for one file (what ``sha256sum``
+        prints), else of the sorted ``name sha256`` lines of every file (an adapter's base included)."""
+        files = [*self.weight_files, *(base_files or [])]
+        sums = [(path.name, file_sha256(path)) for path in files]
+        if len(sums) == 1:
+            return sums[0][1]
+        return hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in sorted(sums)).encode()).hexdigest()
+
+    def close(self) -> None:
+        if self.staged is not None:
+            self.staged.cleanup()
+            self.staged = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+
+
+def expand_specs(specs: list[str]) -> list[str]:
+    """Targets with globs expanded (a pattern that matches nothing is an error); duplicates dropped."""
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith(HF_SCHEME) or Path(spec).exists() or not glob.has_magic(spec):
+            out.append(spec)
+            continue
+        matches = sorted(glob.glob(spec, recursive=True))
+        if not matches:
+            raise ConfigError(f"target {spec}: the pattern matches nothing")
+        out.extend(matches)
+    return list(dict.fromkeys(out))
+
+
+def resolve_hf(spec: str) -> Path:
+    """``hf://org/name[@revision]`` -> the cached snapshot folder (downloaded only when the hub is reachable)."""
+    name = spec[len(HF_SCHEME):]
+    repo, _, revision = name.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ConfigError(f"target {spec}: write hf://ORG/NAME[@REVISION]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from peftshield.hub import hub_reachable
+
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as exc:  # a damaged cache entry
+        raise ConfigError(f"target {spec}: the local Hugging Face cache entry is unusable ({str(exc).splitlines()[0][:160]})") from None
+    if not hub_reachable():
+        raise ConfigError(f"target {spec}: not in the local Hugging Face cache ({_hf_cache_dir()}) and the hub is not reachable; "
+                          f"download it where there is a network ('hf download {repo}') or pass a folder")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:
+        raise ConfigError(f"target {spec}: download failed ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def resolve_base(base: str) -> str:
+    """A base model name as an adapter records it: an alias or local folder as is; a hub name
+    from the local cache when it is there (so an offline machine can still load it)."""
+    if base in ("minilm", "default", "tiny") or Path(base).exists():
+        return base
+    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(base, local_files_only=True)
+        except Exception:
+            return base  # loading it will say the hub is unreachable
+    return base
+
+
+def _folder_target(spec: str, folder: Path, base: str | None, location: Path | None = None, kind: str | None = None) -> AuditTarget:
+    if (folder / ADAPTER_CONFIG).is_file():
+        recorded = base
+        if recorded is None:
+            try:
+                recorded = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError) as exc:
+                raise DataError(f"{folder / ADAPTER_CONFIG}: damaged file ({str(exc).splitlines()[0][:120]})") from None
+            if not recorded:
+                raise ConfigError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; pass --base")
+        files = [p for p in weight_files(folder) if p.name.startswith("adapter_model")]
+        if not files:
+            raise ConfigError(f"target {spec}: adapter folder without adapter_model.safetensors")
+        return AuditTarget(spec, kind or "adapter", resolve_base(recorded), str(folder), str(location or files[0]), files)
+    if (folder / FINETUNE_MANIFEST).is_file() and not (folder / "config.json").is_file():
+        from peftshield.finetune.checkpoint import resolve_recorded_backbone
+
+        backbone, _ = resolve_recorded_backbone(folder, backbone=base)
+        files = weight_files(folder)
+        return AuditTarget(spec, kind or "finetuned", backbone, str(folder), str(location or (files[0] if files else folder / FINETUNE_MANIFEST)), files)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"target {spec}: not a model folder (no config.json, {ADAPTER_CONFIG} or {FINETUNE_MANIFEST})")
+    files = weight_files(folder)
+    if not files:
+        raise ConfigError(f"target {spec}: no weights (.safetensors) in {folder}")
+    return AuditTarget(spec, kind or "checkpoint", str(folder), None, str(location or files[0]), files)
+
+
+def _staged_safetensors(spec: str, file: Path, base: str | None) -> AuditTarget:
+    """A lone weights file: the base's config and tokenizer beside a symlink to it."""
+    if base is None:
+        raise ConfigError(f"target {spec}: a .safetensors file with no config.json beside it needs --base (the architecture and tokenizer)")
+    from peftshield.models.backbone import resolve_backbone
+
+    source = Path(resolve_backbone(resolve_base(base)))
+    if not (source / "config.json").is_file():
+        raise ConfigError(f"--base {base}: not a local model folder with config.json (needed to read {file.name})")
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{source / 'config.json'}: damaged file ({exc})") from None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            head = [k for k in handle.keys() if k.endswith("classifier.weight") or k == "score.weight"]
+            num_labels = int(handle.get_slice(head[0]).get_shape()[0]) if head else None
+    except Exception as exc:  # safetensors raises its own error type
+        raise DataError(f"{file}: damaged or truncated weights ({str(exc).splitlines()[0][:120]})") from None
+    if num_labels is not None:  # the file carries a trained head: say so in the staged config
+        arch = str((config.get("architectures") or [f"{str(config.get('model_type', 'bert')).capitalize()}Model"])[0])
+        stem = arch.split("For")[0].removesuffix("Model")
+        config["architectures"] = [f"{stem}ForSequenceClassification"]
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    staged = tempfile.TemporaryDirectory(prefix="peftshield-target-")
+    folder = Path(staged.name)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            os.symlink((source / name).resolve(), folder / name)
+    os.symlink(file.resolve(), folder / "model.safetensors")
+    return AuditTarget(spec, "safetensors", str(folder), None, str(file), [file], staged)
+
+
+def resolve_target(spec: str, base: str | None = None) -> AuditTarget:
+    """One target spec -> an :class:`AuditTarget`, or a one-line error naming it."""
+    if spec.startswith(HF_SCHEME):
+        target = _folder_target(spec, resolve_hf(spec), base)
+        target.kind = "hf"
+        return target
+    path = Path(spec)
+    if spec in ("minilm", "tiny"):
+        if spec == "minilm":
+            from peftshield.models.backbone import packaged_minilm_path
+
+            return _folder_target(spec, Path(packaged_minilm_path()), base)
+        return AuditTarget(spec, "checkpoint", "tiny", None, "tiny")
+    if not path.exists():
+        if not spec.startswith(("/", ".", "~")) and spec.count("/") == 1:
+            raise ConfigError(f"target {spec}: no such folder; a hub model is written hf://{spec}")
+        raise ConfigError(f"target {spec}: no such file or folder")
+    if path.is_dir():
+        return _folder_target(spec, path, base)
+    if path.name in ("config.json", ADAPTER_CONFIG, FINETUNE_MANIFEST):
+        return _folder_target(spec, path.parent, base)
+    if path.suffix == ".safetensors":
+        if path.name.startswith("adapter_model") and (path.parent / ADAPTER_CONFIG).is_file():
+            return _folder_target(spec, path.parent, base, location=path)
+        if (path.parent / "config.json").is_file():
+            return _folder_target(spec, path.parent, None, location=path, kind="safetensors")
+        return _staged_safetensors(spec, path, base)
+    raise ConfigError(f"target {spec}: not a model folder, .safetensors file, adapter or hf://ORG/NAME")
+
+
+def kind_of_spec(spec: str) -> str:
+    """The target kind a spec names, as far as its text tells (for rows of targets that failed to resolve)."""
+    if spec.startswith(HF_SCHEME):
+        return "hf"
+    if spec.endswith(".safetensors"):
+        return "safetensors"
+    return "checkpoint"
+
+
+def resolve_targets(specs: list[str], base: str | None = None) -> list[AuditTarget]:
+    return [resolve_target(spec, base) for spec in expand_specs(specs)]
+
+
+def base_weight_files(target: AuditTarget) -> list[Path]:
+    """The base model's weight files of an adapter target (part of its content key)."""
+    if target.adapter is None:
+        return []
+    from peftshield.models.backbone import resolve_backbone
+
+    folder = Path(resolve_backbone(target.checkpoint))
+    return weight_files(folder) if folder.is_dir() else []
