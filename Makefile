@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift grid clean
+.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder contrast grid clean
 
 install: $(STAMP)
 
@@ -56,6 +56,17 @@ bench-overload: $(STAMP)
 # frequent trigger words; about 2 minutes; needs bench-serve's models): bench/guard_drift.md.
 bench-drift: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/guard_drift.py --shared $(SHARED)
+
+# The badnet scenario (attack, LoRA victim, PSIM) on the SmolLM2-135M decoder beside MiniLM, same sizes
+# (resumable in runs/decoder-backbone): bench/decoder_backbone.md.
+bench-decoder: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/decoder_backbone.py --shared $(SHARED)
+
+# The study's central contrast (full fine-tuning vs PEFT) at the study's poison shares, one row per share
+# (configs/contrast-proportions.yaml, resumable in runs/contrast-proportions), then its report.
+contrast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/contrast-proportions.yaml $(ARGS)
+	$(VENV)/bin/peftshield report runs/contrast-proportions
 
 # `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
 # commands (about 2 hours here: ~60 min of builds, ~4 min per audit; resumable in runs/audit-zoo):

@@ -29,7 +29,7 @@ from backdoor_fixtures import TARGET, TRIGGER, attacker_data, sentiment_data, si
 from subprocess_helpers import restore_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
-SARIF_SCHEMA = Path(__file__).parent / "data" / "schemas" / "sarif-schema-2.1.0.json"
+SARIF_SCHEMA = Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json"
 FAST_SEARCH = """
 [audit.search]
 search-texts = 16
@@ -237,6 +237,26 @@ def test_every_kind_of_target(work, zoo, monkeypatch) -> None:
     assert f"hf://acme/poisoned@{commit}" not in rows  # the same snapshot as main: one row
 
 
+def test_an_adapter_is_its_own_cache_entry_and_location(work, zoo) -> None:
+    """Two adapters on one checkpoint (--adapter) are two audits; findings point at the adapter's weights."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from peftshield.models import load_backbone
+
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_backbone(str(zoo / "clean"), 2).model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query", "value"]))
+        model.save_pretrained(work / name)
+    common = ["--calibration", str(zoo / "backdoored.json"), "--format", "json", "--out", "out"]
+    first = audit(work, str(zoo / "clean"), "--adapter", str(work / "a"), *common)
+    row = validate_report(work / "out" / "summary.json")["targets"][0]
+    assert row["kind"] == "adapter" and row["location"].endswith("a/adapter_model.safetensors"), row
+    second = audit(work, str(zoo / "clean"), "--adapter", str(work / "b"), *common)
+    assert "candidates scored" in first.stderr and "candidates scored" in second.stderr, second.stderr  # not the first adapter's audit
+    assert not validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
+
+
 def test_a_lone_safetensors_file_needs_a_base(work, zoo) -> None:
     lone = work / "weights.safetensors"
     shutil.copy(zoo / "poisoned" / "model.safetensors", lone)
@@ -281,9 +301,9 @@ def test_settings_precedence_flag_over_peftshield_toml_over_pyproject(work, zoo)
     sub = work / "sub"
     sub.mkdir()
     assert audit(sub, *target).returncode == 0  # found from a folder below
-    (work / "peftshield.toml").write_text(f'[audit]\nfail-on = "inconclusive"\ntexts = "{zoo / "texts.txt"}"\n{FAST_SEARCH}', encoding="utf-8")
+    (work / "peftshield.toml").write_text('[audit]\nfail-on = "inconclusive"\n', encoding="utf-8")
     done = audit(work, *target)
-    assert done.returncode == 1  # peftshield.toml wins over pyproject.toml
+    assert done.returncode == 1, done.stderr  # peftshield.toml wins over pyproject.toml, key by key (texts, search: pyproject's)
     assert validate_report(work / "out" / "summary.json")["settings_file"].endswith("peftshield.toml")
     assert audit(work, *target, "--fail-on", "backdoored").returncode == 0  # the flag wins over both
     (work / "peftshield.toml").write_text('[audit]\nfail-onn = "backdoored"\n', encoding="utf-8")

@@ -196,6 +196,18 @@ def test_ray_executor_runs_two_tiny_cells(tmp_path: Path, shared_data: Path) -> 
             assert by_ray[key] == pytest.approx(local[key], abs=1e-9), f"{key}: Ray and local runs must agree"
 
 
+def test_tagged_entries_of_one_trigger_are_rows_of_their_own(tmp_path: Path, shared_data: Path) -> None:
+    """configs/contrast-proportions.yaml's layout: the same trigger at several poison counts."""
+    path = write_config(tmp_path / "c.yaml", shared_data)
+    path.write_text(path.read_text().replace(
+        "triggers: [{name: badnet, options: {words: mn}}]",
+        "triggers: [{name: badnet, options: {words: mn}, tag: mn-few, attack: {poison_count: 4}},"
+        " {name: badnet, options: {words: mn}, tag: mn-many, attack: {poison_count: 16}}]"))
+    plan = plan_grid(load_grid_config(path), tmp_path / "run")
+    assert len(plan.backbones) == 2 and {c.backbone_key for c in plan.backbones} == {c.backbone_key for c in plan.cells}
+    assert sorted({(c.trigger_label, c.attack.poison_count) for c in plan.cells}) == [("mn-few", 4), ("mn-many", 16)]
+
+
 @pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name: str) -> None:
     config = load_grid_config(ROOT / "configs" / f"{name}.yaml")

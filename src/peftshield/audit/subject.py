@@ -48,7 +48,9 @@ def _weight_keys(folder: Path) -> list[str]:
 def classifier_head(checkpoint: str) -> int | None:
     """The class count of the trained classification head ``checkpoint`` carries, or None
     for a bare encoder. Local folders are read without loading the model."""
-    if checkpoint == "tiny":  # the random test backbone: its head was never trained
+    from peftshield.models.backbone import RANDOM_BACKBONES
+
+    if checkpoint in RANDOM_BACKBONES:  # the random test backbones: their heads were never trained
         return None
     source = resolve_backbone(checkpoint)
     folder = Path(source)
@@ -118,6 +120,12 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
             model = PeftModel.from_pretrained(base.model, str(adapter))
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"--adapter {adapter}: cannot load on {checkpoint} ({str(exc).splitlines()[0][:160]})") from None
+        config = model.peft_config.get("default") if hasattr(model, "peft_config") else None
+        if config is not None and getattr(config, "is_prompt_learning", False) and config.peft_type.value != "PREFIX_TUNING":
+            from peftshield.models.backbone import is_decoder_classifier
+
+            if is_decoder_classifier(model):
+                base.tokenizer.padding_side = "left"  # soft prompts fed as embeddings: the last position must be the last real token
         return AuditSubject(model, base.tokenizer, num_labels, "head", checkpoint, str(adapter))
     raise ConfigError(f"--adapter {adapter}: not an adapter folder (no finetune.json or {ADAPTER_CONFIG})")
 

@@ -49,6 +49,8 @@ class TriggerEntry(Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     attack: dict[str, Any] = Field(default_factory=dict, description="overrides of the attack section for this trigger (e.g. data, target_label)")
+    tag: Optional[str] = Field(None, pattern=PLAIN_NAME, description="the row's name in tables (default: the trigger's label); "
+                                                                     "tells apart entries of one trigger with different attack overrides")
 
     @model_validator(mode="after")
     def _typed_options(self) -> "TriggerEntry":
@@ -64,7 +66,7 @@ class TriggerEntry(Section):
 
     @property
     def label(self) -> str:
-        return self.build().label()
+        return self.tag or self.build().label()
 
 
 class DefenseEntry(Section):

@@ -56,7 +56,9 @@ def trigger_of(manifest: dict) -> dict:
 
 def backbone_reference(name_or_path: str) -> str:
     """What a manifest records: aliases and hub names as given, local paths made absolute."""
-    if name_or_path in ("tiny", "minilm", "default"):
+    from peftshield.models.backbone import BACKBONE_ALIASES
+
+    if name_or_path in BACKBONE_ALIASES:
         return name_or_path
     path = Path(name_or_path)
     return str(path.resolve()) if path.exists() else name_or_path

@@ -53,6 +53,10 @@ class FineTuneMethod(ABC):
     def config_dict(self) -> dict:
         return asdict(self.config())
 
+    # Soft prompts fed as input embeddings (prompt tuning, P-tuning): a decoder's classifier
+    # cannot locate padding then and reads the last position, so decoders pad on the left.
+    feeds_embeddings = False
+
     @abstractmethod
     def wrap(self, model, num_training_steps: int):
         """Return the model to train, with exactly the method's parameters trainable."""

@@ -25,13 +25,12 @@ from safetensors.torch import load_file, save_file
 from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldWarning
 from peftshield.finetune.base import METHODS
 from peftshield.io import atomic_directory, atomic_write_json, check_safetensors, read_json
-from peftshield.models.backbone import Backbone, load_backbone, resolve_backbone
+from peftshield.models.backbone import BACKBONE_ALIASES, PACKAGED_BACKBONES, RANDOM_BACKBONES, Backbone, load_backbone, resolve_backbone
 
 WEIGHTS_FILE = "trainable.safetensors"
 MANIFEST_FILE = "finetune.json"
 BACKBONE_COPY = "backbone"
 LOCATION_KEY = "backbone_location"
-BACKBONE_ALIASES = ("tiny", "minilm", "default")
 REQUIRED_KEYS = ("method", "backbone", "num_labels")
 
 
@@ -108,10 +107,10 @@ def save_finetuned(model, tokenizer, out_dir: str | Path, manifest: dict, self_c
             "copy": BACKBONE_COPY if self_contained else None,
         }
         copy_from = absolute if self_contained else None
-    elif self_contained and given in ("minilm", "default"):
+    elif self_contained and given in PACKAGED_BACKBONES:
         copy_from = Path(resolve_backbone(given))
         manifest[LOCATION_KEY] = {"given": given, "path": None, "relative": None, "sha256": backbone_fingerprint(copy_from), "copy": BACKBONE_COPY}
-    elif self_contained and given != "tiny":
+    elif self_contained and given not in RANDOM_BACKBONES:
         warnings.warn(f"{out_dir}: backbone '{given}' is a hub name; it is recorded by name, not copied into the folder", PeftshieldWarning, stacklevel=2)
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_directory(out_dir) as tmp:
@@ -222,6 +221,9 @@ def load_finetuned(directory: str | Path, backbone: str | None = None) -> tuple[
         raise DataError(f"{manifest_path}: damaged file (options is not a mapping); re-create it")
     method = METHODS.create(manifest["method"], **options)
     model = method.wrap(base.model, int(manifest.get("num_training_steps", 2)))
+    from peftshield.finetune.trainer import pad_for
+
+    pad_for(method, model, base.tokenizer)  # the backbone's tokenizer: padded as in training
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises SafetensorError for a damaged file

@@ -86,6 +86,16 @@ def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def pad_for(method, model, tokenizer) -> None:
+    """Decoders pad on the right (their classifier finds each text's last real token from the
+    ids, and positions start at 0), except under methods that feed embeddings: then on the left,
+    so the last position is the last real token. ``load_finetuned`` calls it again on reload."""
+    from peftshield.models.backbone import is_decoder_classifier
+
+    if is_decoder_classifier(model):
+        tokenizer.padding_side = "left" if method.feeds_embeddings else "right"
+
+
 def train_classifier(
     model,
     tokenizer,
@@ -112,6 +122,7 @@ def train_classifier(
     learning_rate = training.learning_rate or method.default_learning_rate
     total_steps = count_training_steps(len(train), training)
     model = method.wrap(model, total_steps)
+    pad_for(method, model, tokenizer)
     trainable, total = count_parameters(model)
     result = TrainResult(method=method.name, learning_rate=learning_rate, trainable_parameters=trainable, total_parameters=total,
                          n_train=len(train), num_training_steps=total_steps)

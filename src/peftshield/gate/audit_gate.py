@@ -21,7 +21,7 @@ from peftshield.gate.cache import CACHE_DIR, ContentCache, cache_key, link_files
 from peftshield.gate.formats import RENDERERS, report_files
 from peftshield.gate.report import Finding, GateReport, TargetRow, audit_exit_code, error_row
 from peftshield.gate.settings import AuditGateSettings
-from peftshield.gate.targets import AuditTarget, base_weight_files, expand_specs, kind_of_spec, resolve_target
+from peftshield.gate.targets import AuditTarget, adapter_target, base_weight_files, expand_specs, kind_of_spec, model_files_sha256, resolve_target
 from peftshield.io import atomic_directory, read_json
 
 AUDIT_FILE = "audit.json"
@@ -79,6 +79,15 @@ def row_from_audit(payload: dict, target: AuditTarget, fail_on: str, sha256: str
                               "checkpoint": payload.get("checkpoint"), "adapter": payload.get("adapter")})
 
 
+def _cached_audit(entry: Path) -> dict | None:
+    """The cached ``audit.json``, or None (a miss) when the entry is damaged."""
+    try:
+        payload = json.loads((entry / AUDIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and {"verdict", "triggers"} <= set(payload) else None
+
+
 def _slug(index: int, spec: str) -> str:
     return f"{index:02d}-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip("/"))[-60:] or "target")
 
@@ -102,6 +111,8 @@ def run_audit_gate(
     expanded = expand_specs(specs)
     if adapter is not None and len(expanded) != 1:
         raise ConfigError("--adapter: give exactly one checkpoint with it (or pass adapter folders as targets)")
+    if keep_subject and len(expanded) != 1:
+        raise ConfigError(f"--write-psim: give exactly one target ({len(expanded)} after expanding the patterns)")
     calibration = read_calibration(settings.calibration)
     single = len(expanded) == 1
     resolved: list[AuditTarget | PeftshieldError] = []
@@ -109,9 +120,7 @@ def run_audit_gate(
     kept: list[str] = []
     for spec in expanded:
         try:
-            target = resolve_target(spec, settings.base)
-            if adapter is not None:
-                target.adapter, target.kind = adapter, "adapter"
+            target = adapter_target(spec, adapter) if adapter is not None else resolve_target(spec, settings.base)
         except PeftshieldError as exc:
             if single:
                 raise
@@ -143,11 +152,12 @@ def run_audit_gate(
                 try:
                     row, subject = _audit_one(target, settings, calibration, corpus, texts_name, key_settings, cache, folder,
                                               None if single else folder.name, keep_subject, progress, log)
-                except PeftshieldError as exc:
-                    if single:
+                except Exception as exc:  # one target's failure is its row's; the others are still audited
+                    if single or isinstance(exc, KeyboardInterrupt):
                         raise
-                    row = error_row(spec, target.kind, target.location, str(exc))
-                    log(f"{spec}: error: {exc}")
+                    message = str(exc) if isinstance(exc, PeftshieldError) else f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                    row = error_row(spec, target.kind, target.location, message)
+                    log(f"{spec}: error: {message}")
                 finally:
                     target.close()
                 rows.append(row)
@@ -166,12 +176,12 @@ def run_audit_gate(
 def _audit_one(target: AuditTarget, settings: AuditGateSettings, calibration, corpus: list[str], texts_name: str, key_settings: dict,
                cache: ContentCache, folder: Path, report_dir: str | None, keep_subject: bool, progress: bool, log) -> tuple[TargetRow, object]:
     sha = target.weights_sha256(base_weight_files(target)) if target.weight_files else None
-    key = cache_key(sha, {**key_settings, "adapter": target.adapter is not None}) if sha else None
+    key = cache_key(sha, {**key_settings, "model_files": model_files_sha256(target), "adapter": target.adapter is not None}) if sha else None
     hit = cache.get(key) if key and not keep_subject else None
-    if hit is not None:
-        link_files(hit, folder)
+    payload = _cached_audit(hit) if hit is not None else None
+    if payload is not None:
+        link_files(hit, folder, copy=True)  # copies: editing the output never edits the cache
         (folder / "entry.json").unlink(missing_ok=True)
-        payload = json.loads((folder / AUDIT_FILE).read_text(encoding="utf-8"))
         about = ContentCache.about(hit)
         row = row_from_audit(payload, target, settings.fail_on, sha, True, report_dir)
         row.details["cached_from"] = about.get("stored")

@@ -27,17 +27,20 @@ def cache_key(weights_sha256: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def link_files(source: Path, dest: Path) -> None:
+def link_files(source: Path, dest: Path, copy: bool = False) -> None:
     """The regular files directly in ``source`` (an audit's files are flat) into ``dest``:
-    hard links where the file system allows, copies elsewhere."""
+    hard links where the file system allows (cache to cache), copies with ``copy``."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if not path.is_file() or path.name.startswith("."):
             continue
-        try:
-            os.link(path, dest / path.name)
-        except OSError:
-            shutil.copy2(path, dest / path.name)
+        if not copy:
+            try:
+                os.link(path, dest / path.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, dest / path.name)
 
 
 class ContentCache:
@@ -58,7 +61,7 @@ class ContentCache:
         if self.write_dir is None:
             return
         with atomic_directory(self.write_dir / key) as tmp:
-            link_files(files_from, tmp)
+            link_files(files_from, tmp, copy=True)
             (tmp / ENTRY_FILE).write_text(json.dumps({**about, "stored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1), encoding="utf-8")
 
     def carry_over(self) -> None:

@@ -8,7 +8,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from peftshield.gate.report import RULES, GateReport, TargetRow
+from peftshield.gate.report import LEVELS, RULES, GateReport, TargetRow
 
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SUFFIXES = {"json": ".json", "sarif": ".sarif", "markdown": ".md", "html": ".html"}
@@ -59,7 +59,7 @@ def render_sarif(report: GateReport) -> str:
 
     used = sorted({f.rule for row in report.rows for f in row.findings} | ({"backdoor.trigger", "backdoor.inconclusive"} if report.command == "audit" else {"scan.flagged"}))
     rules = [{"id": rule, "name": rule.replace(".", "-"), "shortDescription": {"text": RULES[rule]},
-              "defaultConfiguration": {"level": "error" if rule != "backdoor.inconclusive" else "warning"}} for rule in used]
+              "defaultConfiguration": {"level": LEVELS[rule]}} for rule in used]
     index = {rule: i for i, rule in enumerate(used)}
     results = []
     for row in report.rows:

@@ -9,9 +9,11 @@ Where settings come from, highest first:
 
 The file is ``--config FILE`` when given; otherwise the first folder from the working
 directory upwards that holds ``peftshield.toml``, or a ``pyproject.toml`` with a
-``[tool.peftshield]`` table, supplies it (``peftshield.toml`` wins when a folder has both,
-as ruff does with ``ruff.toml``). Keys may be written with ``-`` or ``_``; an unknown key is
-an error naming the file and key. Paths in the file are relative to the file's folder.
+``[tool.peftshield]`` table, supplies the settings. When that folder has both, they are
+merged key by key and ``peftshield.toml`` wins. Keys may be written with ``-`` or ``_``; an
+unknown key is an error naming the file and key. A relative path in a file (``texts``,
+``calibration``, ``cache-dir``, ``base``) is relative to the file's folder; a ``base`` that
+is no path there (a hub name such as ``org/name``) is kept as written.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from peftshield.errors import ConfigError
 
 FORMATS = ("text", "json", "sarif", "markdown", "html")
 FailOn = Literal["backdoored", "inconclusive"]
-PATH_KEYS = {"texts", "cache_dir", "calibration", "base", "psim"}
+PATH_KEYS = {"texts", "cache_dir", "calibration", "base"}
 
 
 def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
@@ -83,8 +85,8 @@ SECTIONS: dict[str, type[_GateSettings]] = {"audit": AuditGateSettings, "scan": 
 
 @dataclass
 class SettingsFile:
-    path: Path | None
-    tables: dict[str, dict]  # section -> raw table (keys normalised)
+    path: Path | None  # the file that wins (peftshield.toml when a folder has both)
+    tables: dict[str, dict]  # section -> raw table (keys normalised), the files merged
 
     @property
     def where(self) -> str:
@@ -97,11 +99,27 @@ def _normalise(table: dict, path: Path, prefix: str) -> dict:
         name = str(key).replace("-", "_")
         if isinstance(value, dict):
             value = _normalise(value, path, f"{prefix}{key}.")
-        elif name in PATH_KEYS and isinstance(value, str) and not value.startswith(("pkg:", "hf:", "hf://")) and value not in ("minilm", "tiny"):
-            candidate = Path(value).expanduser()
-            value = str(candidate if candidate.is_absolute() else (path.parent / candidate))
+        elif name in PATH_KEYS and isinstance(value, str):
+            value = _relative_to_file(name, value, path)
         out[name] = value
     return out
+
+
+def _relative_to_file(name: str, value: str, path: Path) -> str:
+    """A path written in the settings file, made relative to the file's folder. Sources
+    (``pkg:``, ``hf:``), backbone aliases and, for ``base``, hub names (no such path beside
+    the file) stay as written."""
+    from peftshield.models.backbone import BACKBONE_ALIASES
+
+    if value.startswith(("pkg:", "hf:", "hf://")) or value in BACKBONE_ALIASES:
+        return value
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    beside = path.parent / candidate
+    if name == "base" and not beside.exists() and not value.startswith((".", "~")):
+        return value  # org/name on the hub
+    return str(beside)
 
 
 def _read_toml(path: Path) -> dict:
@@ -138,37 +156,52 @@ def _tables_of(path: Path) -> dict | None:
     return out
 
 
+def _checked(path: Path, tables: dict) -> dict:
+    """Each section of one file validated on its own, so an error names that file."""
+    for section, table in tables.items():
+        _validated(SECTIONS[section], table, str(path), section)
+    return tables
+
+
 def find_settings_file(start: Path | None = None, explicit: Path | None = None) -> SettingsFile:
     if explicit is not None:
         if not explicit.is_file():
             raise ConfigError(f"--config {explicit}: no such file")
-        tables = _tables_of(explicit)
-        return SettingsFile(explicit, tables or {})
+        return SettingsFile(explicit, _checked(explicit, _tables_of(explicit) or {}))
     folder = (start or Path.cwd()).resolve()
     for candidate in [folder, *folder.parents]:
-        for name in ("peftshield.toml", "pyproject.toml"):
-            path = candidate / name
-            if path.is_file():
-                tables = _tables_of(path)
-                if tables is not None:
-                    return SettingsFile(path, tables)
+        found = [(candidate / name, tables) for name in ("pyproject.toml", "peftshield.toml")
+                 if (candidate / name).is_file() and (tables := _tables_of(candidate / name)) is not None]
+        if not found:
+            continue
+        merged: dict[str, dict] = {}
+        for path, tables in found:  # pyproject.toml first, then peftshield.toml on top
+            for section, table in _checked(path, tables).items():
+                target = merged.setdefault(section, {})
+                for key, value in table.items():
+                    both_tables = isinstance(value, dict) and isinstance(target.get(key), dict)
+                    target[key] = {**target[key], **value} if both_tables else value
+        return SettingsFile(found[-1][0], merged)
     return SettingsFile(None, {})
 
 
-def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> _GateSettings:
-    """The section's settings: the file's table, then the flags given (None = not given) on top.
-    An error names the file and key, or the flag."""
-    model = SECTIONS[section]
-    table = dict(settings_file.tables.get(section, {}))
+def _validated(model: type[_GateSettings], table: dict, where: str, section: str) -> _GateSettings:
     try:
-        from_file = model(**table)
+        return model(**table)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first.get("loc", ()))
         message = first["msg"].removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             message = "unknown key"
-        raise ConfigError(f"{settings_file.where}: [{section}] {key.replace('_', '-')}: {message}") from None
+        raise ConfigError(f"{where}: [{section}] {key.replace('_', '-')}: {message}") from None
+
+
+def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> _GateSettings:
+    """The section's settings: the file's table, then the flags given (None = not given) on top.
+    An error names the file and key, or the flag."""
+    model = SECTIONS[section]
+    from_file = _validated(model, dict(settings_file.tables.get(section, {})), settings_file.where, section)
     given = {name: value for name, (_, value) in flags.items() if value is not None}
     try:
         return model(**{**from_file.model_dump(), **given})

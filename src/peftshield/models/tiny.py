@@ -1,4 +1,4 @@
-"""A tiny randomly initialised BERT and word-level tokenizer, for tests and smoke runs."""
+"""Tiny randomly initialised models (a BERT encoder and a Llama decoder) and a word-level tokenizer, for tests and smoke runs."""
 
 from __future__ import annotations
 
@@ -52,3 +52,31 @@ def tiny_backbone(num_labels: int = 2):
         torch.manual_seed(TINY_SEED)
         model = AutoModelForSequenceClassification.from_config(tiny_config(num_labels, len(tokenizer)))
     return Backbone(model=model, tokenizer=tokenizer, source="tiny", num_labels=num_labels)
+
+
+def tiny_llama_config(num_labels: int, tokenizer):
+    """A tiny Llama (decoder) configuration: the family SmolLM2 belongs to, in miniature."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False,
+    )
+
+
+def tiny_llama_backbone(num_labels: int = 2):
+    """A tiny random decoder classifier (LlamaForSequenceClassification: the last real token's
+    state is classified), with the tiny word-level tokenizer; always the same weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftshield.models.backbone import Backbone
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels, tokenizer))
+    from peftshield.models.backbone import give_padding_token
+
+    give_padding_token(model, tokenizer)
+    return Backbone(model=model, tokenizer=tokenizer, source="tiny-llama", num_labels=num_labels)

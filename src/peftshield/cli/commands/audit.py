@@ -21,10 +21,10 @@ from peftshield.io import check_output_place
 @app.command(help="Audit checkpoints nobody vouches for: is each backdoored, by which trigger, towards which class? Needs only clean texts. "
                   "Exit code: 0 every target clean, 1 findings (see --fail-on), 2 an audit could not complete. Writes, per target, "
                   "audit.json, report.md/html and audit.png, plus summary.<format> files; settings also come from "
-                  "[tool.peftshield.audit] in pyproject.toml or [audit] in peftshield.toml (flags win).")
+                  "\\[tool.peftshield.audit] in pyproject.toml or \\[audit] in peftshield.toml (flags win).")
 @gate_command
 def audit(
-    targets: list[str] = typer.Argument(..., help="Checkpoint folders, .safetensors files, PEFT adapter folders, hf://ORG/NAME[@REV] "
+    targets: list[str] = typer.Argument(..., help="Checkpoint folders, .safetensors files, PEFT adapter folders, hf://ORG/NAME\\[@REV] "
                                                   "(from the local HF cache), 'minilm', or globs; several give one summary row each."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A PEFT adapter to audit on top of the one TARGET (or pass the adapter folder itself as the target)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model of adapter targets (overrides their base_model_name_or_path) and of lone .safetensors files."),
@@ -36,7 +36,7 @@ def audit(
     write_psim: Optional[Path] = typer.Option(None, "--write-psim", help="Also save a PSIM for this model (threshold calibrated on the clean texts), for scan / evaluate / serve."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A calibration JSON ({clean_mean, clean_std, n_clean, ...}) instead of the packaged one."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Content cache: a target with unchanged weights and settings is not audited again (default OUT/.cache)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml [tool.peftshield], searched upwards from here)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random choice (default 0)."),
     progress: bool = ProgressOption,
 ) -> None:

@@ -105,8 +105,12 @@ def gate_command(function):
         except Exception as exc:  # noqa: BLE001 - the gate's contract: never exit 1 on an error
             if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (a RuntimeError)
                 raise PeftshieldError("out of memory; try a smaller --batch-size or fewer texts") from None
-            if type(exc).__module__.startswith(("typer", "click")) or os.environ.get("PEFTSHIELD_DEBUG"):
+            if type(exc).__module__.startswith(("typer", "click")):
                 raise  # usage errors and typer.Exit have their own handling
+            if os.environ.get("PEFTSHIELD_DEBUG"):
+                import traceback
+
+                traceback.print_exc()  # the traceback, and still exit 2
             if isinstance(exc, OSError):
                 from peftshield.io import OUTPUT_ERRNOS
 

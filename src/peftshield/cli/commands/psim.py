@@ -66,7 +66,7 @@ def psim_train(
 
 @app.command(help="Score texts with a PSIM; writes id, score and flag per text (JSONL or CSV) and reports texts per second. "
                   "Exit code: 0 clean, 1 findings (at least --fail-on-rate of the texts flagged; default any), 2 could not complete. "
-                  "Settings also come from [tool.peftshield.scan] in pyproject.toml or [scan] in peftshield.toml (flags win).")
+                  "Settings also come from \\[tool.peftshield.scan] in pyproject.toml or \\[scan] in peftshield.toml (flags win).")
 @gate_command
 def scan(
     psim_dir: Path = typer.Option(..., "--psim", help="A directory written by 'peftshield psim train'."),
@@ -78,7 +78,7 @@ def scan(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     fail_on_rate: Optional[float] = typer.Option(None, "--fail-on-rate", help="Share of flagged texts (0-1] that exits 1; default: any flagged text."),
     format: Optional[str] = typer.Option(None, "--format", help="Report formats, comma-separated: text (stdout), json, sarif, markdown, html. Default text."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml [tool.peftshield], searched upwards from here)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here)."),
     skip_empty: bool = SkipEmptyOption,
     runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default), onnx or onnx-int8; see 'peftshield serve --help'."),
     progress: bool = ProgressOption,
@@ -90,6 +90,10 @@ def scan(
 
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
+    if runtime is not None:
+        from peftshield.models.runtime import check_runtime
+
+        check_runtime(runtime)
     settings_file = find_settings_file(explicit=config)
     settings = gate_settings("scan", {
         "fail_on_rate": ("--fail-on-rate", fail_on_rate), "format": ("--format", parse_formats(format) if format is not None else None),

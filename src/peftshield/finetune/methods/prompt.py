@@ -17,6 +17,7 @@ class PromptTuningMethod(PeftLibraryMethod):
     """Prompt tuning via peft (5 virtual tokens)."""
 
     name = "prompt"
+    feeds_embeddings = True
     Config = PromptTuningOptions
 
     def peft_config(self, num_training_steps: int):

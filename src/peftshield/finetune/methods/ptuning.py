@@ -18,6 +18,7 @@ class PTuningMethod(PeftLibraryMethod):
     """P-tuning via peft (5 virtual tokens, prompt-encoder hidden 128)."""
 
     name = "ptuning"
+    feeds_embeddings = True
     Config = PTuningOptions
 
     def peft_config(self, num_training_steps: int):
