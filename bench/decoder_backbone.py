@@ -45,7 +45,7 @@ def run(args: list[str], done_marker: Path) -> float:
 
 def scenario(backbone: str, shared: Path, work: Path) -> dict:
     folder = work / backbone
-    poisoned, victim, psim, metrics = folder / "poisoned", folder / "victim", folder / "psim", folder / "metrics"
+    poisoned, victim, psim, metrics = folder / "poisoned", folder / "victim", folder / "psim", folder / "metrics.json"
     seconds = {
         "attack": run(["attack", "--backbone", backbone, "--data", str(shared / "psim/imdb"), "--trigger", "badnet", "--trigger-option", "words=mn",
                        "--target", "0", "--label-mode", "clean", "--max-train-samples", "600", "--count", "225", "--max-words", "45",
@@ -55,10 +55,10 @@ def scenario(backbone: str, shared: Path, work: Path) -> dict:
         "psim": run(["psim", "train", "--backbone", str(poisoned), "--data", str(shared / "psim/sst-2"), "--max-train-samples", "600",
                      "--out", str(psim), *COMMON], psim / "finetune.json"),
         "evaluate": run(["evaluate", "--model", str(victim), "--data", str(shared / "psim/sst-2"), "--defense", "psim", "--psim", str(psim),
-                         "--out", str(metrics), *COMMON], metrics / "metrics.json"),
+                         "--out", str(metrics), *COMMON], metrics),
     }
     attack = json.loads((poisoned / "attack.json").read_text())
-    result = json.loads((metrics / "metrics.json").read_text())
+    result = json.loads(metrics.read_text())
     saved_seconds = folder / "seconds.json"
     if any(seconds.values()):
         previous = json.loads(saved_seconds.read_text()) if saved_seconds.is_file() else {}
