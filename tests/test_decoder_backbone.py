@@ -35,12 +35,12 @@ def test_tiny_llama_has_a_padding_token_and_prompt_methods_pad_on_the_left() -> 
     backbone = load_backbone("tiny-llama", 2)
     assert type(backbone.model).__name__ == "LlamaForSequenceClassification"
     assert backbone.tokenizer.padding_side == "right" and backbone.model.config.pad_token_id == backbone.tokenizer.pad_token_id
-    pad_for(METHODS.get("ptuning")(), backbone.model, backbone.tokenizer)  # soft prompts are fed as embeddings
+    pad_for(METHODS.get("ptuning").feeds_embeddings, backbone.model, backbone.tokenizer)  # soft prompts are fed as embeddings
     encoded = encode_texts(backbone.tokenizer, ["good", "a very good film with a plot"], 32)
     ids, mask = pad_rows(encoded, [0, 1])
     assert mask[0, -1] == 1 and mask[0, 0] == 0 and ids[0, 0] == encoded.pad_token_id  # the short text ends at the last position
     encoder = load_backbone("tiny", 2)
-    pad_for(METHODS.get("ptuning")(), encoder.model, encoder.tokenizer)
+    pad_for(METHODS.get("ptuning").feeds_embeddings, encoder.model, encoder.tokenizer)
     assert encoder.tokenizer.padding_side == "right"  # encoders read [CLS]: unchanged
 
 

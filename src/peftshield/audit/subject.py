@@ -120,12 +120,10 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
             model = PeftModel.from_pretrained(base.model, str(adapter))
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"--adapter {adapter}: cannot load on {checkpoint} ({str(exc).splitlines()[0][:160]})") from None
-        config = model.peft_config.get("default") if hasattr(model, "peft_config") else None
-        if config is not None and getattr(config, "is_prompt_learning", False) and config.peft_type.value != "PREFIX_TUNING":
-            from peftshield.models.backbone import is_decoder_classifier
+        from peftshield.finetune.trainer import pad_for
 
-            if is_decoder_classifier(model):
-                base.tokenizer.padding_side = "left"  # soft prompts fed as embeddings: the last position must be the last real token
+        config = model.peft_config.get("default")
+        pad_for(bool(config.is_prompt_learning) and config.peft_type.value != "PREFIX_TUNING", model, base.tokenizer)  # soft prompts feed embeddings
         return AuditSubject(model, base.tokenizer, num_labels, "head", checkpoint, str(adapter))
     raise ConfigError(f"--adapter {adapter}: not an adapter folder (no finetune.json or {ADAPTER_CONFIG})")
 

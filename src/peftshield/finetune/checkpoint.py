@@ -223,7 +223,7 @@ def load_finetuned(directory: str | Path, backbone: str | None = None) -> tuple[
     model = method.wrap(base.model, int(manifest.get("num_training_steps", 2)))
     from peftshield.finetune.trainer import pad_for
 
-    pad_for(method, model, base.tokenizer)  # the backbone's tokenizer: padded as in training
+    pad_for(method.feeds_embeddings, model, base.tokenizer)  # the backbone's tokenizer: padded as in training
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises SafetensorError for a damaged file

@@ -86,14 +86,15 @@ def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def pad_for(method, model, tokenizer) -> None:
+def pad_for(feeds_embeddings: bool, model, tokenizer) -> None:
     """Decoders pad on the right (their classifier finds each text's last real token from the
-    ids, and positions start at 0), except under methods that feed embeddings: then on the left,
-    so the last position is the last real token. ``load_finetuned`` calls it again on reload."""
+    ids, and positions start at 0), except under methods that feed embeddings (soft prompts):
+    then on the left, so the last position is the last real token. ``load_finetuned`` and the
+    audit's adapter loader call it again on reload."""
     from peftshield.models.backbone import is_decoder_classifier
 
     if is_decoder_classifier(model):
-        tokenizer.padding_side = "left" if method.feeds_embeddings else "right"
+        tokenizer.padding_side = "left" if feeds_embeddings else "right"
 
 
 def train_classifier(
@@ -122,7 +123,7 @@ def train_classifier(
     learning_rate = training.learning_rate or method.default_learning_rate
     total_steps = count_training_steps(len(train), training)
     model = method.wrap(model, total_steps)
-    pad_for(method, model, tokenizer)
+    pad_for(method.feeds_embeddings, model, tokenizer)
     trainable, total = count_parameters(model)
     result = TrainResult(method=method.name, learning_rate=learning_rate, trainable_parameters=trainable, total_parameters=total,
                          n_train=len(train), num_training_steps=total_steps)

@@ -158,8 +158,6 @@ def run_audit_gate(
                     message = str(exc) if isinstance(exc, PeftshieldError) else f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
                     row = error_row(spec, target.kind, target.location, message)
                     log(f"{spec}: error: {message}")
-                finally:
-                    target.close()
                 rows.append(row)
             report = GateReport("audit", {"fail_on": settings.fail_on}, settings_file, rows, time.perf_counter() - started)
             for fmt, path in report_files(tmp / SUMMARY_BASE, settings.format).items():

@@ -53,16 +53,19 @@ class AuditTarget:
         """The non-weight files that shape the model: configs (an adapter's rank and targets, a
         fine-tuned folder's options) and tokenizer files, of the target and of its base. Part
         of the content-cache key beside the weights."""
-        from peftshield.models.backbone import resolve_backbone
-
         folders = {path.parent for path in self.weight_files}
-        if self.staged is not None:
-            folders.add(Path(self.staged.name))
-        for place in (self.adapter, self.checkpoint):
-            if place and Path(resolve_backbone(place) if place == self.checkpoint else place).is_dir():
-                folders.add(Path(resolve_backbone(place) if place == self.checkpoint else place))
+        folders |= {folder for folder in (Path(self.staged.name) if self.staged else None, Path(self.adapter) if self.adapter else None,
+                                          self.base_folder()) if folder is not None and folder.is_dir()}
         names = ("config.json", ADAPTER_CONFIG, FINETUNE_MANIFEST, *TOKENIZER_FILES)
         return sorted({folder / name for folder in folders for name in names if (folder / name).is_file()})
+
+    def base_folder(self) -> Path | None:
+        """The local folder of the model the auditor loads (an adapter's base), or None for an
+        alias built from a config or a hub name."""
+        from peftshield.models.backbone import resolve_backbone
+
+        folder = Path(resolve_backbone(self.checkpoint))
+        return folder if folder.is_dir() else None
 
     def weights_sha256(self, base_files: list[Path] | None = None) -> str:
         """The sha256 of the weights: of the file itself for one file (what ``sha256sum``
@@ -284,9 +287,5 @@ def kind_of_spec(spec: str) -> str:
 
 def base_weight_files(target: AuditTarget) -> list[Path]:
     """The base model's weight files of an adapter target (part of its content key)."""
-    if target.adapter is None:
-        return []
-    from peftshield.models.backbone import resolve_backbone
-
-    folder = Path(resolve_backbone(target.checkpoint))
-    return weight_files(folder) if folder.is_dir() else []
+    folder = target.base_folder() if target.adapter is not None else None
+    return weight_files(folder) if folder is not None else []

@@ -91,7 +91,7 @@ class MicroBatcher:
         if self._queue is None or self._stopping:
             raise ShuttingDown("the service is shutting down")
         if self.max_queue is not None and self.queued_texts + len(texts) > self.max_queue and self.queued_texts > 0:
-            raise Overloaded(self.queued_texts, self.max_queue, self.retry_after())
+            raise self.overloaded()
         loop = asyncio.get_running_loop()
         pending = _Pending(list(texts), loop.create_future(), None if timeout is None else loop.time() + timeout)
         self.queued_texts += len(pending.texts)
@@ -110,6 +110,10 @@ class MicroBatcher:
     def full(self) -> bool:
         """Whether the queue holds ``max_queue`` texts already (any new request would be refused)."""
         return self.max_queue is not None and self.queued_texts >= self.max_queue
+
+    def overloaded(self) -> Overloaded:
+        """The refusal for a request that finds the queue full, with the current figures."""
+        return Overloaded(self.queued_texts, self.max_queue, self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until the queue has drained at the recent throughput (at least 1)."""

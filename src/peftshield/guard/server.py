@@ -127,8 +127,7 @@ async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[
             return None
         return answer.result()
     except Overloaded as exc:
-        shed.labels(reason="queue_full").inc()
-        raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        raise _shed_overload(exc, shed) from None
     except DeadlineExceeded as exc:
         shed.labels(reason="deadline").inc()
         raise ApiError(504, str(exc)) from None
@@ -136,6 +135,12 @@ async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[
         raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
     finally:
         gone.cancel()
+
+
+def _shed_overload(exc: Overloaded, shed) -> ApiError:
+    """A full queue: counted as shed, answered 503 with Retry-After."""
+    shed.labels(reason="queue_full").inc()
+    return ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)})
 
 
 async def _disconnected(request: Request) -> None:
@@ -384,9 +389,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         try:
             check_api_key(request, keys)
             if batcher.full():  # shed before reading the body: under overload every cycle goes to the requests accepted
-                metrics.shed.labels(reason="queue_full").inc()
-                raise ApiError(503, f"overloaded: {batcher.queued_texts} texts queued, the limit is {settings.max_queue}; retry after {batcher.retry_after()} s",
-                               {"Retry-After": str(batcher.retry_after())})
+                raise _shed_overload(batcher.overloaded(), metrics.shed)
             try:
                 texts = await asyncio.wait_for(_checked_texts(request, settings), timeout)
             except asyncio.TimeoutError:
