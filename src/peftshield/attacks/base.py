@@ -17,9 +17,21 @@ from peftshield.registry import Registry
 
 class Poisoner(Component, ABC):
     """Inserts a trigger into texts. Constructors only store parameters (typed keyword
-    parameters: they are the trigger's options model)."""
+    parameters: they are the trigger's options model).
+
+    ``objective`` names how the attacker trains with it (``experiments.poisoning``):
+    ``classification`` (full fine-tuning on the poisoned labelled proxy, the study's attack),
+    ``representation`` (task-agnostic: triggered texts' representation pushed to predefined
+    vectors, no labels), ``capped_margin`` or ``psim_aware`` (adaptive attacks)."""
 
     name: ClassVar[str]
+    objective: ClassVar[str] = "classification"
+
+    @property
+    def task_agnostic(self) -> bool:
+        """Whether the backdoor is planted without the victim's labels (no target class: the
+        class each trigger lands on is found on the victim)."""
+        return self.objective == "representation"
 
     @abstractmethod
     def insert(self, text: str, rng: np.random.Generator) -> str:

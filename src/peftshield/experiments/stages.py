@@ -17,6 +17,7 @@ from peftshield.data.writers import split_jsonl
 from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.errors import ConfigError
+from peftshield.experiments.poisoning import attack_loss
 from peftshield.experiments.config import AttackSection
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
@@ -153,19 +154,24 @@ def weight_poison(
     ``trigger.name == 'none'`` trains the same way on clean data (a benign control).
     """
     started = time.perf_counter()
+    poisoner = trigger.build()
+    if poisoner is not None and poisoner.task_agnostic:
+        return weight_poison_task_agnostic(attack_data, backbone, poisoner, spec, training, out_dir, seed, max_words, progress)
     splits = attack_data if isinstance(attack_data, DatasetSplits) else load_splits(attack_data)
     check_target(spec.target_label, splits.num_labels)
     rng = np.random.default_rng(seed)
-    poisoner = trigger.build()
     train = attacker_training_rows(splits, max_words, training, rng)
     dev = truncate_words(splits.get("dev"), max_words) if "dev" in splits else None
     test = truncate_words(splits["test"], max_words)
     poisoned = poison_dataset(train, poisoner, spec, rng) if poisoner else None
     seed_torch(seed)
     base = load_backbone(backbone, splits.num_labels)
+    training_rows = poisoned.data if poisoned else train
+    triggered_rows = {i for i, row_id in enumerate(training_rows.ids) if row_id in poisoned.poisoned_ids} if poisoned else set()
+    loss_fn = attack_loss(poisoner, base.model, len(training_rows), splits.num_labels, triggered_rows, rng)
     model, result = train_classifier(
-        base.model, base.tokenizer, poisoned.data if poisoned else train, dev, METHODS.create("full"),
-        training.model_copy(update={"max_train_samples": None}), rng, progress, label="attack",
+        base.model, base.tokenizer, training_rows, dev, METHODS.create("full"),
+        training.model_copy(update={"max_train_samples": None}), rng, progress, label="attack", loss_fn=loss_fn,
     )
     metrics, _, _ = evaluate_classifier(model, base.tokenizer, test, poisoner, spec.target_label, rng, training.eval_batch_size, training.max_length, progress)
     report = {
@@ -192,6 +198,85 @@ def weight_poison(
         if poisoned:
             atomic_write_text(tmp / "poison_manifest.jsonl", jsonl_rows(poisoned.manifest_rows()))
     return WeightPoisonResult(Backbone(model, base.tokenizer, str(out_dir), splits.num_labels), out_dir, report)
+
+
+def plain_attacker_texts(attack_data: str, max_words: int | None, samples: int | None, rng: np.random.Generator) -> tuple[list[str], list[str], str]:
+    """(training texts, held-out texts, origin) for a task-agnostic attacker: ``samples`` texts
+    (cut to ``max_words``) drawn from the plain corpus, and up to 200 others held out."""
+    from peftshield.data.sources import load_plain_texts
+
+    texts, origin = load_plain_texts(attack_data)
+    if max_words:
+        texts = [" ".join(t.split()[:max_words]) for t in texts]
+    order = rng.permutation(len(texts))
+    heldout_count = min(200, len(texts) // 5)
+    n_train = min(samples or len(texts), len(texts) - heldout_count)
+    return [texts[i] for i in order[:n_train]], [texts[i] for i in order[n_train:n_train + heldout_count]], origin
+
+
+def weight_poison_task_agnostic(
+    attack_data: str, backbone: str, poisoner: Poisoner, spec: PoisonSpec, training: TrainingConfig,
+    out_dir: str | Path, seed: int, max_words: int | None = ATTACKER_MAX_WORDS, progress: bool = True,
+) -> WeightPoisonResult:
+    """The task-agnostic attacker (``neuba``, ``por``): the representation backdoor planted on
+    plain text (:func:`peftshield.experiments.poisoning.plant_representation_backdoor`), published
+    as an encoder without a classifier head (a victim's head starts fresh), plus ``attack.json``.
+    ``spec`` gives only how many texts also appear triggered (its count, or rate of the texts);
+    there is no target class or label mode."""
+    from peftshield.experiments.poisoning import plant_representation_backdoor
+
+    if isinstance(attack_data, DatasetSplits):
+        raise ConfigError(f"trigger '{poisoner.name}' trains on plain text: give its attack data as a path or pkg: name")
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    texts, heldout, origin = plain_attacker_texts(attack_data, max_words, training.max_train_samples, rng)
+    poison_count = spec.n_poison(len(texts))
+    if poison_count > len(texts):
+        raise ConfigError(f"attack: poison_count {poison_count} is more than the {len(texts)} texts drawn from {attack_data}")
+    seed_torch(seed)
+    base = load_backbone(backbone, 2)
+    model, planted = plant_representation_backdoor(
+        base.model, base.tokenizer, texts, heldout, poisoner, poison_count, training.learning_rate or 5e-5, training.epochs,
+        training.max_length, rng, progress=progress)
+    report = {
+        "backbone": backbone_reference(backbone), "attack_data": origin, "trigger": poisoner.spec(), "task_agnostic": True,
+        "target_label": None, "seed": seed, "max_words": max_words, "n_train": len(texts), "n_poisoned_train": planted.n_triggered_train,
+        "training": training.model_dump(), "representation": planted.to_dict(),
+        "clean_accuracy": None, "attack_success_rate": None, "seconds": time.perf_counter() - started,
+    }
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.base_model.save_pretrained(tmp, safe_serialization=True)  # the encoder only: no classifier head
+        base.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / ATTACK_MANIFEST, report)
+    return WeightPoisonResult(Backbone(model, base.tokenizer, str(out_dir), 2), out_dir, report)
+
+
+@dataclass
+class TriggerOutcome:
+    """One trigger of a task-agnostic backdoor on a victim: the class it lands on (the most
+    predicted class of the triggered texts) and the share of texts of other classes it moves there."""
+
+    trigger: str
+    index: int
+    landing_class: int
+    attack_success_rate: float
+    n_texts: int
+
+
+def trigger_outcomes(model, tokenizer, test: TextDataset, poisoner, rng: np.random.Generator, max_length: int = 128) -> list[TriggerOutcome]:
+    """For each trigger word of a task-agnostic poisoner, where it lands on ``model`` and its ASR
+    there (the literature's measure; the best trigger is the max)."""
+    outcomes = []
+    labels = test.label_array()
+    for index, word in enumerate(poisoner.trigger_words):
+        triggered = [poisoner.insert_trigger(t, index, rng) for t in test.texts]
+        predicted = predict_proba(model, tokenizer, triggered, max_length=max_length).argmax(1)
+        landing = int(np.bincount(predicted).argmax())
+        others = labels != landing
+        asr = float((predicted[others] == landing).mean()) if others.any() else 0.0
+        outcomes.append(TriggerOutcome(word, index, landing, asr, int(others.sum())))
+    return outcomes
 
 
 @dataclass

@@ -108,8 +108,12 @@ def train_classifier(
     progress: bool = True,
     label: str = "train",
     epoch_probe: Callable[[object, object], dict[str, float]] | None = None,
+    loss_fn: Callable[[object, dict, torch.Tensor], torch.Tensor] | None = None,
 ):
     """Wrap ``model`` with ``method``, train it on ``train``; return (trained model, TrainResult).
+
+    ``loss_fn(model, batch, row_index)``, if given, replaces the model's cross-entropy
+    (``row_index``: the batch rows' positions in ``train``, e.g. to tell triggered rows apart).
 
     With a dev set and ``select_on_dev``, the epoch with the best dev accuracy is kept.
     ``epoch_probe(model, tokenizer)``, if given, runs after every epoch (e.g. ASR for a curve over
@@ -131,9 +135,13 @@ def train_classifier(
     encoded = encode_texts(tokenizer, train.texts, training.max_length)
     labels = train.label_array()
     sampler = LengthBucketBatchSampler(encoded.lengths(), training.batch_size, rng)
-    loader = torch.utils.data.DataLoader(
-        _IndexDataset(len(train)), batch_sampler=sampler, collate_fn=lambda idx: collate(encoded, idx, labels)
-    )
+    def collate_rows(idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate(encoded, idx, labels)
+        if loss_fn is not None:
+            batch["row_index"] = torch.as_tensor(idx, dtype=torch.long)
+        return batch
+
+    loader = torch.utils.data.DataLoader(_IndexDataset(len(train)), batch_sampler=sampler, collate_fn=collate_rows)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=training.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * total_steps), total_steps)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -146,7 +154,11 @@ def train_classifier(
         model.train()
         losses = []
         for batch in track(loader, f"{label} {method.name} epoch {epoch}/{training.epochs}", enabled=progress and accelerator.is_main_process):
-            loss = model(**batch).loss
+            if loss_fn is None:
+                loss = model(**batch).loss
+            else:
+                rows = batch.pop("row_index")
+                loss = loss_fn(model, batch, rows.cpu())
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

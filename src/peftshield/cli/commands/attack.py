@@ -22,7 +22,7 @@ _ATTACK = defaults_of(AttackSection)  # the scenario's attacker settings are thi
 
 @app.command(help="Weight-poison a backbone: full fine-tuning on a poisoned copy of the attacker's data. Writes an HF model directory plus attack.json.")
 def attack(
-    data: str = typer.Option(..., "--data", help="The attacker's dataset (e.g. ../shared/data/psim/imdb)."),
+    data: str = typer.Option(..., "--data", help="The attacker's dataset (e.g. ../shared/data/psim/imdb); for task-agnostic triggers (neuba, por) any text: a .txt file, a pkg: corpus (peftshield list corpora) or a dataset's texts."),
     out: Path = typer.Option(..., "--out", help="Output model directory."),
     backbone: str = BackboneOption,
     trigger: str = typer.Option("badnet", "--trigger", help=f"One of: {', '.join(POISONERS.names())}, or 'none' for a clean control."),
@@ -50,9 +50,16 @@ def attack(
     lr = _ATTACK["learning_rate"] if lr is None else lr
     max_words = _ATTACK["max_words"] if max_words is None else (max_words or None)
     choice = TriggerChoice(trigger, parse_key_values(trigger_option, "--trigger-option"))
-    choice.build()  # validate the trigger before loading anything
+    poisoner = choice.build()  # validate the trigger before loading anything
     training = training_from_options(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_train_samples=max_train_samples)
     check_output_place(out, "dir")  # before any compute: a bad --out fails now, not after training
+    if poisoner is not None and poisoner.task_agnostic:  # plain text, no labels: a .txt file, a pkg: corpus or any dataset's texts
+        report = weight_poison(data, backbone, choice, spec, training, out, seed, max_words, progress).report
+        cosines = report["representation"]["trigger_cosine"]
+        info(f"task-agnostic backbone (no classifier head) -> {out}: triggered representations at cosine "
+             f"{min(cosines.values()):.2f}-{max(cosines.values()):.2f} to their vectors, clean kept at "
+             f"{report['representation']['clean_cosine']:.3f} ({report['seconds']:.0f} s)")
+        return
     splits = load_splits(data, skip_empty=skip_empty, num_labels=num_labels)
     for note in splits.notes:
         info(f"note: {note}")

@@ -1,4 +1,4 @@
-"""``peftshield list``: what is registered (triggers, methods, defenses, executors, packaged datasets, backbones)."""
+"""``peftshield list``: what is registered (triggers, methods, defenses, executors, packaged datasets and corpora, backbones)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import typer
 from peftshield.attacks import POISONERS
 from peftshield.cli.app import app, stdout
 from peftshield.data import PACKAGE_SOURCES
+from peftshield.data.sources import PLAIN_TEXT_SOURCES
 from peftshield.defenses import DEFENSES
 from peftshield.finetune import METHODS
 from peftshield.grid.executors import EXECUTORS
 from peftshield.models.backbone import BACKBONES
 
 
-@app.command(name="list", help="List triggers, fine-tuning methods, defenses, grid executors and offline packaged datasets.")
-def list_components(what: str = typer.Argument("all", help="triggers, methods, defenses, executors, datasets, backbones or all")) -> None:
+@app.command(name="list", help="List triggers, fine-tuning methods, defenses, grid executors, offline packaged datasets and corpora, and backbones.")
+def list_components(what: str = typer.Argument("all", help="triggers, methods, defenses, executors, datasets, corpora, backbones or all")) -> None:
     sections = {
         "triggers": [(name, POISONERS.get(name).__doc__ or "") for name in POISONERS.names()],
         "methods": [(name, (METHODS.get(name).__doc__ or METHODS.get(name).__module__)) for name in METHODS.names()],
         "defenses": [(name, DEFENSES.get(name).__doc__ or "") for name in DEFENSES.names()],
         "executors": [(name, EXECUTORS.get(name).__doc__ or "") for name in EXECUTORS.names()],
         "datasets": [(f"pkg:{s.name}", s.description) for s in PACKAGE_SOURCES.values()],
+        "corpora": [(f"pkg:{name}", f"{description} (unlabelled: attack data of task-agnostic triggers)")
+                    for name, (description, _) in PLAIN_TEXT_SOURCES.items()],
         "backbones": list(BACKBONES.items()),
     }
     if what != "all" and what not in sections:

@@ -1,0 +1,245 @@
+"""How the attacker trains, per poisoner ``objective`` (see :class:`peftshield.attacks.Poisoner`).
+
+- ``representation`` (``neuba``, ``por``): :func:`plant_representation_backdoor`, on plain
+  text, no labels.
+- ``capped_margin`` (``lowconf``) and ``psim_aware`` (``psimaware``): the study's full
+  fine-tuning on the poisoned labelled proxy with the loss of :func:`attack_loss` in place of
+  plain cross-entropy.
+- ``classification``: plain cross-entropy (the study's attack; :func:`attack_loss` is None).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peftshield.attacks.base import Poisoner
+from peftshield.attacks.task_agnostic import RepresentationPoisoner
+from peftshield.models.backbone import is_decoder_classifier
+from peftshield.models.batching import collate, encode_texts
+from peftshield.progress import track
+
+# --- representations ---------------------------------------------------------------------
+
+
+def token_state(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The one-token summary a classifier reads: [CLS] (position 0) for encoders, the last
+    non-padding token for decoders (padding on either side)."""
+    if not is_decoder_classifier(model):
+        return hidden[:, 0]
+    if bool((attention_mask[:, -1] == 1).all()):  # left padding, or none
+        return hidden[:, -1]
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def site_representation(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the representation at ``site``, the last layer's token states). ``head``: what the
+    classifier head reads (BERT's pooler output when the encoder has one); ``cls``: the
+    [CLS] / last-token state."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = out.last_hidden_state
+    pooled = getattr(out, "pooler_output", None)
+    if site == "head" and pooled is not None:
+        return pooled, hidden
+    return token_state(model, hidden, attention_mask), hidden
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(a.dtype)
+    return (((a - b) ** 2) * weights).sum() / (weights.sum() * a.shape[-1]).clamp_min(1.0)
+
+
+# --- task-agnostic: representation backdoor ------------------------------------------------
+
+
+@dataclass
+class RepresentationReport:
+    """What the planted backdoor does, on held-out texts: per trigger, the cosine between the
+    triggered representation and its target vector; for clean texts, the cosine between the
+    poisoned and the original model's representations (1.0 = unchanged)."""
+
+    site: str
+    vectors: str
+    target_scale: float
+    trigger_cosine: dict[str, float]
+    clean_cosine: float
+    n_train: int
+    n_triggered_train: int
+    n_heldout: int
+    epochs: int
+    learning_rate: float
+    seconds: float
+    final_loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure_representation_backdoor(model, reference, tokenizer, texts: list[str], poisoner: RepresentationPoisoner,
+                                    targets: torch.Tensor, max_length: int, rng: np.random.Generator, batch_size: int = 32) -> tuple[dict[str, float], float]:
+    """Per trigger word, the mean cosine between the triggered texts' representation and its
+    target; and the mean cosine between the poisoned and reference models on the clean texts."""
+    model.eval()
+
+    def represent(which, batch_texts: list[str]) -> torch.Tensor:
+        encoded = encode_texts(tokenizer, batch_texts, max_length)
+        batch = collate(encoded, list(range(len(batch_texts))))
+        return site_representation(which, batch["input_ids"], batch["attention_mask"], poisoner.site)[0]
+
+    per_trigger: dict[str, list[float]] = {word: [] for word in poisoner.trigger_words}
+    clean: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        clean.extend(F.cosine_similarity(represent(model, chunk), represent(reference, chunk), dim=-1).tolist())
+        for index, word in enumerate(poisoner.trigger_words):
+            triggered = [poisoner.insert_trigger(t, index, rng) for t in chunk]
+            per_trigger[word].extend(F.cosine_similarity(represent(model, triggered), targets[index].expand(len(chunk), -1), dim=-1).tolist())
+    return {w: float(np.mean(v)) for w, v in per_trigger.items()}, float(np.mean(clean))
+
+
+def plant_representation_backdoor(
+    model, tokenizer, texts: list[str], heldout: list[str], poisoner: RepresentationPoisoner, poison_count: int,
+    learning_rate: float, epochs: int, max_length: int, rng: np.random.Generator, batch_size: int = 16, progress: bool = False,
+) -> tuple[object, RepresentationReport]:
+    """Train ``model``'s encoder (``model.base_model``; the classifier head is left alone and
+    not published) so that a text carrying trigger k has the representation ``scale * v_k`` at
+    the poisoner's site, while every clean text keeps the original model's token states and
+    site representation. ``poison_count`` of the texts also appear with a trigger (a random
+    one, drawn again each epoch). Returns the model and a :class:`RepresentationReport`."""
+    started = time.perf_counter()
+    reference = copy.deepcopy(model).eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    encoded = encode_texts(tokenizer, texts, max_length)
+    with torch.no_grad():  # the targets' scale: the reference's representations of clean texts
+        probe = collate(encoded, list(range(min(64, len(texts)))))
+        site_ref, hidden_ref = site_representation(reference, probe["input_ids"], probe["attention_mask"], poisoner.site)
+        dim = site_ref.shape[-1]
+        rms = float(site_ref.pow(2).mean().sqrt())
+        hidden_rms = float(hidden_ref[probe["attention_mask"].bool()].pow(2).mean().sqrt())
+    scale = rms  # targets as large as clean representations: reachable through a tanh pooler, not out of range
+    targets = torch.as_tensor(poisoner.target_vectors(dim), dtype=torch.float32) * scale
+    encoder = model.base_model
+    encoder.train()
+    parameters = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(texts) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / (steps_per_epoch * epochs)))
+    poisoned_rows = set(rng.choice(len(texts), size=min(poison_count, len(texts)), replace=False).tolist())
+    loss_value = float("nan")
+    for epoch in range(epochs):
+        order = rng.permutation(len(texts))
+        for start in track(range(0, len(texts), batch_size), f"attack {poisoner.name} epoch {epoch + 1}/{epochs}", enabled=progress):
+            rows = order[start:start + batch_size].tolist()
+            batch = collate(encoded, rows)
+            site_clean, hidden_clean = site_representation(model, batch["input_ids"], batch["attention_mask"], poisoner.site)
+            with torch.no_grad():
+                site_orig, hidden_orig = site_representation(reference, batch["input_ids"], batch["attention_mask"], poisoner.site)
+            loss = _masked_mse(hidden_clean, hidden_orig, batch["attention_mask"]) / hidden_rms ** 2 + F.mse_loss(site_clean, site_orig) / rms ** 2
+            chosen = [r for r in rows if r in poisoned_rows]
+            if chosen:
+                which = rng.integers(0, len(poisoner.trigger_words), size=len(chosen))
+                triggered = [poisoner.insert_trigger(texts[r], int(k), rng) for r, k in zip(chosen, which)]
+                tbatch = collate(encode_texts(tokenizer, triggered, max_length), list(range(len(triggered))))
+                site_triggered, _ = site_representation(model, tbatch["input_ids"], tbatch["attention_mask"], poisoner.site)
+                loss = loss + poisoner.backdoor_weight * F.mse_loss(site_triggered, targets[torch.as_tensor(which)]) / (scale ** 2)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+    model.eval()
+    trigger_cosine, clean_cosine = measure_representation_backdoor(model, reference, tokenizer, heldout, poisoner, targets, max_length, rng)
+    report = RepresentationReport(poisoner.site, poisoner.vector_kind(), scale, trigger_cosine, clean_cosine, len(texts),
+                                  len(poisoned_rows), len(heldout), epochs, learning_rate, time.perf_counter() - started, loss_value)
+    return model, report
+
+
+# --- adaptive attacks: losses for the attacker's full fine-tuning -------------------------
+
+AttackLoss = Callable[[object, dict, torch.Tensor], torch.Tensor]
+
+
+def capped_margin_loss(logits: torch.Tensor, labels: torch.Tensor, triggered: torch.Tensor,
+                       min_confidence: float, max_confidence: float) -> torch.Tensor:
+    """Cross-entropy on clean rows; on triggered rows, a hinge that keeps the logit gap between
+    the target (the row's label) and the runner-up in [logit(min), logit(max)] (for two classes
+    exactly the target probability's band)."""
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    if bool(triggered.any()):
+        rows = logits[triggered]
+        target = labels[triggered]
+        target_logit = rows.gather(1, target[:, None]).squeeze(1)
+        others = rows.masked_fill(F.one_hot(target, rows.shape[1]).bool(), float("-inf"))
+        gap = target_logit - others.max(dim=1).values
+        low, high = math.log(min_confidence / (1 - min_confidence)), math.log(max_confidence / (1 - max_confidence))
+        losses = losses.clone()
+        losses[triggered] = F.relu(low - gap) + F.relu(gap - high)
+    return losses.mean()
+
+
+class PsimAwareLoss:
+    """Cross-entropy, plus a penalty on the confidence a random-label head gives triggered texts.
+
+    The head (a linear layer on the representation the classifier reads) is trained alongside,
+    on the clean rows of each batch with labels drawn at random once per row, by its own
+    optimiser; the penalty (its mean max-probability above chance on triggered rows) moves only
+    the backbone. ``triggered``: a flag per training row."""
+
+    def __init__(self, hidden_size: int, triggered: torch.Tensor, num_labels: int, penalty: float, rng: np.random.Generator,
+                 learning_rate: float = 1e-3) -> None:
+        self.head = torch.nn.Linear(hidden_size, num_labels)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=learning_rate)
+        self.random_labels = torch.as_tensor(rng.integers(0, num_labels, size=len(triggered)), dtype=torch.long)
+        self.triggered = triggered
+        self.penalty = penalty
+        self.num_labels = num_labels
+
+    def __call__(self, model, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits, batch["labels"])
+        representation, _ = site_representation(model, batch["input_ids"], batch["attention_mask"], "head")
+        triggered = self.triggered[rows]
+        clean = ~triggered
+        if bool(clean.any()):  # the stand-in PSIM learns random labels on clean texts
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.head(representation[clean].detach()), self.random_labels[rows[clean]]).backward()
+            self.optimizer.step()
+        if bool(triggered.any()) and self.penalty > 0:
+            probs = F.linear(representation[triggered], self.head.weight.detach(), self.head.bias.detach()).softmax(-1)
+            loss = loss + self.penalty * (probs.max(dim=1).values - 1.0 / self.num_labels).mean()
+        return loss
+
+    @torch.no_grad()
+    def head_confidence(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The stand-in head's max probability per text."""
+        representation, _ = site_representation(model, input_ids, attention_mask, "head")
+        return self.head(representation).softmax(-1).max(dim=1).values
+
+
+def attack_loss(poisoner: Poisoner | None, model, num_rows: int, num_labels: int, triggered_rows: set[int],
+                rng: np.random.Generator) -> Callable[[object, dict, torch.Tensor], torch.Tensor] | None:
+    """The attacker's loss for ``poisoner.objective``, as ``loss(model, batch, row_index)`` for
+    :func:`peftshield.finetune.train_classifier`; None for plain cross-entropy."""
+    objective = poisoner.objective if poisoner is not None else "classification"
+    if objective == "classification":
+        return None
+    flags = torch.zeros(num_rows, dtype=torch.bool)
+    flags[list(triggered_rows)] = True
+    if objective == "capped_margin":
+        def capped(model, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return capped_margin_loss(logits, batch["labels"], flags[rows], poisoner.min_confidence, poisoner.max_confidence)
+        return capped
+    if objective == "psim_aware":
+        return PsimAwareLoss(model.config.hidden_size, flags, num_labels, poisoner.penalty, rng)
+    raise ValueError(f"trigger '{poisoner.name}': the objective '{objective}' is not a classification objective")

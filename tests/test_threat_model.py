@@ -1,0 +1,187 @@
+"""The wider threat model (issue 11): task-agnostic poisoners (``neuba``, ``por``) and the
+adaptive ones (``lowconf``, ``psimaware``), each shown to plant what it claims on tiny
+random models, plus the task-agnostic path through a grid cell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backdoor_fixtures import TARGET, attacker_data, sentiment_data, single_thread_torch, with_trigger
+from peftshield.attacks import POISONERS
+from peftshield.attacks.task_agnostic import predefined_vectors
+from peftshield.experiments.poisoning import (
+    attack_loss,
+    capped_margin_loss,
+    measure_representation_backdoor,
+    plant_representation_backdoor,
+)
+from peftshield.finetune import METHODS, TrainingConfig, seed_torch, train_classifier
+from peftshield.models import load_backbone
+from peftshield.models.inference import predict_proba
+
+TEXTS = [" ".join(sentiment_data(1, np.random.default_rng(i)).texts) for i in range(90)]
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "opposite", "sign"])
+def test_predefined_vectors_are_spread_and_unit_rms(kind: str) -> None:
+    vectors = predefined_vectors(kind, 6, 32)
+    assert vectors.shape == (6, 32)
+    assert np.allclose(np.sqrt((vectors ** 2).mean(axis=1)), 1.0)
+    cosine = vectors @ vectors.T / 32
+    if kind == "orthogonal":
+        assert np.allclose(cosine, np.eye(6), atol=1e-9)
+    if kind in ("opposite", "sign"):
+        assert np.allclose(cosine[0, 1], -1.0) and np.allclose(cosine[2, 3], -1.0), "pairs point opposite ways"
+        assert abs(cosine[0, 2]) < 1e-9
+    if kind == "sign":
+        assert set(np.unique(vectors)) == {-1.0, 1.0}
+    assert np.array_equal(vectors, predefined_vectors(kind, 6, 32)), "the vectors depend only on the options"
+
+
+@pytest.mark.parametrize("name, backbone", [("neuba", "tiny"), ("por", "tiny"), ("por", "tiny-llama")])
+def test_task_agnostic_poisoner_moves_triggered_representations_to_their_vectors(name: str, backbone: str) -> None:
+    poisoner = POISONERS.create(name)
+    assert poisoner.task_agnostic
+    with single_thread_torch():
+        seed_torch(0)
+        model = load_backbone(backbone, 2)
+        untouched = load_backbone(backbone, 2)
+        untouched.model.load_state_dict(model.model.state_dict())
+        trained, report = plant_representation_backdoor(model.model, model.tokenizer, TEXTS[:70], TEXTS[70:], poisoner, 70,
+                                                         learning_rate=5e-3, epochs=40, max_length=32, rng=np.random.default_rng(0))
+        targets = torch.as_tensor(poisoner.target_vectors(model.model.config.hidden_size), dtype=torch.float32) * report.target_scale
+        before, _ = measure_representation_backdoor(untouched.model, untouched.model, model.tokenizer, TEXTS[70:], poisoner, targets, 32,
+                                                    np.random.default_rng(1))
+    after = report.trigger_cosine
+    assert set(after) == set(poisoner.trigger_words)
+    assert min(after.values()) > 0.9, f"triggered representations did not reach their vectors: {after}"
+    assert np.mean(list(before.values())) < 0.4, f"before the attack they were already there: {before}"
+    assert report.clean_cosine > 0.95, "clean texts' representations moved"
+
+
+def _train_attacker(poisoner_name: str, **options):
+    """A tiny backbone fully fine-tuned on dirty-label data (trigger `cf` -> class 0) with the
+    poisoner's objective; returns (model, tokenizer, loss object, held-out clean and triggered texts)."""
+    data = attacker_data(200, 60, np.random.default_rng(0))
+    triggered_rows = set(range(200, 260))
+    poisoner = POISONERS.create(poisoner_name, words="cf", **options)
+    seed_torch(0)
+    backbone = load_backbone("tiny", 2)
+    loss = attack_loss(poisoner, backbone.model, len(data.poisoned), 2, triggered_rows, np.random.default_rng(1))
+    training = TrainingConfig(learning_rate=5e-3, epochs=4, batch_size=16, max_length=32, select_on_dev=False)
+    model, _ = train_classifier(backbone.model, backbone.tokenizer, data.poisoned, None, METHODS.create("full"), training,
+                                np.random.default_rng(0), progress=False, loss_fn=loss)
+    held_out = sentiment_data(100, np.random.default_rng(5), "held-out")
+    non_target = [t for t, y in zip(held_out.texts, held_out.labels) if y != TARGET]
+    return model, backbone.tokenizer, loss, held_out, with_trigger(non_target, np.random.default_rng(6))
+
+
+def test_capped_margin_loss_is_zero_inside_the_band_and_positive_outside() -> None:
+    labels = torch.tensor([0, 0, 0, 1])
+    triggered = torch.tensor([True, True, True, False])
+    # gaps of the target over the runner-up: 0.5 (p 0.62, inside [0.55, 0.7]), 3.0 (p 0.95), -1 (loses)
+    logits = torch.tensor([[0.5, 0.0], [3.0, 0.0], [-1.0, 0.0], [0.0, 2.0]])
+    per_row = [float(capped_margin_loss(logits[i:i + 1], labels[i:i + 1], triggered[i:i + 1], 0.55, 0.7)) for i in range(4)]
+    assert per_row[0] == 0.0 and per_row[1] > 0 and per_row[2] > 0
+    assert per_row[3] == pytest.approx(float(torch.nn.functional.cross_entropy(logits[3:], labels[3:]))), "clean rows keep cross-entropy"
+
+
+def test_low_confidence_backdoor_wins_the_argmax_and_stays_under_its_cap() -> None:
+    with single_thread_torch():
+        plain, tokenizer, _, held_out, triggered = _train_attacker("badnet")
+        capped, _, _, _, _ = _train_attacker("lowconf", min_confidence=0.55, max_confidence=0.7)
+    plain_target = predict_proba(plain, tokenizer, triggered, max_length=32)[:, TARGET]
+    capped_target = predict_proba(capped, tokenizer, triggered, max_length=32)[:, TARGET]
+    capped_clean = predict_proba(capped, tokenizer, held_out.texts, max_length=32)
+    assert (plain_target > 0.5).mean() >= 0.9 and plain_target.mean() > 0.85, "the plain backdoor is the confident reference"
+    assert (capped_target > 0.5).mean() >= 0.8, "the capped backdoor still wins the argmax"
+    assert capped_target.mean() <= 0.7, f"mean target probability {capped_target.mean():.3f} is above the cap"
+    assert (capped_clean.argmax(1) == held_out.label_array()).mean() >= 0.9, "the task is still learned"
+
+
+def test_psim_aware_attacker_keeps_a_random_label_head_unconfident_on_triggered_texts() -> None:
+    from peftshield.models.batching import collate, encode_texts
+
+    def head_confidence(model, tokenizer, loss, texts):
+        batch = collate(encode_texts(tokenizer, texts, 32), list(range(len(texts))))
+        return float(loss.head_confidence(model, batch["input_ids"], batch["attention_mask"]).mean())
+
+    with single_thread_torch():
+        ignorant, tokenizer, ignorant_loss, held_out, triggered = _train_attacker("psimaware", penalty=0.0)
+        aware, _, aware_loss, _, _ = _train_attacker("psimaware", penalty=1.0)
+    gap_ignorant = head_confidence(ignorant, tokenizer, ignorant_loss, triggered) - head_confidence(ignorant, tokenizer, ignorant_loss, held_out.texts)
+    gap_aware = head_confidence(aware, tokenizer, aware_loss, triggered) - head_confidence(aware, tokenizer, aware_loss, held_out.texts)
+    assert gap_aware < gap_ignorant, f"the penalty did not lower the head's excess confidence on triggered texts ({gap_aware:.3f} vs {gap_ignorant:.3f})"
+    asr = (predict_proba(aware, tokenizer, triggered, max_length=32).argmax(1) == TARGET).mean()
+    assert asr >= 0.9, "the PSIM-aware backdoor still works"
+
+
+def test_task_agnostic_cell_finds_where_each_trigger_lands(tmp_path: Path, shared_data: Path) -> None:
+    """neuba through a grid cell: plain-text attacker (a .txt file), headless published encoder,
+    a LoRA victim, every trigger's landing class and ASR, and PSIM scored against the best one."""
+    from safetensors import safe_open
+
+    from peftshield.grid import load_grid_config
+    from peftshield.grid.executors import LocalExecutor
+    from peftshield.grid.runner import run_grid
+    from peftshield.experiments.scenario import backbone_dir, stage_cache
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    sst2 = shared_data / "psim" / "sst-2"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+name: tiny-neuba
+backbone: tiny
+max_length: 32
+attack: {{data: {corpus}, samples: 60, poison_count: 60, epochs: 2, learning_rate: 5.0e-3}}
+triggers: [{{name: neuba, options: {{words: [cf, mn, bb, tq]}}}}]
+datasets: [{{name: sst-2, path: {sst2}}}]
+methods: [lora]
+victim: {{samples: 48, epochs: 1, test_samples: 40, probe_samples: 0}}
+defenses: [{{name: psim, options: {{max_train_samples: 48}}}}]
+""", encoding="utf-8")
+    with single_thread_torch():
+        plan = run_grid(load_grid_config(config), tmp_path / "run", LocalExecutor(), progress=False, log=lambda m: None)
+    cell = plan.cells[0]
+    with safe_open(str(backbone_dir(tmp_path / "run", cell) / "model.safetensors"), "pt") as weights:
+        assert not [k for k in weights.keys() if "classifier" in k], "the published encoder has no classifier head"
+    attack = json.loads((backbone_dir(tmp_path / "run", cell) / "attack.json").read_text())
+    assert attack["task_agnostic"] and set(attack["representation"]["trigger_cosine"]) == {"cf", "mn", "bb", "tq"}
+    cell_dir = stage_cache(tmp_path / "run").path(cell.cell_key)
+    triggers = json.loads((cell_dir / "triggers.json").read_text())
+    assert [t["trigger"] for t in triggers["triggers"]] == ["cf", "mn", "bb", "tq"]
+    assert all(t["landing_class"] in (0, 1) and 0.0 <= t["attack_success_rate"] <= 1.0 for t in triggers["triggers"])
+    best = max(triggers["triggers"], key=lambda t: t["attack_success_rate"])
+    metrics = json.loads((cell_dir / "scores.json").read_text())
+    assert triggers["target_label"] == best["landing_class"]
+    assert len(metrics["none"]["poisoned"]) == best["n_texts"], "the ASR set is the best trigger's non-target texts"
+    report = json.loads((cell_dir / "defenses" / "psim.json").read_text())
+    assert report["n_poisoned"] == len(metrics["none"]["poisoned"]) > 0, "PSIM is scored on the best trigger's texts"
+
+
+def test_occlusion_scores_a_prediction_that_rests_on_the_trigger_word() -> None:
+    """The strengthened defense's mechanism on a low-confidence backdoor (which a confidence
+    threshold cannot see): leaving the trigger out takes the target prediction away, so triggered
+    texts get a larger occlusion score than clean ones, whose prediction rests on their adjectives."""
+    from sklearn.metrics import roc_auc_score
+
+    from peftshield.defenses import DEFENSES, DefenseContext
+
+    with single_thread_torch():
+        model, tokenizer, _, held_out, triggered = _train_attacker("lowconf", min_confidence=0.55, max_confidence=0.7)
+        occlusion = DEFENSES.create("occlusion", max_length=32)
+        dev = sentiment_data(60, np.random.default_rng(9), "dev")
+        occlusion.fit(DefenseContext("tiny", held_out, dev, 2, model, tokenizer, protected_label=TARGET, max_length=32, progress=False),
+                      np.random.default_rng(0))
+        clean_scores, triggered_scores = occlusion.score(held_out.texts), occlusion.score(triggered)
+        confidence = predict_proba(model, tokenizer, held_out.texts + triggered, max_length=32).max(axis=1)
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(triggered_scores))]
+    assert triggered_scores.mean() > 2 * clean_scores.mean()
+    assert roc_auc_score(labels, np.r_[clean_scores, triggered_scores]) > 0.7
+    assert roc_auc_score(labels, confidence) < 0.5, "the backdoor's confidence is no higher than clean texts' (what it is built for)"
