@@ -137,8 +137,10 @@ DEFENSE_OPTIONS = {  # small enough for the tiny model; ONION gets the tiny GPT-
     "bki": {"max_length": 32},
     "cube": {"max_length": 32, "dimensions": 3, "min_cluster_fraction": 0.3},
     "occlusion": {"max_length": 32},
+    "reference": {"backbone": "tiny", "learning_rate": 5e-3, "epochs": 1, "max_length": 32},
 }
-DEFENSE_OPTIONS["psimplus"] = {"psim": DEFENSE_OPTIONS["psim"], "occlusion": DEFENSE_OPTIONS["occlusion"]}
+DEFENSE_OPTIONS["psimplus"] = {"members": ["occlusion", "reference"], "psim": DEFENSE_OPTIONS["psim"],
+                               "occlusion": DEFENSE_OPTIONS["occlusion"], "reference": DEFENSE_OPTIONS["reference"]}
 DEFENSE_NON_DEFAULTS = {  # for the params() check: a value other than the default for every parameter
     "psim": {"method": "lora", "method_options": {"r": 4}, "learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "max_train_samples": 50,
              "max_length": 32, "score_batch_size": 16},
@@ -149,7 +151,9 @@ DEFENSE_NON_DEFAULTS = {  # for the params() check: a value other than the defau
     "bki": {"top_words_per_text": 3, "num_keywords": 2, "max_words": 10, "batch_size": 8, "max_length": 32},
     "cube": {"dimensions": 3, "min_cluster_fraction": 0.3, "flag_noise": True, "batch_size": 8, "max_length": 32},
     "occlusion": {"unit": "word", "max_units": 10, "batch_size": 8, "max_length": 32},
-    "psimplus": {"psim": {"method": "lora"}, "occlusion": {"unit": "clause"}},
+    "reference": {"backbone": "tiny", "method": "ia3", "learning_rate": 1e-3, "epochs": 1, "max_train_samples": 10, "max_length": 32,
+                  "batch_size": 8},
+    "psimplus": {"members": ("reference",), "psim": {"method": "lora"}, "occlusion": {"unit": "clause"}, "reference": {"epochs": 1}},
 }
 # (defense, check) -> the bug, for a known bug marked as an expected failure until it is fixed. The
 # one this suite found (STRIP drew every text's perturbations from one stream in batch order, so a

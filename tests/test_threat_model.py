@@ -185,3 +185,26 @@ def test_occlusion_scores_a_prediction_that_rests_on_the_trigger_word() -> None:
     assert triggered_scores.mean() > 2 * clean_scores.mean()
     assert roc_auc_score(labels, np.r_[clean_scores, triggered_scores]) > 0.7
     assert roc_auc_score(labels, confidence) < 0.5, "the backdoor's confidence is no higher than clean texts' (what it is built for)"
+
+
+def test_reference_filter_flags_what_a_trusted_model_disagrees_with_even_at_low_confidence() -> None:
+    """The reference filter's mechanism: the low-confidence backdoor moves triggered positive
+    texts to class 0 with a small margin; a classifier the defender trains on a trusted (clean)
+    backbone calls them positive, so the disagreement score separates them from clean texts."""
+    from sklearn.metrics import roc_auc_score
+
+    from peftshield.defenses import DEFENSES, DefenseContext
+
+    with single_thread_torch():
+        model, tokenizer, _, held_out, triggered = _train_attacker("lowconf", min_confidence=0.55, max_confidence=0.7)
+        train = sentiment_data(200, np.random.default_rng(21), "defender-train")
+        dev = sentiment_data(80, np.random.default_rng(22), "defender-dev")
+        reference = DEFENSES.create("reference", backbone="tiny", method="full", learning_rate=5e-3, epochs=4, max_length=32)
+        reference.fit(DefenseContext("tiny", train, dev, 2, model, tokenizer, protected_label=TARGET, max_length=32, progress=False),
+                      np.random.default_rng(0))
+        succeeded = [t for t, p in zip(triggered, predict_proba(model, tokenizer, triggered, max_length=32).argmax(1)) if p == TARGET]
+        clean_scores, triggered_scores = reference.score(held_out.texts), reference.score(succeeded)
+    assert len(succeeded) >= 0.8 * len(triggered)
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(triggered_scores))]
+    assert roc_auc_score(labels, np.r_[clean_scores, triggered_scores]) > 0.9, "texts the backdoor moved are the ones the trusted model disagrees on"
+    assert (triggered_scores > reference.fitted_threshold()).mean() > 0.5 >= (clean_scores > reference.fitted_threshold()).mean()

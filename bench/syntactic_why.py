@@ -1,0 +1,153 @@
+"""Why PSIM misses syntactic triggers, and what catches them (issue 11, part 3).
+
+Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
+``make defense-rows``) and adds three measurements on SST-2:
+
+1. Is the backdoor itself confident? The victim's and the attacker's confidence on triggered
+   texts against clean ones (from the run).
+2. Does PSIM's random-label head react to style rather than to the backdoor? A control
+   backbone is trained with the attacker's exact recipe minus the poison (same HiddenKiller
+   SST-2 rows, labels clean), PSIM is fitted on it the same way, and its AUROC between clean
+   test texts and the SCPN-template texts is measured: a high AUROC there would mean the
+   template's style alone moves PSIM's confidence.
+3. Which occlusion unit carries the signal: words, clauses, or both (the victim, 300 clean and
+   300 triggered test texts, threshold at 1% / 2% FRR of clean dev texts).
+
+Writes bench/syntactic_why.md and .json.
+
+    .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from peftshield.attacks import PoisonSpec
+from peftshield.data import load_splits, load_texts
+from peftshield.defenses import DEFENSES, DefenseContext
+from peftshield.experiments.scenario import REPORTS_DIR, backbone_dir, stage_cache
+from peftshield.experiments.stages import TriggerChoice, weight_poison
+from peftshield.finetune import TrainingConfig, load_finetuned
+from peftshield.grid.config import load_grid_config
+from peftshield.grid.runner import plan_grid
+from peftshield.io import atomic_write_json, atomic_write_text, read_json
+
+N_TEXTS = 300
+
+
+def auroc(clean, triggered) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(triggered))], np.r_[clean, triggered]))
+
+
+def at_frr(dev_scores, clean, triggered, frr: float) -> dict:
+    threshold = float(np.quantile(dev_scores, 1 - frr))
+    return {"frr_target": frr, "threshold": threshold, "frr": float(np.mean(np.asarray(clean) > threshold)),
+            "tpr": float(np.mean(np.asarray(triggered) > threshold))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/defense-table-syntactic.yaml")
+    parser.add_argument("--run", default="runs/defense-table-syntactic")
+    parser.add_argument("--out", default="bench/syntactic_why")
+    args = parser.parse_args()
+    run = Path(args.run)
+    plan = plan_grid(load_grid_config(args.config), run)
+    cell = next(c for c in plan.cells if c.dataset.name == "sst-2")
+    cache = stage_cache(run)
+    result: dict = {"config": args.config}
+
+    # 1. the backdoor's own confidence
+    scores = read_json(cache.path(cell.cell_key) / "scores.json")
+    attack = read_json(backbone_dir(run, cell) / "attack.json")
+    victim_clean, victim_triggered = np.asarray(scores["none"]["clean"]), np.asarray(scores["none"]["poisoned"])
+    psim_clean, psim_triggered = np.asarray(scores["psim"]["clean"]), np.asarray(scores["psim"]["poisoned"])
+    result["confidence"] = {
+        "victim_target_probability_triggered": float(victim_triggered.mean()),
+        "victim_target_probability_clean": float(victim_clean.mean()),
+        "victim_share_triggered_above_0.99": float(np.mean(victim_triggered > 0.99)),
+        "attacker_target_confidence_triggered": attack.get("target_confidence_poisoned"),
+        "attacker_asr": attack.get("attack_success_rate"), "attacker_ca": attack.get("clean_accuracy"),
+        "psim_mean_clean": float(psim_clean.mean()), "psim_mean_triggered": float(psim_triggered.mean()),
+        "psim_auroc": auroc(psim_clean, psim_triggered),
+    }
+    print(json.dumps(result["confidence"]), flush=True)
+
+    # 2. PSIM on a clean control backbone (the attacker's recipe minus the poison)
+    attack_section = cell.attack
+    control_dir = run / "control-backbone"
+    started = time.perf_counter()
+    if not (control_dir / "attack.json").is_file():
+        training = TrainingConfig(learning_rate=attack_section.learning_rate, epochs=attack_section.epochs, max_length=cell.max_length,
+                                  max_train_samples=attack_section.samples)
+        weight_poison(attack_section.data, cell.backbone, TriggerChoice("none"), PoisonSpec(target_label=attack_section.target_label, count=0, rate=None),
+                      training, control_dir, cell.seeds.training_seed, attack_section.max_words, progress=False)
+    splits = load_splits(cell.dataset.path, skip_empty=True)
+    clean_test = [t for t in splits["test"].texts][:1000]
+    triggered = load_texts(str(Path(cell.dataset.poisoned_test)), "test").texts
+    psim_entry = next(d for d in cell.defenses if d.name == "psim")
+    control_psim = psim_entry.build(max_length=cell.max_length).fit(
+        DefenseContext(str(control_dir), splits["train"], splits.get("dev"), splits.num_labels, max_length=cell.max_length, progress=False),
+        cell.seeds.defense_fit())
+    control_clean, control_triggered = control_psim.score(clean_test), control_psim.score(triggered)
+    result["control_psim"] = {"auroc": auroc(control_clean, control_triggered), "mean_clean": float(control_clean.mean()),
+                              "mean_triggered": float(control_triggered.mean()), "seconds": time.perf_counter() - started}
+    print(json.dumps(result["control_psim"]), flush=True)
+
+    # 3. occlusion units on the victim
+    victim, _ = load_finetuned(cache.path(cell.victim_key) / "model")
+    rng = np.random.default_rng(0)
+    clean_sample = [clean_test[i] for i in rng.permutation(len(clean_test))[:N_TEXTS]]
+    triggered_sample = [triggered[i] for i in rng.permutation(len(triggered))[:N_TEXTS]]
+    dev_texts = splits["dev"].texts
+    context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
+                             protected_label=cell.attack.target_label, max_length=cell.max_length, progress=False)
+    result["occlusion"] = {}
+    for unit in ("word", "clause", "both"):
+        started = time.perf_counter()
+        occlusion = DEFENSES.create("occlusion", unit=unit, max_units=30).fit(context, rng)
+        dev_scores, clean_scores, triggered_scores = occlusion.score(dev_texts), occlusion.score(clean_sample), occlusion.score(triggered_sample)
+        result["occlusion"][unit] = {"auroc": auroc(clean_scores, triggered_scores), "at_1pct": at_frr(dev_scores, clean_scores, triggered_scores, 0.01),
+                                     "at_2pct": at_frr(dev_scores, clean_scores, triggered_scores, 0.02), "seconds": time.perf_counter() - started}
+        print(unit, json.dumps(result["occlusion"][unit]), flush=True)
+    for label in ("psim", "psimplus"):
+        report_path = cache.path(cell.cell_key) / REPORTS_DIR / f"{label}.json"
+        if report_path.is_file():
+            report = read_json(report_path)
+            result[f"grid_{label}"] = {"detection": report["detection"], "defended_attack_success_rate": report["defended_attack_success_rate"],
+                                       "defended_clean_accuracy": report["defended_clean_accuracy"]}
+    atomic_write_json(Path(args.out + ".json"), result)
+    atomic_write_text(Path(args.out + ".md"), render(result))
+
+
+def render(result: dict) -> str:
+    c, p = result["confidence"], result["control_psim"]
+    lines = ["# Why PSIM misses the syntactic trigger (SST-2)\n",
+             f"From `{result['config']}` (MiniLM weight-poisoned with HiddenKiller's SCPN template, LoRA victim on SST-2) "
+             "and `bench/syntactic_why.py`.\n",
+             "| question | measured |", "|---|---|",
+             f"| is the backdoor confident? | victim's target probability on triggered texts {c['victim_target_probability_triggered']:.3f} "
+             f"({c['victim_share_triggered_above_0.99']:.0%} above 0.99; clean texts' target probability {c['victim_target_probability_clean']:.3f}); attacker's own {c['attacker_target_confidence_triggered']:.3f} "
+             f"(its ASR {c['attacker_asr']:.3f}, CA {c['attacker_ca']:.3f}) |",
+             f"| PSIM on the poisoned backbone | mean confidence clean {c['psim_mean_clean']:.3f}, triggered {c['psim_mean_triggered']:.3f}; AUROC {c['psim_auroc']:.3f} |",
+             f"| PSIM on a clean control backbone (same recipe, no poison) | mean confidence clean {p['mean_clean']:.3f}, template texts "
+             f"{p['mean_triggered']:.3f}; AUROC {p['auroc']:.3f} |"]
+    for unit, o in result["occlusion"].items():
+        lines.append(f"| occlusion by {unit} (victim) | AUROC {o['auroc']:.3f}; at 1% dev FRR: TPR {o['at_1pct']['tpr']:.3f} (test FRR "
+                     f"{o['at_1pct']['frr']:.3f}); at 2%: TPR {o['at_2pct']['tpr']:.3f} (FRR {o['at_2pct']['frr']:.3f}) |")
+    for label in ("psim", "psimplus"):
+        if f"grid_{label}" in result:
+            g = result[f"grid_{label}"]
+            lines.append(f"| {label} in the grid | AUROC {g['detection']['auroc']:.3f}, FRR {g['detection']['frr']:.3f}, FAR {g['detection']['far']:.3f}; "
+                         f"defended CA / ASR {g['defended_clean_accuracy']:.3f} / {g['defended_attack_success_rate']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
