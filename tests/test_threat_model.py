@@ -208,3 +208,14 @@ def test_reference_filter_flags_what_a_trusted_model_disagrees_with_even_at_low_
     labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(triggered_scores))]
     assert roc_auc_score(labels, np.r_[clean_scores, triggered_scores]) > 0.9, "texts the backdoor moved are the ones the trusted model disagrees on"
     assert (triggered_scores > reference.fitted_threshold()).mean() > 0.5 >= (clean_scores > reference.fitted_threshold()).mean()
+
+
+def test_landing_names_the_class_triggered_texts_go_to() -> None:
+    from peftshield.data import TextDataset
+    from peftshield.experiments.scenario import landing
+
+    triggered = TextDataset(["a", "b", "c", "d"], [1, 2, 3, 2], ["0", "1", "2", "3"])
+    probs = np.eye(4)[[2, 2, 2, 1]]  # three of four texts predicted as class 2
+    found = landing(probs, triggered)
+    assert found["landing_class"] == 2
+    assert found["landing_attack_success_rate"] == pytest.approx(0.5), "texts whose true class is 2 do not count"

@@ -199,6 +199,20 @@ def _defense_context(cell: CellSpec, run_dir: str | Path, splits, victim=None, p
     )
 
 
+def landing(poisoned_probs: np.ndarray, asr_set) -> dict:
+    """Where the triggered texts land on the victim, whatever the attacker's target: the class
+    predicted most often for them and the share of those of other true classes predicted as it
+    (equal to the ASR when the backdoor reaches its target; on a victim whose head the attacker
+    never trained, e.g. a 4-class task under a binary backdoor, it can land elsewhere)."""
+    if not len(asr_set):
+        return {}
+    predicted = poisoned_probs.argmax(axis=1)
+    landing_class = int(np.bincount(predicted).argmax())
+    others = asr_set.label_array() != landing_class
+    return {"landing_class": landing_class,
+            "landing_attack_success_rate": float((predicted[others] == landing_class).mean()) if others.any() else None}
+
+
 def task_agnostic_test_set(cell: CellSpec, victim, test, poisoner):
     """A task-agnostic backdoor on the victim: every trigger's landing class and ASR
     (:func:`~peftshield.experiments.stages.trigger_outcomes`); the best trigger's landing class
@@ -325,7 +339,7 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
             atomic_write_json(directory / "triggers.json", {"target_label": target, "triggers": [asdict(o) for o in outcomes]})
         metrics, clean_probs, poisoned_probs = evaluate_classifier(victim.model, victim.tokenizer, test, None, target, None,
                                                                    max_length=cell.max_length, asr_set=asr_set)
-        results = {NO_DEFENSE: metrics.to_dict()}
+        results = {NO_DEFENSE: {**metrics.to_dict(), **landing(poisoned_probs, asr_set)}}
         if outcomes is not None:
             results[NO_DEFENSE].update({"target_label": target, "trigger_asr": {o.trigger: o.attack_success_rate for o in outcomes}})
         scores = {NO_DEFENSE: {"clean": clean_probs[:, target].round(6).tolist(), "poisoned": poisoned_probs[:, target].round(6).tolist()}}
