@@ -214,8 +214,8 @@ def test_landing_names_the_class_triggered_texts_go_to() -> None:
     from peftshield.data import TextDataset
     from peftshield.experiments.scenario import landing
 
-    triggered = TextDataset(["a", "b", "c", "d"], [1, 2, 3, 2], ["0", "1", "2", "3"])
+    triggered = TextDataset(["a", "b", "c", "d"], [1, 2, 3, 1], ["0", "1", "2", "3"])
     probs = np.eye(4)[[2, 2, 2, 1]]  # three of four texts predicted as class 2
     found = landing(probs, triggered)
     assert found["landing_class"] == 2
-    assert found["landing_attack_success_rate"] == pytest.approx(0.5), "texts whose true class is 2 do not count"
+    assert found["landing_attack_success_rate"] == pytest.approx(2 / 3), "the text whose true class is 2 does not count"
