@@ -219,3 +219,12 @@ def test_landing_names_the_class_triggered_texts_go_to() -> None:
     found = landing(probs, triggered)
     assert found["landing_class"] == 2
     assert found["landing_attack_success_rate"] == pytest.approx(2 / 3), "the text whose true class is 2 does not count"
+
+
+def test_psimplus_ranks_each_member_against_clean_dev_scores() -> None:
+    """PSIM+'s union: a member's score becomes the share of clean dev scores below it, so a
+    text extreme for either member is extreme for the union, on one scale."""
+    from peftshield.defenses.psimplus import dev_rank
+
+    dev = np.sort(np.array([0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(dev_rank(dev, np.array([0.0, 0.25, 0.3, 9.0])), [0.0, 0.5, 0.625, 1.0])
