@@ -10,8 +10,8 @@ Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
    SST-2 rows, labels clean), PSIM is fitted on it the same way, and its AUROC between clean
    test texts and the SCPN-template texts is measured: a high AUROC there would mean the
    template's style alone moves PSIM's confidence.
-3. Which occlusion unit carries the signal: words, clauses, or both (the victim, 300 clean and
-   300 triggered test texts, threshold at 1% / 2% FRR of clean dev texts).
+3. Which occlusion unit carries the signal: words or clauses (the victim, 300 clean and 300
+   triggered test texts, threshold at 1% / 2% FRR of 400 clean dev texts).
 
 Writes bench/syntactic_why.md and .json.
 
@@ -39,6 +39,7 @@ from peftshield.grid.runner import plan_grid
 from peftshield.io import atomic_write_json, atomic_write_text, read_json
 
 N_TEXTS = 300
+DEV_TEXTS = 400  # occlusion calibrates on this many clean dev texts (a forward pass per word each)
 
 
 def auroc(clean, triggered) -> float:
@@ -105,11 +106,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     clean_sample = [clean_test[i] for i in rng.permutation(len(clean_test))[:N_TEXTS]]
     triggered_sample = [triggered[i] for i in rng.permutation(len(triggered))[:N_TEXTS]]
-    dev_texts = splits["dev"].texts
-    context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
+    dev = splits["dev"].subset(list(range(min(DEV_TEXTS, len(splits["dev"])))))
+    dev_texts = dev.texts
+    context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], dev, splits.num_labels, victim.model, victim.tokenizer,
                              protected_label=cell.attack.target_label, max_length=cell.max_length, progress=False)
     result["occlusion"] = {}
-    for unit in ("word", "clause", "both"):
+    for unit in ("word", "clause"):
         started = time.perf_counter()
         occlusion = DEFENSES.create("occlusion", unit=unit, max_units=30).fit(context, rng)
         dev_scores, clean_scores, triggered_scores = occlusion.score(dev_texts), occlusion.score(clean_sample), occlusion.score(triggered_sample)
