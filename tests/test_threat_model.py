@@ -212,7 +212,7 @@ def test_reference_filter_flags_what_a_trusted_model_disagrees_with_even_at_low_
 
 def test_landing_names_the_class_triggered_texts_go_to() -> None:
     from peftshield.data import TextDataset
-    from peftshield.experiments.scenario import landing
+    from peftshield.experiments.stages import landing
 
     triggered = TextDataset(["a", "b", "c", "d"], [1, 2, 3, 1], ["0", "1", "2", "3"])
     probs = np.eye(4)[[2, 2, 2, 1]]  # three of four texts predicted as class 2

@@ -28,7 +28,9 @@ CLAUSE_BOUNDARY = re.compile(r"(?<=[,;:])\s+")
 
 def occluded_variants(text: str, unit: str, max_units: int) -> list[str]:
     """The text with one unit left out, for every unit: words (the first ``max_units``) and/or
-    clauses (only when there are at least two)."""
+    clauses (only when there are at least two). Unlike ``data.transforms.leave_one_word_out``
+    (BKI, ONION), a long text keeps its words past ``max_units``: only the one word is missing,
+    so the drop measured is that word's, not the cut tail's."""
     variants: list[str] = []
     if unit in ("word", "both"):
         words = text.split()

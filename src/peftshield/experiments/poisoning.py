@@ -166,7 +166,7 @@ def plant_representation_backdoor(
 
 # --- adaptive attacks: losses for the attacker's full fine-tuning -------------------------
 
-AttackLoss = Callable[[object, dict, torch.Tensor], torch.Tensor]
+AttackLoss = Callable[[object, dict, torch.Tensor], torch.Tensor]  # loss(model, batch, row_index), as train_classifier takes it
 
 
 def capped_margin_loss(logits: torch.Tensor, labels: torch.Tensor, triggered: torch.Tensor,
@@ -227,7 +227,7 @@ class PsimAwareLoss:
 
 
 def attack_loss(poisoner: Poisoner | None, model, num_rows: int, num_labels: int, triggered_rows: set[int],
-                rng: np.random.Generator) -> Callable[[object, dict, torch.Tensor], torch.Tensor] | None:
+                rng: np.random.Generator) -> AttackLoss | None:
     """The attacker's loss for ``poisoner.objective``, as ``loss(model, batch, row_index)`` for
     :func:`peftshield.finetune.train_classifier`; None for plain cross-entropy."""
     objective = poisoner.objective if poisoner is not None else "classification"

@@ -199,20 +199,6 @@ def _defense_context(cell: CellSpec, run_dir: str | Path, splits, victim=None, p
     )
 
 
-def landing(poisoned_probs: np.ndarray, asr_set) -> dict:
-    """Where the triggered texts land on the victim, whatever the attacker's target: the class
-    predicted most often for them and the share of those of other true classes predicted as it
-    (equal to the ASR when the backdoor reaches its target; on a victim whose head the attacker
-    never trained, e.g. a 4-class task under a binary backdoor, it can land elsewhere)."""
-    if not len(asr_set):
-        return {}
-    predicted = poisoned_probs.argmax(axis=1)
-    landing_class = int(np.bincount(predicted).argmax())
-    others = asr_set.label_array() != landing_class
-    return {"landing_class": landing_class,
-            "landing_attack_success_rate": float((predicted[others] == landing_class).mean()) if others.any() else None}
-
-
 def task_agnostic_test_set(cell: CellSpec, victim, test, poisoner):
     """A task-agnostic backdoor on the victim: every trigger's landing class and ASR
     (:func:`~peftshield.experiments.stages.trigger_outcomes`); the best trigger's landing class
@@ -318,7 +304,7 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
     undefended and behind every defense. Writes the cell's ``scores.json`` and one full
     report per defense (``defenses/<label>.json``: detection metrics, threshold sweep, scores)."""
     from peftshield.defenses import DEFENSES
-    from peftshield.experiments.stages import evaluate_classifier, evaluate_defense
+    from peftshield.experiments.stages import evaluate_classifier, evaluate_defense, landing
     from peftshield.finetune import load_finetuned
     from peftshield.io import atomic_write_json
 

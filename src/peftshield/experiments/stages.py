@@ -26,6 +26,7 @@ from peftshield.models.inference import predict_proba
 
 ATTACK_MANIFEST = "attack.json"
 ATTACKER_MAX_WORDS = AttackSection.model_fields["max_words"].default
+ATTACKER_LEARNING_RATE = AttackSection.model_fields["learning_rate"].default
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -236,7 +237,7 @@ def weight_poison_task_agnostic(
     seed_torch(seed)
     base = load_backbone(backbone, 2)
     model, planted = plant_representation_backdoor(
-        base.model, base.tokenizer, texts, heldout, poisoner, poison_count, training.learning_rate or 5e-5, training.epochs,
+        base.model, base.tokenizer, texts, heldout, poisoner, poison_count, training.learning_rate or ATTACKER_LEARNING_RATE, training.epochs,
         training.max_length, rng, progress=progress)
     report = {
         "backbone": backbone_reference(backbone), "attack_data": origin, "trigger": poisoner.spec(), "task_agnostic": True,
@@ -264,18 +265,29 @@ class TriggerOutcome:
     n_texts: int
 
 
+def landing(poisoned_probs: np.ndarray, asr_set) -> dict:
+    """Where the triggered texts land on the victim, whatever the attacker's target: the class
+    predicted most often for them and the share of those of other true classes predicted as it
+    (equal to the ASR when the backdoor reaches its target; on a victim whose head the attacker
+    never trained, e.g. a 4-class task under a binary backdoor, it can land elsewhere)."""
+    if not len(asr_set):
+        return {}
+    predicted = poisoned_probs.argmax(axis=1)
+    landing_class = int(np.bincount(predicted).argmax())
+    others = asr_set.label_array() != landing_class
+    return {"landing_class": landing_class,
+            "landing_attack_success_rate": float((predicted[others] == landing_class).mean()) if others.any() else None}
+
+
 def trigger_outcomes(model, tokenizer, test: TextDataset, poisoner, rng: np.random.Generator, max_length: int = 128) -> list[TriggerOutcome]:
     """For each trigger word of a task-agnostic poisoner, where it lands on ``model`` and its ASR
-    there (the literature's measure; the best trigger is the max)."""
+    there (:func:`landing`, the literature's measure; the best trigger is the max)."""
     outcomes = []
-    labels = test.label_array()
     for index, word in enumerate(poisoner.trigger_words):
         triggered = [poisoner.insert_trigger(t, index, rng) for t in test.texts]
-        predicted = predict_proba(model, tokenizer, triggered, max_length=max_length).argmax(1)
-        landing = int(np.bincount(predicted).argmax())
-        others = labels != landing
-        asr = float((predicted[others] == landing).mean()) if others.any() else 0.0
-        outcomes.append(TriggerOutcome(word, index, landing, asr, int(others.sum())))
+        found = landing(predict_proba(model, tokenizer, triggered, max_length=max_length), test)  # triggered texts keep test's labels
+        others = int((test.label_array() != found["landing_class"]).sum())
+        outcomes.append(TriggerOutcome(word, index, found["landing_class"], found["landing_attack_success_rate"] or 0.0, others))
     return outcomes
 
 
