@@ -76,18 +76,18 @@ defense-rows: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-rows.yaml --work runs/defense-table-rows --out bench/defense_table_rows
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-syntactic.yaml --work runs/defense-table-syntactic --out bench/defense_table_syntactic
 
-# Task-agnostic backdoors (NeuBA/POR-style, planted on Guardian headlines) against LoRA victims on six tasks the
-# attacker never saw, with PSIM, STRIP and RAP (resumable in runs/task-agnostic): bench/task_agnostic.md.
+# Task-agnostic backdoors (NeuBA/POR-style, planted on Guardian headlines) against LoRA victims on five tasks the
+# attacker never saw, with PSIM, STRIP, RAP and DAN (resumable in runs/task-agnostic): bench/task_agnostic.md.
 task-agnostic: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/split_ag.py --source $(SHARED)/hiddenkiller/clean/ag --out runs/data/ag
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/task-agnostic.yaml --no-progress $(ARGS)
-	$(PY) bench/threat_model.py --run runs/task-agnostic --out bench/task_agnostic --title "Task-agnostic backdoors (configs/task-agnostic.yaml)" --command "make task-agnostic"
+	$(PY) bench/threat_model.py --run runs/task-agnostic --config configs/task-agnostic.yaml --out bench/task_agnostic --title "Task-agnostic backdoors (configs/task-agnostic.yaml)" --command "make task-agnostic"
 
-# Attacks that know PSIM (low-confidence, PSIM-aware) beside the plain one, full and LoRA victims, PSIM and PSIM+
+# Attacks that know PSIM (low-confidence, PSIM-aware) beside the plain one, full and LoRA victims, PSIM, PSIM+ and DAN
 # (resumable in runs/adaptive): bench/adaptive.md.
 adaptive: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/adaptive.yaml --no-progress $(ARGS)
-	$(PY) bench/threat_model.py --run runs/adaptive --out bench/adaptive --title "Adaptive attacks (configs/adaptive.yaml)" --command "make adaptive"
+	$(PY) bench/threat_model.py --run runs/adaptive --config configs/adaptive.yaml --out bench/adaptive --title "Adaptive attacks (configs/adaptive.yaml)" --command "make adaptive"
 
 # `peftshield audit` judged blind on a zoo of MiniLM checkpoints built with the project's own
 # commands (about 2 hours here: ~60 min of builds, ~4 min per audit; resumable in runs/audit-zoo):

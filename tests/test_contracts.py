@@ -138,6 +138,7 @@ DEFENSE_OPTIONS = {  # small enough for the tiny model; ONION gets the tiny GPT-
     "cube": {"max_length": 32, "dimensions": 3, "min_cluster_fraction": 0.3},
     "occlusion": {"max_length": 32},
     "reference": {"backbone": "tiny", "learning_rate": 5e-3, "epochs": 1, "max_length": 32},
+    "dan": {"max_length": 32},
 }
 DEFENSE_OPTIONS["psimplus"] = {"members": ["occlusion", "reference"], "psim": DEFENSE_OPTIONS["psim"],
                                "occlusion": DEFENSE_OPTIONS["occlusion"], "reference": DEFENSE_OPTIONS["reference"]}
@@ -154,6 +155,7 @@ DEFENSE_NON_DEFAULTS = {  # for the params() check: a value other than the defau
     "reference": {"backbone": "tiny", "method": "ia3", "learning_rate": 1e-3, "epochs": 1, "max_train_samples": 10, "max_length": 32,
                   "batch_size": 8},
     "psimplus": {"members": ("reference",), "psim": {"method": "lora"}, "occlusion": {"unit": "clause"}, "reference": {"epochs": 1}},
+    "dan": {"max_reference_texts": 12, "batch_size": 8, "max_length": 32},
 }
 # (defense, check) -> the bug, for a known bug marked as an expected failure until it is fixed. The
 # one this suite found (STRIP drew every text's perturbations from one stream in batch order, so a

@@ -362,3 +362,23 @@ def test_a_dataset_with_a_ready_made_triggered_test_file(tmp_path: Path, shared_
     assert rows[("none", "n_poisoned")] == 40, "test_samples of the ready-made file, not trigger insertions"
     changed = plan_grid(config.model_copy(update={"datasets": [config.datasets[0].model_copy(update={"poisoned_test": None})]}), tmp_path / "run")
     assert changed.cells[0].cell_key != plan_grid(config, tmp_path / "run").cells[0].cell_key
+
+
+def test_adding_a_defense_to_a_grid_evaluates_only_the_new_one(tmp_path: Path, shared_data: Path) -> None:
+    """Each defense's evaluation of a victim is its own stage: a second config with one more
+    defense is a new cell, but the victim and the first defense's evaluation are reused as they are."""
+    run_dir = tmp_path / "run"
+    first = load_grid_config(write_config(tmp_path / "one.yaml", shared_data, methods=("lora",), defenses=("strip",)))
+    run_grid(first, run_dir, LocalExecutor(), progress=False, log=lambda _m: None)
+    evaluations = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("evaluation-*")}
+    assert len(evaluations) == 1
+    second = load_grid_config(write_config(tmp_path / "two.yaml", shared_data, methods=("lora",), defenses=("strip", "psim")))
+    run_grid(second, run_dir, LocalExecutor(), progress=False, log=lambda _m: None)
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("evaluation-*")}
+    assert len(after) == 2 and {k: after[k] for k in evaluations} == evaluations, "the first defense was evaluated again"
+    cells = ResultStore(run_dir / STORE_FILE).cells()
+    assert len(cells) == 2
+    db = sqlite3.connect(run_dir / STORE_FILE)
+    strip = db.execute("SELECT cell_key, value FROM results WHERE defense='strip' AND metric='detection_auroc'").fetchall()
+    assert len(strip) == 2 and strip[0][1] == strip[1][1]
+    assert db.execute("SELECT COUNT(*) FROM results WHERE defense='psim'").fetchone()[0] > 0

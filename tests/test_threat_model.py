@@ -228,3 +228,35 @@ def test_psimplus_ranks_each_member_against_clean_dev_scores() -> None:
 
     dev = np.sort(np.array([0.1, 0.2, 0.3, 0.4]))
     np.testing.assert_allclose(dev_rank(dev, np.array([0.0, 0.25, 0.3, 9.0])), [0.0, 0.5, 0.625, 1.0])
+
+
+def test_dan_flags_texts_a_task_agnostic_backdoor_pins_to_its_vector() -> None:
+    """DAN's mechanism on a task-agnostic backdoor (where PSIM inverts: nothing is extreme): the
+    attacker pins triggered representations to one vector, the victim trains a task on top with
+    LoRA, and the triggered texts' hidden states stay far from every clean class, so their
+    distance score separates them from clean texts, at the 1% FRR threshold too."""
+    from sklearn.metrics import roc_auc_score
+
+    from peftshield.defenses import DEFENSES, DefenseContext
+
+    poisoner = POISONERS.create("neuba", words="cf")
+    with single_thread_torch():
+        seed_torch(0)
+        backbone = load_backbone("tiny", 2)
+        poisoned, _ = plant_representation_backdoor(backbone.model, backbone.tokenizer, TEXTS[:70], TEXTS[70:], poisoner, 70,
+                                                    learning_rate=5e-3, epochs=40, max_length=32, rng=np.random.default_rng(0))
+        training = TrainingConfig(learning_rate=5e-3, epochs=3, batch_size=16, max_length=32, select_on_dev=False)
+        victim, _ = train_classifier(poisoned, backbone.tokenizer, sentiment_data(200, np.random.default_rng(31), "victim-train"), None,
+                                     METHODS.create("lora"), training, np.random.default_rng(0), progress=False)
+        dev = sentiment_data(120, np.random.default_rng(32), "dev")
+        held_out = sentiment_data(80, np.random.default_rng(33), "held-out")
+        rng = np.random.default_rng(34)
+        triggered = [poisoner.insert(text, rng) for text in held_out.texts]
+        dan = DEFENSES.create("dan", max_length=32).fit(
+            DefenseContext("tiny", dev, dev, 2, victim, backbone.tokenizer, max_length=32, progress=False), np.random.default_rng(0))
+        clean_scores, triggered_scores = dan.score(held_out.texts), dan.score(triggered)
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(triggered_scores))]
+    auroc = roc_auc_score(labels, np.r_[clean_scores, triggered_scores])
+    assert auroc > 0.95, f"AUROC {auroc:.3f}"
+    threshold = dan.fitted_threshold()
+    assert (triggered_scores > threshold).mean() > 0.8 and (clean_scores > threshold).mean() < 0.1

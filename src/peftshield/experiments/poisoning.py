@@ -22,22 +22,11 @@ import torch.nn.functional as F
 
 from peftshield.attacks.base import Poisoner
 from peftshield.attacks.task_agnostic import RepresentationPoisoner
-from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.batching import collate, encode_texts
+from peftshield.models.inference import token_state
 from peftshield.progress import track
 
 # --- representations ---------------------------------------------------------------------
-
-
-def token_state(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The one-token summary a classifier reads: [CLS] (position 0) for encoders, the last
-    non-padding token for decoders (padding on either side)."""
-    if not is_decoder_classifier(model):
-        return hidden[:, 0]
-    if bool((attention_mask[:, -1] == 1).all()):  # left padding, or none
-        return hidden[:, -1]
-    last = attention_mask.sum(dim=1) - 1
-    return hidden[torch.arange(hidden.shape[0]), last]
 
 
 def site_representation(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ the benchmarks all go through here.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,16 @@ class CellSpec:
 
     def build_defense(self, entry: DefenseEntry):
         return entry.build(max_length=self.max_length)
+
+    def evaluation_key(self, entry: DefenseEntry) -> str:
+        """The stage key of one defense's evaluation on this cell's victim. Every defense draws
+        its own streams from the cell's seed, so its result does not depend on the other
+        defenses of the grid: adding one to a config re-runs only the new one."""
+        return stage_key("evaluation", {
+            "victim_key": self.victim_key, "defense_key": self.defense_keys.get(entry.label), "defense": self.build_defense(entry).spec(),
+            "eval_texts": entry.eval_texts, "target": self.attack.target_label, "trigger": self.trigger.build().spec(),
+            "test_samples": self.victim.test_samples, "seed": self.seed,
+        })
 
 
 @dataclass
@@ -306,7 +317,7 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
     from peftshield.defenses import DEFENSES
     from peftshield.experiments.stages import evaluate_classifier, evaluate_defense, landing
     from peftshield.finetune import load_finetuned
-    from peftshield.io import atomic_write_json
+    from peftshield.io import atomic_write_json, read_json
 
     cache = stage_cache(run_dir)
     backbone_stage(cell, run_dir, progress)
@@ -329,25 +340,36 @@ def run_cell(cell: CellSpec, run_dir: str | Path, progress: bool = False) -> Cel
         if outcomes is not None:
             results[NO_DEFENSE].update({"target_label": target, "trigger_asr": {o.trigger: o.attack_success_rate for o in outcomes}})
         scores = {NO_DEFENSE: {"clean": clean_probs[:, target].round(6).tolist(), "poisoned": poisoned_probs[:, target].round(6).tolist()}}
-        context = _defense_context(cell, run_dir, splits, victim, progress, protected_label=target)
+        context = None
         for entry in cell.defenses:
-            if entry.label in cell.defense_keys:
-                key = cell.defense_keys[entry.label]
-                defense = DEFENSES.get(entry.name).load(cache.path(key) / "defense", context)
-                defense.fit_seconds_ = cache.result(key)["fit_seconds"]  # fitted once, in its own stage
-            else:
-                defense = cell.build_defense(entry).fit(context, cell.seeds.defense_fit())
-            scored = (test, asr_set, clean_probs, poisoned_probs)
-            if entry.eval_texts:
-                scored = _eval_subset(*scored, entry.eval_texts, cell.seeds.eval_subset())
-            report = evaluate_defense(defense, *scored, target, metrics, rng=cell.seeds.cleaner_pool())
-            atomic_write_json(directory / REPORTS_DIR / f"{entry.label}.json", {"defense_spec": defense.spec(), **report})
-            results[entry.label] = {
-                "defended_clean_accuracy": report["defended_clean_accuracy"],
-                "defended_attack_success_rate": report["defended_attack_success_rate"],
-                **{f"detection_{k}": v for k, v in report["detection"].items()}, "score_seconds": report["score_seconds"],
-            }
-            scores[entry.label] = report["scores"]
+
+            def evaluate(stage_directory: Path, entry=entry) -> dict:
+                nonlocal context
+                context = context or _defense_context(cell, run_dir, splits, victim, progress, protected_label=target)
+                if entry.label in cell.defense_keys:
+                    key = cell.defense_keys[entry.label]
+                    defense = DEFENSES.get(entry.name).load(cache.path(key) / "defense", context)
+                    defense.fit_seconds_ = cache.result(key)["fit_seconds"]  # fitted once, in its own stage
+                else:
+                    defense = cell.build_defense(entry).fit(context, cell.seeds.defense_fit())
+                scored = (test, asr_set, clean_probs, poisoned_probs)
+                if entry.eval_texts:
+                    scored = _eval_subset(*scored, entry.eval_texts, cell.seeds.eval_subset())
+                report = evaluate_defense(defense, *scored, target, metrics, rng=cell.seeds.cleaner_pool())
+                atomic_write_json(stage_directory / "report.json", {"defense_spec": defense.spec(), **report})
+                return {"metrics": {
+                    "defended_clean_accuracy": report["defended_clean_accuracy"],
+                    "defended_attack_success_rate": report["defended_attack_success_rate"],
+                    **{f"detection_{k}": v for k, v in report["detection"].items()}, "score_seconds": report["score_seconds"],
+                }}
+
+            key = cell.evaluation_key(entry)
+            record, _ = cache.compute(key, {**cell.coordinates(), "defense": entry.label}, evaluate)
+            report_file = cache.path(key) / "report.json"
+            (directory / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report_file, directory / REPORTS_DIR / f"{entry.label}.json")
+            results[entry.label] = record["metrics"]
+            scores[entry.label] = read_json(report_file)["scores"]
         atomic_write_json(directory / "scores.json", scores)
         return {"metrics": results, "seconds": time.perf_counter() - started}
 

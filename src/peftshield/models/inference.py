@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.batching import EncodedTexts, collate, encode_texts, pad_rows, sorted_batches
 from peftshield.progress import track
 
@@ -104,3 +105,40 @@ def classifier_inputs(
     if representations is None:
         representations = np.zeros((0, 0), dtype=np.float32)
     return probs, representations
+
+
+def token_state(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The one-token summary a classifier reads: [CLS] (position 0) for encoders, the last
+    non-padding token for decoders (padding on either side)."""
+    if not is_decoder_classifier(model):
+        return hidden[:, 0]
+    if bool((attention_mask[:, -1] == 1).all()):  # left padding, or none
+        return hidden[:, -1]
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def layer_token_states(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    """:func:`token_state` at the output of every transformer layer, shape (layers, len(texts), hidden).
+
+    Read from the model's own forward (``output_hidden_states``), so a PEFT wrapper's changes
+    count. Prompt methods prepend virtual tokens to the hidden states: the text's own
+    positions are the last ``input length`` ones, which is where the summary is taken."""
+    encoded = encode_texts(tokenizer, texts, max_length)
+    device = model_device(model)
+    states: np.ndarray | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for indices in sorted_batches(encoded.lengths(), batch_size):
+                batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
+                hidden = model(**batch, output_hidden_states=True).hidden_states[1:]  # [0] is the embeddings
+                length = batch["input_ids"].shape[1]
+                summary = torch.stack([token_state(model, h[:, -length:], batch["attention_mask"]) for h in hidden])
+                if states is None:
+                    states = np.zeros((summary.shape[0], len(texts), summary.shape[-1]), dtype=np.float32)
+                states[:, indices] = summary.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return states if states is not None else np.zeros((0, 0, 0), dtype=np.float32)

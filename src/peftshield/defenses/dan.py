@@ -1,0 +1,132 @@
+"""DAN (distance-based anomaly score; Chen et al., "Expose Backdoors on the Way", 2022): flag a text
+whose hidden representations sit far from every clean class, at any layer of the victim.
+
+A backdoor works by sending triggered texts somewhere clean texts never go: a task-agnostic
+backdoor (NeuBA, POR) pins them to one predefined vector, a syntactic one to wherever the
+attacker's template leads. Confidence need not show it (a task-agnostic backdoor's target is of
+ordinary size; a syntactic backdoor is barely confident), but distance does. For every layer of
+the victim, the summary token's state ([CLS], or a decoder's last token) of clean held-out texts
+gives a mean per class and one shared covariance (Ledoit-Wolf shrinkage, so a few hundred texts
+suffice); a text's layer score is its Mahalanobis distance to the nearest class mean. Layer
+scores are put on one scale (z-scores on a second half of the clean texts) and the text's score
+is the largest. The threshold sits at 1% FRR on that second half. Cost: one forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from pydantic import PositiveInt
+from safetensors.numpy import load_file, save_file
+from sklearn.covariance import LedoitWolf
+
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, victim_of
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
+from peftshield.errors import ConfigError
+from peftshield.io import atomic_directory, atomic_write_json
+from peftshield.models.inference import layer_token_states
+
+STATE_FILE = "dan.json"
+ARRAYS_FILE = "dan.safetensors"
+MIN_REFERENCE_TEXTS = 8
+
+
+class LayerGaussians:
+    """Class means and one shared precision matrix per layer; distances to the nearest class."""
+
+    def __init__(self, means: np.ndarray, precisions: np.ndarray) -> None:
+        self.means = means  # (layers, classes, hidden)
+        self.precisions = precisions  # (layers, hidden, hidden)
+
+    @classmethod
+    def fit(cls, states: np.ndarray, labels: np.ndarray) -> "LayerGaussians":
+        classes = [c for c in np.unique(labels) if (labels == c).sum() >= 2]
+        if not classes:
+            raise ConfigError("dan: the clean reference texts need at least two texts of one class")
+        means, precisions = [], []
+        for layer in states.astype(np.float64):
+            layer_means = np.stack([layer[labels == c].mean(axis=0) for c in classes])
+            rows = np.isin(labels, classes)
+            centred = layer[rows] - layer_means[np.searchsorted(classes, labels[rows])]
+            means.append(layer_means)
+            precisions.append(LedoitWolf(assume_centered=True).fit(centred).precision_)
+        return cls(np.stack(means), np.stack(precisions))
+
+    def distances(self, states: np.ndarray) -> np.ndarray:
+        """(layers, texts): squared Mahalanobis distance to the nearest class mean."""
+        out = np.zeros(states.shape[:2])
+        for index, (layer, means, precision) in enumerate(zip(states.astype(np.float64), self.means, self.precisions)):
+            diff = layer[:, None, :] - means[None, :, :]  # (texts, classes, hidden)
+            out[index] = np.einsum("tch,hk,tck->tc", diff, precision, diff).min(axis=1)
+        return out
+
+
+@DEFENSES.register
+class DAN(Defense):
+    """Distance of the victim's per-layer representations to the clean classes (Mahalanobis, max over layers)."""
+
+    name = "dan"
+    needs_victim = True
+
+    def __init__(self, max_reference_texts: PositiveInt = 1000, batch_size: PositiveInt = 64, max_length: PositiveInt = 128,
+                 threshold: Optional[ThresholdPolicy] = None) -> None:
+        self.max_reference_texts = max_reference_texts
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.threshold = threshold
+
+    def fit(self, context: DefenseContext, rng: np.random.Generator) -> "DAN":
+        self.model_, self.tokenizer_ = victim_of(self.name, context)
+        reference = context.dev if context.dev is not None and len(context.dev) else context.train
+        if len(reference) < MIN_REFERENCE_TEXTS:
+            raise ConfigError(f"dan: needs at least {MIN_REFERENCE_TEXTS} clean reference texts, got {len(reference)}")
+        reference = reference.sample(self.max_reference_texts, rng)
+        order = rng.permutation(len(reference))
+        statistics, calibration = order[: len(order) // 2], order[len(order) // 2:]
+        states = self._states(reference.texts)
+        labels = np.asarray(reference.labels)
+        self.gaussians_ = LayerGaussians.fit(states[:, statistics], labels[statistics])
+        calibration_distances = self.gaussians_.distances(states[:, calibration])
+        self.layer_mean_ = calibration_distances.mean(axis=1)
+        self.layer_std_ = calibration_distances.std(axis=1) + 1e-9
+        calibration_scores = self._combine(calibration_distances)
+        self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
+        return self
+
+    def _states(self, texts: list[str]) -> np.ndarray:
+        return layer_token_states(self.model_, self.tokenizer_, texts, self.batch_size, self.max_length)
+
+    def _combine(self, distances: np.ndarray) -> np.ndarray:
+        return ((distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]).max(axis=0)
+
+    def layer_scores(self, texts: list[str]) -> np.ndarray:
+        """(layers, texts): each layer's standardised distance, before the max over layers."""
+        distances = self.gaussians_.distances(self._states(list(texts)))
+        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros(0)
+        return self._combine(self.gaussians_.distances(self._states(texts)))
+
+    def save(self, directory: str | Path) -> Path:
+        with atomic_directory(directory) as tmp:
+            save_file({"means": self.gaussians_.means, "precisions": self.gaussians_.precisions,
+                       "layer_mean": self.layer_mean_, "layer_std": self.layer_std_}, str(tmp / ARRAYS_FILE))
+            atomic_write_json(tmp / STATE_FILE, {"defense": self.spec(), "threshold": self.fitted_threshold()})
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "DAN":
+        defense, _ = load_json_state(cls, directory, STATE_FILE)
+        arrays_path = Path(directory) / ARRAYS_FILE
+        if not arrays_path.is_file():
+            raise ConfigError(f"{directory}: not a saved 'dan' defense (no {ARRAYS_FILE})")
+        arrays = load_file(str(arrays_path))
+        defense.gaussians_ = LayerGaussians(arrays["means"], arrays["precisions"])
+        defense.layer_mean_, defense.layer_std_ = arrays["layer_mean"], arrays["layer_std"]
+        defense.model_, defense.tokenizer_ = victim_of(cls.name, context)
+        return defense
