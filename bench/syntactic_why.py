@@ -12,10 +12,14 @@ Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
    template's style alone moves PSIM's confidence.
 3. Which occlusion unit carries the signal: words or clauses (the victim, 300 clean and 300
    triggered test texts, threshold at 1% / 2% FRR of 400 clean dev texts).
+4. DAN (distance of the victim's per-layer states to the clean classes) on the poisoned
+   victim, and on a LoRA victim of the clean control backbone: a high AUROC on the control
+   would mean DAN sees SCPN's style, not the backdoor.
 
-Writes bench/syntactic_why.md and .json.
+Writes bench/syntactic_why.md and .json. ``--steps`` runs some of the steps and keeps the
+others' figures from the existing .json.
 
-    .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic]
+    .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic] [--steps dan]
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ from peftshield.attacks import PoisonSpec
 from peftshield.data import load_splits, load_texts
 from peftshield.defenses import DEFENSES, DefenseContext
 from peftshield.experiments.scenario import REPORTS_DIR, backbone_dir, stage_cache
-from peftshield.experiments.stages import TriggerChoice, weight_poison
+from peftshield.experiments.stages import TriggerChoice, finetune_victim, weight_poison
 from peftshield.finetune import TrainingConfig, load_finetuned
 from peftshield.grid.config import load_grid_config
 from peftshield.grid.runner import plan_grid
 from peftshield.io import atomic_write_json, atomic_write_text, read_json
 
 N_TEXTS = 300
+STEPS = ("confidence", "control", "occlusion", "dan")
 DEV_TEXTS = 400  # occlusion calibrates on this many clean dev texts (a forward pass per word each)
 
 
@@ -57,19 +62,51 @@ def main() -> None:
     parser.add_argument("--config", default="configs/defense-table-syntactic.yaml")
     parser.add_argument("--run", default="runs/defense-table-syntactic")
     parser.add_argument("--out", default="bench/syntactic_why")
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated, of: " + ", ".join(STEPS))
     args = parser.parse_args()
+    steps = set(args.steps.split(","))
+    if steps - set(STEPS):
+        parser.error(f"--steps: unknown step(s) {', '.join(sorted(steps - set(STEPS)))}; choose from {', '.join(STEPS)}")
     run = Path(args.run)
     plan = plan_grid(load_grid_config(args.config), run)
     cell = next(c for c in plan.cells if c.dataset.name == "sst-2")
     cache = stage_cache(run)
-    result: dict = {"config": args.config}
+    previous = Path(args.out + ".json")
+    result: dict = read_json(previous) if previous.is_file() and steps != set(STEPS) else {}
+    result["config"] = args.config
+    splits = load_splits(cell.dataset.path, skip_empty=True)
+    clean_test = [t for t in splits["test"].texts][:1000]
+    triggered = load_texts(str(Path(cell.dataset.poisoned_test)), "test").texts
+    control_dir = run / "control-backbone"
+    rng = np.random.default_rng(0)
+    clean_sample = [clean_test[i] for i in rng.permutation(len(clean_test))[:N_TEXTS]]
+    triggered_sample = [triggered[i] for i in rng.permutation(len(triggered))[:N_TEXTS]]
+    dev = splits["dev"].subset(list(range(min(DEV_TEXTS, len(splits["dev"])))))
+    if "confidence" in steps:
+        result["confidence"] = backdoor_confidence(run, cell, cache)
+    if "control" in steps:
+        result["control_psim"] = control_psim(cell, control_dir, splits, clean_test, triggered)
+    if "occlusion" in steps:
+        result["occlusion"] = occlusion_units(run, cell, cache, splits, dev, clean_sample, triggered_sample, rng)
+    if "dan" in steps:
+        result["dan"] = dan_on_victims(run, cell, cache, control_dir, splits, clean_sample, triggered_sample)
+    for label in ("psim", "psimplus", "dan"):
+        report_path = cache.path(cell.cell_key) / REPORTS_DIR / f"{label}.json"
+        if report_path.is_file():
+            report = read_json(report_path)
+            result[f"grid_{label}"] = {"detection": report["detection"], "defended_attack_success_rate": report["defended_attack_success_rate"],
+                                       "defended_clean_accuracy": report["defended_clean_accuracy"]}
+    atomic_write_json(previous, result)
+    atomic_write_text(Path(args.out + ".md"), render(result))
 
-    # 1. the backdoor's own confidence
+
+def backdoor_confidence(run: Path, cell, cache) -> dict:
+    """1. the backdoor's own confidence"""
     scores = read_json(cache.path(cell.cell_key) / "scores.json")
     attack = read_json(backbone_dir(run, cell) / "attack.json")
     victim_clean, victim_triggered = np.asarray(scores["none"]["clean"]), np.asarray(scores["none"]["poisoned"])
     psim_clean, psim_triggered = np.asarray(scores["psim"]["clean"]), np.asarray(scores["psim"]["poisoned"])
-    result["confidence"] = {
+    confidence = {
         "victim_target_probability_triggered": float(victim_triggered.mean()),
         "victim_target_probability_clean": float(victim_clean.mean()),
         "victim_share_triggered_above_0.99": float(np.mean(victim_triggered > 0.99)),
@@ -78,54 +115,73 @@ def main() -> None:
         "psim_mean_clean": float(psim_clean.mean()), "psim_mean_triggered": float(psim_triggered.mean()),
         "psim_auroc": auroc(psim_clean, psim_triggered),
     }
-    print(json.dumps(result["confidence"]), flush=True)
+    print(json.dumps(confidence), flush=True)
+    return confidence
 
-    # 2. PSIM on a clean control backbone (the attacker's recipe minus the poison)
+
+def control_psim(cell, control_dir: Path, splits, clean_test: list[str], triggered: list[str]) -> dict:
+    """2. PSIM on a clean control backbone (the attacker's recipe minus the poison)"""
     attack_section = cell.attack
-    control_dir = run / "control-backbone"
     started = time.perf_counter()
     if not (control_dir / "attack.json").is_file():
         training = TrainingConfig(learning_rate=attack_section.learning_rate, epochs=attack_section.epochs, max_length=cell.max_length,
                                   max_train_samples=attack_section.samples)
         weight_poison(attack_section.data, cell.backbone, TriggerChoice("none"), PoisonSpec(target_label=attack_section.target_label, count=0, rate=None),
                       training, control_dir, cell.seeds.training_seed, attack_section.max_words, progress=False)
-    splits = load_splits(cell.dataset.path, skip_empty=True)
-    clean_test = [t for t in splits["test"].texts][:1000]
-    triggered = load_texts(str(Path(cell.dataset.poisoned_test)), "test").texts
     psim_entry = next(d for d in cell.defenses if d.name == "psim")
     control_psim = psim_entry.build(max_length=cell.max_length).fit(
         DefenseContext(str(control_dir), splits["train"], splits.get("dev"), splits.num_labels, max_length=cell.max_length, progress=False),
         cell.seeds.defense_fit())
     control_clean, control_triggered = control_psim.score(clean_test), control_psim.score(triggered)
-    result["control_psim"] = {"auroc": auroc(control_clean, control_triggered), "mean_clean": float(control_clean.mean()),
-                              "mean_triggered": float(control_triggered.mean()), "seconds": time.perf_counter() - started}
-    print(json.dumps(result["control_psim"]), flush=True)
+    found = {"auroc": auroc(control_clean, control_triggered), "mean_clean": float(control_clean.mean()),
+             "mean_triggered": float(control_triggered.mean()), "seconds": time.perf_counter() - started}
+    print(json.dumps(found), flush=True)
+    return found
 
-    # 3. occlusion units on the victim
+
+def occlusion_units(run: Path, cell, cache, splits, dev, clean_sample: list[str], triggered_sample: list[str], rng) -> dict:
+    """3. occlusion units on the victim"""
     victim, _ = load_finetuned(cache.path(cell.victim_key) / "model")
-    rng = np.random.default_rng(0)
-    clean_sample = [clean_test[i] for i in rng.permutation(len(clean_test))[:N_TEXTS]]
-    triggered_sample = [triggered[i] for i in rng.permutation(len(triggered))[:N_TEXTS]]
-    dev = splits["dev"].subset(list(range(min(DEV_TEXTS, len(splits["dev"])))))
     dev_texts = dev.texts
     context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], dev, splits.num_labels, victim.model, victim.tokenizer,
                              protected_label=cell.attack.target_label, max_length=cell.max_length, progress=False)
-    result["occlusion"] = {}
+    found = {}
     for unit in ("word", "clause"):
         started = time.perf_counter()
         occlusion = DEFENSES.create("occlusion", unit=unit, max_units=30).fit(context, rng)
         dev_scores, clean_scores, triggered_scores = occlusion.score(dev_texts), occlusion.score(clean_sample), occlusion.score(triggered_sample)
-        result["occlusion"][unit] = {"auroc": auroc(clean_scores, triggered_scores), "at_1pct": at_frr(dev_scores, clean_scores, triggered_scores, 0.01),
+        found[unit] = {"auroc": auroc(clean_scores, triggered_scores), "at_1pct": at_frr(dev_scores, clean_scores, triggered_scores, 0.01),
                                      "at_2pct": at_frr(dev_scores, clean_scores, triggered_scores, 0.02), "seconds": time.perf_counter() - started}
-        print(unit, json.dumps(result["occlusion"][unit]), flush=True)
-    for label in ("psim", "psimplus"):
-        report_path = cache.path(cell.cell_key) / REPORTS_DIR / f"{label}.json"
-        if report_path.is_file():
-            report = read_json(report_path)
-            result[f"grid_{label}"] = {"detection": report["detection"], "defended_attack_success_rate": report["defended_attack_success_rate"],
-                                       "defended_clean_accuracy": report["defended_clean_accuracy"]}
-    atomic_write_json(Path(args.out + ".json"), result)
-    atomic_write_text(Path(args.out + ".md"), render(result))
+        print(unit, json.dumps(found[unit]), flush=True)
+    return found
+
+
+def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_sample: list[str], triggered_sample: list[str]) -> dict:
+    """4. DAN on the poisoned victim and on a LoRA victim of the clean control backbone (the same
+    victim recipe as the grid's): does it see the backdoor, or SCPN's style?"""
+    if not (control_dir / "attack.json").is_file():
+        raise SystemExit(f"{control_dir}: no control backbone yet; run the 'control' step first")
+    control_victim_dir = run / "control-victim"
+    if not (control_victim_dir / "model").is_dir():
+        training = TrainingConfig(learning_rate=cell.victim.learning_rate(cell.method), epochs=cell.victim.epochs,
+                                  max_length=cell.max_length, max_train_samples=cell.victim.samples)
+        finetune_victim(splits, str(control_dir), cell.method, {}, training, cell.seeds.training_seed, control_victim_dir / "model",
+                        progress=False, label="control victim")
+    found = {}
+    for name, model_dir in (("poisoned", cache.path(cell.victim_key) / "model"), ("control", control_victim_dir / "model")):
+        started = time.perf_counter()
+        victim, _ = load_finetuned(model_dir)
+        context = DefenseContext(str(model_dir), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
+                                 max_length=cell.max_length, progress=False)
+        dan = DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+        clean_scores, triggered_scores = dan.score(clean_sample), dan.score(triggered_sample)
+        threshold = dan.fitted_threshold()
+        layers_clean, layers_triggered = dan.layer_scores(clean_sample), dan.layer_scores(triggered_sample)
+        found[name] = {"auroc": auroc(clean_scores, triggered_scores), "tpr": float(np.mean(triggered_scores > threshold)),
+                       "frr": float(np.mean(clean_scores > threshold)),
+                       "layer_auroc": [auroc(c, t) for c, t in zip(layers_clean, layers_triggered)], "seconds": time.perf_counter() - started}
+        print("dan", name, json.dumps(found[name]), flush=True)
+    return found
 
 
 def render(result: dict) -> str:
@@ -143,7 +199,11 @@ def render(result: dict) -> str:
     for unit, o in result["occlusion"].items():
         lines.append(f"| occlusion by {unit} (victim) | AUROC {o['auroc']:.3f}; at 1% dev FRR: TPR {o['at_1pct']['tpr']:.3f} (test FRR "
                      f"{o['at_1pct']['frr']:.3f}); at 2%: TPR {o['at_2pct']['tpr']:.3f} (FRR {o['at_2pct']['frr']:.3f}) |")
-    for label in ("psim", "psimplus"):
+    for name, d in result.get("dan", {}).items():
+        what = "the poisoned victim" if name == "poisoned" else "a LoRA victim of the clean control backbone"
+        lines.append(f"| DAN on {what} | AUROC {d['auroc']:.3f}; at its 1% FRR threshold: TPR {d['tpr']:.3f} (test FRR {d['frr']:.3f}); "
+                     f"per layer AUROC {', '.join(f'{a:.2f}' for a in d['layer_auroc'])} |")
+    for label in ("psim", "psimplus", "dan"):
         if f"grid_{label}" in result:
             g = result[f"grid_{label}"]
             lines.append(f"| {label} in the grid | AUROC {g['detection']['auroc']:.3f}, FRR {g['detection']['frr']:.3f}, FAR {g['detection']['far']:.3f}; "

@@ -260,3 +260,22 @@ def test_dan_flags_texts_a_task_agnostic_backdoor_pins_to_its_vector() -> None:
     assert auroc > 0.95, f"AUROC {auroc:.3f}"
     threshold = dan.fitted_threshold()
     assert (triggered_scores > threshold).mean() > 0.8 and (clean_scores > threshold).mean() < 0.1
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_layer_states_read_the_texts_own_positions_under_every_wrapper(backbone: str, method: str) -> None:
+    """DAN reads each layer's summary token ([CLS] or a decoder's last token) from the wrapped
+    victim's forward. Prompt methods prepend virtual tokens to the hidden states; the summary
+    must still be the text's own, so a text's states do not depend on its batch-mates."""
+    from peftshield.models.inference import layer_token_states
+
+    seed_torch(0)
+    base = load_backbone(backbone, 2)
+    model = METHODS.create(method).wrap(base.model, 2)
+    texts = TEXTS[:6]
+    together = layer_token_states(model, base.tokenizer, texts, batch_size=6, max_length=32)
+    assert together.shape == (base.model.config.num_hidden_layers, 6, base.model.config.hidden_size)
+    alone = np.concatenate([layer_token_states(model, base.tokenizer, [t], max_length=32) for t in texts], axis=1)
+    np.testing.assert_allclose(alone, together, atol=1e-4)
+    assert np.ptp(together[-1], axis=0).max() > 1e-3, "every text got the same state"
