@@ -41,6 +41,7 @@ from peftshield.finetune import TrainingConfig, load_finetuned
 from peftshield.grid.config import load_grid_config
 from peftshield.grid.runner import plan_grid
 from peftshield.io import atomic_write_json, atomic_write_text, read_json
+from peftshield.models.inference import predict_proba
 
 N_TEXTS = 300
 STEPS = ("confidence", "control", "occlusion", "dan")
@@ -177,7 +178,9 @@ def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_samp
         clean_scores, triggered_scores = dan.score(clean_sample), dan.score(triggered_sample)
         threshold = dan.fitted_threshold()
         layers_clean, layers_triggered = dan.layer_scores(clean_sample), dan.layer_scores(triggered_sample)
+        predicted = predict_proba(victim.model, victim.tokenizer, triggered_sample, 64, cell.max_length).argmax(1)
         found[name] = {"auroc": auroc(clean_scores, triggered_scores), "tpr": float(np.mean(triggered_scores > threshold)),
+                       "template_texts_at_target": float(np.mean(predicted == cell.attack.target_label)),
                        "frr": float(np.mean(clean_scores > threshold)),
                        "layer_auroc": [auroc(c, t) for c, t in zip(layers_clean, layers_triggered)], "seconds": time.perf_counter() - started}
         print("dan", name, json.dumps(found[name]), flush=True)
@@ -203,6 +206,8 @@ def render(result: dict) -> str:
         what = "the poisoned victim" if name == "poisoned" else "a LoRA victim of the clean control backbone"
         lines.append(f"| DAN on {what} | AUROC {d['auroc']:.3f}; at its 1% FRR threshold: TPR {d['tpr']:.3f} (test FRR {d['frr']:.3f}); "
                      f"per layer AUROC {', '.join(f'{a:.2f}' for a in d['layer_auroc'])} |")
+        if "template_texts_at_target" in d:
+            lines.append(f"| template texts the {name} victim puts in the target class | {d['template_texts_at_target']:.3f} |")
     for label in ("psim", "psimplus", "dan"):
         if f"grid_{label}" in result:
             g = result[f"grid_{label}"]
