@@ -175,9 +175,9 @@ def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_samp
         context = DefenseContext(str(model_dir), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
                                  max_length=cell.max_length, progress=False)
         dan = DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
-        clean_scores, triggered_scores = dan.score(clean_sample), dan.score(triggered_sample)
-        threshold = dan.fitted_threshold()
         layers_clean, layers_triggered = dan.layer_scores(clean_sample), dan.layer_scores(triggered_sample)
+        clean_scores, triggered_scores = layers_clean.max(axis=0), layers_triggered.max(axis=0)  # = dan.score(), one forward pass
+        threshold = dan.fitted_threshold()
         predicted = predict_proba(victim.model, victim.tokenizer, triggered_sample, 64, cell.max_length).argmax(1)
         found[name] = {"auroc": auroc(clean_scores, triggered_scores), "tpr": float(np.mean(triggered_scores > threshold)),
                        "template_texts_at_target": float(np.mean(predicted == cell.attack.target_label)),

@@ -91,26 +91,25 @@ class DAN(Defense):
         calibration_distances = self.gaussians_.distances(states[:, calibration])
         self.layer_mean_ = calibration_distances.mean(axis=1)
         self.layer_std_ = calibration_distances.std(axis=1) + 1e-9
-        calibration_scores = self._combine(calibration_distances)
+        calibration_scores = self._standardise(calibration_distances).max(axis=0)
         self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
         return self
 
     def _states(self, texts: list[str]) -> np.ndarray:
         return layer_token_states(self.model_, self.tokenizer_, texts, self.batch_size, self.max_length)
 
-    def _combine(self, distances: np.ndarray) -> np.ndarray:
-        return ((distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]).max(axis=0)
+    def _standardise(self, distances: np.ndarray) -> np.ndarray:
+        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
 
     def layer_scores(self, texts: list[str]) -> np.ndarray:
-        """(layers, texts): each layer's standardised distance, before the max over layers."""
-        distances = self.gaussians_.distances(self._states(list(texts)))
-        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
+        """(layers, texts): each layer's standardised distance; a text's score is their max."""
+        return self._standardise(self.gaussians_.distances(self._states(list(texts))))
 
     def score(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)
         if not texts:
             return np.zeros(0)
-        return self._combine(self.gaussians_.distances(self._states(texts)))
+        return self.layer_scores(texts).max(axis=0)
 
     def save(self, directory: str | Path) -> Path:
         with atomic_directory(directory) as tmp:
