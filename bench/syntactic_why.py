@@ -15,6 +15,13 @@ Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
 4. DAN (distance of the victim's per-layer states to the clean classes) on the poisoned
    victim, and on a LoRA victim of the clean control backbone: a high AUROC on the control
    would mean DAN sees SCPN's style, not the backdoor.
+5. Shift (the backbone's token-state change from the original MiniLM, left over after a ridge
+   fit on clean texts) on the poisoned backbone and on the clean control backbone, each with
+   and without the ridge fit (a huge penalty: plain differences): a high AUROC on the control
+   would mean Shift sees the style of SCPN's texts, not the backdoor. On CR also against plain
+   SST-2 texts (the CR row's template texts are paraphrased SST-2 movie reviews).
+6. The same domain check for DAN on the CR victim: how much of its CR figure is movie reviews
+   against product reviews.
 
 Writes bench/syntactic_why.md and .json. ``--steps`` runs some of the steps and keeps the
 others' figures from the existing .json.
@@ -44,7 +51,7 @@ from peftshield.io import atomic_write_json, atomic_write_text, read_json
 from peftshield.models.inference import predict_proba
 
 N_TEXTS = 300
-STEPS = ("confidence", "control", "occlusion", "dan")
+STEPS = ("confidence", "control", "occlusion", "dan", "shift", "domain")
 DEV_TEXTS = 400  # occlusion calibrates on this many clean dev texts (a forward pass per word each)
 
 
@@ -91,7 +98,11 @@ def main() -> None:
         result["occlusion"] = occlusion_units(run, cell, cache, splits, dev, clean_sample, triggered_sample, rng)
     if "dan" in steps:
         result["dan"] = dan_on_victims(run, cell, cache, control_dir, splits, clean_sample, triggered_sample)
-    for label in ("psim", "psimplus", "dan"):
+    if "shift" in steps:
+        result["shift"] = shift_on_backbones(run, plan, control_dir, clean_sample, triggered_sample)
+    if "domain" in steps:
+        result["domain_dan"] = dan_domain(plan, cache, clean_sample, triggered_sample)
+    for label in ("psim", "psimplus", "dan", "shift"):
         report_path = cache.path(cell.cell_key) / REPORTS_DIR / f"{label}.json"
         if report_path.is_file():
             report = read_json(report_path)
@@ -187,6 +198,58 @@ def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_samp
     return found
 
 
+def shift_on_backbones(run: Path, plan, control_dir: Path, sst2_clean: list[str], triggered_sample: list[str]) -> dict:
+    """5. Shift on the poisoned backbone and on the clean control backbone, calibrated on each
+    victim task's dev set. On SST-2 also without the ridge fit. On CR the clean texts are product
+    reviews while the template texts are paraphrased SST-2 movie reviews, so CR's clean texts
+    are also compared with plain (unparaphrased) SST-2 test texts: what Shift gives those is the
+    part of the CR figure that is the change of domain, not the template."""
+    if not (control_dir / "attack.json").is_file():
+        raise SystemExit(f"{control_dir}: no control backbone yet; run the 'control' step first")
+    found = {}
+    for cell in plan.cells:
+        entry = next(d for d in cell.defenses if d.name == "shift")
+        splits = load_splits(cell.dataset.path, skip_empty=True)
+        rng = np.random.default_rng(0)
+        clean = [splits["test"].texts[i] for i in rng.permutation(len(splits["test"]))[:N_TEXTS]]
+        for name, backbone in (("poisoned", backbone_dir(run, cell)), ("control", control_dir)):
+            fits = (("ridge", entry.options.get("ridge", 10.0)), ("plain", 1e9)) if cell.dataset.name == "sst-2" else (("ridge", entry.options.get("ridge", 10.0)),)
+            for fit, ridge in fits:
+                started = time.perf_counter()
+                context = DefenseContext(str(backbone), splits["train"], splits["dev"], splits.num_labels, max_length=cell.max_length, progress=False)
+                shift = DEFENSES.create("shift", **{**entry.options, "ridge": ridge, "max_length": cell.max_length}).fit(context, cell.seeds.defense_fit())
+                layers_clean, layers_triggered = shift.layer_scores(clean), shift.layer_scores(triggered_sample)
+                clean_scores, triggered_scores = shift.combine_layers(layers_clean), shift.combine_layers(layers_triggered)  # = shift.score()
+                threshold = shift.fitted_threshold()
+                record = {"auroc": auroc(clean_scores, triggered_scores), "tpr": float(np.mean(triggered_scores > threshold)),
+                          "frr": float(np.mean(clean_scores > threshold)),
+                          "layer_auroc": [auroc(c, t) for c, t in zip(layers_clean, layers_triggered)]}
+                if cell.dataset.name != "sst-2":
+                    plain_sst2 = shift.score(sst2_clean)
+                    record["plain_sst2_auroc"] = auroc(clean_scores, plain_sst2)
+                    record["plain_sst2_flagged"] = float(np.mean(plain_sst2 > threshold))
+                record["seconds"] = time.perf_counter() - started
+                found[f"{cell.dataset.name}_{name}_{fit}"] = record
+                print("shift", cell.dataset.name, name, fit, json.dumps(record), flush=True)
+    return found
+
+
+def dan_domain(plan, cache, sst2_clean: list[str], triggered_sample: list[str]) -> dict:
+    """6. DAN on the CR victim: CR clean texts against plain SST-2 texts and against the template texts"""
+    cell = next(c for c in plan.cells if c.dataset.name == "cr")
+    splits = load_splits(cell.dataset.path, skip_empty=True)
+    clean = [splits["test"].texts[i] for i in np.random.default_rng(0).permutation(len(splits["test"]))[:N_TEXTS]]
+    victim, _ = load_finetuned(cache.path(cell.victim_key) / "model")
+    context = DefenseContext(str(cache.path(cell.victim_key) / "model"), splits["train"], splits["dev"], splits.num_labels, victim.model,
+                             victim.tokenizer, max_length=cell.max_length, progress=False)
+    dan = DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+    clean_scores, plain, triggered = dan.score(clean), dan.score(sst2_clean), dan.score(triggered_sample)
+    found = {"auroc": auroc(clean_scores, triggered), "plain_sst2_auroc": auroc(clean_scores, plain),
+             "plain_sst2_flagged": float(np.mean(plain > dan.fitted_threshold())), "tpr": float(np.mean(triggered > dan.fitted_threshold()))}
+    print("dan domain", json.dumps(found), flush=True)
+    return found
+
+
 def render(result: dict) -> str:
     c, p = result["confidence"], result["control_psim"]
     lines = ["# Why PSIM misses the syntactic trigger (SST-2)\n",
@@ -208,7 +271,20 @@ def render(result: dict) -> str:
                      f"per layer AUROC {', '.join(f'{a:.2f}' for a in d['layer_auroc'])} |")
         if "template_texts_at_target" in d:
             lines.append(f"| template texts the {name} victim puts in the target class | {d['template_texts_at_target']:.3f} |")
-    for label in ("psim", "psimplus", "dan"):
+    for key, d in result.get("shift", {}).items():
+        dataset, name, fit = key.split("_")
+        what = "the poisoned backbone" if name == "poisoned" else "the clean control backbone"
+        how = "after the ridge fit" if fit == "ridge" else "plain differences (no ridge fit)"
+        line = (f"| Shift on {what}, {how}, {dataset.upper()} clean texts | AUROC {d['auroc']:.3f}; at its 1% FRR threshold: TPR {d['tpr']:.3f} "
+                f"(test FRR {d['frr']:.3f}); per layer AUROC {', '.join(f'{a:.2f}' for a in d['layer_auroc'])}")
+        if "plain_sst2_auroc" in d:
+            line += f"; plain SST-2 test texts against {dataset.upper()}'s: AUROC {d['plain_sst2_auroc']:.3f}, flagged {d['plain_sst2_flagged']:.3f}"
+        lines.append(line + " |")
+    if "domain_dan" in result:
+        d = result["domain_dan"]
+        lines.append(f"| DAN on the CR victim, CR clean texts | against the template texts AUROC {d['auroc']:.3f} (TPR {d['tpr']:.3f}); "
+                     f"against plain SST-2 test texts AUROC {d['plain_sst2_auroc']:.3f}, flagged {d['plain_sst2_flagged']:.3f} |")
+    for label in ("psim", "psimplus", "dan", "shift"):
         if f"grid_{label}" in result:
             g = result[f"grid_{label}"]
             lines.append(f"| {label} in the grid | AUROC {g['detection']['auroc']:.3f}, FRR {g['detection']['frr']:.3f}, FAR {g['detection']['far']:.3f}; "

@@ -139,6 +139,7 @@ DEFENSE_OPTIONS = {  # small enough for the tiny model; ONION gets the tiny GPT-
     "occlusion": {"max_length": 32},
     "reference": {"backbone": "tiny", "learning_rate": 5e-3, "epochs": 1, "max_length": 32},
     "dan": {"max_length": 32},
+    "shift": {"original": "tiny", "max_length": 32},
 }
 DEFENSE_OPTIONS["psimplus"] = {"members": ["occlusion", "reference"], "psim": DEFENSE_OPTIONS["psim"],
                                "occlusion": DEFENSE_OPTIONS["occlusion"], "reference": DEFENSE_OPTIONS["reference"]}
@@ -156,6 +157,7 @@ DEFENSE_NON_DEFAULTS = {  # for the params() check: a value other than the defau
                   "batch_size": 8},
     "psimplus": {"members": ("reference",), "psim": {"method": "lora"}, "occlusion": {"unit": "clause"}, "reference": {"epochs": 1}},
     "dan": {"max_reference_texts": 12, "batch_size": 8, "max_length": 32},
+    "shift": {"original": "tiny", "max_reference_texts": 12, "max_fit_tokens": 100, "ridge": 1.0, "combine": "max", "extra_calibration_texts": 5, "batch_size": 8, "max_length": 32},
 }
 # (defense, check) -> the bug, for a known bug marked as an expected failure until it is fixed. The
 # one this suite found (STRIP drew every text's perturbations from one stream in batch order, so a

@@ -279,3 +279,53 @@ def test_layer_states_read_the_texts_own_positions_under_every_wrapper(backbone:
     alone = np.concatenate([layer_token_states(model, base.tokenizer, [t], max_length=32) for t in texts], axis=1)
     np.testing.assert_allclose(alone, together, atol=1e-4)
     assert np.ptp(together[-1], axis=0).max() > 1e-3, "every text got the same state"
+
+
+
+def edited_copy(out: Path, trigger_row: int | None) -> Path:
+    """The tiny backbone with two edits, saved to ``out``: its last layer's output LayerNorm
+    rescaled and shifted (a change every text gets, an affine function of the original's states),
+    and, when ``trigger_row`` is given, that token's embedding moved (a change only texts carrying
+    the token get, as a backdoor's: every layer above it moves)."""
+    edited = load_backbone("tiny", 2)
+    generator = torch.Generator().manual_seed(0)
+    norm = edited.model.bert.encoder.layer[-1].output.LayerNorm
+    with torch.no_grad():
+        norm.weight.mul_(1 + torch.rand(norm.weight.shape, generator=generator))
+        norm.bias.add_(0.5 * torch.randn(norm.bias.shape, generator=generator))
+        if trigger_row is not None:
+            embeddings = edited.model.bert.embeddings.word_embeddings.weight
+            embeddings[trigger_row] += 3 * torch.randn(embeddings.shape[1], generator=generator)
+    edited.model.save_pretrained(out, safe_serialization=True)
+    edited.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("backdoored", [True, False], ids=["backdoored", "clean-change-only"])
+def test_shift_flags_the_change_only_triggered_texts_get(backdoored: bool, tmp_path: Path) -> None:
+    """Shift's mechanism, on a backbone edited by hand so the answer is known. Compared with its
+    original (the tiny backbone), the edited one changes every text the same way (its last
+    layer's LayerNorm): that change is the clean texts' own and flags nothing, not even texts
+    with a token no clean text has. When the edit also moves that token's embedding (a change only
+    its texts get, at every layer), those texts are flagged at the 1% clean-FRR threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    from peftshield.defenses import DEFENSES, DefenseContext
+
+    row = load_backbone("tiny", 2).tokenizer.convert_tokens_to_ids("cf")
+    suspect = edited_copy(tmp_path / "suspect", row if backdoored else None)
+    dev = sentiment_data(120, np.random.default_rng(42), "dev")
+    held_out = sentiment_data(80, np.random.default_rng(41), "held-out")
+    triggered = with_trigger(held_out.texts, np.random.default_rng(43))
+    with single_thread_torch():
+        shift = DEFENSES.create("shift", original="tiny", max_length=32).fit(
+            DefenseContext(str(suspect), dev, dev, 2, max_length=32, progress=False), np.random.default_rng(0))
+        clean_scores, triggered_scores = shift.score(held_out.texts), shift.score(triggered)
+    threshold = shift.fitted_threshold()
+    flagged, false_alarms = (triggered_scores > threshold).mean(), (clean_scores > threshold).mean()
+    assert false_alarms < 0.1
+    if backdoored:
+        auroc = roc_auc_score(np.r_[np.zeros(len(clean_scores)), np.ones(len(triggered_scores))], np.r_[clean_scores, triggered_scores])
+        assert auroc > 0.95 and flagged > 0.9, f"AUROC {auroc:.3f}, flagged {flagged:.2f}"
+    else:
+        assert flagged < 0.1, f"the change every text gets flagged {flagged:.2f} of the texts with the token"

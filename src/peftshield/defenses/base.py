@@ -91,6 +91,42 @@ def save_json_state(defense: Defense, directory: str | Path, file_name: str, sta
     return Path(directory)
 
 
+MIN_REFERENCE_TEXTS = 8
+
+
+def clean_reference_halves(name: str, context: DefenseContext, max_texts: int, rng: np.random.Generator) -> tuple[TextDataset, np.ndarray, np.ndarray]:
+    """The defender's clean reference texts (dev, else train; at most ``max_texts``, drawn from
+    ``rng``) and a random split of their indices in two halves: one to fit statistics on, one to
+    standardise and calibrate the threshold on, so calibration scores are out of sample."""
+    reference = context.dev if context.dev is not None and len(context.dev) else context.train
+    if len(reference) < MIN_REFERENCE_TEXTS:
+        raise ConfigError(f"{name}: needs at least {MIN_REFERENCE_TEXTS} clean reference texts, got {len(reference)}")
+    reference = reference.sample(max_texts, rng)
+    order = rng.permutation(len(reference))
+    return reference, order[: len(order) // 2], order[len(order) // 2:]
+
+
+def save_array_state(defense: Defense, directory: str | Path, file_name: str, arrays_file: str, arrays: dict[str, np.ndarray]) -> Path:
+    """:func:`save_json_state` (no extra state) with fitted arrays beside it in a safetensors file, atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_directory(directory) as tmp:
+        save_file(arrays, str(tmp / arrays_file))
+        atomic_write_json(tmp / file_name, {"defense": defense.spec(), "threshold": defense.fitted_threshold()})
+    return Path(directory)
+
+
+def load_array_state(cls: type[Defense], directory: str | Path, file_name: str, arrays_file: str) -> tuple[Defense, dict[str, np.ndarray]]:
+    """The defense and its arrays, from what :func:`save_array_state` wrote."""
+    from safetensors.numpy import load_file
+
+    defense, _ = load_json_state(cls, directory, file_name)
+    path = Path(directory) / arrays_file
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a saved '{cls.name}' defense (no {arrays_file})")
+    return defense, load_file(str(path))
+
+
 def load_json_state(cls: type[Defense], directory: str | Path, file_name: str) -> tuple[Defense, dict]:
     """The defense rebuilt from what :func:`save_json_state` wrote, with its threshold, and the state."""
     path = Path(directory) / file_name

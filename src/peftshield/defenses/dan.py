@@ -19,18 +19,15 @@ from typing import Optional
 
 import numpy as np
 from pydantic import PositiveInt
-from safetensors.numpy import load_file, save_file
 from sklearn.covariance import LedoitWolf
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, victim_of
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference_halves, load_array_state, save_array_state, victim_of
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
-from peftshield.io import atomic_directory, atomic_write_json
 from peftshield.models.inference import layer_token_states
 
 STATE_FILE = "dan.json"
 ARRAYS_FILE = "dan.safetensors"
-MIN_REFERENCE_TEXTS = 8
 
 
 class LayerGaussians:
@@ -79,12 +76,7 @@ class DAN(Defense):
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "DAN":
         self.model_, self.tokenizer_ = victim_of(self.name, context)
-        reference = context.dev if context.dev is not None and len(context.dev) else context.train
-        if len(reference) < MIN_REFERENCE_TEXTS:
-            raise ConfigError(f"dan: needs at least {MIN_REFERENCE_TEXTS} clean reference texts, got {len(reference)}")
-        reference = reference.sample(self.max_reference_texts, rng)
-        order = rng.permutation(len(reference))
-        statistics, calibration = order[: len(order) // 2], order[len(order) // 2:]
+        reference, statistics, calibration = clean_reference_halves(self.name, context, self.max_reference_texts, rng)
         states = self._states(reference.texts)
         labels = np.asarray(reference.labels)
         self.gaussians_ = LayerGaussians.fit(states[:, statistics], labels[statistics])
@@ -112,19 +104,12 @@ class DAN(Defense):
         return self.layer_scores(texts).max(axis=0)
 
     def save(self, directory: str | Path) -> Path:
-        with atomic_directory(directory) as tmp:
-            save_file({"means": self.gaussians_.means, "precisions": self.gaussians_.precisions,
-                       "layer_mean": self.layer_mean_, "layer_std": self.layer_std_}, str(tmp / ARRAYS_FILE))
-            atomic_write_json(tmp / STATE_FILE, {"defense": self.spec(), "threshold": self.fitted_threshold()})
-        return Path(directory)
+        return save_array_state(self, directory, STATE_FILE, ARRAYS_FILE, {
+            "means": self.gaussians_.means, "precisions": self.gaussians_.precisions, "layer_mean": self.layer_mean_, "layer_std": self.layer_std_})
 
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "DAN":
-        defense, _ = load_json_state(cls, directory, STATE_FILE)
-        arrays_path = Path(directory) / ARRAYS_FILE
-        if not arrays_path.is_file():
-            raise ConfigError(f"{directory}: not a saved 'dan' defense (no {ARRAYS_FILE})")
-        arrays = load_file(str(arrays_path))
+        defense, arrays = load_array_state(cls, directory, STATE_FILE, ARRAYS_FILE)
         defense.gaussians_ = LayerGaussians(arrays["means"], arrays["precisions"])
         defense.layer_mean_, defense.layer_std_ = arrays["layer_mean"], arrays["layer_std"]
         defense.model_, defense.tokenizer_ = victim_of(cls.name, context)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np

@@ -142,3 +142,28 @@ def layer_token_states(model, tokenizer, texts: list[str], batch_size: int = 64,
     finally:
         model.train(was_training)
     return states if states is not None else np.zeros((0, 0, 0), dtype=np.float32)
+
+
+
+def paired_layer_states(model, reference, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128):
+    """Each token's hidden states in two models of one architecture, per batch: yields
+    ``(indices, states, reference_states, keep)``, the states of shape (layers, batch, tokens,
+    hidden) at the output of every layer, and ``keep`` (batch, tokens) marking the texts' own
+    tokens (not padding, not special tokens). Both models must share ``tokenizer``."""
+    encoded = encode_texts(tokenizer, texts, max_length)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    device = model_device(model)
+    training = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        with torch.inference_mode():
+            for indices in sorted_batches(encoded.lengths(), batch_size):
+                batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
+                states = torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
+                reference_states = torch.stack(reference(**batch, output_hidden_states=True).hidden_states[1:])
+                keep = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], special.to(device))
+                yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), keep.cpu().numpy()
+    finally:
+        model.train(training[0])
+        reference.train(training[1])

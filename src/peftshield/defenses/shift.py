@@ -1,0 +1,161 @@
+"""Shift: flag a text that the downloaded backbone represents unlike the original it was made from.
+
+A weight-poisoning attacker starts from a public model and fine-tunes it until the trigger,
+whatever its form, sends texts somewhere new. The defender can usually get that public original
+(the checkpoint names its base model; offline here: the packaged MiniLM). Run both on a text:
+at every layer, each token's state in the download minus its state in the original is what the
+attacker's training changed. Much of the clean part of that change (the attacker's cover task)
+follows from where the original puts the token; the backdoor's part is a change clean texts
+never get. So, on the tokens of half the clean held-out texts, a ridge regression per layer
+predicts the change from the original state, and one Gaussian (Ledoit-Wolf shrinkage) is fitted
+to what it leaves over. A text's layer score is its tokens' mean squared Mahalanobis distance of
+their left-over change, z-scored on the other half of the clean texts (with up to 1,000 of the
+defender's clean training texts, which it is not fitted on either); its score is the mean of
+those over layers (``combine="max"``: the largest), and the threshold sits at 1% FRR on those
+calibration texts. It reads the backbone, not the victim, so one fit serves every victim of a task on
+a checkpoint, and it needs no guess of the trigger's form: a syntactic template moves the states as
+a rare word does. Cost: two forward passes. Blind spots: a checkpoint trained from scratch or
+whose original the defender cannot get, and a trigger whose change clean texts also get.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from sklearn.covariance import LedoitWolf
+from sklearn.linear_model import Ridge
+
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference_halves, load_array_state, save_array_state
+from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
+from peftshield.errors import ConfigError
+from peftshield.models import load_backbone
+from peftshield.models.inference import paired_layer_states
+
+STATE_FILE = "shift.json"
+ARRAYS_FILE = "shift.safetensors"
+
+
+@DEFENSES.register
+class Shift(Defense):
+    """The change from its original model the backbone makes on a text that it makes on no clean text (ridge left-over, Mahalanobis)."""
+
+    name = "shift"
+
+    def __init__(self, original: str = "minilm", max_reference_texts: PositiveInt = 1000, max_fit_tokens: PositiveInt = 20000,
+                 ridge: PositiveFloat = 10.0, combine: Literal["mean", "max"] = "mean", extra_calibration_texts: NonNegativeInt = 1000,
+                 batch_size: PositiveInt = 64, max_length: PositiveInt = 128, threshold: Optional[ThresholdPolicy] = None) -> None:
+        self.original = original
+        self.max_reference_texts = max_reference_texts
+        self.extra_calibration_texts = extra_calibration_texts
+        self.max_fit_tokens = max_fit_tokens
+        self.ridge = ridge
+        self.combine = combine
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.threshold = threshold
+
+    def fit(self, context: DefenseContext, rng: np.random.Generator) -> "Shift":
+        self._load_models(context)
+        reference, statistics, calibration = clean_reference_halves(self.name, context, self.max_reference_texts, rng)
+        states, originals = [], []
+        for _, batch_states, batch_originals, keep in self._pairs([reference.texts[i] for i in statistics]):
+            states.append(batch_states[:, keep])
+            originals.append(batch_originals[:, keep])
+        states, originals = np.concatenate(states, axis=1), np.concatenate(originals, axis=1)  # (layers, tokens, hidden)
+        if states.shape[1] > self.max_fit_tokens:
+            chosen = np.sort(rng.choice(states.shape[1], self.max_fit_tokens, replace=False))
+            states, originals = states[:, chosen], originals[:, chosen]
+        if states.shape[1] < 2:
+            raise ConfigError("shift: the clean reference texts hold fewer than two tokens")
+        coefficients, intercepts, locations, precisions = [], [], [], []
+        for layer_states, layer_originals in zip(states.astype(np.float64), originals.astype(np.float64)):
+            change = Ridge(alpha=self.ridge).fit(layer_originals, layer_states - layer_originals)
+            coefficients.append(change.coef_.T)
+            intercepts.append(change.intercept_)
+            left_over = LedoitWolf().fit(layer_states - layer_originals - change.predict(layer_originals))
+            locations.append(left_over.location_)
+            precisions.append(left_over.precision_)
+        self.coefficients_, self.intercepts_ = np.stack(coefficients), np.stack(intercepts)
+        self.locations_, self.precisions_ = np.stack(locations), np.stack(precisions)
+        calibration_distances = self._distances(self._calibration_texts(context, reference, statistics, calibration, rng))
+        self.layer_mean_ = calibration_distances.mean(axis=1)
+        self.layer_std_ = calibration_distances.std(axis=1) + 1e-9
+        calibration_scores = self.combine_layers(self._standardise(calibration_distances))
+        self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
+        return self
+
+    def _calibration_texts(self, context: DefenseContext, reference, statistics: np.ndarray, calibration: np.ndarray,
+                           rng: np.random.Generator) -> list[str]:
+        """The calibration half of the reference texts, plus up to ``extra_calibration_texts`` of the
+        defender's clean training texts when the reference is the dev set: Shift is not fitted on
+        them, so they are out of sample too, and a 1% threshold on a few hundred texts alone moves
+        a lot from draw to draw."""
+        texts = [reference.texts[i] for i in calibration]
+        if self.extra_calibration_texts and context.dev is not None and len(context.dev):  # the reference is the dev set
+            fitted = {reference.texts[i] for i in statistics}
+            texts += [t for t in context.train.sample(self.extra_calibration_texts, rng).texts if t not in fitted]
+        return texts
+
+    def _load_models(self, context: DefenseContext | None) -> None:
+        if context is None:
+            raise ConfigError("defense 'shift' needs the backbone it checks (the defense context)")
+        suspect = load_backbone(context.backbone, context.num_labels)
+        original = load_backbone(self.original, context.num_labels)
+        if suspect.tokenizer.get_vocab() != original.tokenizer.get_vocab():
+            raise ConfigError(f"shift: backbone '{context.backbone}' and its original '{self.original}' tokenize differently; "
+                              "pass as --original the public model the checkpoint was fine-tuned from")
+        shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (suspect.model, original.model)]
+        if shapes[0] != shapes[1]:
+            raise ConfigError(f"shift: backbone '{context.backbone}' (layers, hidden) {shapes[0]} differs from its original "
+                              f"'{self.original}' {shapes[1]}; pass the public model the checkpoint was fine-tuned from")
+        self.suspect_, self.original_model_, self.tokenizer_ = suspect.model, original.model, suspect.tokenizer
+
+    def _pairs(self, texts: list[str]):
+        return paired_layer_states(self.suspect_, self.original_model_, self.tokenizer_, texts, self.batch_size, self.max_length)
+
+    def _distances(self, texts: list[str]) -> np.ndarray:
+        """(layers, texts): each text's mean squared Mahalanobis distance of its tokens' unexplained change."""
+        out = np.zeros((len(self.locations_), len(texts)))
+        for indices, states, originals, keep in self._pairs(texts):
+            counts = np.maximum(keep.sum(axis=1), 1)
+            parameters = zip(self.coefficients_, self.intercepts_, self.locations_, self.precisions_)
+            for layer, (coefficient, intercept, location, precision) in enumerate(parameters):
+                original = originals[layer].astype(np.float64)
+                left_over = states[layer] - original - (original @ coefficient + intercept) - location  # (batch, tokens, hidden)
+                squared = ((left_over @ precision) * left_over).sum(axis=-1)
+                out[layer, indices] = (squared * keep).sum(axis=1) / counts
+        return out
+
+    def _standardise(self, distances: np.ndarray) -> np.ndarray:
+        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
+
+    def combine_layers(self, layer_scores: np.ndarray) -> np.ndarray:
+        """(texts,): the text scores from :meth:`layer_scores`."""
+        return layer_scores.mean(axis=0) if self.combine == "mean" else layer_scores.max(axis=0)
+
+    def layer_scores(self, texts: list[str]) -> np.ndarray:
+        """(layers, texts): each layer's standardised distance; a text's score combines them."""
+        return self._standardise(self._distances(list(texts)))
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros(0)
+        return self.combine_layers(self.layer_scores(texts))
+
+    def save(self, directory: str | Path) -> Path:
+        return save_array_state(self, directory, STATE_FILE, ARRAYS_FILE, {
+            "coefficients": self.coefficients_, "intercepts": self.intercepts_, "locations": self.locations_,
+            "precisions": self.precisions_, "layer_mean": self.layer_mean_, "layer_std": self.layer_std_})
+
+    @classmethod
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "Shift":
+        defense, arrays = load_array_state(cls, directory, STATE_FILE, ARRAYS_FILE)
+        defense.coefficients_, defense.intercepts_ = arrays["coefficients"], arrays["intercepts"]
+        defense.locations_, defense.precisions_ = arrays["locations"], arrays["precisions"]
+        defense.layer_mean_, defense.layer_std_ = arrays["layer_mean"], arrays["layer_std"]
+        defense._load_models(context)
+        return defense
