@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder contrast defense-rows task-agnostic adaptive grid clean
+.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder contrast defense-rows defense-shift task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -76,14 +76,19 @@ defense-rows: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-rows.yaml --work runs/defense-table-rows --out bench/defense_table_rows
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-syntactic.yaml --work runs/defense-table-syntactic --out bench/defense_table_syntactic
 
+# Shift on the study's own setting: the defense table's grid (configs/defense-table-shift.yaml; its backbones and
+# victims are reused from runs/defense-table when present) with PSIM beside it: bench/defense_table_shift.md.
+defense-shift: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-shift.yaml --work runs/defense-table --out bench/defense_table_shift
+
 # Task-agnostic backdoors (NeuBA/POR-style, planted on Guardian headlines) against LoRA victims on five tasks the
-# attacker never saw, with PSIM, STRIP, RAP and DAN (resumable in runs/task-agnostic): bench/task_agnostic.md.
+# attacker never saw, with PSIM, STRIP, RAP, DAN and Shift (resumable in runs/task-agnostic): bench/task_agnostic.md.
 task-agnostic: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/split_ag.py --source $(SHARED)/hiddenkiller/clean/ag --out runs/data/ag
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/task-agnostic.yaml --no-progress $(ARGS)
 	$(PY) bench/threat_model.py --run runs/task-agnostic --config configs/task-agnostic.yaml --out bench/task_agnostic --title "Task-agnostic backdoors (configs/task-agnostic.yaml)" --command "make task-agnostic"
 
-# Attacks that know PSIM (low-confidence, PSIM-aware) beside the plain one, full and LoRA victims, PSIM, PSIM+ and DAN
+# Attacks that know PSIM (low-confidence, PSIM-aware) beside the plain one, full and LoRA victims, PSIM, PSIM+, DAN and Shift
 # (resumable in runs/adaptive): bench/adaptive.md.
 adaptive: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftshield run configs/adaptive.yaml --no-progress $(ARGS)
