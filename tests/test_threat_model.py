@@ -329,3 +329,15 @@ def test_shift_flags_the_change_only_triggered_texts_get(backdoored: bool, tmp_p
         assert auroc > 0.95 and flagged > 0.9, f"AUROC {auroc:.3f}, flagged {flagged:.2f}"
     else:
         assert flagged < 0.1, f"the change every text gets flagged {flagged:.2f} of the texts with the token"
+
+
+def test_shift_refuses_an_original_of_another_architecture() -> None:
+    """Shift subtracts hidden states token by token, which means nothing across architectures:
+    a tiny BERT checked against the tiny Llama (same tokenizer and sizes) is refused, naming the option."""
+    from peftshield.defenses import DEFENSES, DefenseContext
+    from peftshield.errors import ConfigError
+
+    dev = sentiment_data(20, np.random.default_rng(0), "dev")
+    with pytest.raises(ConfigError, match="original.*llama|llama.*original"):
+        DEFENSES.create("shift", original="tiny-llama", max_length=32).fit(
+            DefenseContext("tiny", dev, dev, 2, max_length=32, progress=False), np.random.default_rng(0))

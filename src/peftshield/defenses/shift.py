@@ -106,11 +106,11 @@ class Shift(Defense):
         original = load_backbone(self.original, context.num_labels)
         if suspect.tokenizer.get_vocab() != original.tokenizer.get_vocab():
             raise ConfigError(f"shift: backbone '{context.backbone}' and its original '{self.original}' tokenize differently; "
-                              "pass as --original the public model the checkpoint was fine-tuned from")
-        shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (suspect.model, original.model)]
+                              "set the option 'original' to the public model the checkpoint was fine-tuned from")
+        shapes = [(m.config.model_type, m.config.num_hidden_layers, m.config.hidden_size) for m in (suspect.model, original.model)]
         if shapes[0] != shapes[1]:
-            raise ConfigError(f"shift: backbone '{context.backbone}' (layers, hidden) {shapes[0]} differs from its original "
-                              f"'{self.original}' {shapes[1]}; pass the public model the checkpoint was fine-tuned from")
+            raise ConfigError(f"shift: backbone '{context.backbone}' (type, layers, hidden) {shapes[0]} differs from its original "
+                              f"'{self.original}' {shapes[1]}; set the option 'original' to the public model it was fine-tuned from")
         self.suspect_, self.original_model_, self.tokenizer_ = suspect.model, original.model, suspect.tokenizer
 
     def _pairs(self, texts: list[str]):
