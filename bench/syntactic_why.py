@@ -168,6 +168,14 @@ def occlusion_units(run: Path, cell, cache, splits, dev, clean_sample: list[str]
     return found
 
 
+def fit_dan(model_dir: Path, splits, cell):
+    """DAN fitted on the victim in ``model_dir`` with the grid's seed, and that victim."""
+    victim, _ = load_finetuned(model_dir)
+    context = DefenseContext(str(model_dir), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
+                             max_length=cell.max_length, progress=False)
+    return DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit()), victim
+
+
 def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_sample: list[str], triggered_sample: list[str]) -> dict:
     """4. DAN on the poisoned victim and on a LoRA victim of the clean control backbone (the same
     victim recipe as the grid's): does it see the backdoor, or SCPN's style?"""
@@ -182,10 +190,7 @@ def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_samp
     found = {}
     for name, model_dir in (("poisoned", cache.path(cell.victim_key) / "model"), ("control", control_victim_dir / "model")):
         started = time.perf_counter()
-        victim, _ = load_finetuned(model_dir)
-        context = DefenseContext(str(model_dir), splits["train"], splits["dev"], splits.num_labels, victim.model, victim.tokenizer,
-                                 max_length=cell.max_length, progress=False)
-        dan = DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+        dan, victim = fit_dan(model_dir, splits, cell)
         layers_clean, layers_triggered = dan.layer_scores(clean_sample), dan.layer_scores(triggered_sample)
         clean_scores, triggered_scores = layers_clean.max(axis=0), layers_triggered.max(axis=0)  # = dan.score(), one forward pass
         threshold = dan.fitted_threshold()
@@ -239,10 +244,7 @@ def dan_domain(plan, cache, sst2_clean: list[str], triggered_sample: list[str]) 
     cell = next(c for c in plan.cells if c.dataset.name == "cr")
     splits = load_splits(cell.dataset.path, skip_empty=True)
     clean = [splits["test"].texts[i] for i in np.random.default_rng(0).permutation(len(splits["test"]))[:N_TEXTS]]
-    victim, _ = load_finetuned(cache.path(cell.victim_key) / "model")
-    context = DefenseContext(str(cache.path(cell.victim_key) / "model"), splits["train"], splits["dev"], splits.num_labels, victim.model,
-                             victim.tokenizer, max_length=cell.max_length, progress=False)
-    dan = DEFENSES.create("dan", max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+    dan, _ = fit_dan(cache.path(cell.victim_key) / "model", splits, cell)
     clean_scores, plain, triggered = dan.score(clean), dan.score(sst2_clean), dan.score(triggered_sample)
     found = {"auroc": auroc(clean_scores, triggered), "plain_sst2_auroc": auroc(clean_scores, plain),
              "plain_sst2_flagged": float(np.mean(plain > dan.fitted_threshold())), "tpr": float(np.mean(triggered > dan.fitted_threshold()))}

@@ -94,6 +94,17 @@ def save_json_state(defense: Defense, directory: str | Path, file_name: str, sta
 MIN_REFERENCE_TEXTS = 8
 
 
+def layer_scale(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the mean and spread of the clean calibration texts' distances, shape (layers,)
+    each: what :func:`standardise_layers` puts every layer on one scale with."""
+    return distances.mean(axis=1), distances.std(axis=1) + 1e-9
+
+
+def standardise_layers(distances: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(layers, texts) distances as z-scores against the clean calibration texts, layer by layer."""
+    return (distances - mean[:, None]) / std[:, None]
+
+
 def clean_reference_halves(name: str, context: DefenseContext, max_texts: int, rng: np.random.Generator) -> tuple[TextDataset, np.ndarray, np.ndarray]:
     """The defender's clean reference texts (dev, else train; at most ``max_texts``, drawn from
     ``rng``) and a random split of their indices in two halves: one to fit statistics on, one to

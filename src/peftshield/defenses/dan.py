@@ -21,7 +21,8 @@ import numpy as np
 from pydantic import PositiveInt
 from sklearn.covariance import LedoitWolf
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference_halves, load_array_state, save_array_state, victim_of
+from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
+                                     standardise_layers, victim_of)
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import layer_token_states
@@ -81,21 +82,17 @@ class DAN(Defense):
         labels = np.asarray(reference.labels)
         self.gaussians_ = LayerGaussians.fit(states[:, statistics], labels[statistics])
         calibration_distances = self.gaussians_.distances(states[:, calibration])
-        self.layer_mean_ = calibration_distances.mean(axis=1)
-        self.layer_std_ = calibration_distances.std(axis=1) + 1e-9
-        calibration_scores = self._standardise(calibration_distances).max(axis=0)
+        self.layer_mean_, self.layer_std_ = layer_scale(calibration_distances)
+        calibration_scores = standardise_layers(calibration_distances, self.layer_mean_, self.layer_std_).max(axis=0)
         self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
         return self
 
     def _states(self, texts: list[str]) -> np.ndarray:
         return layer_token_states(self.model_, self.tokenizer_, texts, self.batch_size, self.max_length)
 
-    def _standardise(self, distances: np.ndarray) -> np.ndarray:
-        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
-
     def layer_scores(self, texts: list[str]) -> np.ndarray:
         """(layers, texts): each layer's standardised distance; a text's score is their max."""
-        return self._standardise(self.gaussians_.distances(self._states(list(texts))))
+        return standardise_layers(self.gaussians_.distances(self._states(list(texts))), self.layer_mean_, self.layer_std_)
 
     def score(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)

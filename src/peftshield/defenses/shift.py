@@ -28,7 +28,8 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import Ridge
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference_halves, load_array_state, save_array_state
+from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
+                                     standardise_layers)
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models import load_backbone
@@ -71,7 +72,8 @@ class Shift(Defense):
         if states.shape[1] < 2:
             raise ConfigError("shift: the clean reference texts hold fewer than two tokens")
         coefficients, intercepts, locations, precisions = [], [], [], []
-        for layer_states, layer_originals in zip(states.astype(np.float64), originals.astype(np.float64)):
+        for layer_states, layer_originals in zip(states, originals):
+            layer_states, layer_originals = layer_states.astype(np.float64), layer_originals.astype(np.float64)  # one layer at a time
             change = Ridge(alpha=self.ridge).fit(layer_originals, layer_states - layer_originals)
             coefficients.append(change.coef_.T)
             intercepts.append(change.intercept_)
@@ -81,9 +83,8 @@ class Shift(Defense):
         self.coefficients_, self.intercepts_ = np.stack(coefficients), np.stack(intercepts)
         self.locations_, self.precisions_ = np.stack(locations), np.stack(precisions)
         calibration_distances = self._distances(self._calibration_texts(context, reference, statistics, calibration, rng))
-        self.layer_mean_ = calibration_distances.mean(axis=1)
-        self.layer_std_ = calibration_distances.std(axis=1) + 1e-9
-        calibration_scores = self.combine_layers(self._standardise(calibration_distances))
+        self.layer_mean_, self.layer_std_ = layer_scale(calibration_distances)
+        calibration_scores = self.combine_layers(standardise_layers(calibration_distances, self.layer_mean_, self.layer_std_))
         self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
         return self
 
@@ -129,16 +130,13 @@ class Shift(Defense):
                 out[layer, indices] = (squared * keep).sum(axis=1) / counts
         return out
 
-    def _standardise(self, distances: np.ndarray) -> np.ndarray:
-        return (distances - self.layer_mean_[:, None]) / self.layer_std_[:, None]
-
     def combine_layers(self, layer_scores: np.ndarray) -> np.ndarray:
         """(texts,): the text scores from :meth:`layer_scores`."""
         return layer_scores.mean(axis=0) if self.combine == "mean" else layer_scores.max(axis=0)
 
     def layer_scores(self, texts: list[str]) -> np.ndarray:
         """(layers, texts): each layer's standardised distance; a text's score combines them."""
-        return self._standardise(self._distances(list(texts)))
+        return standardise_layers(self._distances(list(texts)), self.layer_mean_, self.layer_std_)
 
     def score(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)

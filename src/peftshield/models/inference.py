@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -20,6 +23,19 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+@contextmanager
+def evaluating(*models) -> Iterator[None]:
+    """The models in eval mode for the block (dropout off), each put back in the mode it was in."""
+    training = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, was_training in zip(models, training):
+            model.train(was_training)
+
+
 def predict_proba(
     model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128, progress: bool = False, description: str = "predict"
 ) -> np.ndarray:
@@ -27,12 +43,8 @@ def predict_proba(
     with ``model`` in PyTorch eager (see :func:`runtime_proba` for the ONNX runtimes)."""
     from peftshield.models.runtime import TorchRuntime
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return runtime_proba(TorchRuntime(model), tokenizer, texts, batch_size, max_length, progress, description)
-    finally:
-        model.train(was_training)
 
 
 def runtime_proba(
@@ -86,10 +98,8 @@ def classifier_inputs(
     device = model_device(model)
     probs = np.zeros((len(texts), num_labels), dtype=np.float32)
     representations: np.ndarray | None = None
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with evaluating(model), torch.inference_mode():
             for indices in track(sorted_batches(encoded.lengths(), batch_size), description, enabled=progress):
                 captured.clear()
                 batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
@@ -101,7 +111,6 @@ def classifier_inputs(
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     if representations is None:
         representations = np.zeros((0, 0), dtype=np.float32)
     return probs, representations
@@ -127,22 +136,16 @@ def layer_token_states(model, tokenizer, texts: list[str], batch_size: int = 64,
     encoded = encode_texts(tokenizer, texts, max_length)
     device = model_device(model)
     states: np.ndarray | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for indices in sorted_batches(encoded.lengths(), batch_size):
-                batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
-                hidden = model(**batch, output_hidden_states=True).hidden_states[1:]  # [0] is the embeddings
-                length = batch["input_ids"].shape[1]
-                summary = torch.stack([token_state(model, h[:, -length:], batch["attention_mask"]) for h in hidden])
-                if states is None:
-                    states = np.zeros((summary.shape[0], len(texts), summary.shape[-1]), dtype=np.float32)
-                states[:, indices] = summary.float().cpu().numpy()
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        for indices in sorted_batches(encoded.lengths(), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
+            hidden = model(**batch, output_hidden_states=True).hidden_states[1:]  # [0] is the embeddings
+            length = batch["input_ids"].shape[1]
+            summary = torch.stack([token_state(model, h[:, -length:], batch["attention_mask"]) for h in hidden])
+            if states is None:
+                states = np.zeros((summary.shape[0], len(texts), summary.shape[-1]), dtype=np.float32)
+            states[:, indices] = summary.float().cpu().numpy()
     return states if states is not None else np.zeros((0, 0, 0), dtype=np.float32)
-
 
 
 def paired_layer_states(model, reference, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128):
@@ -153,17 +156,10 @@ def paired_layer_states(model, reference, tokenizer, texts: list[str], batch_siz
     encoded = encode_texts(tokenizer, texts, max_length)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     device = model_device(model)
-    training = model.training, reference.training
-    model.eval()
-    reference.eval()
-    try:
-        with torch.inference_mode():
-            for indices in sorted_batches(encoded.lengths(), batch_size):
-                batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
-                states = torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
-                reference_states = torch.stack(reference(**batch, output_hidden_states=True).hidden_states[1:])
-                keep = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], special.to(device))
-                yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), keep.cpu().numpy()
-    finally:
-        model.train(training[0])
-        reference.train(training[1])
+    with evaluating(model, reference), torch.inference_mode():
+        for indices in sorted_batches(encoded.lengths(), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
+            states = torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
+            reference_states = torch.stack(reference(**batch, output_hidden_states=True).hidden_states[1:])
+            keep = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], special.to(device))
+            yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), keep.cpu().numpy()
