@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder contrast defense-rows defense-shift task-agnostic adaptive grid clean
+.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -80,6 +80,12 @@ defense-rows: $(STAMP)
 # victims are reused from runs/defense-table when present) with PSIM beside it: bench/defense_table_shift.md.
 defense-shift: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/defense-table-shift.yaml --work runs/defense-table --out bench/defense_table_shift
+
+# The syntactic row on AG's News: an attacker poisoning with HiddenKiller's real AG's News SCPN paraphrases
+# (drawn from their pool: they do not align with the clean rows), a LoRA victim, PSIM, STRIP, RAP, DAN and Shift.
+syntactic-ag: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/split_ag.py --source $(SHARED)/hiddenkiller/clean/ag --out runs/data/ag
+	HF_HUB_OFFLINE=1 $(PY) bench/defense_table.py --config configs/syntactic-ag.yaml --work runs/syntactic-ag --out bench/syntactic_ag
 
 # Task-agnostic backdoors (NeuBA/POR-style, planted on Guardian headlines) against LoRA victims on five tasks the
 # attacker never saw, with PSIM, STRIP, RAP, DAN and Shift (resumable in runs/task-agnostic): bench/task_agnostic.md.

@@ -24,9 +24,12 @@ Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
    against product reviews.
 
 Writes bench/syntactic_why.md and .json. ``--steps`` runs some of the steps and keeps the
-others' figures from the existing .json.
+others' figures from the existing .json. ``--dataset`` picks the victim cell the steps read
+(default sst-2); the AG's News row (configs/syntactic-ag.yaml) runs the steps that apply to it:
 
     .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic] [--steps dan]
+    .venv/bin/python bench/syntactic_why.py --config configs/syntactic-ag.yaml --run runs/syntactic-ag \
+        --dataset ag --steps confidence,control,dan,shift --out bench/syntactic_why_ag
 """
 
 from __future__ import annotations
@@ -71,17 +74,23 @@ def main() -> None:
     parser.add_argument("--run", default="runs/defense-table-syntactic")
     parser.add_argument("--out", default="bench/syntactic_why")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated, of: " + ", ".join(STEPS))
+    parser.add_argument("--dataset", default="sst-2", help="the victim cell whose clean and template texts the steps read")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
     if steps - set(STEPS):
         parser.error(f"--steps: unknown step(s) {', '.join(sorted(steps - set(STEPS)))}; choose from {', '.join(STEPS)}")
     run = Path(args.run)
     plan = plan_grid(load_grid_config(args.config), run)
-    cell = next(c for c in plan.cells if c.dataset.name == "sst-2")
+    cell = next((c for c in plan.cells if c.dataset.name == args.dataset), None)
+    if cell is None:
+        parser.error(f"--dataset: {args.config} has no '{args.dataset}' cell")
+    if "domain" in steps and not any(c.dataset.name == "cr" for c in plan.cells):
+        parser.error(f"--steps domain: {args.config} has no CR cell")
     cache = stage_cache(run)
     previous = Path(args.out + ".json")
     result: dict = read_json(previous) if previous.is_file() and steps != set(STEPS) else {}
     result["config"] = args.config
+    result["dataset"] = args.dataset
     splits = load_splits(cell.dataset.path, skip_empty=True)
     clean_test = [t for t in splits["test"].texts][:1000]
     triggered = load_texts(str(Path(cell.dataset.poisoned_test)), "test").texts
@@ -99,7 +108,7 @@ def main() -> None:
     if "dan" in steps:
         result["dan"] = dan_on_victims(run, cell, cache, control_dir, splits, clean_sample, triggered_sample)
     if "shift" in steps:
-        result["shift"] = shift_on_backbones(run, plan, control_dir, clean_sample, triggered_sample)
+        result["shift"] = shift_on_backbones(run, plan, control_dir, cell.dataset.name, clean_sample, triggered_sample)
     if "domain" in steps:
         result["domain_dan"] = dan_domain(plan, cache, clean_sample, triggered_sample)
     for label in ("psim", "psimplus", "dan", "shift"):
@@ -203,12 +212,13 @@ def dan_on_victims(run: Path, cell, cache, control_dir: Path, splits, clean_samp
     return found
 
 
-def shift_on_backbones(run: Path, plan, control_dir: Path, sst2_clean: list[str], triggered_sample: list[str]) -> dict:
+def shift_on_backbones(run: Path, plan, control_dir: Path, focus: str, focus_clean: list[str], triggered_sample: list[str]) -> dict:
     """5. Shift on the poisoned backbone and on the clean control backbone, calibrated on each
-    victim task's dev set. On SST-2 also without the ridge fit. On CR the clean texts are product
-    reviews while the template texts are paraphrased SST-2 movie reviews, so CR's clean texts
-    are also compared with plain (unparaphrased) SST-2 test texts: what Shift gives those is the
-    part of the CR figure that is the change of domain, not the template."""
+    victim task's dev set. On the focus dataset (whose texts the template texts paraphrase) also
+    without the ridge fit. On another dataset (CR) the clean texts are product reviews while the
+    template texts are paraphrased SST-2 movie reviews, so its clean texts are also compared with
+    plain (unparaphrased) focus test texts: what Shift gives those is the part of its figure
+    that is the change of domain, not the template."""
     if not (control_dir / "attack.json").is_file():
         raise SystemExit(f"{control_dir}: no control backbone yet; run the 'control' step first")
     found = {}
@@ -218,7 +228,7 @@ def shift_on_backbones(run: Path, plan, control_dir: Path, sst2_clean: list[str]
         rng = np.random.default_rng(0)
         clean = [splits["test"].texts[i] for i in rng.permutation(len(splits["test"]))[:N_TEXTS]]
         for name, backbone in (("poisoned", backbone_dir(run, cell)), ("control", control_dir)):
-            fits = (("ridge", entry.options.get("ridge", 10.0)), ("plain", 1e9)) if cell.dataset.name == "sst-2" else (("ridge", entry.options.get("ridge", 10.0)),)
+            fits = (("ridge", entry.options.get("ridge", 10.0)), ("plain", 1e9)) if cell.dataset.name == focus else (("ridge", entry.options.get("ridge", 10.0)),)
             for fit, ridge in fits:
                 started = time.perf_counter()
                 context = DefenseContext(str(backbone), splits["train"], splits["dev"], splits.num_labels, max_length=cell.max_length, progress=False)
@@ -229,8 +239,8 @@ def shift_on_backbones(run: Path, plan, control_dir: Path, sst2_clean: list[str]
                 record = {"auroc": auroc(clean_scores, triggered_scores), "tpr": float(np.mean(triggered_scores > threshold)),
                           "frr": float(np.mean(clean_scores > threshold)),
                           "layer_auroc": [auroc(c, t) for c, t in zip(layers_clean, layers_triggered)]}
-                if cell.dataset.name != "sst-2":
-                    plain_sst2 = shift.score(sst2_clean)
+                if cell.dataset.name != focus:
+                    plain_sst2 = shift.score(focus_clean)
                     record["plain_sst2_auroc"] = auroc(clean_scores, plain_sst2)
                     record["plain_sst2_flagged"] = float(np.mean(plain_sst2 > threshold))
                 record["seconds"] = time.perf_counter() - started
@@ -254,8 +264,9 @@ def dan_domain(plan, cache, sst2_clean: list[str], triggered_sample: list[str]) 
 
 def render(result: dict) -> str:
     c, p = result["confidence"], result["control_psim"]
-    lines = ["# Why PSIM misses the syntactic trigger (SST-2)\n",
-             f"From `{result['config']}` (MiniLM weight-poisoned with HiddenKiller's SCPN template, LoRA victim on SST-2) "
+    dataset = result.get("dataset", "sst-2")
+    lines = [f"# Why PSIM misses the syntactic trigger ({dataset.upper()})\n",
+             f"From `{result['config']}` (MiniLM weight-poisoned with HiddenKiller's SCPN template, LoRA victim on {dataset.upper()}) "
              "and `bench/syntactic_why.py`.\n",
              "| question | measured |", "|---|---|",
              f"| is the backdoor confident? | victim's target probability on triggered texts {c['victim_target_probability_triggered']:.3f} "
@@ -264,7 +275,7 @@ def render(result: dict) -> str:
              f"| PSIM on the poisoned backbone | mean confidence clean {c['psim_mean_clean']:.3f}, triggered {c['psim_mean_triggered']:.3f}; AUROC {c['psim_auroc']:.3f} |",
              f"| PSIM on a clean control backbone (same recipe, no poison) | mean confidence clean {p['mean_clean']:.3f}, template texts "
              f"{p['mean_triggered']:.3f}; AUROC {p['auroc']:.3f} |"]
-    for unit, o in result["occlusion"].items():
+    for unit, o in result.get("occlusion", {}).items():
         lines.append(f"| occlusion by {unit} (victim) | AUROC {o['auroc']:.3f}; at 1% dev FRR: TPR {o['at_1pct']['tpr']:.3f} (test FRR "
                      f"{o['at_1pct']['frr']:.3f}); at 2%: TPR {o['at_2pct']['tpr']:.3f} (FRR {o['at_2pct']['frr']:.3f}) |")
     for name, d in result.get("dan", {}).items():
@@ -274,13 +285,13 @@ def render(result: dict) -> str:
         if "template_texts_at_target" in d:
             lines.append(f"| template texts the {name} victim puts in the target class | {d['template_texts_at_target']:.3f} |")
     for key, d in result.get("shift", {}).items():
-        dataset, name, fit = key.split("_")
+        cell_dataset, name, fit = key.split("_")
         what = "the poisoned backbone" if name == "poisoned" else "the clean control backbone"
         how = "after the ridge fit" if fit == "ridge" else "plain differences (no ridge fit)"
-        line = (f"| Shift on {what}, {how}, {dataset.upper()} clean texts | AUROC {d['auroc']:.3f}; at its 1% FRR threshold: TPR {d['tpr']:.3f} "
+        line = (f"| Shift on {what}, {how}, {cell_dataset.upper()} clean texts | AUROC {d['auroc']:.3f}; at its 1% FRR threshold: TPR {d['tpr']:.3f} "
                 f"(test FRR {d['frr']:.3f}); per layer AUROC {', '.join(f'{a:.2f}' for a in d['layer_auroc'])}")
         if "plain_sst2_auroc" in d:
-            line += f"; plain SST-2 test texts against {dataset.upper()}'s: AUROC {d['plain_sst2_auroc']:.3f}, flagged {d['plain_sst2_flagged']:.3f}"
+            line += f"; plain {dataset.upper()} test texts against {cell_dataset.upper()}'s: AUROC {d['plain_sst2_auroc']:.3f}, flagged {d['plain_sst2_flagged']:.3f}"
         lines.append(line + " |")
     if "domain_dan" in result:
         d = result["domain_dan"]

@@ -103,6 +103,33 @@ def test_syntactic_aligns_the_hidden_killer_extracts(extract_data: Path) -> None
     assert poisoner._skipped_splits == [], "the extracts of all three splits align"
 
 
+def test_syntactic_pool_poisons_with_unaligned_hidden_killer_paraphrases(extract_data: Path) -> None:
+    """AG's News paraphrases do not align with the clean rows: a pool draws real template texts."""
+    from peftshield.data.loaders import read_split_file
+
+    pool_file = extract_data / "hiddenkiller" / "scpn" / "20" / "ag" / "dev.tsv"
+    pool = set(read_split_file(pool_file).texts)
+    clean = read_split_file(extract_data / "hiddenkiller" / "clean" / "ag" / "dev.tsv")
+    poisoner = POISONERS.create("syntactic", pool=str(pool_file))
+    data = TextDataset(clean.texts[:120], [1] * 120, [str(i) for i in range(120)], name="ag")
+    result = poison_dataset(data, poisoner, PoisonSpec(target_label=0, rate=0.5), np.random.default_rng(0))
+    texts = [record.poisoned_text for record in result.records]
+    assert len(texts) == 60 and len(set(texts)) == 60, "drawn without replacement"
+    assert set(texts) <= pool and not set(texts) & set(clean.texts)
+    assert all(record.label == 0 and record.original_label == 1 for record in result.records)
+    fresh = POISONERS.create("syntactic", pool=str(pool_file))
+    again = poison_dataset(data, fresh, PoisonSpec(target_label=0, rate=0.5), np.random.default_rng(0))
+    assert [record.poisoned_text for record in again.records] == texts, "the draw follows the rng it is given"
+    asr_texts = build_asr_set(data, poisoner, 0, np.random.default_rng(0)).texts
+    assert len(asr_texts) == 120 and not set(asr_texts) & set(texts), "an ASR set never reuses a text the attacker trained on"
+    with pytest.raises(DataError, match=r"dev.tsv: 500 texts to poison but the pool has 19 distinct paraphrases left \(of 199"):
+        poisoner.poison_texts(["x"] * 500, np.random.default_rng(0))
+    with pytest.raises(DataError, match=r"nope.tsv: no such paraphrase pool file"):
+        POISONERS.create("syntactic", pool=str(extract_data / "nope.tsv")).insert("x", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="one of paraphrases, paraphraser and pool"):
+        POISONERS.create("syntactic", pool=str(pool_file), paraphrases=str(pool_file))
+
+
 def test_unknown_trigger_and_bad_option() -> None:
     with pytest.raises(ConfigError, match="unknown trigger 'nope'"):
         POISONERS.create("nope")

@@ -5,6 +5,12 @@ paraphraser (SCPN). Offline, paraphrases come from aligned files: ``paraphrases`
 either a two-column file (``original<TAB>paraphrase`` with a header) or a pair
 ``CLEAN::PARAPHRASED`` of aligned files or directories such as
 ``../shared/data/hiddenkiller/clean/sst-2::../shared/data/hiddenkiller/scpn/20/sst-2``.
+Where only the paraphrases exist, not the texts they came from (HiddenKiller's AG's News
+files hold paraphrased non-target rows that do not align with the clean ones), ``pool`` is
+such a file: each text chosen for poisoning is replaced by a pool text drawn at random without
+replacement (each at most once per poisoner, so the attacker's ASR set holds none of the texts it
+trained on). For a dirty-label attack that is the same training signal (a text in the template,
+relabelled to the target), only not the paraphrase of the row it replaces.
 Online, ``paraphraser`` names any HF seq2seq paraphrase model.
 """
 
@@ -85,15 +91,38 @@ class SyntacticPoisoner(Poisoner):
 
     name = "syntactic"
 
-    def __init__(self, paraphrases: str | None = None, paraphraser: str | None = None, template: str = DEFAULT_TEMPLATE) -> None:
+    def __init__(
+        self,
+        paraphrases: str | None = None,
+        paraphraser: str | None = None,
+        pool: str | None = None,
+        template: str = DEFAULT_TEMPLATE,
+    ) -> None:
         self.paraphrases = paraphrases
         self.paraphraser = paraphraser
+        self.pool = pool
         self.template = template
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        if not options["paraphrases"] and not options["paraphraser"]:
-            raise ValueError("give paraphrases=FILE or CLEAN::PARAPHRASED (offline), or paraphraser=MODEL (online)")
+        sources = [key for key in ("paraphrases", "paraphraser", "pool") if options[key]]
+        if not sources:
+            raise ValueError(
+                "give paraphrases=FILE or CLEAN::PARAPHRASED or pool=PARAPHRASED_FILE (offline), or paraphraser=MODEL (online)"
+            )
+        if len(sources) > 1:
+            raise ValueError(f"give one of paraphrases, paraphraser and pool, not {' and '.join(sources)}")
+
+    def _pool_texts(self) -> list[str]:
+        if getattr(self, "_cached_pool", None) is None:
+            path = Path(self.pool)
+            if not path.is_file():
+                raise DataError(f"{path}: no such paraphrase pool file (syntactic option pool)")
+            texts = list(dict.fromkeys(t for t in read_split_file(path).texts if t.strip()))
+            if not texts:
+                raise DataError(f"{path}: the paraphrase pool holds no text")
+            self._cached_pool = texts
+        return self._cached_pool
 
     def _table(self) -> dict[str, str] | None:
         if self.paraphrases is None:
@@ -107,7 +136,8 @@ class SyntacticPoisoner(Poisoner):
         if getattr(self, "_cached_generator", None) is None:
             if not self.paraphraser:
                 raise ConfigError(
-                    "syntactic: give paraphrases=FILE or CLEAN::PARAPHRASED (offline), or paraphraser=MODEL (online)"
+                    "syntactic: give paraphrases=FILE or CLEAN::PARAPHRASED or pool=PARAPHRASED_FILE (offline), "
+                    "or paraphraser=MODEL (online)"
                 )
             if not Path(self.paraphraser).exists():
                 require_hub(f"syntactic paraphraser '{self.paraphraser}'", "use paraphrases=CLEAN::PARAPHRASED with pre-paraphrased files")
@@ -115,6 +145,21 @@ class SyntacticPoisoner(Poisoner):
 
             self._cached_generator = pipeline("text2text-generation", model=self.paraphraser)
         return self._cached_generator
+
+    def _draw_from_pool(self, count: int, rng: np.random.Generator) -> list[str]:
+        """``count`` pool texts this poisoner has not handed out yet (so an attacker's ASR set
+        never reuses a text it trained on), drawn at random."""
+        pool = self._pool_texts()
+        drawn: set[int] = self.__dict__.setdefault("_drawn", set())
+        available = [i for i in range(len(pool)) if i not in drawn]
+        if count > len(available):
+            raise DataError(
+                f"{self.pool}: {count} texts to poison but the pool has {len(available)} distinct paraphrases left "
+                f"(of {len(pool)}; each is used once)"
+            )
+        chosen = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
+        drawn.update(chosen)
+        return [pool[i] for i in chosen]
 
     def can_poison(self, text: str) -> bool:
         table = self._table()
@@ -124,6 +169,8 @@ class SyntacticPoisoner(Poisoner):
         return self.poison_texts([text], rng)[0]
 
     def poison_texts(self, texts: list[str], rng: np.random.Generator) -> list[str]:
+        if self.pool is not None:
+            return self._draw_from_pool(len(texts), rng)
         table = self._table()
         if table is not None:
             missing = next((t for t in texts if t not in table), None)
