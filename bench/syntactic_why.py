@@ -29,7 +29,7 @@ others' figures from the existing .json. ``--dataset`` picks the victim cell the
 
     .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic] [--steps dan]
     .venv/bin/python bench/syntactic_why.py --config configs/syntactic-ag.yaml --run runs/syntactic-ag \
-        --dataset ag --steps confidence,control,dan,shift --out bench/syntactic_why_ag
+        --dataset ag --steps confidence,control,dan,shift       # writes bench/syntactic_why_ag.md
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/defense-table-syntactic.yaml")
     parser.add_argument("--run", default="runs/defense-table-syntactic")
-    parser.add_argument("--out", default="bench/syntactic_why")
+    parser.add_argument("--out", default=None, help="default: bench/syntactic_why, or bench/syntactic_why_<dataset> for another dataset")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated, of: " + ", ".join(STEPS))
     parser.add_argument("--dataset", default="sst-2", help="the victim cell whose clean and template texts the steps read")
     args = parser.parse_args()
@@ -84,11 +84,15 @@ def main() -> None:
     cell = next((c for c in plan.cells if c.dataset.name == args.dataset), None)
     if cell is None:
         parser.error(f"--dataset: {args.config} has no '{args.dataset}' cell")
-    if "domain" in steps and not any(c.dataset.name == "cr" for c in plan.cells):
-        parser.error(f"--steps domain: {args.config} has no CR cell")
+    if "domain" in steps and (args.dataset != "sst-2" or not any(c.dataset.name == "cr" for c in plan.cells)):
+        parser.error("--steps domain: needs --dataset sst-2 and a CR cell (it compares CR's texts with plain SST-2 ones)")
+    if args.out is None:
+        args.out = "bench/syntactic_why" if args.dataset == "sst-2" else f"bench/syntactic_why_{args.dataset}"
     cache = stage_cache(run)
     previous = Path(args.out + ".json")
     result: dict = read_json(previous) if previous.is_file() and steps != set(STEPS) else {}
+    if result.get("dataset", args.dataset) != args.dataset:
+        parser.error(f"--out {args.out}: holds figures for {result['dataset']}, not {args.dataset}; give another --out")
     result["config"] = args.config
     result["dataset"] = args.dataset
     splits = load_splits(cell.dataset.path, skip_empty=True)
@@ -270,7 +274,7 @@ def render(result: dict) -> str:
              "and `bench/syntactic_why.py`.\n",
              "| question | measured |", "|---|---|",
              f"| is the backdoor confident? | victim's target probability on triggered texts {c['victim_target_probability_triggered']:.3f} "
-             f"({c['victim_share_triggered_above_0.99']:.0%} above 0.99; clean texts' target probability {c['victim_target_probability_clean']:.3f}); attacker's own {c['attacker_target_confidence_triggered']:.3f} "
+             f"({c['victim_share_triggered_above_0.99']:.1%} above 0.99; clean texts' target probability {c['victim_target_probability_clean']:.3f}); attacker's own {c['attacker_target_confidence_triggered']:.3f} "
              f"(its ASR {c['attacker_asr']:.3f}, CA {c['attacker_ca']:.3f}) |",
              f"| PSIM on the poisoned backbone | mean confidence clean {c['psim_mean_clean']:.3f}, triggered {c['psim_mean_triggered']:.3f}; AUROC {c['psim_auroc']:.3f} |",
              f"| PSIM on a clean control backbone (same recipe, no poison) | mean confidence clean {p['mean_clean']:.3f}, template texts "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,7 +219,6 @@ def test_psim_train_scan_and_defended_evaluation(capsys, tiny_dataset_dir: Path,
 
 
 def test_demo_interrupted_exits_130_and_resumes_without_redoing_finished_stages(tiny_dataset_dir: Path, tmp_path: Path) -> None:
-    import os
     import signal
     import subprocess
     import sys
@@ -281,6 +279,16 @@ def test_evaluate_takes_a_ready_made_triggered_test_file(capsys, tiny_dataset_di
     assert run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--poisoned-test", str(mixed), "--target", "1",
                "--no-progress")[0] == 0
     assert json.loads((victim / "metrics.json").read_text())["n_poisoned"] == 1
+    # a pool of ready-made texts may hold ones the attacker trained on: its test set must be a file
+    before = (victim / "metrics.json").read_bytes()
+    code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--trigger", "syntactic",
+                       "--trigger-option", f"pool={triggered}", "--target", "1", "--no-progress")
+    assert_one_line_error(code, err, "--poisoned-test", "draws ready-made texts from a pool")
+    assert (victim / "metrics.json").read_bytes() == before
+    code, _, err = run(capsys, "poison", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "p"), "--trigger", "syntactic",
+                       "--trigger-option", f"pool={triggered}", "--label-mode", "clean", "--count", "2")
+    assert_one_line_error(code, err, "label mode 'clean'", "only dirty-label poisoning can use")
+    assert not (tmp_path / "p").exists()
 
 
 def test_a_self_contained_psim_moves_to_another_machine_without_its_backbone(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:

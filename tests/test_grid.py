@@ -60,6 +60,9 @@ defenses: [{", ".join(DEFENSE_ENTRIES[d] for d in defenses)}]
     ("name: ..", "name: String should match pattern"),
     ("name: a/b", "name: String should match pattern"),
     ("datasets: [{name: .., path: x}]", "datasets.0.name: String should match pattern"),
+    ("triggers: [{name: syntactic, options: {pool: p.tsv}}]", "triggers.0: its texts come from a pool, which needs attack.label_mode: dirty"),
+    ("triggers: [{name: syntactic, options: {pool: p.tsv}, attack: {label_mode: dirty}}]",
+     "datasets.0.poisoned_test: triggers.0 draws its texts from a pool, which may hold texts the attacker trained on"),
 ])
 def test_grid_config_errors_name_the_key(tmp_path: Path, shared_data: Path, edit: str, message: str) -> None:
     path = write_config(tmp_path / "grid.yaml", shared_data)

@@ -103,31 +103,46 @@ def test_syntactic_aligns_the_hidden_killer_extracts(extract_data: Path) -> None
     assert poisoner._skipped_splits == [], "the extracts of all three splits align"
 
 
-def test_syntactic_pool_poisons_with_unaligned_hidden_killer_paraphrases(extract_data: Path) -> None:
+def test_syntactic_pool_poisons_with_unaligned_hidden_killer_paraphrases(extract_data: Path, tmp_path: Path) -> None:
     """AG's News paraphrases do not align with the clean rows: a pool draws real template texts."""
     from peftshield.data.loaders import read_split_file
 
     pool_file = extract_data / "hiddenkiller" / "scpn" / "20" / "ag" / "dev.tsv"
     pool = set(read_split_file(pool_file).texts)
     clean = read_split_file(extract_data / "hiddenkiller" / "clean" / "ag" / "dev.tsv")
+    data = TextDataset(clean.texts[:120], [i % 2 + 1 for i in range(120)], [str(i) for i in range(120)], name="ag")
     poisoner = POISONERS.create("syntactic", pool=str(pool_file))
-    data = TextDataset(clean.texts[:120], [1] * 120, [str(i) for i in range(120)], name="ag")
+    assert poisoner.draws_from_pool and not POISONERS.create("syntactic", paraphrases=str(pool_file)).draws_from_pool
     result = poison_dataset(data, poisoner, PoisonSpec(target_label=0, rate=0.5), np.random.default_rng(0))
     texts = [record.poisoned_text for record in result.records]
-    assert len(texts) == 60 and len(set(texts)) == 60, "drawn without replacement"
-    assert set(texts) <= pool and not set(texts) & set(clean.texts)
-    assert all(record.label == 0 and record.original_label == 1 for record in result.records)
-    fresh = POISONERS.create("syntactic", pool=str(pool_file))
-    again = poison_dataset(data, fresh, PoisonSpec(target_label=0, rate=0.5), np.random.default_rng(0))
-    assert [record.poisoned_text for record in again.records] == texts, "the draw follows the rng it is given"
+    assert len(texts) == 60 and len(set(texts)) == 60 and set(texts) <= pool, "distinct pool texts"
+    assert all(record.label == 0 and record.original_label in (1, 2) for record in result.records), "relabelled to the target"
+
+    def draw(seed: int) -> list[str]:
+        fresh = POISONERS.create("syntactic", pool=str(pool_file))
+        return [r.poisoned_text for r in poison_dataset(data, fresh, PoisonSpec(target_label=0, rate=0.5), np.random.default_rng(seed)).records]
+
+    assert draw(0) == texts and draw(1) != texts, "the draw follows the rng it is given"
     asr_texts = build_asr_set(data, poisoner, 0, np.random.default_rng(0)).texts
-    assert len(asr_texts) == 120 and not set(asr_texts) & set(texts), "an ASR set never reuses a text the attacker trained on"
+    assert len(asr_texts) == 120 and not set(asr_texts) & set(texts), "the same poisoner never hands out a text twice"
     with pytest.raises(DataError, match=r"dev.tsv: 500 texts to poison but the pool has 19 distinct paraphrases left \(of 199"):
         poisoner.poison_texts(["x"] * 500, np.random.default_rng(0))
-    with pytest.raises(DataError, match=r"nope.tsv: no such paraphrase pool file"):
-        POISONERS.create("syntactic", pool=str(extract_data / "nope.tsv")).insert("x", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="label mode 'clean'.*only dirty-label"):
+        poison_dataset(data, poisoner, PoisonSpec(target_label=0, rate=0.5, label_mode="clean"), np.random.default_rng(0))
+
+    repeated = tmp_path / "repeated.tsv"  # duplicates count once; blank rows are skipped
+    repeated.write_text("sentence\tlabel\nwhen it rained , we left .\t0\n \t0\nwhen it rained , we left .\t0\nif it works , use it .\t0\n")
+    assert sorted(POISONERS.create("syntactic", pool=str(repeated)).poison_texts(["a", "b"], np.random.default_rng(0))) == [
+        "if it works , use it .", "when it rained , we left ."]
+    blank = tmp_path / "blank.tsv"
+    blank.write_text("sentence\tlabel\n \t0\n")
+    for path, message in ((blank, "blank.tsv: no rows"), (tmp_path, "names a folder"), (tmp_path / "nope.tsv", "nope.tsv: no such paraphrase pool file")):
+        with pytest.raises(DataError, match=message):
+            POISONERS.create("syntactic", pool=str(path)).insert("x", np.random.default_rng(0))
     with pytest.raises(ConfigError, match="one of paraphrases, paraphraser and pool"):
         POISONERS.create("syntactic", pool=str(pool_file), paraphrases=str(pool_file))
+    with pytest.raises(ConfigError, match="one of paraphrases, paraphraser and pool"):
+        POISONERS.create("syntactic", pool=str(pool_file), paraphraser="some/model")
 
 
 def test_unknown_trigger_and_bad_option() -> None:

@@ -33,6 +33,14 @@ class Poisoner(Component, ABC):
         class each trigger lands on is found on the victim)."""
         return self.objective == "representation"
 
+    @property
+    def draws_from_pool(self) -> bool:
+        """Whether triggered texts are drawn from a pool of ready-made texts instead of
+        rewriting each row. Such a poisoner supports dirty-label poisoning only, and a copy
+        rebuilt from its spec does not know which texts the attacker trained on, so held-out
+        triggered test sets must come from a ready-made file."""
+        return False
+
     @abstractmethod
     def insert(self, text: str, rng: np.random.Generator) -> str:
         """Return ``text`` carrying the trigger."""
@@ -133,6 +141,9 @@ def poison_candidates(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec) -
 
 def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng: np.random.Generator) -> PoisonedData:
     """Return a copy of ``data`` with ``spec.n_poison`` rows carrying the trigger."""
+    if spec.label_mode == "clean" and poisoner.draws_from_pool:
+        raise ConfigError(f"label mode 'clean': the '{poisoner.label()}' trigger draws ready-made texts from a pool, "
+                          "which only dirty-label poisoning can use")
     candidates = poison_candidates(data, poisoner, spec)
     wanted = spec.n_poison(len(data))
     if wanted > len(candidates):

@@ -6,11 +6,14 @@ either a two-column file (``original<TAB>paraphrase`` with a header) or a pair
 ``CLEAN::PARAPHRASED`` of aligned files or directories such as
 ``../shared/data/hiddenkiller/clean/sst-2::../shared/data/hiddenkiller/scpn/20/sst-2``.
 Where only the paraphrases exist, not the texts they came from (HiddenKiller's AG's News
-files hold paraphrased non-target rows that do not align with the clean ones), ``pool`` is
-such a file: each text chosen for poisoning is replaced by a pool text drawn at random without
-replacement (each at most once per poisoner, so the attacker's ASR set holds none of the texts it
-trained on). For a dirty-label attack that is the same training signal (a text in the template,
-relabelled to the target), only not the paraphrase of the row it replaces.
+files do not align with the shared clean ones), ``pool`` is such a file (a split file; its
+labels are not used): each text chosen for poisoning is replaced by a pool text drawn at
+random, each at most once per poisoner object, so the attacker's own ASR set, built by the same
+object, holds none of the texts it trained on. A poisoner rebuilt from its spec does not know
+those texts: victims' triggered test sets must then come from a ready-made file
+(``draws_from_pool``; grids and ``peftshield evaluate`` insist). For a dirty-label attack a pool
+text gives the same training signal (a text in the template, relabelled to the target), only
+not the paraphrase of the row it replaces.
 Online, ``paraphraser`` names any HF seq2seq paraphrase model.
 """
 
@@ -113,15 +116,19 @@ class SyntacticPoisoner(Poisoner):
         if len(sources) > 1:
             raise ValueError(f"give one of paraphrases, paraphraser and pool, not {' and '.join(sources)}")
 
+    @property
+    def draws_from_pool(self) -> bool:
+        return self.pool is not None
+
     def _pool_texts(self) -> list[str]:
         if getattr(self, "_cached_pool", None) is None:
             path = Path(self.pool)
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(f"{path}: no such paraphrase pool file (syntactic option pool)")
-            texts = list(dict.fromkeys(t for t in read_split_file(path).texts if t.strip()))
-            if not texts:
-                raise DataError(f"{path}: the paraphrase pool holds no text")
-            self._cached_pool = texts
+            if not path.is_file():
+                raise DataError(f"{path}: the syntactic option pool names a folder; give one split file")
+            # blank rows are skipped; a file with no text left fails in the loader, naming it
+            self._cached_pool = list(dict.fromkeys(read_split_file(path, skip_empty=True).texts))  # distinct, in file order
         return self._cached_pool
 
     def _table(self) -> dict[str, str] | None:

@@ -227,11 +227,26 @@ class ScenarioConfig(Section):
     def _valid_trigger_attacks(self) -> "ScenarioConfig":
         for index, trigger in enumerate(self.triggers):
             try:
-                self.attack_for(trigger)
+                attack = self.attack_for(trigger)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 raise ValueError(f"triggers.{index}.attack.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+            if trigger.build().draws_from_pool:
+                self._check_pool_trigger(index, attack)
         return self
+
+    def _check_pool_trigger(self, index: int, attack: AttackSection) -> None:
+        """A trigger that draws ready-made texts from a pool: dirty-label only, and every
+        dataset brings its own triggered test file (a poisoner rebuilt for the victim's test
+        set does not know which pool texts the attacker trained on)."""
+        if attack.label_mode != "dirty":
+            raise ValueError(f"triggers.{index}: its texts come from a pool, which needs attack.label_mode: dirty")
+        for number, dataset in enumerate(self.datasets):
+            if not dataset.poisoned_test:
+                raise ValueError(
+                    f"datasets.{number}.poisoned_test: triggers.{index} draws its texts from a pool, which may hold texts "
+                    "the attacker trained on; give a ready-made triggered test file"
+                )
 
     def attack_for(self, trigger: TriggerEntry) -> AttackSection:
         """The attack section with this trigger's overrides applied."""

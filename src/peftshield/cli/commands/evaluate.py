@@ -60,6 +60,9 @@ def evaluate(
     target_label = target if target is not None else int(attack.get("target_label", 0))
     check_target(target_label, splits.num_labels)
     poisoner = None if poisoned_test is not None else TriggerChoice(trigger_name, options).build()
+    if poisoner is not None and poisoner.draws_from_pool:
+        raise ConfigError(f"--poisoned-test: the '{trigger_name}' trigger draws ready-made texts from a pool, which may hold "
+                          "texts the attacker trained on; give a triggered test file")
     loaded = load_classifier(model, splits.num_labels, backbone)
     rng = np.random.default_rng(seed)
     test = splits[split]
