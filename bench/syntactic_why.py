@@ -22,6 +22,10 @@ Reads the syntactic row's grid run (configs/defense-table-syntactic.yaml, run by
    SST-2 texts (the CR row's template texts are paraphrased SST-2 movie reviews).
 6. The same domain check for DAN on the CR victim: how much of its CR figure is movie reviews
    against product reviews.
+7. Which successful attacks does Shift stop: the triggered texts (up to 2,000) split by whether
+   the backdoor moves them (the poisoned victim puts them in the target class, the LoRA victim
+   of the clean control backbone does not), whether a clean model misreads them too (both put
+   them there), or the attack fails; Shift's AUROC and share flagged in each group.
 
 Writes bench/syntactic_why.md and .json. ``--steps`` runs some of the steps and keeps the
 others' figures from the existing .json. ``--dataset`` picks the victim cell the steps read
@@ -29,7 +33,7 @@ others' figures from the existing .json. ``--dataset`` picks the victim cell the
 
     .venv/bin/python bench/syntactic_why.py [--run runs/defense-table-syntactic] [--steps dan]
     .venv/bin/python bench/syntactic_why.py --config configs/syntactic-ag.yaml --run runs/syntactic-ag \
-        --dataset ag --steps confidence,control,dan,shift       # writes bench/syntactic_why_ag.md
+        --dataset ag --steps confidence,control,dan,shift,moved   # writes bench/syntactic_why_ag.md
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ from peftshield.io import atomic_write_json, atomic_write_text, read_json
 from peftshield.models.inference import predict_proba
 
 N_TEXTS = 300
-STEPS = ("confidence", "control", "occlusion", "dan", "shift", "domain")
+STEPS = ("confidence", "control", "occlusion", "dan", "shift", "domain", "moved")
+MOVED_TEXTS = 2000
 DEV_TEXTS = 400  # occlusion calibrates on this many clean dev texts (a forward pass per word each)
 
 
@@ -115,6 +120,9 @@ def main() -> None:
         result["shift"] = shift_on_backbones(run, plan, control_dir, cell.dataset.name, clean_sample, triggered_sample)
     if "domain" in steps:
         result["domain_dan"] = dan_domain(plan, cache, clean_sample, triggered_sample)
+    if "moved" in steps:
+        triggered_moved = [triggered[i] for i in np.random.default_rng(1).permutation(len(triggered))[:MOVED_TEXTS]]
+        result["moved"] = shift_on_moved_texts(run, cell, cache, splits, clean_sample, triggered_moved)
     for label in ("psim", "psimplus", "dan", "shift"):
         report_path = cache.path(cell.cell_key) / REPORTS_DIR / f"{label}.json"
         if report_path.is_file():
@@ -266,6 +274,33 @@ def dan_domain(plan, cache, sst2_clean: list[str], triggered_sample: list[str]) 
     return found
 
 
+def shift_on_moved_texts(run: Path, cell, cache, splits, clean_sample: list[str], triggered: list[str]) -> dict:
+    """7. Shift (the grid's settings, on the poisoned backbone) on the triggered texts grouped by
+    what moves them: the backdoor alone, a clean model's misreading too, or nothing."""
+    control_victim_dir = run / "control-victim" / "model"
+    if not control_victim_dir.is_dir():
+        raise SystemExit(f"{control_victim_dir}: no control victim yet; run the 'dan' step first")
+    target = cell.attack.target_label
+    at_target = {}
+    for name, model_dir in (("poisoned", cache.path(cell.victim_key) / "model"), ("control", control_victim_dir)):
+        victim, _ = load_finetuned(model_dir)
+        at_target[name] = predict_proba(victim.model, victim.tokenizer, triggered, 64, cell.max_length).argmax(1) == target
+    entry = next(d for d in cell.defenses if d.name == "shift")
+    context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], splits["dev"], splits.num_labels, max_length=cell.max_length, progress=False)
+    shift = entry.build(max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+    clean_scores, triggered_scores = shift.score(clean_sample), shift.score(triggered)
+    flagged = triggered_scores > shift.fitted_threshold()
+    groups = {"moved by the backdoor": at_target["poisoned"] & ~at_target["control"],
+              "misread by a clean model too": at_target["poisoned"] & at_target["control"],
+              "attack fails": ~at_target["poisoned"]}
+    found = {"n_triggered": len(triggered), "clean_flagged": float(np.mean(clean_scores > shift.fitted_threshold())), "groups": {}}
+    for name, members in groups.items():
+        found["groups"][name] = {"count": int(members.sum()), "flagged": float(flagged[members].mean()) if members.any() else None,
+                                 "auroc": auroc(clean_scores, triggered_scores[members]) if members.any() else None}
+    print("moved", json.dumps(found), flush=True)
+    return found
+
+
 def render(result: dict) -> str:
     c, p = result["confidence"], result["control_psim"]
     dataset = result.get("dataset", "sst-2")
@@ -301,6 +336,12 @@ def render(result: dict) -> str:
         d = result["domain_dan"]
         lines.append(f"| DAN on the CR victim, CR clean texts | against the template texts AUROC {d['auroc']:.3f} (TPR {d['tpr']:.3f}); "
                      f"against plain SST-2 test texts AUROC {d['plain_sst2_auroc']:.3f}, flagged {d['plain_sst2_flagged']:.3f} |")
+    if "moved" in result:
+        m = result["moved"]
+        parts = [f"{name}: {g['count']} texts, AUROC {g['auroc']:.3f}, flagged {g['flagged']:.3f}" if g["count"] else f"{name}: none"
+                 for name, g in m["groups"].items()]
+        lines.append(f"| Shift (the grid's settings) on {m['n_triggered']} triggered texts, by what puts them in the target class "
+                     f"(clean texts flagged {m['clean_flagged']:.3f}) | {'; '.join(parts)} |")
     for label in ("psim", "psimplus", "dan", "shift"):
         if f"grid_{label}" in result:
             g = result[f"grid_{label}"]

@@ -44,7 +44,8 @@ def test_poisoner_contract(name: str, paraphrase_file: Path) -> None:
     signature = inspect.signature(cls.__init__)
     poisoner = make_poisoner(name, paraphrase_file)
     assert set(poisoner.params()) == {p for p in signature.parameters if p != "self"}
-    assert poisoner.spec()["name"] == name and set(poisoner.spec()["options"]) == set(poisoner.params())
+    assert poisoner.spec()["name"] == name
+    assert set(poisoner.spec()["options"]) | set(cls.options_added_later) == set(poisoner.params()), "options added later may be left out"
     candidates = [t for t in TEXTS if t and poisoner.can_poison(t)]
     assert candidates == [t for t in TEXTS if t]
     first = poisoner.poison_texts(candidates, np.random.default_rng(3))
@@ -143,6 +144,17 @@ def test_syntactic_pool_poisons_with_unaligned_hidden_killer_paraphrases(extract
         POISONERS.create("syntactic", pool=str(pool_file), paraphrases=str(pool_file))
     with pytest.raises(ConfigError, match="one of paraphrases, paraphraser and pool"):
         POISONERS.create("syntactic", pool=str(pool_file), paraphraser="some/model")
+
+
+def test_an_option_added_later_leaves_earlier_specs_and_stage_keys_unchanged() -> None:
+    """``pool`` came after grids had cached syntactic stages keyed on the trigger's spec."""
+    from peftshield.attacks.syntactic import DEFAULT_TEMPLATE
+
+    spec = POISONERS.create("syntactic", paraphrases="a.tsv").spec()
+    assert spec == {"name": "syntactic", "options": {"paraphrases": "a.tsv", "paraphraser": None, "template": DEFAULT_TEMPLATE}}
+    assert POISONERS.create(spec["name"], **spec["options"]).spec() == spec
+    with_pool = POISONERS.create("syntactic", pool="p.tsv").spec()
+    assert with_pool["options"]["pool"] == "p.tsv" and POISONERS.create("syntactic", **with_pool["options"]).draws_from_pool
 
 
 def test_unknown_trigger_and_bad_option() -> None:

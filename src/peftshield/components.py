@@ -23,6 +23,9 @@ class Component:
     """Scikit-learn-style: the constructor only stores its keyword parameters."""
 
     name: ClassVar[str]
+    # Options added after stages keyed on this component's spec were cached: left out of the spec
+    # while they hold their default, so those stage keys (and saved specs) stay what they were.
+    options_added_later: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def options_model(cls) -> type[BaseModel]:
@@ -61,7 +64,11 @@ class Component:
 
     def spec(self) -> dict[str, Any]:
         """``{"name", "options"}`` in JSON form: what is saved, and what the registry rebuilds it from."""
-        options = self.options_model()(**self.params()).model_dump(mode="json")
+        model = self.options_model()
+        options = model(**self.params()).model_dump(mode="json")
+        for key in self.options_added_later:
+            if options[key] == model.model_fields[key].default:
+                del options[key]
         return {"name": self.name, "options": options}
 
 

@@ -93,6 +93,7 @@ class SyntacticPoisoner(Poisoner):
     """Syntactic template S(SBAR)(,)(NP)(VP)(.) from SCPN paraphrases."""
 
     name = "syntactic"
+    options_added_later = ("pool",)
 
     def __init__(
         self,
