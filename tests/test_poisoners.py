@@ -146,6 +146,28 @@ def test_syntactic_pool_poisons_with_unaligned_hidden_killer_paraphrases(extract
         POISONERS.create("syntactic", pool=str(pool_file), paraphraser="some/model")
 
 
+def test_an_attack_whose_pool_cannot_supply_its_asr_set_fails_before_training(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from peftshield.data import load_splits
+    from peftshield.experiments import stages
+    from peftshield.experiments.stages import TriggerChoice, weight_poison
+    from peftshield.finetune import TrainingConfig
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the attacker trained before the pool's supply was checked")
+
+    monkeypatch.setattr(stages, "train_classifier", no_training)
+
+    splits = load_splits(tiny_dataset_dir)
+    needed = sum(1 for label in splits["test"].labels if label != 1)
+    pool = tmp_path / "pool.tsv"
+    pool.write_text("sentence\tlabel\n" + "".join(f"when it rained , we left {i} times .\t1\n" for i in range(needed + 1)))
+    out = tmp_path / "backbone"
+    with pytest.raises(DataError, match=rf"pool.tsv: {needed} texts to poison but the pool has {needed - 1} distinct paraphrases left"):
+        weight_poison(splits, "tiny", TriggerChoice("syntactic", {"pool": str(pool)}), PoisonSpec(target_label=1, count=2, rate=None, label_mode="dirty"),
+                      TrainingConfig(epochs=1, max_length=16), out, seed=0, progress=False)
+    assert not out.exists(), "nothing trained or written"
+
+
 def test_an_option_added_later_leaves_earlier_specs_and_stage_keys_unchanged() -> None:
     """``pool`` came after grids had cached syntactic stages keyed on the trigger's spec."""
     from peftshield.attacks.syntactic import DEFAULT_TEMPLATE

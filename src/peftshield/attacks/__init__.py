@@ -7,6 +7,7 @@ from peftshield.attacks.base import (
     Poisoner,
     PoisonRecord,
     PoisonSpec,
+    asr_rows,
     build_asr_set,
     check_target,
     poison_candidates,
@@ -15,5 +16,5 @@ from peftshield.attacks.base import (
 
 __all__ = [
     "POISONERS", "PoisonedData", "Poisoner", "PoisonRecord", "PoisonSpec",
-    "build_asr_set", "check_target", "poison_candidates", "poison_dataset",
+    "asr_rows", "build_asr_set", "check_target", "poison_candidates", "poison_dataset",
 ]

@@ -41,6 +41,10 @@ class Poisoner(Component, ABC):
         triggered test sets must come from a ready-made file."""
         return False
 
+    def check_supply(self, count: int) -> None:
+        """Raise ``DataError`` if ``count`` more texts cannot be given the trigger (a pool that
+        would run out); unlimited by default."""
+
     @abstractmethod
     def insert(self, text: str, rng: np.random.Generator) -> str:
         """Return ``text`` carrying the trigger."""
@@ -162,12 +166,17 @@ def poison_dataset(data: TextDataset, poisoner: Poisoner, spec: PoisonSpec, rng:
     return PoisonedData(TextDataset(texts, new_labels, list(data.ids), name=data.name), records)
 
 
+def asr_rows(data: TextDataset, poisoner: Poisoner, target_label: int) -> list[int]:
+    """The rows of ``data`` an attack-success test set holds: non-target rows that can take the trigger."""
+    return [i for i, label in enumerate(data.labels) if label != target_label and poisoner.can_poison(data.texts[i])]
+
+
 def build_asr_set(data: TextDataset, poisoner: Poisoner, target_label: int, rng: np.random.Generator) -> TextDataset:
     """The attack-success test set: every non-target sample that can take the trigger, with it.
 
     Labels stay the true labels; an attack succeeds where the model predicts ``target_label``.
     """
-    keep = [i for i, label in enumerate(data.labels) if label != target_label and poisoner.can_poison(data.texts[i])]
+    keep = asr_rows(data, poisoner, target_label)
     if not keep:
         raise DataError(f"{data.name or 'test set'}: no non-target rows can take the '{poisoner.name}' trigger")
     subset = data.subset(keep, name=f"{data.name}_poisoned")

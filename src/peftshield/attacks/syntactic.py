@@ -158,6 +158,14 @@ class SyntacticPoisoner(Poisoner):
         """``count`` pool texts this poisoner has not handed out yet (so an attacker's ASR set
         never reuses a text it trained on), drawn at random."""
         pool = self._pool_texts()
+        available = self._pool_left(count)
+        chosen = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
+        self._drawn.update(chosen)
+        return [pool[i] for i in chosen]
+
+    def _pool_left(self, count: int) -> list[int]:
+        """The pool indices not handed out yet; ``DataError`` if fewer than ``count``."""
+        pool = self._pool_texts()
         drawn: set[int] = self.__dict__.setdefault("_drawn", set())
         available = [i for i in range(len(pool)) if i not in drawn]
         if count > len(available):
@@ -165,9 +173,11 @@ class SyntacticPoisoner(Poisoner):
                 f"{self.pool}: {count} texts to poison but the pool has {len(available)} distinct paraphrases left "
                 f"(of {len(pool)}; each is used once)"
             )
-        chosen = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
-        drawn.update(chosen)
-        return [pool[i] for i in chosen]
+        return available
+
+    def check_supply(self, count: int) -> None:
+        if self.pool is not None:
+            self._pool_left(count)
 
     def can_poison(self, text: str) -> bool:
         table = self._table()

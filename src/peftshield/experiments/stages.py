@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peftshield.attacks import POISONERS, Poisoner, PoisonSpec, build_asr_set, check_target, poison_dataset
+from peftshield.attacks import POISONERS, Poisoner, PoisonSpec, asr_rows, build_asr_set, check_target, poison_dataset
 from peftshield.data import DatasetSplits, TextDataset, load_splits
 from peftshield.data.transforms import truncate_words
 from peftshield.data.writers import split_jsonl
@@ -165,6 +165,8 @@ def weight_poison(
     dev = truncate_words(splits.get("dev"), max_words) if "dev" in splits else None
     test = truncate_words(splits["test"], max_words)
     poisoned = poison_dataset(train, poisoner, spec, rng) if poisoner else None
+    if poisoner is not None:  # the ASR set is drawn after training: a pool that cannot supply it fails now
+        poisoner.check_supply(len(asr_rows(test, poisoner, spec.target_label)))
     seed_torch(seed)
     base = load_backbone(backbone, splits.num_labels)
     training_rows = poisoned.data if poisoned else train
