@@ -162,7 +162,7 @@ def test_an_attack_whose_pool_cannot_supply_its_asr_set_fails_before_training(ti
     pool = tmp_path / "pool.tsv"
     pool.write_text("sentence\tlabel\n" + "".join(f"when it rained , we left {i} times .\t1\n" for i in range(needed + 1)))
     out = tmp_path / "backbone"
-    with pytest.raises(DataError, match=rf"pool.tsv: {needed} texts to poison but the pool has {needed - 1} distinct paraphrases left"):
+    with pytest.raises(DataError, match=rf"pool.tsv: {needed} texts for the attacker's ASR set, after its training draw, but the pool has {needed - 1} distinct"):
         weight_poison(splits, "tiny", TriggerChoice("syntactic", {"pool": str(pool)}), PoisonSpec(target_label=1, count=2, rate=None, label_mode="dirty"),
                       TrainingConfig(epochs=1, max_length=16), out, seed=0, progress=False)
     assert not out.exists(), "nothing trained or written"

@@ -163,21 +163,21 @@ class SyntacticPoisoner(Poisoner):
         self._drawn.update(chosen)
         return [pool[i] for i in chosen]
 
-    def _pool_left(self, count: int) -> list[int]:
+    def _pool_left(self, count: int, wanted: str = "texts to poison") -> list[int]:
         """The pool indices not handed out yet; ``DataError`` if fewer than ``count``."""
         pool = self._pool_texts()
         drawn: set[int] = self.__dict__.setdefault("_drawn", set())
         available = [i for i in range(len(pool)) if i not in drawn]
         if count > len(available):
             raise DataError(
-                f"{self.pool}: {count} texts to poison but the pool has {len(available)} distinct paraphrases left "
+                f"{self.pool}: {count} {wanted} but the pool has {len(available)} distinct paraphrases left "
                 f"(of {len(pool)}; each is used once)"
             )
         return available
 
     def check_supply(self, count: int) -> None:
         if self.pool is not None:
-            self._pool_left(count)
+            self._pool_left(count, "texts for the attacker's ASR set, after its training draw,")
 
     def can_poison(self, text: str) -> bool:
         table = self._table()
