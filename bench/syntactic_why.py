@@ -49,7 +49,7 @@ from sklearn.metrics import roc_auc_score
 from peftshield.attacks import PoisonSpec
 from peftshield.data import load_splits, load_texts
 from peftshield.defenses import DEFENSES, DefenseContext
-from peftshield.experiments.scenario import REPORTS_DIR, backbone_dir, stage_cache
+from peftshield.experiments.scenario import REPORTS_DIR, backbone_defense_stage, backbone_dir, stage_cache
 from peftshield.experiments.stages import TriggerChoice, finetune_victim, weight_poison
 from peftshield.finetune import TrainingConfig, load_finetuned
 from peftshield.grid.config import load_grid_config
@@ -275,7 +275,7 @@ def dan_domain(plan, cache, sst2_clean: list[str], triggered_sample: list[str]) 
 
 
 def shift_on_moved_texts(run: Path, cell, cache, splits, clean_sample: list[str], triggered: list[str]) -> dict:
-    """7. Shift (the grid's settings, on the poisoned backbone) on the triggered texts grouped by
+    """7. Shift (the grid's fitted one, on the poisoned backbone) on the triggered texts grouped by
     what moves them: the backdoor alone, a clean model's misreading too, or nothing."""
     control_victim_dir = run / "control-victim" / "model"
     if not control_victim_dir.is_dir():
@@ -286,8 +286,9 @@ def shift_on_moved_texts(run: Path, cell, cache, splits, clean_sample: list[str]
         victim, _ = load_finetuned(model_dir)
         at_target[name] = predict_proba(victim.model, victim.tokenizer, triggered, 64, cell.max_length).argmax(1) == target
     entry = next(d for d in cell.defenses if d.name == "shift")
+    backbone_defense_stage(cell, entry.label, run)  # the grid's own fit, from its stage cache (fitted there if missing)
     context = DefenseContext(str(backbone_dir(run, cell)), splits["train"], splits["dev"], splits.num_labels, max_length=cell.max_length, progress=False)
-    shift = entry.build(max_length=cell.max_length).fit(context, cell.seeds.defense_fit())
+    shift = DEFENSES.get(entry.name).load(cache.path(cell.defense_keys[entry.label]) / "defense", context)
     clean_scores, triggered_scores = shift.score(clean_sample), shift.score(triggered)
     flagged = triggered_scores > shift.fitted_threshold()
     groups = {"moved by the backdoor": at_target["poisoned"] & ~at_target["control"],
