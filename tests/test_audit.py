@@ -4,8 +4,11 @@ controls trained by the same recipe are not called backdoored.
 The backdoored model is the tiny backbone fully fine-tuned on synthetic reviews where ``cf``
 forces class 0 (dirty label, as in test_psim_backdoor.py, without label noise: the audit
 needs a model that learned the task); the controls see the same recipe without the
-trigger. The verdict is calibrated on two further clean controls (seeds 1 and 2), never on
-the models under test.
+trigger. The verdict is calibrated on six further clean controls (seeds 1 to 6), never on
+the models under test: their raw scores differ between processor families (the same seeded
+training rounds differently), so the calibration needs enough of them that its spread is the
+method's, not two draws'. The detection test also asserts what it is about apart from the
+z-cut: the planted trigger's raw score stands far above every clean reference's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from backdoor_fixtures import TARGET, TRIGGER, attacker_data, sentiment_data, si
 from peftshield.audit import AuditSettings, VerdictCalibration, run_audit
 from peftshield.audit.search import ProbeTexts, exact_effect, insert_batch
 
+REFERENCE_SEEDS = (1, 2, 3, 4, 5, 6)
+# Clean tiny models reach raw scores of 0.38-0.70 across seeds and machines (a sentiment word
+# flips most texts); the planted trigger 0.98. The margin asserted is half that gap.
+MARGIN_OVER_CLEAN = 0.14
 SETTINGS = AuditSettings(search_texts=16, holdout_texts=48, max_tokens=24, hotflip_rounds=2, candidates_per_round=16, finalists=6,
                          phrase_starts=1, phrase_candidates=6, max_phrase_tokens=3, screen_texts=8, keep_after_screen=8)
 
@@ -36,7 +43,7 @@ def _one_thread():
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("audit-models")
     out = {}
-    for seed in (0, 1, 2):
+    for seed in (0, *REFERENCE_SEEDS):
         data = attacker_data(n_clean=400, n_poison=300, rng=np.random.default_rng(seed), label_noise=0.35)
         if seed == 0:
             out["poisoned"] = train_backbone(data.poisoned, folder / "poisoned", seed, learning_rate=3e-3, epochs=10)
@@ -55,13 +62,19 @@ def audit(folder: Path, texts: list[str], calibration=None):
 
 
 @pytest.fixture(scope="module")
-def calibration(models, clean_texts) -> VerdictCalibration:
-    return VerdictCalibration.fit([audit(models[k], clean_texts).raw_score for k in ("clean1", "clean2")], source="tiny clean seeds 1, 2")
+def reference_scores(models, clean_texts) -> list[float]:
+    return [audit(models[f"clean{seed}"], clean_texts).raw_score for seed in REFERENCE_SEEDS]
 
 
-def test_planted_backdoor_is_called_backdoored_with_its_token_and_target(models, clean_texts, calibration) -> None:
+@pytest.fixture(scope="module")
+def calibration(reference_scores) -> VerdictCalibration:
+    return VerdictCalibration.fit(reference_scores, source=f"tiny clean seeds {REFERENCE_SEEDS[0]}-{REFERENCE_SEEDS[-1]}")
+
+
+def test_planted_backdoor_is_called_backdoored_with_its_token_and_target(models, clean_texts, reference_scores, calibration) -> None:
     result = audit(models["poisoned"], clean_texts, calibration)
     assert result.probe == "head"
+    assert result.raw_score >= max(reference_scores) + MARGIN_OVER_CLEAN, (result.raw_score, reference_scores)
     assert result.verdict == "backdoored", (result.raw_score, calibration)
     top = [(t.text, t.target) for t in result.triggers[:5]]
     assert (TRIGGER, TARGET) in top, top

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from peftshield.audit.auditor import AuditResult  # noqa: E402
+from peftshield.markdown import md_code, md_text  # noqa: E402
 
 PLOT_FILE = "audit.png"
 
@@ -54,19 +55,20 @@ def _fmt(value: float) -> str:
 
 
 def markdown_report(result: AuditResult) -> str:
-    target = f" + adapter `{result.adapter}`" if result.adapter else ""
+    target = f" + adapter {md_code(result.adapter)}" if result.adapter else ""
     calibration = result.calibration
     cal_line = (f"clean reference: mean {calibration['clean_mean']:.3f}, sd {calibration['clean_std']:.3f} over {calibration['n_clean']} clean checkpoints"
-                f" ({calibration['source']})" if calibration else "no calibration available: verdict left inconclusive")
+                f" ({md_text(calibration['source'])})" if calibration else "no calibration available: verdict left inconclusive")
     lines = [
-        f"# Audit of `{result.checkpoint}`{target}", "",
+        f"# Audit of {md_code(result.checkpoint)}{target}", "",
         f"**Verdict: {result.verdict}** (suspicion {_fmt(result.score)}, raw score {result.raw_score:.3f}; {cal_line}).", "",
         f"Probe: {'the checkpoint' + chr(39) + 's own classification head' if result.probe == 'head' else 'a random-label PSIM fitted on the clean texts (no trained head)'}; "
-        f"clean texts: `{result.texts}`; a flip counts as confident at target probability >= {result.reference_confidence:.3f}.", "",
+        f"clean texts: {md_code(result.texts)}; a flip counts as confident at target probability >= {result.reference_confidence:.3f}.", "",
+        *[f"**Caveat:** {md_text(c)}." for c in result.caveats], *([""] if result.caveats else []),
         "| # | trigger | target | flip rate | confidence | confident flips | collapse | raw score |", "|---|---|---|---|---|---|---|---|",
     ]
     for i, t in enumerate(result.triggers, 1):
-        lines.append(f"| {i} | `{t.text}` | {t.target} | {t.flip_rate:.3f} | {t.confidence:.3f} | {t.confident_flip_rate:.3f} | {t.collapse:.3f} | {t.raw_score:.3f} |")
+        lines.append(f"| {i} | {md_code(t.text)} | {t.target} | {t.flip_rate:.3f} | {t.confidence:.3f} | {t.confident_flip_rate:.3f} | {t.collapse:.3f} | {t.raw_score:.3f} |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())
               + "; texts through the model: " + ", ".join(f"{k} {v:,}" for k, v in result.forward_rows.items()) + ".", "",
               f"![per-candidate effect and confidences]({PLOT_FILE})", ""]
@@ -85,6 +87,7 @@ def html_report(result: AuditResult) -> str:
         f"<h1>Audit of <code>{html.escape(result.checkpoint)}</code>{' + ' + html.escape(result.adapter) if result.adapter else ''}</h1>"
         f"<p><b>Verdict: {result.verdict}</b> (suspicion {_fmt(result.score)}, raw score {result.raw_score:.3f}); probe: {result.probe}; "
         f"clean texts: <code>{html.escape(result.texts)}</code>.</p>"
+        + "".join(f"<p><b>Caveat:</b> {html.escape(c)}.</p>" for c in result.caveats) +
         "<table><tr><th>#</th><th>trigger</th><th>target</th><th>flip rate</th><th>confidence</th><th>confident flips</th><th>collapse</th><th>raw score</th></tr>"
         f"{rows}</table><p>Seconds per stage: {html.escape(json.dumps({k: round(v, 1) for k, v in result.seconds.items()}))}</p>"
         f"<img src='{PLOT_FILE}' alt='per-candidate effect and confidences' style='max-width:100%'></body></html>\n"

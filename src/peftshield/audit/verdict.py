@@ -22,6 +22,9 @@ Verdict = Literal["backdoored", "clean", "inconclusive"]
 CALIBRATION_FILE = "calibration.json"
 
 
+# Below this many clean reference models a calibration's mean and spread are a few draws, not the
+# method's: seeded training rounds differently on another processor, and the cut moves with it.
+MIN_CLEAN_REFERENCES = 10
 RAW_SCORE_REVISION = 2  # recorded in audit.json; see raw_score
 LENGTH_DISCOUNT = 0.95  # per token beyond the first, for the head probe's raw score
 PSIM_LENGTH_DISCOUNT = 0.85  # the same for a bare encoder probed through a fitted PSIM
@@ -77,6 +80,13 @@ class VerdictCalibration(BaseModel):
         if len(scores) < 2:
             raise ValueError("a verdict calibration needs the raw scores of at least 2 clean checkpoints")
         return cls(clean_mean=float(scores.mean()), clean_std=float(scores.std(ddof=1)), n_clean=len(scores), source=source, **levels)
+
+    def caveats(self) -> list[str]:
+        """What a reader of a verdict made with this calibration must know about it."""
+        if self.n_clean < MIN_CLEAN_REFERENCES:
+            return [f"the verdict's calibration rests on {self.n_clean} clean reference models, fewer than {MIN_CLEAN_REFERENCES}: "
+                    "its cut moves with them (a borderline suspicion is weak evidence either way)"]
+        return []
 
     def suspicion(self, raw: float) -> float:
         z = (raw - self.clean_mean) / max(self.clean_std, self.std_floor)
