@@ -12,6 +12,10 @@ retry-after estimate from the recent throughput). Each request may carry a deadl
 passes while the request waits, the request fails with :class:`DeadlineExceeded`, and a
 request whose caller gave up (deadline, disconnect) is dropped from the queue before its
 batch is formed, so no work runs for a client that is gone.
+
+One request cannot fail the others of its batch: when a forward pass over several requests
+raises, its requests run again in halves, and so on down, so that only a request that fails
+on its own gets the error (a few more passes, about two per halving, for the one at fault).
 """
 
 from __future__ import annotations
@@ -190,7 +194,7 @@ class MicroBatcher:
                 size += len(item.texts)
             await self._run_batch(loop, batch, size)
 
-    async def _run_batch(self, loop, batch: list[_Pending], size: int) -> None:
+    async def _run_batch(self, loop, batch: list[_Pending], size: int | None = None) -> None:
         # The callers that left (or whose deadline passed) while the batch gathered company are dropped now.
         batch = [pending for pending in batch if self._still_wanted(pending, loop)]
         if not batch:
@@ -200,10 +204,14 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.classify, texts)
-        except Exception as exc:  # every request of the batch gets the error; the worker goes on
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+        except Exception as exc:  # the worker goes on
+            if len(batch) > 1:  # which request failed it? Each half runs on its own (bisection), so the others get their answers
+                middle = len(batch) // 2
+                await self._run_batch(loop, batch[:middle])
+                await self._run_batch(loop, batch[middle:])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         seconds = time.perf_counter() - started
         if seconds > 0:

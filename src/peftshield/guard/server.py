@@ -16,6 +16,22 @@ client as a traceback. ``GET /openapi.json`` documents every endpoint and error.
 the requests in flight finish (uvicorn's graceful shutdown), then the batcher drains and
 stops. Logs are JSON lines with the request id (:mod:`peftshield.guard.logs`); the rolling
 flag rate is watched against the calibrated one (:mod:`peftshield.guard.drift`).
+
+Hostile input and clients: a text UTF-8 cannot encode (a lone surrogate, which JSON can
+escape) is a 422 for its own request, found before it is queued, and a forward pass that
+fails anyway is bisected so only the request that fails alone gets the error, never the
+others of its micro-batch; JSON nested too deeply is a 400. A connection whose request header
+is not complete within ``--header-timeout-s`` is closed (:mod:`peftshield.guard.connections`),
+so is one idle longer than ``--keep-alive-timeout-s`` after a response, and beyond
+``--max-connections`` requests get 503. The port is bound before the models load, so a busy
+port is a one-line error at once.
+
+What a caller without a key learns: ``/healthz``, ``/readyz`` and ``/metrics`` need no key
+(probes and Prometheus scrapers carry none), so they hold no file paths and no texts:
+``/readyz`` says whether the models are loaded and with which mode, threshold and limits,
+not where they are (nor a load error's text, which may name them); ``/metrics`` labels
+requests to paths the service does not have as ``other``. The model and PSIM paths are in
+the startup log only.
 """
 
 from __future__ import annotations
@@ -40,7 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from peftshield.errors import ConfigError
+from peftshield.data.records import check_encodable
+from peftshield.errors import ConfigError, DataError
 from peftshield.guard.batcher import BatchRecord, DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from peftshield.guard.drift import FlagRateMonitor
 from peftshield.guard.guard import Guard
@@ -89,8 +106,6 @@ class Readiness(BaseModel):
     ready: bool
     mode: str
     runtime: str
-    model: str
-    psim: str
     threshold: float | None
     expected_flag_rate: float | None
     max_batch: int
@@ -98,7 +113,7 @@ class Readiness(BaseModel):
     score_batch: int
     max_queue: int
     request_timeout_s: float
-    error: str | None = None
+    error: str | None = Field(None, description="set when the models failed to load (the server log says why)")
 
 
 def _errors(*codes: int) -> dict:
@@ -133,6 +148,8 @@ async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[
         raise ApiError(504, str(exc)) from None
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
+    except DataError as exc:  # the request's own texts could not be scored (its batch mates were answered)
+        raise ApiError(422, str(exc)) from None
     finally:
         gone.cancel()
 
@@ -164,6 +181,19 @@ def read_api_keys(path: Path) -> list[str]:
     if not keys:
         raise ConfigError(f"--api-key-file {path}: holds no key (one key per line)")
     return keys
+
+
+def api_key_file_warning(path: Path) -> str | None:
+    """ssh's check: a key file that others can read (or write) is a warning, its keys are as
+    good as shared; None when only its owner can."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    what = "readable" if mode & 0o044 else "writable"
+    return f"--api-key-file {path}: the file is {what} by others (permissions {mode:04o}); chmod 600 {path}"
 
 
 def check_settings(settings: ServeSettings) -> None:
@@ -326,6 +356,11 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     app.state.metrics = metrics
     app.state.settings = settings
 
+    def endpoint_of(request: Request) -> str:
+        """The metrics label of a request: its route, or ``other`` (a caller's path is never a label)."""
+        path = request.url.path
+        return path if path in {getattr(route, "path", None) for route in app.routes} else "other"
+
     def request_id_of(request: Request) -> str:
         given = request.headers.get("x-request-id", "")
         return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -337,18 +372,18 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), request_id_of(request), request.url.path)
+        return error(exc.status_code, str(exc.detail), request_id_of(request), endpoint_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return error(422, "invalid request", request_id_of(request), request.url.path)
+        return error(422, "invalid request", request_id_of(request), endpoint_of(request))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         request_id = request_id_of(request)
         logger.error("request %s: internal error: %s: %s", request_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
                      extra={"fields": {"request_id": request_id, "status": 500, "path": request.url.path}})
-        return error(500, "internal error (see the server log for this request id)", request_id, request.url.path)
+        return error(500, "internal error (see the server log for this request id)", request_id, endpoint_of(request))
 
     @app.get("/healthz", response_model=Health, summary="The process answers")
     async def healthz():
@@ -360,13 +395,12 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     async def readyz():
         loaded = state["guard"]
         monitor = state["monitor"]
-        body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "model": str(settings.model),
-                "psim": str(settings.psim), "threshold": loaded.threshold if loaded else None,
+        body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "threshold": loaded.threshold if loaded else None,
                 "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
                 "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
                 "request_timeout_s": settings.request_timeout_s}
-        if state["load_error"]:
-            body["error"] = state["load_error"]
+        if state["load_error"]:  # its text may name the model's files: that is for the log
+            body["error"] = "the models failed to load (the server log says why)"
         status = 200 if loaded is not None else 503
         metrics.requests.labels(endpoint="/readyz", status=str(status)).inc()
         return JSONResponse(body, status_code=status)
@@ -454,6 +488,8 @@ async def _checked_texts(request, settings: ServeSettings) -> list[str]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ApiError(400, f"invalid JSON{where}: send {{\"texts\": [\"...\"]}}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply (send {\"texts\": [\"...\"]})") from None
     try:
         texts = ClassifyRequest.model_validate(payload).texts
     except ValidationError as exc:
@@ -465,6 +501,10 @@ async def _checked_texts(request, settings: ServeSettings) -> list[str]:
     for index, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
             raise ApiError(413, f"texts.{index}: {len(text)} characters; the limit is {settings.max_text_chars}")
+        try:
+            check_encodable(text, f"texts.{index}")
+        except DataError as exc:
+            raise ApiError(422, str(exc)) from None
     return texts
 
 
@@ -484,26 +524,66 @@ def serve(settings: ServeSettings, announce=print) -> None:
 
     import logging.config
 
+    from peftshield.guard.connections import HEADER_TIMEOUT_ATTRIBUTE, PROTOCOL
     from peftshield.guard.logs import logging_config
 
     check_settings(settings)
-    log_config = logging_config(settings.log_format)
-    logging.config.dictConfig(log_config)
-    common = dict(host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=60, access_log=False, log_config=log_config)
-    where = (f"serving {settings.model} behind PSIM {settings.psim} on http://{settings.host}:{settings.port} "
-             f"({settings.runtime}, mode {settings.mode}, {settings.workers} worker(s)); Ctrl-C or SIGTERM stops it")
-    if settings.log_format == "json":  # every line of the service's output is JSON, the announcement too
-        def announce(message: str) -> None:
-            logger.info(message, extra={"fields": {"event": "serving", "host": settings.host, "port": settings.port, "mode": settings.mode,
-                                                   "runtime": settings.runtime, "workers": settings.workers}})
-    if settings.workers > 1:
-        announce(where)  # each worker loads its own copy, in the background (/readyz says when)
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        uvicorn.run("peftshield.guard.server:app_from_environment", factory=True, workers=settings.workers, **common)
-    else:  # loaded before the port opens, so a model that cannot load is a one-line error, not a server that never gets ready
-        app = create_app(settings, load_guard(settings))
-        announce(where)
-        _GracefulServer(uvicorn.Config(app, **common)).run()
+    sock = bind_port(settings.host, settings.port)  # before the models load: a busy port is a one-line error at once
+    try:
+        log_config = logging_config(settings.log_format)
+        logging.config.dictConfig(log_config)
+        warning = api_key_file_warning(settings.api_key_file) if settings.api_key_file is not None else None
+        if warning:
+            logger.warning(warning, extra={"fields": {"event": "api_key_file_permissions"}})
+        port = sock.getsockname()[1]
+        common = dict(log_level="info", timeout_graceful_shutdown=60, access_log=False, log_config=log_config, http=PROTOCOL,
+                      timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections)
+        where = (f"serving {settings.model} behind PSIM {settings.psim} on http://{settings.host}:{port} "
+                 f"({settings.runtime}, mode {settings.mode}, {settings.workers} worker(s)); Ctrl-C or SIGTERM stops it")
+        if settings.log_format == "json":  # every line of the service's output is JSON, the announcement too
+            def announce(message: str) -> None:
+                logger.info(message, extra={"fields": {"event": "serving", "host": settings.host, "port": port, "mode": settings.mode,
+                                                       "runtime": settings.runtime, "workers": settings.workers}})
+        if settings.workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            announce(where)  # each worker loads its own copy, in the background (/readyz says when)
+            os.environ[SETTINGS_ENV] = settings.model_dump_json()
+            config = uvicorn.Config("peftshield.guard.server:app_from_environment", factory=True, workers=settings.workers, **common)
+            setattr(config, HEADER_TIMEOUT_ATTRIBUTE, settings.header_timeout_s)  # pickled to each worker with the config
+            try:
+                Multiprocess(config, sockets=[sock]).run()
+            except KeyboardInterrupt:
+                pass
+        else:  # loaded before the port listens, so a model that cannot load is a one-line error, not a server that never gets ready
+            app = create_app(settings, load_guard(settings))
+            announce(where)
+            config = uvicorn.Config(app, **common)
+            setattr(config, HEADER_TIMEOUT_ATTRIBUTE, settings.header_timeout_s)
+            _GracefulServer(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_port(host: str, port: int):
+    """A socket bound to ``host:port`` (as uvicorn binds it), for the server to listen on; a port
+    in use (or a host that is not this machine's) is a :class:`ConfigError`."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host}: cannot listen there ({reason})") from None
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({reason})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _graceful_server_class():

@@ -63,3 +63,8 @@ class ServeSettings(BaseModel):
     log_format: str = Field("json", pattern="^(json|text)$")
     expected_flag_rate: Optional[float] = Field(None, ge=0, le=1, description="the flag rate on clean traffic (default: the PSIM's calibration)")
     drift_window: PositiveInt = Field(1000, description="texts in the rolling flag rate")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this long")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600,
+                                    description="a request's header must arrive in full within this long of its first byte "
+                                                "(of the connection's opening, for the first request), else the connection is closed")
+    max_connections: PositiveInt = Field(1000, description="open connections (and requests in progress) at most; a request beyond gets 503")

@@ -3,6 +3,7 @@ JSONL filter)."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 
 from peftshield.cli.app import RuntimeOption, app, info
 from peftshield.cli.commands.common import defaults_of, typed_from_flags
+from peftshield.data.records import check_encodable, unencodable_at
 from peftshield.errors import ConfigError, DataError
 from peftshield.guard.settings import SCORE_BATCH, ServeSettings
 from peftshield.io import atomic_text_stream, check_output_place
@@ -21,6 +23,8 @@ _SERVE = defaults_of(ServeSettings)
 
 @app.command(help="Serve a model behind its PSIM over HTTP: POST /v1/classify, GET /healthz, /readyz, /metrics. "
                   "Concurrent requests are micro-batched; overload is shed (503 + Retry-After); SIGTERM finishes requests in flight, then exits. "
+                  "/healthz, /readyz and /metrics need no API key, so they show no file paths and no texts "
+                  "(/readyz: whether the models are loaded, the mode, threshold and limits); the model and PSIM paths are in the startup log. "
                   "Every option can also be set as an environment variable PEFTSHIELD_<OPTION> (e.g. PEFTSHIELD_PORT=8080); flags win.")
 def serve(
     model: Path = typer.Option(..., "--model", envvar="PEFTSHIELD_MODEL", help="The deployed classifier (a 'peftshield finetune' folder or a transformers classifier folder)."),
@@ -44,6 +48,9 @@ def serve(
     log_format: str = typer.Option(_SERVE["log_format"], "--log-format", envvar="PEFTSHIELD_LOG_FORMAT", help="json (one JSON object per line, with the request id) or text."),
     expected_flag_rate: Optional[float] = typer.Option(None, "--expected-flag-rate", envvar="PEFTSHIELD_EXPECTED_FLAG_RATE", help="Share of clean traffic the guard should flag (default: the PSIM's calibration); the drift alarm compares the rolling rate with it."),
     drift_window: int = typer.Option(_SERVE["drift_window"], "--drift-window", envvar="PEFTSHIELD_DRIFT_WINDOW", help="Texts in the rolling flag rate of the drift alarm."),
+    keep_alive_timeout_s: float = typer.Option(_SERVE["keep_alive_timeout_s"], "--keep-alive-timeout-s", envvar="PEFTSHIELD_KEEP_ALIVE_TIMEOUT_S", help="A kept-alive connection idle this long after a response is closed."),
+    header_timeout_s: float = typer.Option(_SERVE["header_timeout_s"], "--header-timeout-s", envvar="PEFTSHIELD_HEADER_TIMEOUT_S", help="A request's header must arrive in full within this long of its first byte (of the connection's opening, for the first request), else the connection is closed: slow or silent clients cannot hold connections."),
+    max_connections: int = typer.Option(_SERVE["max_connections"], "--max-connections", envvar="PEFTSHIELD_MAX_CONNECTIONS", help="Open connections (and requests in progress) at most, per worker; a request beyond gets 503."),
     runtime: str = typer.Option("torch", "--runtime", envvar="PEFTSHIELD_RUNTIME", help="torch, onnx or onnx-int8 (see 'peftshield scan --help')."),
 ) -> None:
     from peftshield.guard.server import serve as run_service
@@ -56,7 +63,8 @@ def serve(
         "threshold": ("--threshold", threshold), "mode": ("--mode", mode), "backbone": ("--backbone", backbone),
         "max_queue": ("--max-queue", max_queue), "request_timeout_s": ("--request-timeout-s", request_timeout_s),
         "log_format": ("--log-format", log_format), "expected_flag_rate": ("--expected-flag-rate", expected_flag_rate),
-        "drift_window": ("--drift-window", drift_window),
+        "drift_window": ("--drift-window", drift_window), "keep_alive_timeout_s": ("--keep-alive-timeout-s", keep_alive_timeout_s),
+        "header_timeout_s": ("--header-timeout-s", header_timeout_s), "max_connections": ("--max-connections", max_connections),
     })
     run_service(settings, announce=info)
 
@@ -96,28 +104,44 @@ def guard(
 
 
 def read_guard_input(path: Path | None, name: str) -> tuple[list, list[str]]:
-    """Ids and texts of a JSONL input, read whole and checked before anything is scored or written."""
-    handle = open(path, encoding="utf-8") if path is not None else sys.stdin
+    """Ids and texts of a JSONL input, read whole and checked before anything is scored or written:
+    a line that is not UTF-8, or a text that cannot be encoded (a lone surrogate, which JSON can
+    escape), is a :class:`DataError` naming the line."""
+    # Bytes that are not UTF-8 are read as lone surrogates (surrogateescape) and found line by line.
+    if path is not None:
+        handle = open(path, encoding="utf-8", errors="surrogateescape")
+    elif hasattr(sys.stdin, "buffer"):
+        handle = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+    else:  # a text stream without bytes beneath (tests): its text is checked all the same
+        handle = sys.stdin
     ids, texts = [], []
     try:
         for number, line in enumerate(handle, start=1):
+            bad = unencodable_at(line)
+            if bad is not None:
+                raise DataError(f"{name}: line {number}: not UTF-8 text (an invalid byte at character {bad + 1})")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{name}: line {number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{name}: line {number}: not valid JSON (nested too deeply)") from None
             if isinstance(row, str):
                 row = {"text": row}
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{name}: line {number}: expected {{\"text\": \"...\"}} or a JSON string")
-            ids.append(row.get("id", number))
-            texts.append(row["text"])
-    except UnicodeDecodeError:
-        raise DataError(f"{name}: not UTF-8 text") from None
+            row_id = row.get("id", number)
+            if unencodable_at(json.dumps(row_id, ensure_ascii=False)) is not None:  # it is written back out with the results
+                raise DataError(f"{name}: line {number}: the id holds a character that is not valid Unicode (a lone surrogate)")
+            ids.append(row_id)
+            texts.append(check_encodable(row["text"], f"{name}: line {number}"))
     finally:
         if path is not None:
             handle.close()
+        elif handle is not sys.stdin:
+            handle.detach()  # sys.stdin's bytes stay open
     if not texts:
         raise DataError(f"{name}: no texts (one JSON object with a \"text\" per line)")
     return ids, texts
