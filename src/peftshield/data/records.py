@@ -67,3 +67,25 @@ class DatasetSplits:
 
     def get(self, split: str) -> TextDataset | None:
         return self.splits.get(split)
+
+
+def unencodable_at(text: str) -> int | None:
+    """The index of the first character of ``text`` that UTF-8 cannot encode (a lone surrogate
+    such as ``"\\ud800"``, which JSON and Python strings can hold but no tokenizer takes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_encodable(text: str, where: str) -> str:
+    """``text`` unchanged, or a :class:`DataError` naming ``where`` (a file and row, a request
+    field) and the offending character's position: texts that cannot be encoded are the
+    caller's error, found before anything is scored."""
+    position = unencodable_at(text)
+    if position is not None:
+        from peftshield.errors import DataError
+
+        raise DataError(f"{where}: text holds a character that is not valid Unicode (a lone surrogate at position {position})")
+    return text

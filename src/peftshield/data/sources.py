@@ -112,7 +112,7 @@ def load_plain_texts(spec: str) -> tuple[list[str], str]:
     text per line), or any dataset the loaders read (its training texts; labels ignored)."""
     from pathlib import Path
 
-    from peftshield.data.loaders import load_splits
+    from peftshield.data.loaders import load_splits, load_texts
 
     name = spec[4:] if spec.startswith("pkg:") else None
     if name in PLAIN_TEXT_SOURCES:
@@ -122,8 +122,7 @@ def load_plain_texts(spec: str) -> tuple[list[str], str]:
     elif Path(spec).suffix == ".txt" and not Path(spec).is_dir():
         if not Path(spec).is_file():
             raise DataError(f"{spec}: no such text file")
-        with open(spec, encoding="utf-8", errors="replace") as handle:
-            texts = [line.strip() for line in handle if line.strip()]
+        texts = load_texts(spec, require_labels=False).texts
         origin = f"{spec} (one text per line)"
     else:
         texts = load_splits(spec, ("train",), skip_empty=True)["train"].texts

@@ -14,7 +14,7 @@ import typer
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
-from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, typed_from_flags, warn_untrusted_settings
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
@@ -64,13 +64,16 @@ def psim_train(
     info(f"PSIM ({psim.method}) -> {out}: threshold {psim.threshold_:.4f} ({policy.kind}), trained in {psim.fit_seconds_:.0f} s")
 
 
-@app.command(help="Score texts with a PSIM; writes id, score and flag per text (JSONL or CSV) and reports texts per second. "
+@app.command(help="Score texts with a PSIM; writes id (the row's id or idx, else its line number), score and flag per text "
+                  "(JSONL or CSV) and reports texts per second. Texts need no labels (see --data). "
                   "Exit code: 0 clean, 1 findings (at least --fail-on-rate of the texts flagged; default any), 2 could not complete. "
                   "Settings also come from \\[tool.peftshield.scan] in pyproject.toml or \\[scan] in peftshield.toml (flags win).")
 @gate_command
 def scan(
     psim_dir: Path = typer.Option(..., "--psim", help="A directory written by 'peftshield psim train'."),
-    data: str = typer.Option(..., "--data", help="A file, or a dataset directory (see --split)."),
+    data: str = typer.Option(..., "--data", help="The texts: .jsonl/.json ({\"text\": ...} or {\"sentence\": ...} per line, or a JSON string per line), "
+                                                 ".csv/.tsv with a header holding a text or sentence column, or .txt (one text per line); "
+                                                 "a label column is optional (checked when present). Or a dataset directory (see --split)."),
     out: Path = typer.Option(..., "--out", help="Output .jsonl or .csv (report files go beside it: OUT_STEM.summary.<ext>)."),
     split: str = typer.Option("test", "--split"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The PSIM's backbone, if it is no longer where finetune.json recorded it."),
@@ -78,7 +81,9 @@ def scan(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     fail_on_rate: Optional[float] = typer.Option(None, "--fail-on-rate", help="Share of flagged texts (0-1] that exits 1; default: any flagged text."),
     format: Optional[str] = typer.Option(None, "--format", help="Report formats, comma-separated: text (stdout), json, sarif, markdown, html. Default text."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here). "
+                                                               "In CI on pull requests, point it at the base branch's copy: a found file belongs to whoever wrote the checkout."),
+    no_config: bool = typer.Option(False, "--no-config", help="Read no settings file: only flags and defaults."),
     skip_empty: bool = SkipEmptyOption,
     runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default), onnx or onnx-int8; see 'peftshield serve --help'."),
     progress: bool = ProgressOption,
@@ -86,7 +91,7 @@ def scan(
     from peftshield.gate.formats import RENDERERS, render_text, report_files
     from peftshield.gate.report import GateReport
     from peftshield.gate.scan_gate import ScanTally
-    from peftshield.gate.settings import find_settings_file, gate_settings, parse_formats
+    from peftshield.gate.settings import find_settings_file, gate_settings, parse_formats, setting_sources
 
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
@@ -94,11 +99,13 @@ def scan(
         from peftshield.models.runtime import check_runtime
 
         check_runtime(runtime)
-    settings_file = find_settings_file(explicit=config)
-    settings = gate_settings("scan", {
+    settings_file = find_settings_file(explicit=config, disabled=no_config)
+    given = {
         "fail_on_rate": ("--fail-on-rate", fail_on_rate), "format": ("--format", parse_formats(format) if format is not None else None),
         "threshold": ("--threshold", threshold), "runtime": ("--runtime", runtime), "batch_size": ("--batch-size", batch_size),
-    }, settings_file)
+    }
+    settings = gate_settings("scan", given, settings_file)
+    warn_untrusted_settings("scan", settings_file, given)
     check_output_place(out, "file")
     summaries = report_files(out.with_name(out.stem + ".summary"), settings.format)
     for path in summaries.values():
@@ -115,7 +122,7 @@ def scan(
         writer = csv.writer(handle, lineterminator="\n") if out.suffix.lower() == ".csv" else None
         if writer:
             writer.writerow(["id", "score", "flagged"])
-        for chunk in iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty):
+        for chunk in iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty, require_labels=False):
             started = time.perf_counter()
             scores = psim.score(chunk.texts, progress=False)
             seconds += time.perf_counter() - started
@@ -132,7 +139,7 @@ def scan(
     info(f"scanned {tally.scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {tally.flagged} flagged at threshold {tau:.4f} -> {out}")
     row = tally.row(settings.fail_on_rate)
     report = GateReport("scan", {"fail_on_rate": settings.fail_on_rate}, str(settings_file.path) if settings_file.path else None, [row],
-                        time.perf_counter() - started_all)
+                        time.perf_counter() - started_all, setting_sources("scan", given, settings_file))
     for fmt, path in summaries.items():
         atomic_write_text(path, RENDERERS[fmt](report))
     if "text" in settings.format:
