@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The audit cache and its key live in the user's folders: the tests (and the CLIs they start) get their own.
+_USER_DIRS = tempfile.mkdtemp(prefix="peftshield-test-home-")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_USER_DIRS, "cache")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_USER_DIRS, "config")
+os.environ.pop("PEFTSHIELD_CACHE_DIR", None)
+os.environ.pop("PEFTSHIELD_CACHE_KEY", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PEFTSHIELD_SHARED_DATA", ROOT.parent / "shared" / "data"))

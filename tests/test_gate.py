@@ -74,8 +74,9 @@ def work(tmp_path, zoo) -> Path:
 
 
 def peftshield(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The real CLI; each working folder has its own user cache (as each CI runner does)."""
     return subprocess.run([sys.executable, "-m", "peftshield", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PEFTSHIELD_CACHE_DIR": str(cwd / ".user-cache"), **(env or {})}, **kwargs)
 
 
 def audit(work: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -137,6 +138,26 @@ def test_errors_exit_2_with_one_line_and_nothing_written(work, zoo, args, needle
     assert not (work / "out").exists()
 
 
+def test_adapter_faults_are_one_line_naming_the_file(work, zoo) -> None:
+    """An adapter whose weights are only a pickle is refused before anything loads it; one whose
+    recorded base is a local folder missing here names adapter_config.json, the path and --base."""
+    pickled = work / "pickled-adapter"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny", "peft_type": "LORA"}))
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    done = audit(work, str(pickled), "--out", "out")
+    one_line_error(done, "safetensors weights are required")
+    assert "adapter_model.bin" in done.stderr and "UnpicklingError" not in done.stderr and "torch" not in done.stderr.lower()
+    moved = work / "moved-adapter"
+    moved.mkdir()
+    (moved / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/where-it-was-trained/minilm", "peft_type": "LORA"}))
+    (moved / "adapter_model.safetensors").write_bytes(b"")
+    done = audit(work, str(moved), "--out", "out")
+    one_line_error(done, "adapter_config.json: base_model_name_or_path /models/where-it-was-trained/minilm is a local folder")
+    assert "--base" in done.stderr and "not reachable" not in done.stderr
+    assert not (work / "out").exists()
+
+
 def test_several_targets_give_one_row_each_and_the_worst_exit_code(work, zoo) -> None:
     done = audit(work, str(zoo / "poisoned"), str(zoo / "clean"), "no-such-model", "--calibration", str(zoo / "backdoored.json"),
                  "--format", "json,markdown,html", "--out", "out")
@@ -150,7 +171,9 @@ def test_several_targets_give_one_row_each_and_the_worst_exit_code(work, zoo) ->
     assert "**error**" in (work / "out" / "summary.md").read_text() and "<table>" in (work / "out" / "summary.html").read_text()
 
 
-def test_interrupted_audit_exits_2_and_writes_nothing(work, zoo) -> None:
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_interrupted_or_terminated_audit_exits_2_and_writes_nothing(work, zoo, signum, said) -> None:
+    """Ctrl-C, and SIGTERM (a CI job's timeout or cancel): one line, exit 2, no temporary folder left."""
     process = subprocess.Popen([sys.executable, "-m", "peftshield", "audit", str(zoo / "poisoned"), str(zoo / "clean"), str(zoo / "poisoned") + "/",
                                 "--out", "out", "--no-progress", "--cache-dir", "nocache"], cwd=work, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=restore_sigint)
@@ -158,12 +181,13 @@ def test_interrupted_audit_exits_2_and_writes_nothing(work, zoo) -> None:
     for line in process.stderr:
         lines.append(line)
         if "candidates scored" in line:  # the first audit is under way
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             break
     rest = process.communicate(timeout=120)[1]
     assert process.returncode == 2, "".join(lines) + rest
-    assert "interrupted" in rest and "Traceback" not in rest
+    assert said in rest and "Traceback" not in rest
     assert not (work / "out").exists()
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".out.")]  # no .out.xxxx.tmp left behind
 
 
 # --- formats -----------------------------------------------------------------------------
@@ -290,6 +314,129 @@ def test_unchanged_weights_and_settings_are_not_audited_again(work, zoo) -> None
     assert "candidates scored" in shared.stderr and "cached" in again.stderr and (work / "shared-cache").is_dir()
 
 
+# --- a hostile checkout: cache entries and settings it commits ------------------------------
+
+def _only_entry(cache: Path) -> Path:
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def test_an_edited_or_forged_cache_entry_never_turns_a_verdict(work, zoo) -> None:
+    """An entry whose files were edited, one MACed with another key (an attacker's), and one with a
+    valid MAC whose stored verdict is not what its raw score gives: each is a miss, audited again."""
+    from peftshield.gate.cache import ContentCache
+
+    key_env = {"PEFTSHIELD_CACHE_KEY": "the-runner-secret-0123456789"}
+    args = [str(zoo / "poisoned"), "--calibration", str(zoo / "backdoored.json"), "--cache-dir", "cache", "--out", "out", "--format", "json"]
+    assert audit(work, *args, env=key_env).returncode == 1
+    entry = _only_entry(work / "cache")
+    payload = json.loads((entry / "audit.json").read_text())
+    forged = {**payload, "verdict": "clean", "raw_score": -100.0, "triggers": []}  # "clean" is what -100 gives: consistent but edited
+    (entry / "audit.json").write_text(json.dumps(forged))
+    edited = audit(work, *args, env=key_env)
+    assert edited.returncode == 1 and "does not check out" in edited.stderr, edited.stderr
+    assert not validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
+
+    for secret, stored in ((b"an-attacker-key-0123456789", forged), (key_env["PEFTSHIELD_CACHE_KEY"].encode(), {**payload, "verdict": "clean"})):
+        staging = work / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(entry, staging)
+        (staging / "audit.json").write_text(json.dumps(stored))
+        (staging / "entry.json").unlink()
+        ContentCache(work / "cache", secret=secret).put(entry.name, staging, {"target": "forged", "verdict": "clean"})
+        done = audit(work, *args, env=key_env)
+        assert done.returncode == 1 and "does not check out" in done.stderr, done.stderr
+        row = validate_report(work / "out" / "summary.json")["targets"][0]
+        assert row["status"] == "backdoored" and not row["cached"]
+    again = audit(work, *args, env=key_env)  # the entry the last audit wrote is sound again: a hit with the same verdict
+    assert again.returncode == 1 and "cached" in again.stderr and validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
+
+
+def test_a_cache_entry_with_links_copies_nothing_from_outside(work, zoo) -> None:
+    secret = work / "secret-env.txt"
+    secret.write_text("TOPSECRET=1\n")
+    args = [str(zoo / "poisoned"), "--calibration", str(zoo / "backdoored.json"), "--cache-dir", "cache", "--out", "out"]
+    assert audit(work, *args).returncode == 1
+    entry = _only_entry(work / "cache")
+    (entry / "leak.txt").symlink_to(secret)  # an extra link: not among the entry's files, never copied
+    hit = audit(work, *args)
+    assert hit.returncode == 1 and "cached" in hit.stderr, hit.stderr
+    (entry / "report.md").unlink()
+    (entry / "report.md").symlink_to(secret)  # a listed file replaced by a link: the entry is a miss
+    miss = audit(work, *args)
+    assert miss.returncode == 1 and "does not check out" in miss.stderr, miss.stderr
+    elsewhere = work / "elsewhere"
+    shutil.copytree(entry, elsewhere, symlinks=True)
+    shutil.rmtree(entry)
+    entry.symlink_to(elsewhere, target_is_directory=True)  # the entry folder itself a link
+    linked = audit(work, *args)
+    assert linked.returncode == 1 and "cached" not in linked.stderr.replace("not cached", ""), linked.stderr
+    published = list((work / "out").rglob("*"))
+    assert published and not any(p.is_symlink() for p in published)
+    assert not any("TOPSECRET" in p.read_text(errors="replace") for p in published if p.is_file())
+
+
+def test_settings_found_in_the_checkout_are_reported_warned_in_ci_and_can_be_refused(work, zoo) -> None:
+    """A found settings file may set the calibration (so the report says where each setting came
+    from and, in CI, warns); --config names a trusted file instead, --no-config reads none."""
+    (work / "peftshield.toml").write_text(f'[audit]\ntexts = "{zoo / "texts.txt"}"\ncalibration = "{zoo / "clean.json"}"\n{FAST_SEARCH}')
+    args = [str(zoo / "poisoned"), "--out", "out", "--format", "json"]
+    found = audit(work, *args, env={"CI": "true"})
+    assert found.returncode == 0, found.stderr  # the found file's lenient calibration passes the backdoor...
+    warning = [line for line in found.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "calibration" in warning[0] and "--config" in warning[0], found.stderr  # ...and says so
+    sources = validate_report(work / "out" / "summary.json")["settings_sources"]
+    assert sources["calibration"].endswith("peftshield.toml") and sources["seed"] == "default" and sources["format"] == "--format"
+    trusted = work / "trusted.toml"
+    trusted.write_text(f'[audit]\ntexts = "{zoo / "texts.txt"}"\ncalibration = "{zoo / "backdoored.json"}"\n{FAST_SEARCH}')
+    pinned = audit(work, *args, "--config", str(trusted), env={"CI": "true"})
+    assert pinned.returncode == 1 and "warning" not in pinned.stderr, pinned.stderr
+    assert validate_report(work / "out" / "summary.json")["settings_sources"]["calibration"] == str(trusted)
+    (work / "peftshield.toml").write_text("[audit]\nnot-a-key = 1\n")
+    one_line_error(audit(work, str(work / "missing"), "--no-config", "--out", "out"), "no such")  # the broken file is never read
+    one_line_error(audit(work, *args, "--no-config", "--config", str(trusted)), "--no-config")
+
+
+@pytest.mark.parametrize(("table", "key"), [("[audit.search]\nrelaxed-steps = 1000000000\n", "relaxed-steps"),
+                                            ("[audit.search]\ncandidates-per-round = 99999999\n", "candidates-per-round"),
+                                            ("[audit]\nmax-seconds = 1e12\n", "max-seconds"),
+                                            ("[audit.search]\nrelaxed-stepz = 5\n", "relaxed-stepz")])
+def test_every_budget_has_an_upper_bound(work, zoo, table, key) -> None:
+    (work / "peftshield.toml").write_text(table)
+    one_line_error(audit(work, str(zoo / "poisoned"), "--out", "out"), key)
+    assert not (work / "out").exists()
+
+
+def test_max_seconds_stops_an_audit_with_exit_2(work, zoo) -> None:
+    done = audit(work, str(zoo / "poisoned"), "--calibration", str(zoo / "clean.json"), "--max-seconds", "0.5", "--out", "out", "--no-cache")
+    one_line_error(done, "--max-seconds 0.5")
+    assert not (work / "out").exists()
+    several = audit(work, str(zoo / "poisoned"), str(zoo / "clean"), "--calibration", str(zoo / "clean.json"), "--max-seconds", "0.5",
+                    "--out", "out", "--no-cache", "--format", "json")
+    assert several.returncode == 2, several.stderr  # each target an error row: never a silent pass
+    assert {r["status"] for r in validate_report(work / "out" / "summary.json")["targets"]} == {"error"}
+
+
+def test_markdown_outputs_escape_what_a_target_names(work, zoo) -> None:
+    """A model folder named to break out of a code span and forge a table row or raw HTML."""
+    from markdown_it import MarkdownIt
+
+    hostile = work / "x`<img src=x onerror=alert(1)>`|y"
+    shutil.copytree(zoo / "poisoned", hostile)
+    done = audit(work, str(hostile), str(zoo / "clean"), "--calibration", str(zoo / "backdoored.json"), "--format", "markdown", "--out", "out")
+    assert done.returncode == 1, done.stderr
+    renderer = MarkdownIt("commonmark").enable("table")
+    for page in [work / "out" / "summary.md", *(work / "out").glob("01-*/report.md")]:
+        rendered = renderer.render(page.read_text())
+        assert "onerror=alert(1)>" not in rendered and 'src="x"' not in rendered, page  # no raw HTML or image: the name shows as text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in rendered, page
+    table = renderer.parse((work / "out" / "summary.md").read_text())
+    cells = [t for t in table if t.type == "td_open"]
+    assert len(cells) == 2 * 5  # two rows of five cells: the name's | split nothing
+    assert len(list((work / "out").glob("01-*/report.md"))) == 1
+
+
 # --- the settings file -------------------------------------------------------------------
 
 def test_settings_precedence_flag_over_peftshield_toml_over_pyproject(work, zoo) -> None:
@@ -330,8 +477,9 @@ def test_scan_exit_codes_rates_and_reports(tmp_path, zoo, psim) -> None:
     rows = [{"sentence": t, "label": 1} for t in clean] + [{"sentence": t, "label": 1} for t in with_trigger(clean[:4], rng)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
-    def scan(source: Path, *args: str) -> subprocess.CompletedProcess:
-        return peftshield("scan", "--psim", str(psim), "--data", str(source), "--out", str(tmp_path / "scores.jsonl"), "--no-progress", *args, cwd=tmp_path)
+    def scan(source: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return peftshield("scan", "--psim", str(psim), "--data", str(source), "--out", str(tmp_path / "scores.jsonl"), "--no-progress", *args,
+                          cwd=tmp_path, env=env)
 
     flagged = scan(data, "--format", "text,json,sarif")
     assert flagged.returncode == 1, flagged.stderr
@@ -347,6 +495,12 @@ def test_scan_exit_codes_rates_and_reports(tmp_path, zoo, psim) -> None:
     nothing = scan(data, "--threshold", "1.0", "--format", "json")  # a probability never exceeds 1: nothing flagged
     assert nothing.returncode == 0 and validate_report(tmp_path / "scores.summary.json")["targets"][0]["status"] == "clean"
     one_line_error(scan(data, "--fail-on-rate", "0"), "--fail-on-rate")
+    (tmp_path / "peftshield.toml").write_text("[scan]\nthreshold = 1.0\n")  # a found file that would pass everything...
+    lenient = scan(data, "--format", "json", env={"CI": "true"})
+    assert lenient.returncode == 0 and "sets threshold" in lenient.stderr, lenient.stderr  # ...warns in CI
+    assert validate_report(tmp_path / "scores.summary.json")["settings_sources"]["threshold"].endswith("peftshield.toml")
+    assert scan(data, "--no-config").returncode == 1  # and is not read with --no-config
+    (tmp_path / "peftshield.toml").unlink()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sentence": "fine", "label": 1}\n{"sentence": \n', encoding="utf-8")
     one_line_error(scan(bad), "bad.jsonl:2")
@@ -360,25 +514,61 @@ def _readme_block(name: str) -> str:
     return block.split("\n", 2)[2].rsplit("```", 1)[0]  # inside the fence
 
 
-def test_readme_ci_example_runs_as_written(tmp_path, zoo) -> None:
-    (tmp_path / "pyproject.toml").write_text(_readme_block("pyproject")
-                                             + FAST_SEARCH.replace("[audit.search]", "[tool.peftshield.audit.search]"), encoding="utf-8")
-    (tmp_path / "data").mkdir()
-    shutil.copy(zoo / "texts.txt", tmp_path / "data" / "clean-sample.txt")
-    (tmp_path / "models").mkdir()
-    shutil.copytree(zoo / "poisoned", tmp_path / "models" / "poisoned")
-    shutil.copytree(zoo / "clean", tmp_path / "models" / "clean")
+def _plant_hostile_pull_request(pr: Path, zoo: Path, secret: Path) -> None:
+    """What a pull request can commit beside its model to pass the gate: lenient settings in the
+    files the gate finds, forged cache entries where the old default cache lived and in the
+    user cache path, and a cache entry that links to a file outside."""
+    lenient = pr / "lenient.json"
+    lenient.write_text(json.dumps(CALIBRATIONS["clean"]), encoding="utf-8")
+    (pr / "pyproject.toml").write_text('[tool.peftshield.audit]\ncalibration = "lenient.json"\nfail-on = "backdoored"\n'
+                                       'cache-dir = "audit-cache"\n', encoding="utf-8")
+    (pr / "peftshield.toml").write_text('[audit]\ncalibration = "lenient.json"\ncache-dir = "audit-cache"\n', encoding="utf-8")
+    for folder in (pr / "audit-report" / ".cache", pr / "audit-cache"):
+        for key in ("0" * 64, "f" * 64):
+            entry = folder / key
+            entry.mkdir(parents=True)
+            (entry / "audit.json").write_text(json.dumps({"verdict": "clean", "triggers": [], "raw_score": 0.0, "probe": "head"}))
+            (entry / "entry.json").write_text(json.dumps({"stored": "2026-01-01T00:00:00Z", "files": {}, "mac": "0" * 64}))
+            (entry / "leak.txt").symlink_to(secret)
+
+
+def test_readme_ci_example_runs_as_written_against_a_hostile_pull_request(tmp_path, zoo) -> None:
+    """The README's workflow, its `run` steps executed as written; the two checkouts played by
+    the test: the base branch's settings and clean texts in trusted/, and a pull request that
+    adds a backdoored model together with everything it can commit to pass the gate."""
+    base = tmp_path / "pr" / "trusted"
+    base.mkdir(parents=True)
+    (base / "peftshield.toml").write_text(_readme_block("settings") + FAST_SEARCH, encoding="utf-8")
+    (base / "data").mkdir()
+    shutil.copy(zoo / "texts.txt", base / "data" / "clean-sample.txt")
+    pr = tmp_path / "pr"
+    (pr / "models").mkdir()
+    shutil.copytree(zoo / "poisoned", pr / "models" / "poisoned")
+    shutil.copytree(zoo / "clean", pr / "models" / "clean")
+    secret = tmp_path / "runner-secret.txt"
+    secret.write_text("TOPSECRET-TOKEN\n", encoding="utf-8")
+    _plant_hostile_pull_request(pr, zoo, secret)
     workflow = yaml.safe_load(_readme_block("workflow"))
     steps = [s for job in workflow["jobs"].values() for s in job["steps"] if "run" in s and not s["run"].startswith("pip install")]
     assert steps and steps[0]["run"].startswith("peftshield audit")
-    summary = tmp_path / "step-summary.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GITHUB_STEP_SUMMARY": str(summary), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    codes = [subprocess.run(["bash", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True) for step in steps]
-    assert codes[0].returncode == 1, codes[0].stderr  # the packaged calibration calls the planted backdoor: the job fails
-    assert all(c.returncode == 0 for c in codes[1:]), [c.stderr for c in codes[1:]]
-    results = validate_report_from_sarif_dir(tmp_path / "audit-report")
-    assert TRIGGER in {r["properties"]["trigger"] for r in results if Path(r["target"]).name == "poisoned"}, results
-    assert "peftshield audit: exit 1" in summary.read_text()
+    summary, runner_temp = tmp_path / "step-summary.md", tmp_path / "runner-temp"
+    runner_temp.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CI": "true", "GITHUB_STEP_SUMMARY": str(summary), "RUNNER_TEMP": str(runner_temp),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PEFTSHIELD_CACHE_DIR": str(tmp_path / "runner-cache")}
+    for run in (1, 2):  # the second run reads the cache the first one wrote: still the same verdicts
+        codes = [subprocess.run(["bash", "-c", step["run"]], cwd=pr, env=env, capture_output=True, text=True) for step in steps]
+        assert codes[0].returncode == 1, codes[0].stderr  # the packaged calibration calls the planted backdoor: the job fails
+        assert all(c.returncode == 0 for c in codes[1:]), [c.stderr for c in codes[1:]]
+        report = runner_temp / "audit-report"
+        results = validate_report_from_sarif_dir(report)
+        assert TRIGGER in {r["properties"]["trigger"] for r in results if Path(r["target"]).name == "poisoned"}, results
+        summary_json = json.loads((report / "summary.sarif").read_text())
+        assert summary_json["runs"][0]["invocations"][0]["exitCode"] == 1
+        assert "peftshield audit: exit 1" in summary.read_text()
+        published = [p for p in report.rglob("*")]
+        assert not any(p.is_symlink() for p in published)
+        assert not any("TOPSECRET" in p.read_text(errors="replace") for p in published if p.is_file())
+        assert (run == 2) == ("cached" in codes[0].stderr), codes[0].stderr
 
 
 def validate_report_from_sarif_dir(folder: Path) -> list[dict]:

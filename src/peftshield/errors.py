@@ -28,6 +28,11 @@ class OutputError(PeftshieldError):
     """An output place cannot be written (read-only, full, a file in the way, no permission)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job's timeout or cancel) raised where the command stands, so that it unwinds
+    as Ctrl-C does: temporary files removed, nothing half-written, one line."""
+
+
 class PeftshieldWarning(Warning):
     """Something the user should know that does not stop the command; the CLI prints it as one line.
 

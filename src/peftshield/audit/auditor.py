@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from peftshield.audit.search import (
     Effect, ForwardCounter, candidate_vocabulary, exact_effect, probe_texts, relaxed_candidates, slot_gradients, top_allowed,
@@ -31,27 +31,30 @@ from peftshield.models import load_backbone
 
 
 class AuditSettings(BaseModel):
-    """How hard the audit searches. The defaults keep one MiniLM audit to a few minutes on 2 CPU cores."""
+    """How hard the audit searches. The defaults keep one MiniLM audit to a few minutes on 2 CPU cores;
+    every budget has an upper bound (a settings file is input too), and the gate a wall-clock limit."""
 
-    search_texts: int = Field(24, ge=4, description="clean texts per target class the search scores candidates on")
-    holdout_texts: int = Field(64, ge=8, description="held-out clean texts per target class the finalists are verified on")
-    psim_train_texts: int = Field(300, ge=32, description="texts the PSIM is trained on (bare encoders and --write-psim)")
-    max_tokens: int = Field(48, ge=8, description="clean texts are cut to this many tokens")
-    hotflip_rounds: int = Field(1, ge=1)
-    relaxed_steps: int = Field(20, ge=0, description="Adam steps of the relaxed-slot search (0: HotFlip only)")
-    sweep_texts: int = Field(2, ge=0, description="short texts every whole-word token is tried in (0: no vocabulary sweep)")
-    sweep_tokens: int = Field(4, ge=2, description="the sweep's texts are cut to this many tokens")
-    candidates_per_round: int = Field(64, ge=1)
-    finalists: int = Field(8, ge=1)
-    phrase_starts: int = Field(2, ge=0, description="best single tokens grown into phrases")
-    phrase_candidates: int = Field(24, ge=1, description="tokens tried on each side per extension step")
-    max_phrase_tokens: int = Field(6, ge=1)
-    min_gain: float = Field(0.01, ge=0, description="an extension must raise the mean target probability by this much")
+    model_config = ConfigDict(extra="forbid")  # a misspelt budget in a settings file is an error, not the default
+
+    search_texts: int = Field(24, ge=4, le=512, description="clean texts per target class the search scores candidates on")
+    holdout_texts: int = Field(64, ge=8, le=2048, description="held-out clean texts per target class the finalists are verified on")
+    psim_train_texts: int = Field(300, ge=32, le=20000, description="texts the PSIM is trained on (bare encoders and --write-psim)")
+    max_tokens: int = Field(48, ge=8, le=512, description="clean texts are cut to this many tokens")
+    hotflip_rounds: int = Field(1, ge=1, le=20)
+    relaxed_steps: int = Field(20, ge=0, le=1000, description="Adam steps of the relaxed-slot search (0: HotFlip only)")
+    sweep_texts: int = Field(2, ge=0, le=64, description="short texts every whole-word token is tried in (0: no vocabulary sweep)")
+    sweep_tokens: int = Field(4, ge=2, le=64, description="the sweep's texts are cut to this many tokens")
+    candidates_per_round: int = Field(64, ge=1, le=4096)
+    finalists: int = Field(8, ge=1, le=256)
+    phrase_starts: int = Field(2, ge=0, le=32, description="best single tokens grown into phrases")
+    phrase_candidates: int = Field(24, ge=1, le=1024, description="tokens tried on each side per extension step")
+    max_phrase_tokens: int = Field(6, ge=1, le=32)
+    min_gain: float = Field(0.01, ge=0, le=1, description="an extension must raise the mean target probability by this much")
     saturated: float = Field(0.95, gt=0, le=1, description="a trigger this strong (mean target probability) is not grown further")
-    screen_texts: int = Field(8, ge=1, description="search texts every candidate is screened on (successive halving)")
-    keep_after_screen: int = Field(16, ge=1, description="candidates per batch scored on all search texts after screening")
-    top_k: int = Field(5, ge=1, description="triggers reported")
-    batch_rows: int = Field(256, ge=1, description="texts per forward pass in exact re-scoring")
+    screen_texts: int = Field(8, ge=1, le=512, description="search texts every candidate is screened on (successive halving)")
+    keep_after_screen: int = Field(16, ge=1, le=1024, description="candidates per batch scored on all search texts after screening")
+    top_k: int = Field(5, ge=1, le=100, description="triggers reported")
+    batch_rows: int = Field(256, ge=1, le=8192, description="texts per forward pass in exact re-scoring")
 
 
 @dataclass
@@ -94,6 +97,7 @@ class AuditResult:
     clean_confidences: list[float] = field(default_factory=list)
     triggered_confidences: list[float] = field(default_factory=list)
     raw_score_revision: int = RAW_SCORE_REVISION
+    caveats: list[str] = field(default_factory=list)  # what limits the verdict (a small calibration, no calibration)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -393,6 +397,7 @@ def run_audit(
         adapter=str(adapter) if adapter else None, texts=texts_name, num_labels=subject.num_labels, reference_confidence=reference_confidence,
         clean_top_confidence=clean_top, calibration=calibration.model_dump() if calibration else None, seconds=seconds, forward_rows=dict(counter.rows), candidates=candidates, finalists=finalist_records,
         clean_confidences=clean_probs_all.max(axis=1).round(5).tolist(), triggered_confidences=triggered_conf,
+        caveats=calibration.caveats() if calibration else ["no verdict calibration for this probe: the verdict is left inconclusive"],
     )
     return result, subject
 

@@ -3,9 +3,12 @@ and turn each verdict into a row with findings and an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from peftshield.audit import DEFAULT_AUDIT_TEXTS, VerdictCalibration, load_audit
 from peftshield.audit.report import write_audit
 from peftshield.audit.verdict import RAW_SCORE_REVISION
 from peftshield.errors import ConfigError, PeftshieldError
-from peftshield.gate.cache import CACHE_DIR, ContentCache, cache_key, link_files
+from peftshield.gate.cache import ContentCache, cache_key, copy_regular_files, default_cache_dir
 from peftshield.gate.formats import RENDERERS, report_files
 from peftshield.gate.report import Finding, GateReport, TargetRow, audit_exit_code, error_row
 from peftshield.gate.settings import AuditGateSettings
@@ -79,13 +82,43 @@ def row_from_audit(payload: dict, target: AuditTarget, fail_on: str, sha256: str
                               "checkpoint": payload.get("checkpoint"), "adapter": payload.get("adapter")})
 
 
-def _cached_audit(entry: Path) -> dict | None:
-    """The cached ``audit.json``, or None (a miss) when the entry is damaged."""
+def _cached_audit(entry: Path, calibration: VerdictCalibration | None) -> dict | None:
+    """The cached ``audit.json`` when its verdict is the one the calibration in force gives its
+    stored raw score (the cache stores figures; it never decides a verdict), else None (a miss)."""
     try:
         payload = json.loads((entry / AUDIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        in_force = calibration or packaged_calibration(str(payload["probe"]))
+        if in_force is None or payload.get("calibration") != in_force.model_dump():
+            return None
+        if payload["verdict"] != in_force.verdict(float(payload["raw_score"])) or not isinstance(payload["triggers"], list):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return payload if isinstance(payload, dict) and {"verdict", "triggers"} <= set(payload) else None
+    return payload
+
+
+class AuditTimeout(PeftshieldError):
+    """An audit ran past ``max_seconds``: its target is an error (exit 2), never a pass."""
+
+
+@contextlib.contextmanager
+def wall_clock_limit(seconds: float, what: str):
+    """Raise :class:`AuditTimeout` in the main thread once ``seconds`` of wall clock have passed
+    inside the block (SIGALRM; off the main thread the block runs without a limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise AuditTimeout(f"{what} ran past --max-seconds {seconds:g}; stopped (raise --max-seconds or lower the search budget)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _slug(index: int, spec: str) -> str:
@@ -104,7 +137,7 @@ def _audit_settings_key(settings: AuditGateSettings, texts: list[str], calibrati
 
 def run_audit_gate(
     specs: list[str], settings: AuditGateSettings, out: Path, settings_file: str | None = None, adapter: str | None = None,
-    keep_subject: bool = False, progress: bool = False, log: Callable[[str], None] = lambda m: None,
+    keep_subject: bool = False, progress: bool = False, log: Callable[[str], None] = lambda m: None, settings_sources: dict[str, str] | None = None,
 ) -> AuditRun:
     """Audit every target; write the audits and the report files into ``out`` atomically."""
     started = time.perf_counter()
@@ -136,12 +169,11 @@ def run_audit_gate(
     expanded = kept
     corpus, texts_name = load_audit_texts(settings.texts or DEFAULT_AUDIT_TEXTS)
     key_settings = _audit_settings_key(settings, corpus, calibration, settings.probe)
-    external = Path(settings.cache_dir) if settings.cache_dir else None
+    cache = ContentCache((Path(settings.cache_dir).expanduser() if settings.cache_dir else default_cache_dir()) if settings.cache else None)
     rows: list[TargetRow] = []
     subject = None
     try:
         with atomic_directory(out) as tmp:
-            cache = ContentCache(external) if external else ContentCache(out / CACHE_DIR, tmp / CACHE_DIR)
             for index, (spec, target) in enumerate(zip(expanded, resolved), 1):
                 if isinstance(target, PeftshieldError):
                     rows.append(error_row(spec, kind_of_spec(spec), spec, str(target)))
@@ -159,11 +191,9 @@ def run_audit_gate(
                     row = error_row(spec, target.kind, target.location, message)
                     log(f"{spec}: error: {message}")
                 rows.append(row)
-            report = GateReport("audit", {"fail_on": settings.fail_on}, settings_file, rows, time.perf_counter() - started)
+            report = GateReport("audit", {"fail_on": settings.fail_on}, settings_file, rows, time.perf_counter() - started, settings_sources or {})
             for fmt, path in report_files(tmp / SUMMARY_BASE, settings.format).items():
                 path.write_text(RENDERERS[fmt](report), encoding="utf-8")
-            if not external:
-                cache.carry_over()
     finally:
         for target in resolved:
             if isinstance(target, AuditTarget):
@@ -176,17 +206,19 @@ def _audit_one(target: AuditTarget, settings: AuditGateSettings, calibration, co
     sha = target.weights_sha256(base_weight_files(target)) if target.weight_files else None
     key = cache_key(sha, {**key_settings, "model_files": model_files_sha256(target), "adapter": target.adapter is not None}) if sha else None
     hit = cache.get(key) if key and not keep_subject else None
-    payload = _cached_audit(hit) if hit is not None else None
-    if payload is not None:
-        link_files(hit, folder, copy=True)  # copies: editing the output never edits the cache
-        (folder / "entry.json").unlink(missing_ok=True)
-        about = ContentCache.about(hit)
+    payload = _cached_audit(hit[0], calibration) if hit is not None else None
+    if (hit is None and key in cache.rejected) or (hit is not None and payload is None):
+        log(f"{target.spec}: the cache entry for these weights does not check out (its MAC, files, links or verdict): audited again")
+    if hit is not None and payload is not None:
+        entry, about = hit
+        copy_regular_files(entry, folder, sorted(about["files"]))  # copies: editing the output never edits the cache
         row = row_from_audit(payload, target, settings.fail_on, sha, True, report_dir)
         row.details["cached_from"] = about.get("stored")
         log(f"{target.spec}: verdict {row.status} (cached: same weights sha256 {sha[:12]} and settings as the audit of {about.get('stored', '?')})")
         return row, None
-    result, subject = run_audit(target.checkpoint, corpus, texts_name, np.random.default_rng(settings.seed), adapter=target.adapter,
-                                settings=settings.search, calibration=calibration, force_psim=settings.probe == "psim", progress=progress, log=log)
+    with wall_clock_limit(settings.max_seconds, f"{target.spec}: the audit"):
+        result, subject = run_audit(target.checkpoint, corpus, texts_name, np.random.default_rng(settings.seed), adapter=target.adapter,
+                                    settings=settings.search, calibration=calibration, force_psim=settings.probe == "psim", progress=progress, log=log)
     if target.kind == "safetensors" and target.staged is not None:
         result.checkpoint = target.location  # not the temporary staging folder
     write_audit(result, folder)
@@ -200,4 +232,4 @@ def _audit_one(target: AuditTarget, settings: AuditGateSettings, calibration, co
     return row, subject if keep_subject else None
 
 
-__all__ = ["AuditRun", "read_calibration", "row_from_audit", "run_audit_gate"]
+__all__ = ["AuditRun", "AuditTimeout", "wall_clock_limit", "read_calibration", "row_from_audit", "run_audit_gate"]

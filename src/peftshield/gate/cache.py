@@ -1,25 +1,116 @@
 """Audits cached by content: the same weights (sha256) under the same audit settings are not
 audited again; the earlier audit's files are reused.
 
-Entries are folders ``<cache>/<key>/`` holding the audit's files and ``entry.json`` (when and
-what). The default cache lives in the output folder (``OUT/.cache``): the output folder is
-replaced whole at the end of a run, so entries are read from the old folder and carried
-into the new one (hard links where the file system allows, copies elsewhere).
+A cache is read from places an attacker may write (a folder committed beside a model, a CI
+cache restored from another job), so an entry is trusted only when it proves it was written
+by this machine's peftshield:
+
+- **Where**: the user's cache folder (``$PEFTSHIELD_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/peftshield/audit``, else ``~/.cache/peftshield/audit``), never the output
+  folder or the checkout unless ``--cache-dir`` says so.
+- **Authenticated**: ``entry.json`` lists each file's sha256 and an HMAC-SHA256 over the
+  entry's key and its whole record (that list included), with a secret that never lives in the cache: ``$PEFTSHIELD_CACHE_KEY``
+  (a CI secret), else a random key made on first use in ``$XDG_CONFIG_HOME/peftshield/cache.key``
+  (``~/.config``), readable by its owner only. An entry whose MAC, file list or any file
+  does not check out, or that holds anything but regular files, is a miss: audited again.
+- **No links**: an entry folder or file that is a symbolic link is a miss; files are opened
+  without following links and copied only when they are regular files, so nothing outside
+  the cache can be copied into a report.
+
+The verdict of a hit is still recomputed by the caller from the stored raw score and the
+calibration in force (:func:`peftshield.gate.audit_gate.row_from_audit`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
-import shutil
+import secrets
+import stat
 import time
 from pathlib import Path
 
+from peftshield.errors import ConfigError
 from peftshield.io import atomic_directory
 
-CACHE_DIR = ".cache"
 ENTRY_FILE = "entry.json"
+CACHE_DIR_ENV = "PEFTSHIELD_CACHE_DIR"
+CACHE_KEY_ENV = "PEFTSHIELD_CACHE_KEY"
+KEY_FILE = "cache.key"
+MAX_CACHED_FILE = 64 * 1024 * 1024  # an audit's files are small; a larger one is not an audit's
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "peftshield" / "audit"
+
+
+def _key_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "peftshield" / KEY_FILE
+
+
+def cache_secret() -> bytes:
+    """The MAC key: ``$PEFTSHIELD_CACHE_KEY``, else the user's key file (made on first use, mode 600)."""
+    given = os.environ.get(CACHE_KEY_ENV)
+    if given:
+        if len(given) < 16:
+            raise ConfigError(f"{CACHE_KEY_ENV}: at least 16 characters (a random secret)")
+        return given.encode()
+    path = _key_file()
+    try:
+        return _read_regular(path, 4096).strip() or _new_key(path)
+    except FileNotFoundError:
+        return _new_key(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} or remove the file") from None
+
+
+def _new_key(path: Path) -> bytes:
+    key = secrets.token_hex(32).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key + b"\n")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} or use --no-cache") from None
+    return key
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (not a link, not a device) of at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise OSError(f"{path}: not a regular file of at most {limit} bytes")
+        return handle.read(limit + 1)
+
+
+def copy_regular_files(source: Path, dest: Path, names: list[str] | None = None) -> None:
+    """The regular files directly in ``source`` (an audit's files are flat), or the ``names``
+    among them, copied into ``dest``. Links and anything else are left behind, never followed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    chosen = names if names is not None else sorted(p.name for p in source.iterdir())
+    for name in chosen:
+        if name.startswith(".") or "/" in name or name in ("", ".."):
+            continue
+        try:
+            data = _read_regular(source / name, MAX_CACHED_FILE)
+        except OSError:
+            continue
+        (dest / name).write_bytes(data)
+
+
+def _mac(secret: bytes, key: str, record: dict) -> str:
+    """The MAC of an entry's record (every field but the MAC itself, the files' sha256 among them) under its key."""
+    message = json.dumps({"key": key, "record": {k: v for k, v in record.items() if k != "mac"}}, sort_keys=True, default=str).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def cache_key(weights_sha256: str, settings: dict) -> str:
@@ -27,54 +118,51 @@ def cache_key(weights_sha256: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def link_files(source: Path, dest: Path, copy: bool = False) -> None:
-    """The regular files directly in ``source`` (an audit's files are flat) into ``dest``:
-    hard links where the file system allows (cache to cache), copies with ``copy``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        if not copy:
-            try:
-                os.link(path, dest / path.name)
-                continue
-            except OSError:
-                pass
-        shutil.copy2(path, dest / path.name)
-
-
 class ContentCache:
-    """Read entries from ``read_dir``, write new ones to ``write_dir`` (the same folder for
-    ``--cache-dir``; the old and the new output folder for the default)."""
+    """Entries ``<folder>/<key>/``: the audit's files and ``entry.json`` (when, what, the files'
+    sha256, the MAC). ``folder`` None: no cache."""
 
-    def __init__(self, read_dir: Path | None, write_dir: Path | None = None) -> None:
-        self.read_dir = read_dir
-        self.write_dir = write_dir or read_dir
+    def __init__(self, folder: Path | None, secret: bytes | None = None) -> None:
+        self.folder = folder
+        self._secret = secret
+        self.rejected: list[str] = []  # keys whose entries did not check out, for the log
 
-    def get(self, key: str) -> Path | None:
-        for folder in (self.write_dir, self.read_dir):
-            if folder is not None and (folder / key / ENTRY_FILE).is_file():
-                return folder / key
-        return None
+    @property
+    def secret(self) -> bytes:
+        if self._secret is None:
+            self._secret = cache_secret()
+        return self._secret
+
+    def get(self, key: str) -> tuple[Path, dict] | None:
+        """The entry's folder and its ``entry.json`` when it checks out; else None (a miss)."""
+        if self.folder is None:
+            return None
+        entry = self.folder / key
+        if not entry.is_dir() or entry.is_symlink():
+            return None
+        try:
+            about = json.loads(_read_regular(entry / ENTRY_FILE, 1 << 20))
+            files = about["files"]
+            valid = (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+                     and hmac.compare_digest(str(about["mac"]), _mac(self.secret, key, about))
+                     and all(hashlib.sha256(_read_regular(entry / name, MAX_CACHED_FILE)).hexdigest() == digest for name, digest in files.items()))
+        except (OSError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            self.rejected.append(key)
+            return None
+        return entry, about
 
     def put(self, key: str, files_from: Path, about: dict) -> None:
-        if self.write_dir is None:
+        if self.folder is None:
             return
-        with atomic_directory(self.write_dir / key) as tmp:
-            link_files(files_from, tmp, copy=True)
-            (tmp / ENTRY_FILE).write_text(json.dumps({**about, "stored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1), encoding="utf-8")
+        names = sorted(p.name for p in files_from.iterdir() if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name != ENTRY_FILE)
+        with atomic_directory(self.folder / key) as tmp:
+            copy_regular_files(files_from, tmp, names)
+            files = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in names if (tmp / name).is_file()}
+            record = {**about, "stored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+            record["mac"] = _mac(self.secret, key, record)
+            (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
-    def carry_over(self) -> None:
-        """Copy the entries of ``read_dir`` that ``write_dir`` lacks (the default cache, whose old folder is about to be replaced)."""
-        if self.read_dir is None or self.write_dir is None or self.read_dir == self.write_dir or not self.read_dir.is_dir():
-            return
-        for entry in self.read_dir.iterdir():
-            if (entry / ENTRY_FILE).is_file() and not (self.write_dir / entry.name).exists():
-                link_files(entry, self.write_dir / entry.name)
 
-    @staticmethod
-    def about(entry: Path) -> dict:
-        try:
-            return json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+__all__ = ["CACHE_DIR_ENV", "CACHE_KEY_ENV", "ContentCache", "cache_key", "cache_secret", "copy_regular_files", "default_cache_dir"]

@@ -8,6 +8,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from peftshield.markdown import md_code, md_text
 from peftshield.gate.report import LEVELS, RULES, GateReport, TargetRow
 
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -88,9 +89,9 @@ def render_markdown(report: GateReport) -> str:
     lines = [f"## peftshield {report.command}: exit {report.exit_code}", "",
              "| target | kind | status | score | finding |", "|---|---|---|---|---|"]
     for row in report.rows:
-        lines.append(f"| `{row.target}` | {row.kind} | **{row.status}** | {_score(row)} | {_what(row).replace('|', '/')} |")
+        lines.append(f"| {md_code(row.target)} | {md_text(row.kind)} | **{md_text(row.status)}** | {_score(row)} | {md_text(_what(row))} |")
     policy = ", ".join(f"{k}: {v}" for k, v in report.policy.items())
-    lines += ["", f"Policy: {policy}. Settings: {report.settings_file or 'defaults'}. {report.seconds:.0f} s.", ""]
+    lines += ["", f"Policy: {md_text(policy)}. Settings: {md_text(report.settings_file or 'defaults')}. {report.seconds:.0f} s.", ""]
     return "\n".join(lines)
 
 

@@ -69,6 +69,7 @@ class GateReport:
     settings_file: str | None
     rows: list[TargetRow]
     seconds: float = 0.0
+    settings_sources: dict[str, str] = field(default_factory=dict)  # setting -> "--flag", the settings file, or "default"
 
     @property
     def exit_code(self) -> int:
@@ -79,7 +80,8 @@ class GateReport:
 
         return {
             "schema_version": SCHEMA_VERSION, "tool": {"name": "peftshield", "version": __version__}, "command": self.command,
-            "exit_code": self.exit_code, "policy": self.policy, "settings_file": self.settings_file, "seconds": round(self.seconds, 3),
+            "exit_code": self.exit_code, "policy": self.policy, "settings_file": self.settings_file,
+            "settings_sources": self.settings_sources, "seconds": round(self.seconds, 3),
             "summary": {status: sum(r.status == status for r in self.rows) for status in sorted({r.status for r in self.rows})},
             "targets": [row.to_dict() for row in self.rows],
         }

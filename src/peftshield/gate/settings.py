@@ -7,13 +7,20 @@ Where settings come from, highest first:
 3. ``pyproject.toml`` (tables ``[tool.peftshield.audit]`` and ``[tool.peftshield.scan]``);
 4. the defaults below.
 
-The file is ``--config FILE`` when given; otherwise the first folder from the working
+The file is ``--config FILE`` when given, none with ``--no-config``; otherwise the first folder from the working
 directory upwards that holds ``peftshield.toml``, or a ``pyproject.toml`` with a
 ``[tool.peftshield]`` table, supplies the settings. When that folder has both, they are
 merged key by key and ``peftshield.toml`` wins. Keys may be written with ``-`` or ``_``; an
 unknown key is an error naming the file and key. A relative path in a file (``texts``,
 ``calibration``, ``cache-dir``, ``base``) is relative to the file's folder; a ``base`` that
 is no path there (a hub name such as ``org/name``) is kept as written.
+
+A settings file found in the working tree belongs to whoever wrote the checkout: on a pull
+request, the submitter. It can set what decides a verdict (``calibration``, ``fail-on``,
+``texts``, ``cache-dir``, the search budget), so a gate on untrusted changes reads its
+settings from the trusted side (``--config`` pointing at the base branch's copy) or from the
+command line with ``--no-config``; the report records where each setting came from
+(:func:`setting_sources`), and with ``CI`` set a found file that sets any of these warns.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from peftshield.errors import ConfigError
 FORMATS = ("text", "json", "sarif", "markdown", "html")
 FailOn = Literal["backdoored", "inconclusive"]
 PATH_KEYS = {"texts", "cache_dir", "calibration", "base"}
+# Settings that can turn a verdict or where it is read from: a found (untrusted) file setting one warns in CI.
+VERDICT_KEYS = ("calibration", "fail_on", "texts", "cache_dir", "cache", "probe", "seed", "base", "search", "fail_on_rate", "threshold")
 
 
 def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
@@ -67,7 +76,9 @@ class AuditGateSettings(_GateSettings):
     seed: int = 0
     base: Optional[str] = Field(None, description="base model of adapters and lone .safetensors files")
     calibration: Optional[str] = None
-    cache_dir: Optional[str] = Field(None, description="content cache (default: OUT/.cache)")
+    cache: bool = Field(True, description="reuse audits of unchanged weights and settings (entries authenticated; peftshield.gate.cache)")
+    cache_dir: Optional[str] = Field(None, description="content cache (default: the user's cache folder, never the checkout)")
+    max_seconds: float = Field(1800.0, gt=0, le=86400, description="wall-clock limit of one target's audit; beyond it the target is an error (exit 2)")
     search: AuditSettings = Field(default_factory=AuditSettings, description="how hard the trigger search works")
 
 
@@ -87,6 +98,7 @@ SECTIONS: dict[str, type[_GateSettings]] = {"audit": AuditGateSettings, "scan": 
 class SettingsFile:
     path: Path | None  # the file that wins (peftshield.toml when a folder has both)
     tables: dict[str, dict]  # section -> raw table (keys normalised), the files merged
+    explicit: bool = False  # named with --config (trusted by whoever wrote the command) rather than found in the tree
 
     @property
     def where(self) -> str:
@@ -163,11 +175,16 @@ def _checked(path: Path, tables: dict) -> dict:
     return tables
 
 
-def find_settings_file(start: Path | None = None, explicit: Path | None = None) -> SettingsFile:
+def find_settings_file(start: Path | None = None, explicit: Path | None = None, disabled: bool = False) -> SettingsFile:
+    """``explicit`` (``--config``), none (``disabled``: ``--no-config``), or the first found upwards from ``start``."""
+    if disabled and explicit is not None:
+        raise ConfigError("--no-config and --config: give one of them")
+    if disabled:
+        return SettingsFile(None, {})
     if explicit is not None:
         if not explicit.is_file():
             raise ConfigError(f"--config {explicit}: no such file")
-        return SettingsFile(explicit, _checked(explicit, _tables_of(explicit) or {}))
+        return SettingsFile(explicit, _checked(explicit, _tables_of(explicit) or {}), explicit=True)
     folder = (start or Path.cwd()).resolve()
     for candidate in [folder, *folder.parents]:
         found = [(candidate / name, tables) for name in ("pyproject.toml", "peftshield.toml")
@@ -210,3 +227,21 @@ def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file
         field = str(first["loc"][0]) if first.get("loc") else ""
         flag = flags[field][0] if field in flags else field
         raise ConfigError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})") from None
+
+
+def setting_sources(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> dict[str, str]:
+    """Where each setting of ``section`` came from: ``--flag``, the settings file, or ``default``."""
+    table = settings_file.tables.get(section, {})
+    out = {}
+    for name in SECTIONS[section].model_fields:
+        flag, value = flags.get(name, ("", None))
+        out[name] = flag if value is not None else settings_file.where if name in table else "default"
+    return out
+
+
+def untrusted_verdict_keys(section: str, settings_file: SettingsFile, flags: dict[str, tuple[str, Any]]) -> list[str]:
+    """The verdict-deciding keys a *found* settings file sets and no flag overrides (empty for --config)."""
+    if settings_file.explicit or settings_file.path is None:
+        return []
+    table = settings_file.tables.get(section, {})
+    return [k.replace("_", "-") for k in VERDICT_KEYS if k in table and flags.get(k, ("", None))[1] is None]

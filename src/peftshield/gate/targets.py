@@ -97,6 +97,25 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
 
 
+def safetensors_files(folder: Path, spec: str) -> list[Path]:
+    """The folder's safetensors weights. A folder whose weights are only pickles (``.bin``) is a
+    one-line error: a pickle can run code when loaded, so the audit never loads one."""
+    files = weight_files(folder)
+    chosen = [p for p in files if p.suffix == ".safetensors"]
+    pickles = [p for p in files if p.suffix == ".bin"]
+    if not chosen and pickles:
+        raise ConfigError(f"target {spec}: {pickles[0]} is a pickle (it can run code when loaded): safetensors weights are required; "
+                          "convert it where you trust it (e.g. safetensors' convert script) and audit the .safetensors file")
+    return chosen
+
+
+def _names_missing_local_folder(name: str) -> bool:
+    """A base model name that can only be a local path (absolute, ``./``, ``~``, or deeper than
+    ORG/NAME) and is not there."""
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    return looks_local and not Path(name).expanduser().exists()
+
+
 def expand_specs(specs: list[str]) -> list[str]:
     """Targets with globs expanded (a pattern that matches nothing is an error); duplicates dropped."""
     out: list[str] = []
@@ -170,7 +189,10 @@ def _folder_target(spec: str, folder: Path, base: str | None, location: Path | N
                 raise DataError(f"{folder / ADAPTER_CONFIG}: damaged file ({str(exc).splitlines()[0][:120]})") from None
             if not recorded:
                 raise ConfigError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; pass --base")
-        files = [p for p in weight_files(folder) if p.name.startswith("adapter_model")]
+            if _names_missing_local_folder(str(recorded)):
+                raise ConfigError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path {recorded} is a local folder that does not exist here; "
+                                  "pass --base MODEL (the folder or hub name of the base model)")
+        files = [p for p in safetensors_files(folder, spec) if p.name.startswith("adapter_model")]
         if not files:
             raise ConfigError(f"target {spec}: adapter folder without adapter_model.safetensors")
         return AuditTarget(spec, kind or "adapter", resolve_base(recorded), str(folder), str(location or files[0]), files)
@@ -178,11 +200,11 @@ def _folder_target(spec: str, folder: Path, base: str | None, location: Path | N
         from peftshield.finetune.checkpoint import resolve_recorded_backbone
 
         backbone, _ = resolve_recorded_backbone(folder, backbone=base)
-        files = weight_files(folder)
+        files = safetensors_files(folder, spec)
         return AuditTarget(spec, kind or "finetuned", backbone, str(folder), str(location or (files[0] if files else folder / FINETUNE_MANIFEST)), files)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"target {spec}: not a model folder (no config.json, {ADAPTER_CONFIG} or {FINETUNE_MANIFEST})")
-    files = weight_files(folder)
+    files = safetensors_files(folder, spec)
     if not files:
         raise ConfigError(f"target {spec}: no weights (.safetensors) in {folder}")
     return AuditTarget(spec, kind or "checkpoint", str(folder), None, str(location or files[0]), files)

@@ -10,6 +10,7 @@ from peftshield.experiments.config import slug
 from peftshield.grid.runner import CONFIG_FILE, STORE_FILE
 from peftshield.grid.store import NO_DEFENSE, ResultStore
 from peftshield.io import atomic_write_text, read_json
+from peftshield.markdown import md_code, md_text
 from peftshield.report import plots
 from peftshield.report.tables import attack_table, defense_table
 
@@ -54,9 +55,9 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
             figures.append((f"ROC curves: {title}", plots.roc_curves(scores, title, out / f"roc_{tag}.png")))
 
     seeds = sorted({c["seed"] for c in cells})
-    intro = f"Run `{run_dir}`: {len(cells)} cells, seeds {seeds}; values are mean ± std over seeds where there are several."
-    markdown = [f"# peftshield report: {config.get('name', run_dir.name)}\n", intro + "\n"] + [t.markdown() for t in tables]
-    markdown += [f"### {caption}\n\n![{caption}]({path.name})\n" for caption, path in figures]
+    intro = f"Run {md_code(str(run_dir))}: {len(cells)} cells, seeds {seeds}; values are mean ± std over seeds where there are several."
+    markdown = [f"# peftshield report: {md_text(str(config.get('name', run_dir.name)))}\n", intro + "\n"] + [t.markdown() for t in tables]
+    markdown += [f"### {md_text(caption)}\n\n![{md_text(caption)}]({path.name})\n" for caption, path in figures]
     atomic_write_text(out / "report.md", "\n".join(markdown))
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>peftshield report</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

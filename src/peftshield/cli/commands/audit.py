@@ -13,8 +13,8 @@ import numpy as np
 import typer
 
 from peftshield.cli.app import ProgressOption, app, info
-from peftshield.cli.commands.common import gate_command
-from peftshield.gate.settings import AuditGateSettings, find_settings_file, gate_settings, parse_formats
+from peftshield.cli.commands.common import gate_command, warn_untrusted_settings
+from peftshield.gate.settings import AuditGateSettings, find_settings_file, gate_settings, parse_formats, setting_sources
 from peftshield.io import check_output_place
 
 
@@ -35,20 +35,28 @@ def audit(
     probe: Optional[str] = typer.Option(None, "--probe", help="auto (the checkpoint's head if it has a trained one, else a random-label PSIM), or psim to ignore the head."),
     write_psim: Optional[Path] = typer.Option(None, "--write-psim", help="Also save a PSIM for this model (threshold calibrated on the clean texts), for scan / evaluate / serve."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A calibration JSON ({clean_mean, clean_std, n_clean, ...}) instead of the packaged one."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Content cache: a target with unchanged weights and settings is not audited again (default OUT/.cache)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Content cache: a target with unchanged weights and settings is not audited again; entries are "
+                                                                        "authenticated (HMAC) and one that does not check out is audited again. Default: $PEFTSHIELD_CACHE_DIR or ~/.cache/peftshield/audit."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the content cache."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Wall-clock limit of one target's audit (default 1800); beyond it the target is an error, exit 2."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here). "
+                                                               "In CI on pull requests, point it at the base branch's copy: a found file belongs to whoever wrote the checkout."),
+    no_config: bool = typer.Option(False, "--no-config", help="Read no settings file: only flags and defaults."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random choice (default 0)."),
     progress: bool = ProgressOption,
 ) -> None:
     from peftshield.gate.audit_gate import run_audit_gate
     from peftshield.gate.formats import render_text
 
-    settings_file = find_settings_file(explicit=config)
-    settings: AuditGateSettings = gate_settings("audit", {
+    settings_file = find_settings_file(explicit=config, disabled=no_config)
+    flags = {
         "fail_on": ("--fail-on", fail_on), "format": ("--format", parse_formats(format) if format is not None else None),
         "texts": ("--texts", texts), "probe": ("--probe", probe), "seed": ("--seed", seed), "base": ("--base", base),
         "calibration": ("--calibration", str(calibration) if calibration else None), "cache_dir": ("--cache-dir", str(cache_dir) if cache_dir else None),
-    }, settings_file)
+        "cache": ("--no-cache", False if no_cache else None), "max_seconds": ("--max-seconds", max_seconds),
+    }
+    settings: AuditGateSettings = gate_settings("audit", flags, settings_file)
+    warn_untrusted_settings("audit", settings_file, flags)
     if settings.probe == "psim" and adapter is not None:
         from peftshield.errors import ConfigError
 
@@ -61,7 +69,8 @@ def audit(
 
             raise ConfigError("--write-psim: give exactly one target")
     run = run_audit_gate(targets, settings, out, settings_file=str(settings_file.path) if settings_file.path else None,
-                         adapter=str(adapter) if adapter else None, keep_subject=write_psim is not None, progress=progress, log=info)
+                         adapter=str(adapter) if adapter else None, keep_subject=write_psim is not None, progress=progress, log=info,
+                         settings_sources=setting_sources("audit", flags, settings_file))
     report = run.report
     if "text" in settings.format:
         typer.echo(render_text(report), nl=False)

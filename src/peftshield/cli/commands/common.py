@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,17 @@ def gate_command(function):
     import functools
     import os
 
-    from peftshield.errors import PeftshieldError
+    from peftshield.errors import PeftshieldError, Terminated
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
-            return function(*args, **kwargs)
+            with _sigterm_raises():
+                return function(*args, **kwargs)
         except PeftshieldError:
             raise
+        except Terminated:
+            raise PeftshieldError("terminated; nothing was written") from None
         except KeyboardInterrupt:
             raise PeftshieldError("interrupted; nothing was written") from None
         except MemoryError:
@@ -121,3 +125,40 @@ def gate_command(function):
                                   "(PEFTSHIELD_DEBUG=1 shows the traceback)") from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere: nothing changes)."""
+    import signal
+    import threading
+
+    from peftshield.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def warn_untrusted_settings(section: str, settings_file, flags: dict[str, tuple[str, Any]]) -> None:
+    """In CI (``CI`` set), warn when a settings file found in the checkout, not named with
+    ``--config``, sets what decides the verdict: on a pull request its author wrote it."""
+    import os
+    import warnings
+
+    from peftshield.errors import PeftshieldWarning
+    from peftshield.gate.settings import untrusted_verdict_keys
+
+    keys = untrusted_verdict_keys(section, settings_file, flags)
+    if keys and os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        warnings.warn(f"{settings_file.where} (found in the checkout) sets {', '.join(keys)}, which decide the verdict; on pull requests "
+                      "read settings from the base branch (--config FILE) or pin them with flags and --no-config", PeftshieldWarning, stacklevel=2)
