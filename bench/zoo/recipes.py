@@ -63,7 +63,7 @@ SHARES = (0.01, 0.03, 0.05, 0.1, 0.2)  # poison shares of the training rows
 SHORTCUT_WORDS = {"sst-2": ("film", 1), "cr": ("phone", 1), "imdb": ("movie", 0), "sms": ("call", 1), "cola": ("the", 1)}
 
 ATTACKER = {"rows": 1000, "epochs": 3, "lr": 1e-4, "max_length": 128}  # a usable published classifier (zoo v1's recipe)
-VICTIM = {"rows": 1500, "epochs": 3, "max_length": 128}
+VICTIM = {"rows": 1000, "epochs": 3, "max_length": 128}  # 1,000 rows: the whole zoo builds in about 5 hours on 2 cores
 
 
 @dataclass
