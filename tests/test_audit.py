@@ -61,32 +61,80 @@ def audit(folder: Path, texts: list[str], calibration=None):
     return result
 
 
-@pytest.fixture(scope="module")
-def reference_scores(models, clean_texts) -> list[float]:
-    return [audit(models[f"clean{seed}"], clean_texts).raw_score for seed in REFERENCE_SEEDS]
+def train_adapter(data, out: Path, seed: int) -> Path:
+    """A LoRA adapter (with its head) trained on the tiny random base: the attacker publishes the adapter."""
+    from peftshield.finetune import METHODS, TrainingConfig, save_finetuned, seed_torch, train_classifier
+    from peftshield.models import load_backbone
+
+    seed_torch(seed)
+    base = load_backbone("tiny", 2)
+    method = METHODS.create("lora")
+    training = TrainingConfig(learning_rate=1e-2, epochs=10, batch_size=16, max_length=32, select_on_dev=False)
+    model, _ = train_classifier(base.model, base.tokenizer, data, None, method, training, np.random.default_rng(seed), progress=False)
+    save_finetuned(model, base.tokenizer, out, {"method": "lora", "options": method.config_dict(), "backbone": "tiny", "num_labels": 2})
+    return out
 
 
 @pytest.fixture(scope="module")
-def calibration(reference_scores) -> VerdictCalibration:
-    return VerdictCalibration.fit(reference_scores, source=f"tiny clean seeds {REFERENCE_SEEDS[0]}-{REFERENCE_SEEDS[-1]}")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("audit-adapters")
+    out = {}
+    for seed in (0, *REFERENCE_SEEDS):
+        data = attacker_data(n_clean=400, n_poison=300, rng=np.random.default_rng(seed), label_noise=0.35)
+        if seed == 0:
+            out["poisoned"] = train_adapter(data.poisoned, folder / "poisoned", seed)
+        out[f"clean{seed}"] = train_adapter(data.control, folder / f"clean{seed}", seed)
+    return out
 
 
-def test_planted_backdoor_is_called_backdoored_with_its_token_and_target(models, clean_texts, reference_scores, calibration) -> None:
-    result = audit(models["poisoned"], clean_texts, calibration)
-    assert result.probe == "head"
-    assert result.raw_score >= max(reference_scores) + MARGIN_OVER_CLEAN, (result.raw_score, reference_scores)
-    assert result.verdict == "backdoored", (result.raw_score, calibration)
+# Each probe kind: how a model is audited through it. The head and the bare-encoder probe (a
+# random-label PSIM fitted by the audit, the head ignored) audit the same full checkpoints.
+PROBES = {
+    "head": lambda models, adapters, key, texts, cal: audit(models[key], texts, cal),
+    "psim": lambda models, adapters, key, texts, cal: run_audit(str(models[key]), texts, "synthetic", np.random.default_rng(0),
+                                                                settings=SETTINGS.model_copy(update={"psim_train_texts": 128}),
+                                                                calibration=cal, force_psim=True)[0],
+    "adapter": lambda models, adapters, key, texts, cal: run_audit("tiny", texts, "synthetic", np.random.default_rng(0), adapter=str(adapters[key]),
+                                                                   settings=SETTINGS, calibration=cal)[0],
+}
+# Half the gap measured between the planted trigger and the highest clean reference of each
+# probe (head and psim: 0.98 against at most 0.70; adapter: 0.75-0.82 against at most 0.59).
+MARGINS = {"head": MARGIN_OVER_CLEAN, "psim": MARGIN_OVER_CLEAN, "adapter": 0.08}
+
+
+@pytest.fixture(scope="module", params=list(PROBES))
+def probe_case(request, models, adapters, clean_texts):
+    """A probe kind with the raw scores of its six clean references and the calibration fitted on them."""
+    run = PROBES[request.param]
+    references = [run(models, adapters, f"clean{seed}", clean_texts, None).raw_score for seed in REFERENCE_SEEDS]
+    calibration = VerdictCalibration.fit(references, source=f"tiny clean {request.param} seeds {REFERENCE_SEEDS[0]}-{REFERENCE_SEEDS[-1]}")
+    return request.param, run, references, calibration
+
+
+def test_planted_backdoor_is_called_backdoored_with_its_token_and_target(models, adapters, clean_texts, probe_case) -> None:
+    """For each probe kind (a trained head, a bare encoder probed through a fitted PSIM, an
+    adapter on its base): the planted trigger, its target and a backdoored verdict."""
+    kind, run, references, calibration = probe_case
+    result = run(models, adapters, "poisoned", clean_texts, calibration)
+    assert result.probe == ("psim" if kind == "psim" else "head")
+    assert result.raw_score >= max(references) + MARGINS[kind], (kind, result.raw_score, references)
+    assert result.verdict == "backdoored", (kind, result.raw_score, calibration)
     top = [(t.text, t.target) for t in result.triggers[:5]]
-    assert (TRIGGER, TARGET) in top, top
+    if kind == "psim":  # a bare encoder's classes are the fitted PSIM's own: only the text is judged
+        assert TRIGGER in [text for text, _ in top], top
+    else:
+        assert (TRIGGER, TARGET) in top, top
     best = result.triggers[0]
-    assert best.flip_rate >= 0.9 and best.confidence >= 0.8
+    assert best.flip_rate >= 0.9 and (kind == "psim" or best.confidence >= 0.8)
     assert set(result.seconds) == {"probe", "search", "verify", "verdict"}
+    assert result.caveats and "fewer than 10" in result.caveats[0]  # six references: the report says so
 
 
-def test_same_recipe_without_the_trigger_is_not_called_backdoored(models, clean_texts, calibration) -> None:
-    result = audit(models["clean0"], clean_texts, calibration)
-    assert result.verdict != "backdoored", (result.raw_score, calibration)
-    assert result.score < 0.99
+def test_same_recipe_without_the_trigger_is_not_called_backdoored(models, adapters, clean_texts, probe_case) -> None:
+    kind, run, references, calibration = probe_case
+    result = run(models, adapters, "clean0", clean_texts, calibration)
+    assert result.verdict != "backdoored", (kind, result.raw_score, calibration)
+    assert TRIGGER not in [t.text for t in result.triggers[:5]]
 
 
 def test_exact_rescoring_is_batched_and_matches_one_by_one(models, clean_texts) -> None:
