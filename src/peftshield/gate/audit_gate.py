@@ -78,7 +78,7 @@ def row_from_audit(payload: dict, target: AuditTarget, fail_on: str, sha256: str
                else f"no trigger beyond clean checkpoints (best '{best['text']}', flip rate {best['flip_rate']:.2f})" if best else "no trigger found")
     return TargetRow(target.spec, target.kind, target.location, verdict, audit_exit_code(verdict, fail_on), message,
                      score=payload.get("score"), sha256=sha256, cached=cached, report_dir=report_dir, findings=findings,
-                     details={"probe": payload.get("probe"), "raw_score": payload.get("raw_score"), "triggers": triggers,
+                     details={"probe": payload.get("probe"), "raw_score": payload.get("raw_score"), "triggers": triggers, "caveats": payload.get("caveats") or [],
                               "checkpoint": payload.get("checkpoint"), "adapter": payload.get("adapter")})
 
 
@@ -229,6 +229,8 @@ def _audit_one(target: AuditTarget, settings: AuditGateSettings, calibration, co
     best = result.triggers[0] if result.triggers else None
     found = f"; top trigger '{best.text}' -> class {best.target} (flip rate {best.flip_rate:.2f}, confidence {best.confidence:.3f})" if best else ""
     log(f"{target.spec}: verdict {result.verdict} (suspicion {result.score:.3f}){found}")
+    for caveat in result.caveats:
+        log(f"{target.spec}: note: {caveat}")
     return row, subject if keep_subject else None
 
 
