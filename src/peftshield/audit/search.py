@@ -133,35 +133,39 @@ def alignment(vectors: np.ndarray) -> float:
     return float(mean @ mean)
 
 
+ROWS_PER_GROUP = 8192  # rows built and length-sorted at once (bounds the ids kept in memory)
+
+
 def exact_effect(
     model, probe: ProbeTexts, candidates: list[tuple[int, ...]], target: int, batch_rows: int = 256,
     keep_representation: bool = False, counter: ForwardCounter | None = None, stage: str = "rescore", objective: str = "class",
 ) -> list[Effect]:
     """Insert each candidate into every probe text and score, ``batch_rows`` texts per forward pass.
 
-    ``objective`` sets :attr:`Effect.value`: ``class`` the mean probability of ``target``,
-    ``collapse`` the alignment of the texts' pooled representations (no head needed)."""
+    The rows (every candidate in every text) are sorted by length and cut into passes of
+    ``batch_rows``, each padded to its own longest row: short texts are not padded to the
+    longest probe text, which saves about a third of the work on texts of mixed length and
+    changes no result (padding is masked). ``objective`` sets :attr:`Effect.value`: ``class``
+    the mean probability of ``target``, ``collapse`` the alignment of the texts' pooled
+    representations (no head needed)."""
     keep_representation = keep_representation or objective == "collapse"
     if not candidates:
         return []
     n = len(probe)
-    per_batch = max(1, batch_rows // max(n, 1))
-    num_labels = model.config.num_labels
     device = model_device(model)
     effects: list[Effect] = []
-    captured, remove = head_input_hook(model, num_labels) if keep_representation else ([], lambda: None)
+    captured, remove = head_input_hook(model, model.config.num_labels) if keep_representation else ([], lambda: None)
     was_training = model.training
     model.eval()
+    per_group = max(1, ROWS_PER_GROUP // max(n, 1))
     try:
         with torch.inference_mode():
-            for begin in range(0, len(candidates), per_batch):
-                chunk = candidates[begin : begin + per_batch]
-                ids, mask, _ = insert_batch(probe, chunk)
-                captured.clear()
-                probs = torch.softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu().numpy()
-                reps = captured[-1].float().reshape(len(ids), -1).cpu().numpy() if keep_representation and captured else None
+            for begin in range(0, len(candidates), per_group):
+                chunk = candidates[begin : begin + per_group]
+                rows = [ids[:at] + list(candidate) + ids[at:] for candidate in chunk for ids, at in zip(probe.ids, probe.positions)]
+                probs, reps = _scored_rows(model, rows, probe.pad_id, batch_rows, device, captured if keep_representation else None)
                 if counter is not None:
-                    counter.add(stage, len(ids))
+                    counter.add(stage, len(rows))
                 for k, candidate in enumerate(chunk):
                     block = probs[k * n : (k + 1) * n]
                     rep = reps[k * n : (k + 1) * n] if reps is not None else None
@@ -171,6 +175,34 @@ def exact_effect(
         remove()
         model.train(was_training)
     return effects
+
+
+def _scored_rows(model, rows: list[list[int]], pad_id: int, batch_rows: int, device, captured: list | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities (and the head's input, when ``captured`` is a hook's list) of every
+    row, in the rows' order; forward passes over length-sorted runs of ``batch_rows`` rows."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+    probs: np.ndarray | None = None
+    reps: np.ndarray | None = None
+    for begin in range(0, len(order), max(1, batch_rows)):
+        picked = order[begin : begin + batch_rows]
+        width = len(rows[picked[-1]])
+        ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(picked), width), dtype=torch.long)
+        for j, i in enumerate(picked):
+            ids[j, : len(rows[i])] = torch.as_tensor(rows[i])
+            mask[j, : len(rows[i])] = 1
+        if captured is not None:
+            captured.clear()
+        out = torch.softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu().numpy()
+        if probs is None:
+            probs = np.empty((len(rows), out.shape[1]), dtype=out.dtype)
+        probs[picked] = out
+        if captured is not None and captured:
+            rep = captured[-1].float().reshape(len(picked), -1).cpu().numpy()
+            if reps is None:
+                reps = np.empty((len(rows), rep.shape[1]), dtype=rep.dtype)
+            reps[picked] = rep
+    return probs, reps
 
 
 @contextmanager
