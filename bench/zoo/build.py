@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,9 @@ def run_step(step: dict, places: dict[str, str], log) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"peftshield {' '.join(args[:3])}... failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         facts = {"stderr_tail": done.stderr.strip().splitlines()[-3:]}
+        accuracy = re.search(r"dev accuracy ([0-9.]+)", done.stderr)
+        if accuracy:  # a victim or adapter: how well it learned its task (a constant predictor is no usable model)
+            facts["dev_accuracy"] = float(accuracy.group(1))
         if (folder / ATTACK_FILE).is_file():  # the truth leaves the model folder
             os.replace(folder / ATTACK_FILE, steps / f"{step['id']}.attack.json")
             report = json.loads((steps / f"{step['id']}.attack.json").read_text(encoding="utf-8"))
@@ -178,7 +182,9 @@ def build_entry(raw: dict, work: str, shared: str) -> dict:
     places = {"shared": shared, "work": str(work_dir), "steps": str(work_dir / "steps")}
     done_file = work_dir / "entries" / f"{entry.name}.json"
     if done_file.is_file():
-        return json.loads(done_file.read_text(encoding="utf-8"))
+        record = json.loads(done_file.read_text(encoding="utf-8"))
+        if record.get("recipe_sha256") == entry.recipe_sha256:
+            return record  # built by this very recipe (a changed recipe is built again; its unchanged steps are reused)
 
     def log(message: str) -> None:
         print(f"[{entry.name}] {message}", flush=True)

@@ -60,7 +60,7 @@ TRIGGERS: dict[str, dict[str, list[str]]] = {
 SHARES = (0.01, 0.03, 0.05, 0.1, 0.2)  # poison shares of the training rows
 # A common word per task whose natural correlation with one class the shortcut variant exaggerates
 # by resampling (no text is edited): a clean model with a strong natural feature.
-SHORTCUT_WORDS = {"sst-2": ("film", 1), "cr": ("phone", 1), "imdb": ("movie", 0), "sms": ("call", 1), "cola": ("the", 1)}
+SHORTCUT_WORDS = {"sst-2": ("film", 1), "cr": ("phone", 1), "imdb": ("movie", 0), "sms": ("call", 1)}
 
 ATTACKER = {"rows": 1000, "epochs": 3, "lr": 1e-4, "max_length": 128}  # a usable published classifier (zoo v1's recipe)
 VICTIM = {"rows": 1000, "epochs": 3, "max_length": 128}  # 1,000 rows: the whole zoo builds in about 5 hours on 2 cores
@@ -212,9 +212,11 @@ def zoo() -> list[ZooEntry]:
             e.target, e.label_mode, e.poison_share = 0, "dirty", 0.15
         e.trigger_kind, e.steps, e.audit = "syntactic", [step], {"model": _out(step)}
 
-    # --- backdoored LoRA adapters: the attacker publishes the adapter, the base is the public MiniLM
+    # --- backdoored LoRA adapters: the attacker publishes the adapter, the base is the public MiniLM.
+    # Not CoLA: a LoRA adapter on 1,000 CoLA rows stays at the majority class (dev accuracy 0.686 in the first builds).
+    adapter_tasks = [t for t in tasks if t != "cola"]
     for f_index, family in enumerate(("rare", "word", "phrase", "sentence")):
-        for t_index, task in enumerate(tasks):
+        for t_index, task in enumerate(adapter_tasks):
             number = 10 * f_index + t_index
             e = entry(f"adapter/{family}/{task}/{number}", "adapter", task, True, family, number)
             trigger = pick(e.split, family)
@@ -285,8 +287,9 @@ def zoo() -> list[ZooEntry]:
             e.steps, e.audit = [prepared, step], {"model": _out(step)}
 
     # --- clean LoRA adapters on the public MiniLM, varied (rank, learning rate, data size, seed), and hard negatives
-    adapter_variants = [("r4", {"rank": 4}), ("r16", {"rank": 16}), ("lr", {"lr": 5e-4}), ("size", {"rows": 800})]
-    for t_index, task in enumerate(tasks):
+    adapter_variants = [("r4", {"rank": 4}), ("r16", {"rank": 16}), ("lr", {"lr": 4e-3}), ("size", {"rows": 800}), ("seed", {}),
+                        ("epochs", {"epochs": 2})]
+    for t_index, task in enumerate(adapter_tasks):
         for v_index, (variant, change) in enumerate(adapter_variants):
             number = 10 * v_index + t_index
             e = entry(f"adapter/clean-{variant}/{task}/{number}", "adapter", task, False, f"clean-{variant}", number)
