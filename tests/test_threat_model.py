@@ -13,13 +13,9 @@ import torch
 
 from backdoor_fixtures import TARGET, attacker_data, sentiment_data, single_thread_torch, with_trigger
 from peftshield.attacks import POISONERS
+from peftshield.attacks.adaptive import capped_margin_loss
 from peftshield.attacks.task_agnostic import predefined_vectors
-from peftshield.experiments.poisoning import (
-    attack_loss,
-    capped_margin_loss,
-    measure_representation_backdoor,
-    plant_representation_backdoor,
-)
+from peftshield.experiments.poisoning import measure_representation_backdoor, plant_representation_backdoor
 from peftshield.finetune import METHODS, TrainingConfig, seed_torch, train_classifier
 from peftshield.models import load_backbone
 from peftshield.models.inference import predict_proba
@@ -72,7 +68,7 @@ def _train_attacker(poisoner_name: str, **options):
     poisoner = POISONERS.create(poisoner_name, words="cf", **options)
     seed_torch(0)
     backbone = load_backbone("tiny", 2)
-    loss = attack_loss(poisoner, backbone.model, len(data.poisoned), 2, triggered_rows, np.random.default_rng(1))
+    loss = poisoner.training_loss(backbone.model, len(data.poisoned), 2, triggered_rows, np.random.default_rng(1))
     training = TrainingConfig(learning_rate=5e-3, epochs=4, batch_size=16, max_length=32, select_on_dev=False)
     model, _ = train_classifier(backbone.model, backbone.tokenizer, data.poisoned, None, METHODS.create("full"), training,
                                 np.random.default_rng(0), progress=False, loss_fn=loss)

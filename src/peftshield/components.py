@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Mapping
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from peftshield.errors import first_issue
+
 
 class Component:
     """Scikit-learn-style: the constructor only stores its keyword parameters."""
@@ -74,12 +76,10 @@ class Component:
 
 def describe_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
     """One line for the first error: the option (dotted path), and what is wrong with it."""
-    first = exc.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ()))
-    where = f"{prefix}{location}" if location else (prefix.rstrip(".") or "options")
-    if first.get("type") == "extra_forbidden":
+    issue = first_issue(exc)
+    where = f"{prefix}{issue.location}" if issue.location else (prefix.rstrip(".") or "options")
+    if issue.kind == "extra_forbidden":
         return f"unknown option '{where}'"
-    if first.get("type") == "missing":
+    if issue.kind == "missing":
         return f"option '{where}' is required"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"option '{where}': {message} (got {first.get('input')!r})"
+    return f"option '{where}': {issue.message}{issue.got()}"

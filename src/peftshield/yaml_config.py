@@ -14,7 +14,7 @@ import pydantic
 import yaml
 from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, first_issue
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -41,9 +41,8 @@ def safe_load_plain(text: str):
 
 
 def format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    return f"{source}: {where}: {first['msg']}"
+    issue = first_issue(exc)
+    return f"{source}: {issue.location or '(top level)'}: {issue.raw_message}"
 
 
 def load_yaml_model(path: str | Path, model: type[Model]) -> Model:

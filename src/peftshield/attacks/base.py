@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,24 +14,33 @@ from peftshield.data.records import TextDataset
 from peftshield.errors import ConfigError, DataError
 from peftshield.registry import Registry
 
+# An attacker's training loss, ``loss(model, batch, row_index) -> scalar tensor``, as
+# peftshield.finetune.train_classifier takes it.
+AttackLoss = Callable[[Any, dict, Any], Any]
+
 
 class Poisoner(Component, ABC):
     """Inserts a trigger into texts. Constructors only store parameters (typed keyword
     parameters: they are the trigger's options model).
 
-    ``objective`` names how the attacker trains with it (``experiments.poisoning``):
-    ``classification`` (full fine-tuning on the poisoned labelled proxy, the study's attack),
-    ``representation`` (task-agnostic: triggered texts' representation pushed to predefined
-    vectors, no labels), ``capped_margin`` or ``psim_aware`` (adaptive attacks)."""
+    How the attacker trains with it is the poisoner's own: :meth:`training_loss` for the full
+    fine-tuning on the poisoned labelled proxy (the study's attack; adaptive attacks bring
+    their own loss), or, for a :attr:`task_agnostic` poisoner, triggered texts' representation
+    pushed to predefined vectors without labels (``experiments.poisoning``)."""
 
     name: ClassVar[str]
-    objective: ClassVar[str] = "classification"
+    # Whether the backdoor is planted without the victim's labels (no target class: the class
+    # each trigger lands on is found on the victim).
+    task_agnostic: ClassVar[bool] = False
 
-    @property
-    def task_agnostic(self) -> bool:
-        """Whether the backdoor is planted without the victim's labels (no target class: the
-        class each trigger lands on is found on the victim)."""
-        return self.objective == "representation"
+    def training_loss(self, model, num_rows: int, num_labels: int, triggered_rows: set[int],
+                      rng: np.random.Generator) -> "AttackLoss | None":
+        """The attacker's loss for full fine-tuning ``model`` on ``num_rows`` rows of which
+        ``triggered_rows`` carry the trigger, as ``loss(model, batch, row_index)`` for
+        :func:`peftshield.finetune.train_classifier`; None: plain cross-entropy."""
+        if self.task_agnostic:
+            raise ValueError(f"trigger '{self.name}' is planted on representations, not by a classification loss")
+        return None
 
     @property
     def draws_from_pool(self) -> bool:

@@ -64,7 +64,7 @@ class RepresentationPoisoner(Poisoner):
     (``cls``: the last layer's [CLS] / last-token state; ``head``: what the classifier head
     reads, e.g. BERT's pooler output)."""
 
-    objective = "representation"
+    task_agnostic = True
     site: ClassVar[str]
     default_vectors: ClassVar[str]
 

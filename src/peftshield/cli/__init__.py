@@ -14,7 +14,7 @@ import pydantic
 import typer
 
 from peftshield.cli.app import app
-from peftshield.errors import OutputError, PeftshieldError, PeftshieldWarning
+from peftshield.errors import OutputError, PeftshieldError, PeftshieldWarning, first_issue
 
 try:  # typer >= 0.24 ships its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -80,9 +80,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"peftshield: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except pydantic.ValidationError as exc:  # a typed option built outside the flag helpers: still one line
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or exc.title
-        print(f"peftshield: error: {where}: {first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        issue = first_issue(exc)
+        print(f"peftshield: error: {issue.location or exc.title}: {issue.message}", file=sys.stderr)
         return 2
     except NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)

@@ -7,6 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
+from peftshield.models.runtime import DEFAULT_RUNTIME, RUNTIME_HELP
+
 app = typer.Typer(
     name="peftshield",
     help="Show, measure and stop weight-poisoning backdoors that survive parameter-efficient fine-tuning.",
@@ -25,11 +27,7 @@ def info(message: str) -> None:
 
 
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
-RuntimeOption = typer.Option(
-    "torch", "--runtime", help="Where forward passes run: torch (eager), onnx (ONNX Runtime fp32) or onnx-int8 (dynamic int8); "
-    "the ONNX export is made on first use and cached in the model folder's onnx/. onnx-int8 quantises activations with one scale per batch, "
-    "so a text's score depends on the other texts of its batch (bench/serve.md measures how far).",
-)
+RuntimeOption = typer.Option(DEFAULT_RUNTIME, "--runtime", help=RUNTIME_HELP)
 SeedOption = typer.Option(0, "--seed", help="Seed of every random choice (numpy Generator and torch).")
 BackboneOption = typer.Option("minilm", "--backbone", help="HF model name, local directory, 'minilm' (offline default) or 'tiny'.")
 SkipEmptyOption = typer.Option(False, "--skip-empty", help="Drop rows with empty text (counted and reported) instead of failing.")

@@ -408,7 +408,7 @@ def load_splits(
     raise DataError(f"{spec}: no such file or directory (or use hf:NAME[:CONFIG] / pkg:PACKAGE/NAME)")
 
 
-def _split_file(spec: str | Path, split: str) -> Path | None:
+def local_split_file(spec: str | Path, split: str) -> Path | None:
     """The local file holding ``split`` of ``spec`` (the file itself for a file), or None for hf:/pkg:."""
     text = str(spec)
     if text.startswith(("hf:", "pkg:")):
@@ -435,7 +435,7 @@ def load_texts(spec: str | Path, split: str = "test", skip_empty: bool = False, 
     string and a ``.txt`` file is one text per line. ``hf:``/``pkg:`` sources go through
     :func:`load_splits`.
     """
-    path = _split_file(spec, split)
+    path = local_split_file(spec, split)
     if path is None:
         return load_splits(spec, (split,), skip_empty, num_labels)[split]
     return _read_file(path, None, skip_empty, num_labels, require_labels)[0]
@@ -459,7 +459,7 @@ def iter_text_chunks(
     """
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise DataError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    path = _split_file(spec, split)
+    path = local_split_file(spec, split)
     if path is None:
         data = load_texts(spec, split, skip_empty, num_labels, require_labels)
         for begin in range(0, len(data), chunk_rows):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -46,6 +46,9 @@ class Defense(Component, ABC):
     # True: a data cleaner that judges the texts passed to one score() call as one pool
     # (keyword statistics, clustering), so a text's score depends on the rest of the pool.
     transductive: ClassVar[bool] = False
+    # The threshold policy when the ``threshold`` option is None (or absent): the one place each
+    # defense names its default. Baselines calibrate to 1% false rejections on clean texts.
+    default_threshold: ClassVar[ThresholdPolicy] = CLEAN_FRR_POLICY
 
     @abstractmethod
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "Defense":
@@ -64,6 +67,20 @@ class Defense(Component, ABC):
             raise ConfigError(f"defense '{self.name}' is not fitted: call fit() first")
         return float(threshold)
 
+    def threshold_policy(self) -> ThresholdPolicy:
+        """The ``threshold`` option, or this defense's :attr:`default_threshold`."""
+        return getattr(self, "threshold", None) or self.default_threshold
+
+    def calibrate(self, num_labels: int, clean_scores: np.ndarray | None, default: float | None = None) -> float:
+        """Set ``threshold_`` by :meth:`threshold_policy` on the scores of clean texts (``default``:
+        the fixed threshold when the policy is fixed without a value)."""
+        self.threshold_ = self.threshold_policy().resolve(num_labels, clean_scores, default=default)
+        return self.threshold_
+
+    def dev_scores(self, context: DefenseContext) -> np.ndarray | None:
+        """Scores of the clean dev texts (None without any)."""
+        return self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
+
     def save(self, directory: str | Path) -> Path:
         raise ConfigError(f"defense '{self.name}' cannot be saved")
 
@@ -72,16 +89,62 @@ class Defense(Component, ABC):
         raise ConfigError(f"defense '{cls.name}' cannot be loaded")
 
 
+class VictimDefense(Defense):
+    """A defense that scores with the victim and learns nothing of its own beyond its threshold and
+    the class count: fitted and saved (options, threshold, ``num_labels``) the same way."""
+
+    needs_victim = True
+
+    def attach_victim(self, context: DefenseContext | None) -> None:
+        self.model_, self.tokenizer_ = victim_of(self.name, context)
+
+    def fit_victim(self, context: DefenseContext) -> None:
+        """The common first step of :meth:`fit`: the victim and the class count."""
+        self.attach_victim(context)
+        self.num_labels_ = context.num_labels
+
+    def save(self, directory: str | Path) -> Path:
+        return save_json_state(self, directory, f"{self.name}.json", {"num_labels": self.num_labels_})
+
+    @classmethod
+    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "VictimDefense":
+        defense, state = load_json_state(cls, directory, f"{cls.name}.json")
+        defense.attach_victim(context)
+        defense.num_labels_ = state["num_labels"]
+        return defense
+
+
+def clean_reference(context: DefenseContext) -> TextDataset:
+    """The defender's clean reference texts: the dev split when it has any, else the training texts."""
+    return context.dev if context.dev is not None and len(context.dev) else context.train
+
+
+def variants_of(texts: list[str], perturb: Callable[[str], list[str]]) -> tuple[list[str], np.ndarray]:
+    """Perturb-and-score, first step: every text's variants in one flat list (scored with the
+    victim in one batched pass), and for each variant the index of the text it came from."""
+    variants: list[str] = []
+    owners: list[int] = []
+    for index, text in enumerate(texts):
+        found = perturb(text)
+        variants += found
+        owners += [index] * len(found)
+    return variants, np.asarray(owners, dtype=np.int64)
+
+
+def max_per_text(count: int, owners: np.ndarray, values: np.ndarray, initial: float) -> np.ndarray:
+    """Perturb-and-score, last step: each text's largest value over its variants (``initial``
+    for a text without any)."""
+    best = np.full(count, initial, dtype=np.float64)
+    if len(owners):
+        np.maximum.at(best, owners, values)
+    return best
+
+
 def victim_of(name: str, context: DefenseContext | None) -> tuple[object, object]:
     """The victim model and tokenizer a model-based defense scores with."""
     if context is None or context.victim_model is None or context.victim_tokenizer is None:
         raise ConfigError(f"defense '{name}' needs the victim model (it scores texts with the victim)")
     return context.victim_model, context.victim_tokenizer
-
-
-def clean_frr_policy(policy: ThresholdPolicy | None) -> ThresholdPolicy:
-    """The baselines' default: threshold at 1% false rejections on clean held-out texts."""
-    return policy or CLEAN_FRR_POLICY
 
 
 def save_json_state(defense: Defense, directory: str | Path, file_name: str, state: dict) -> Path:
@@ -109,7 +172,7 @@ def clean_reference_halves(name: str, context: DefenseContext, max_texts: int, r
     """The defender's clean reference texts (dev, else train; at most ``max_texts``, drawn from
     ``rng``) and a random split of their indices in two halves: one to fit statistics on, one to
     standardise and calibrate the threshold on, so calibration scores are out of sample."""
-    reference = context.dev if context.dev is not None and len(context.dev) else context.train
+    reference = clean_reference(context)
     if len(reference) < MIN_REFERENCE_TEXTS:
         raise ConfigError(f"{name}: needs at least {MIN_REFERENCE_TEXTS} clean reference texts, got {len(reference)}")
     reference = reference.sample(max_texts, rng)

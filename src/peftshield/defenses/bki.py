@@ -19,27 +19,24 @@ from __future__ import annotations
 from typing import Optional
 
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 from pydantic import PositiveInt
 
 from peftshield.data.transforms import leave_one_word_out
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, save_json_state, victim_of
+from peftshield.defenses.base import DEFENSES, DefenseContext, VictimDefense, variants_of
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import classifier_inputs
 
-STATE_FILE = "bki.json"
 KEYWORD_THRESHOLD = 1.0
 
 
 @DEFENSES.register
-class BKI(Defense):
+class BKI(VictimDefense):
     """Pool-level keyword statistics from leave-one-word-out representation shifts."""
 
     name = "bki"
-    needs_victim = True
     transductive = True
 
     def __init__(self, top_words_per_text: PositiveInt = 5, num_keywords: PositiveInt = 1, max_words: PositiveInt = 64,
@@ -54,21 +51,16 @@ class BKI(Defense):
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "BKI":
         if self.top_words_per_text < 1 or self.num_keywords < 1:
             raise ConfigError("bki: top_words_per_text and num_keywords must be >= 1")
-        self.model_, self.tokenizer_ = victim_of(self.name, context)
-        self.num_labels_ = context.num_labels
+        self.fit_victim(context)
         self.threshold_ = KEYWORD_THRESHOLD
         return self
 
     def word_importance(self, texts: list[str]) -> list[list[tuple[str, float]]]:
         """(word, representation shift when it is removed) for every word of every text."""
-        variants, owners = [], []
-        for index, text in enumerate(texts):
-            for variant in leave_one_word_out(text, self.max_words):
-                variants.append(variant)
-                owners.append(index)
+        variants, owners = variants_of(texts, lambda text: leave_one_word_out(text, self.max_words))
         _, full = classifier_inputs(self.model_, self.tokenizer_, list(texts), self.num_labels_, self.batch_size, self.max_length)
         _, reduced = classifier_inputs(self.model_, self.tokenizer_, variants, self.num_labels_, self.batch_size, self.max_length)
-        shifts = np.linalg.norm(reduced - full[np.asarray(owners, dtype=np.int64)], axis=1) if variants else np.zeros(0)
+        shifts = np.linalg.norm(reduced - full[owners], axis=1) if variants else np.zeros(0)
         result: list[list[tuple[str, float]]] = [[] for _ in texts]
         position = 0
         for index, text in enumerate(texts):
@@ -100,13 +92,3 @@ class BKI(Defense):
             best = max((values.get(w, 0.0) for w in words), default=0.0) / top
             scores[index] = 1.0 + best if words & keywords else min(best, 1.0)
         return scores
-
-    def save(self, directory: str | Path) -> Path:
-        return save_json_state(self, directory, STATE_FILE, {"num_labels": self.num_labels_})
-
-    @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "BKI":
-        bki, state = load_json_state(cls, directory, STATE_FILE)
-        bki.model_, bki.tokenizer_ = victim_of(cls.name, context)
-        bki.num_labels_ = state["num_labels"]
-        return bki

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-from pathlib import Path
 
 import numpy as np
 from pydantic import Field, PositiveInt
@@ -26,21 +25,19 @@ from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, save_json_state, victim_of
+from peftshield.defenses.base import DEFENSES, DefenseContext, VictimDefense
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import classifier_inputs
 
-STATE_FILE = "cube.json"
 MAIN_CLUSTER_THRESHOLD = 1.0
 
 
 @DEFENSES.register
-class CUBE(Defense):
+class CUBE(VictimDefense):
     """Density clustering of the victim's representations; keeps the main cluster of each class."""
 
     name = "cube"
-    needs_victim = True
     transductive = True
 
     def __init__(self, dimensions: PositiveInt = 10, min_cluster_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02,
@@ -56,8 +53,7 @@ class CUBE(Defense):
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "CUBE":
         if self.dimensions < 1 or not 0 < self.min_cluster_fraction < 1:
             raise ConfigError("cube: dimensions must be >= 1 and min_cluster_fraction in (0, 1)")
-        self.model_, self.tokenizer_ = victim_of(self.name, context)
-        self.num_labels_ = context.num_labels
+        self.fit_victim(context)
         self.threshold_ = MAIN_CLUSTER_THRESHOLD
         return self
 
@@ -85,13 +81,3 @@ class CUBE(Defense):
             if not self.flag_noise:
                 main |= members & (clusters < 0)
         return np.where(main, 1.0 - membership, 2.0 - 0.5 * membership)
-
-    def save(self, directory: str | Path) -> Path:
-        return save_json_state(self, directory, STATE_FILE, {"num_labels": self.num_labels_})
-
-    @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "CUBE":
-        cube, state = load_json_state(cls, directory, STATE_FILE)
-        cube.model_, cube.tokenizer_ = victim_of(cls.name, context)
-        cube.num_labels_ = state["num_labels"]
-        return cube

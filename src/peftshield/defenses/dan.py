@@ -23,7 +23,7 @@ from sklearn.covariance import LedoitWolf
 
 from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
                                      standardise_layers, victim_of)
-from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
+from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import layer_token_states
 
@@ -84,7 +84,7 @@ class DAN(Defense):
         calibration_distances = self.gaussians_.distances(states[:, calibration])
         self.layer_mean_, self.layer_std_ = layer_scale(calibration_distances)
         calibration_scores = standardise_layers(calibration_distances, self.layer_mean_, self.layer_std_).max(axis=0)
-        self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
+        self.calibrate(context.num_labels, calibration_scores, default=3.0)
         return self
 
     def _states(self, texts: list[str]) -> np.ndarray:

@@ -12,17 +12,15 @@ clean dev texts (1% FRR by default). Cost: one forward pass per unit left out.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 from pydantic import PositiveInt
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, load_json_state, save_json_state, victim_of
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.base import DEFENSES, DefenseContext, VictimDefense, max_per_text, variants_of
+from peftshield.defenses.thresholds import AUTO_POLICY, ThresholdPolicy
 from peftshield.models.inference import predict_proba
 
-STATE_FILE = "occlusion.json"
 CLAUSE_BOUNDARY = re.compile(r"(?<=[,;:])\s+")
 
 
@@ -44,11 +42,11 @@ def occluded_variants(text: str, unit: str, max_units: int) -> list[str]:
 
 
 @DEFENSES.register
-class Occlusion(Defense):
+class Occlusion(VictimDefense):
     """Leave-one-word/clause-out on the victim: the largest drop of its predicted-class probability."""
 
     name = "occlusion"
-    needs_victim = True
+    default_threshold = AUTO_POLICY
 
     def __init__(self, unit: Literal["word", "clause", "both"] = "both", max_units: PositiveInt = 40,
                  batch_size: PositiveInt = 128, max_length: PositiveInt = 128, threshold: Optional[ThresholdPolicy] = None) -> None:
@@ -59,10 +57,8 @@ class Occlusion(Defense):
         self.threshold = threshold
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "Occlusion":
-        self.model_, self.tokenizer_ = victim_of(self.name, context)
-        self.num_labels_ = context.num_labels
-        dev_scores = self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
-        self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores, default=0.5)
+        self.fit_victim(context)
+        self.calibrate(context.num_labels, self.dev_scores(context), default=0.5)
         return self
 
     def score(self, texts: list[str]) -> np.ndarray:
@@ -71,25 +67,9 @@ class Occlusion(Defense):
             return np.zeros(0)
         probs = predict_proba(self.model_, self.tokenizer_, texts, self.batch_size, self.max_length)
         predicted = probs.argmax(axis=1)
-        variants, owners = [], []
-        for index, text in enumerate(texts):
-            found = occluded_variants(text, self.unit, self.max_units)
-            variants += found
-            owners += [index] * len(found)
-        scores = np.zeros(len(texts))
-        if variants:
-            occluded = predict_proba(self.model_, self.tokenizer_, variants, self.batch_size, self.max_length)
-            owners_array = np.asarray(owners)
-            drops = probs[owners_array, predicted[owners_array]] - occluded[np.arange(len(variants)), predicted[owners_array]]
-            np.maximum.at(scores, owners_array, drops)
-        return scores
-
-    def save(self, directory: str | Path) -> Path:
-        return save_json_state(self, directory, STATE_FILE, {"num_labels": self.num_labels_})
-
-    @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "Occlusion":
-        occlusion, state = load_json_state(cls, directory, STATE_FILE)
-        occlusion.model_, occlusion.tokenizer_ = victim_of(cls.name, context)
-        occlusion.num_labels_ = state["num_labels"]
-        return occlusion
+        variants, owners = variants_of(texts, lambda text: occluded_variants(text, self.unit, self.max_units))
+        if not variants:
+            return np.zeros(len(texts))
+        occluded = predict_proba(self.model_, self.tokenizer_, variants, self.batch_size, self.max_length)
+        drops = probs[owners, predicted[owners]] - occluded[np.arange(len(variants)), predicted[owners]]
+        return max_per_text(len(texts), owners, drops, initial=0.0)

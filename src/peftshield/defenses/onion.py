@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import PositiveInt
 
 from peftshield.data.transforms import leave_one_word_out
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference, load_json_state, max_per_text, save_json_state, variants_of
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.models.language_model import load_language_model, sentence_log_perplexity
 
@@ -43,25 +43,19 @@ class ONION(Defense):
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "ONION":
         self._load()
-        reference = context.dev if context.dev is not None and len(context.dev) else context.train
-        calibration = reference.sample(self.calibration_texts, rng)
-        self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, self.score(calibration.texts), default=0.0)
+        calibration = clean_reference(context).sample(self.calibration_texts, rng)
+        self.calibrate(context.num_labels, self.score(calibration.texts), default=0.0)
         return self
 
     def score(self, texts: list[str]) -> np.ndarray:
-        variants, owners = [], []
-        for index, text in enumerate(texts):
-            for variant in leave_one_word_out(text, self.max_words):
-                variants.append(variant)
-                owners.append(index)
-        owners_array = np.asarray(owners, dtype=np.int64)
+        variants, owners = variants_of(texts, lambda text: leave_one_word_out(text, self.max_words))
         full = sentence_log_perplexity(self.lm_, list(texts), self.batch_size, self.max_length)
-        best = np.full(len(texts), -np.inf)
+        drops = np.zeros(0)
         if variants:
             reduced = sentence_log_perplexity(self.lm_, variants, self.batch_size, self.max_length)
-            drops = np.nan_to_num(full[owners_array] - reduced, nan=-np.inf)
-            np.maximum.at(best, owners_array, drops)
-        self.single_word_texts_ = int(len(texts) - len(set(owners)))
+            drops = np.nan_to_num(full[owners] - reduced, nan=-np.inf)
+        best = max_per_text(len(texts), owners, drops, initial=-np.inf)
+        self.single_word_texts_ = int(len(texts) - len(np.unique(owners)))
         # texts without a leave-one-out variant (one word) score 0: nothing to single out
         return np.where(np.isfinite(best), best, 0.0)
 

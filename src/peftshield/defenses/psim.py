@@ -19,14 +19,14 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from peftshield.data.records import TextDataset
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.thresholds import AUTO_POLICY, ThresholdPolicy, check_confidence_threshold
 from peftshield.finetune import METHODS, TrainingConfig, load_finetuned, save_finetuned, seed_torch, train_classifier
 from peftshield.finetune.checkpoint import model_fingerprint
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.io import read_json
 from peftshield.models import load_backbone
 from peftshield.models.inference import predict_proba, runtime_proba
-from peftshield.models.runtime import TorchRuntime, make_runtime
+from peftshield.models.runtime import DEFAULT_RUNTIME, TorchRuntime, make_runtime
 
 PSIM_MANIFEST_KEY = "psim"
 
@@ -45,11 +45,12 @@ class PSIM(Defense):
     are the best of the methods compared in bench/psim_methods.md."""
 
     name = "psim"
+    default_threshold = AUTO_POLICY
 
     def __init__(
         self, method: str = "ptuning", method_options: Optional[dict] = None, learning_rate: PositiveFloat = 2e-5,
         epochs: PositiveInt = 1, batch_size: PositiveInt = 32, max_train_samples: Optional[PositiveInt] = 2000,
-        max_length: Annotated[int, Field(ge=8)] = 128, threshold: ThresholdPolicy = ThresholdPolicy(),
+        max_length: Annotated[int, Field(ge=8)] = 128, threshold: ThresholdPolicy = AUTO_POLICY,
         score_batch_size: PositiveInt = 128,
     ) -> None:
         self.method = method
@@ -71,8 +72,11 @@ class PSIM(Defense):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         value = options["threshold"].value if options["threshold"] is not None else None
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"a PSIM threshold is a confidence in (0, 1], got {value}")
+        if value is not None:
+            try:
+                check_confidence_threshold(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc}, got {value}") from None
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "PSIM":
         started = time.perf_counter()
@@ -88,8 +92,8 @@ class PSIM(Defense):
         self.tokenizer_ = base.tokenizer
         self.backbone_, self.num_labels_ = context.backbone, context.num_labels
         self.method_config_ = method.config_dict()
-        dev_scores = self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
-        self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores)
+        dev_scores = self.dev_scores(context)
+        self.calibrate(context.num_labels, dev_scores)
         # The share of clean dev texts flagged at that threshold: what a deployed guard should see on clean traffic.
         self.dev_flag_rate_ = float(np.mean(dev_scores > self.threshold_)) if dev_scores is not None and len(dev_scores) else None
         self.fit_seconds_ = time.perf_counter() - started
@@ -102,7 +106,7 @@ class PSIM(Defense):
             return float(self.dev_flag_rate_)
         from peftshield.defenses.thresholds import default_confidence_threshold
 
-        policy = self.threshold or ThresholdPolicy()
+        policy = self.threshold_policy()
         calibrated = policy.kind == "frr" or (policy.kind == "auto" and self.threshold_ != default_confidence_threshold(self.num_labels_))
         return float(policy.target_frr) if calibrated else None
 
@@ -132,15 +136,15 @@ class PSIM(Defense):
         }, self_contained=self_contained)
 
     @classmethod
-    def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None, runtime: str = "torch") -> "PSIM":
+    def load(cls, directory: str | Path, context: DefenseContext | None = None, backbone: str | None = None, runtime: str = DEFAULT_RUNTIME) -> "PSIM":
         """A saved PSIM; ``backbone`` overrides where its backbone is (after the folders moved);
         ``runtime`` (torch, onnx, onnx-int8) is where its forward passes run (the ONNX export is
         cached in the folder)."""
         from peftshield.errors import ConfigError
-        from peftshield.finetune.checkpoint import MANIFEST_FILE
+        from peftshield.files import FINETUNE_MANIFEST
 
         directory = Path(directory)
-        manifest = read_json(directory / MANIFEST_FILE) if (directory / MANIFEST_FILE).is_file() else {}
+        manifest = read_json(directory / FINETUNE_MANIFEST) if (directory / FINETUNE_MANIFEST).is_file() else {}
         if PSIM_MANIFEST_KEY not in manifest:
             raise ConfigError(f"{directory}: not a PSIM folder (train one with 'peftshield psim train')")
         saved = manifest[PSIM_MANIFEST_KEY]
@@ -151,7 +155,7 @@ class PSIM(Defense):
         psim.method_config_ = manifest["options"]
         psim.threshold_ = saved["threshold"]
         psim.dev_flag_rate_ = saved.get("dev_flag_rate")
-        if runtime != "torch":
+        if runtime != "torch":  # make_runtime refuses an unknown name
             psim.runtime_ = make_runtime(psim.model_, runtime, directory, model_fingerprint(directory))
         return psim
 

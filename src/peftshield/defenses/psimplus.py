@@ -68,7 +68,7 @@ class PSIMPlus(Defense):
             raise ConfigError("psimplus: needs clean dev texts to rank its scores against")
         self.parts_ = {name: part.fit(context, rng) for name, part in self.parts().items()}
         self.reference_ = {name: np.sort(part.score(context.dev.texts)) for name, part in self.parts_.items()}
-        self.threshold_ = (self.threshold or ThresholdPolicy(kind="frr")).resolve(context.num_labels, self.score(context.dev.texts), default=0.99)
+        self.calibrate(context.num_labels, self.score(context.dev.texts), default=0.99)
         self.fit_seconds_ = float(sum(getattr(part, "fit_seconds_", 0.0) for part in self.parts_.values()))
         return self
 

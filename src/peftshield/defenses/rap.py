@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 import torch
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state, victim_of
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference, load_json_state, save_json_state, victim_of
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.batching import collate, encode_texts
@@ -101,12 +101,12 @@ class RAP(Defense):
             raise ConfigError(f"rap: no training text has the protected label {self.protected_label_}")
         train = protected.sample(self.max_train_samples, rng).texts
         self._learn_vector(train, rng)
-        reference = context.dev if context.dev is not None and len(context.dev) else context.train
+        reference = clean_reference(context)
         calibration = reference.subset([i for i, y in enumerate(reference.labels) if y == self.protected_label_])
         protected_prediction, negative_drop = self._protected_and_negative_drop(calibration.texts)
         if protected_prediction.any():  # only texts the victim puts in the protected class are ever scored
             negative_drop = negative_drop[protected_prediction]
-        self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, negative_drop, default=0.0)
+        self.calibrate(context.num_labels, negative_drop, default=0.0)
         return self
 
     def _learn_vector(self, texts: list[str], rng: np.random.Generator) -> None:

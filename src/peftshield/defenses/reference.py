@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, victim_of
-from peftshield.defenses.thresholds import ThresholdPolicy
+from peftshield.defenses.thresholds import AUTO_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.finetune import METHODS, TrainingConfig, load_finetuned, save_finetuned, seed_torch, train_classifier
 from peftshield.io import read_json
@@ -37,6 +37,7 @@ class Reference(Defense):
 
     name = "reference"
     needs_victim = True
+    default_threshold = AUTO_POLICY
 
     def __init__(self, backbone: str = "minilm", method: str = "lora", learning_rate: Optional[PositiveFloat] = None,
                  epochs: PositiveInt = 2, max_train_samples: Optional[PositiveInt] = 1000, max_length: Annotated[int, Field(ge=8)] = 128,
@@ -61,8 +62,7 @@ class Reference(Defense):
         self.model_, _ = train_classifier(trusted.model, trusted.tokenizer, context.train, context.dev, method, training, rng,
                                           context.progress, label="reference")
         self.tokenizer_, self.num_labels_, self.method_config_ = trusted.tokenizer, context.num_labels, method.config_dict()
-        dev_scores = self.score(context.dev.texts) if context.dev is not None and len(context.dev) else None
-        self.threshold_ = (self.threshold or ThresholdPolicy()).resolve(context.num_labels, dev_scores, default=0.5)
+        self.calibrate(context.num_labels, self.dev_scores(context), default=0.5)
         self.fit_seconds_ = time.perf_counter() - started
         return self
 
@@ -83,9 +83,9 @@ class Reference(Defense):
 
     @classmethod
     def load(cls, directory: str | Path, context: DefenseContext | None = None) -> "Reference":
-        from peftshield.finetune.checkpoint import MANIFEST_FILE
+        from peftshield.files import FINETUNE_MANIFEST
 
-        manifest_path = Path(directory) / MANIFEST_FILE
+        manifest_path = Path(directory) / FINETUNE_MANIFEST
         manifest = read_json(manifest_path) if manifest_path.is_file() else {}
         if REFERENCE_KEY not in manifest:
             raise ConfigError(f"{directory}: not a saved 'reference' defense")

@@ -30,7 +30,7 @@ from sklearn.linear_model import Ridge
 
 from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
                                      standardise_layers)
-from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
+from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models import load_backbone
 from peftshield.models.inference import paired_layer_states
@@ -85,7 +85,7 @@ class Shift(Defense):
         calibration_distances = self._distances(self._calibration_texts(context, reference, statistics, calibration, rng))
         self.layer_mean_, self.layer_std_ = layer_scale(calibration_distances)
         calibration_scores = self.combine_layers(standardise_layers(calibration_distances, self.layer_mean_, self.layer_std_))
-        self.threshold_ = (self.threshold or CLEAN_FRR_POLICY).resolve(context.num_labels, calibration_scores, default=3.0)
+        self.calibrate(context.num_labels, calibration_scores, default=3.0)
         return self
 
     def _calibration_texts(self, context: DefenseContext, reference, statistics: np.ndarray, calibration: np.ndarray,

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field, PositiveInt
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_frr_policy, load_json_state, save_json_state, victim_of
+from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference, load_json_state, save_json_state, variants_of, victim_of
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models.inference import predict_proba
@@ -70,11 +70,11 @@ class STRIP(Defense):
         if self.num_perturbations < 1 or not 0 < self.replace_ratio <= 1:
             raise ConfigError("strip: num_perturbations must be >= 1 and replace_ratio in (0, 1]")
         self._attach(context)
-        reference = context.dev if context.dev is not None and len(context.dev) else context.train
+        reference = clean_reference(context)
         self.words_ = high_tfidf_words(reference.sample(self.max_reference_texts, rng).texts, self.top_words)
         self.seed_ = int(rng.integers(0, 2**31 - 1))
         calibration = reference.sample(min(len(reference), 500), rng)
-        self.threshold_ = clean_frr_policy(self.threshold).resolve(context.num_labels, self.score(calibration.texts), default=0.0)
+        self.calibrate(context.num_labels, self.score(calibration.texts), default=0.0)
         return self
 
     def _text_rng(self, text: str) -> np.random.Generator:
@@ -83,11 +83,12 @@ class STRIP(Defense):
         digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
         return np.random.default_rng([self.seed_, digest])
 
+    def _perturbations(self, text: str) -> list[str]:
+        rng = self._text_rng(text)
+        return [perturb(text, self.words_, self.replace_ratio, rng) for _ in range(self.num_perturbations)]
+
     def score(self, texts: list[str]) -> np.ndarray:
-        perturbed = []
-        for text in texts:
-            rng = self._text_rng(text)
-            perturbed += [perturb(text, self.words_, self.replace_ratio, rng) for _ in range(self.num_perturbations)]
+        perturbed, _ = variants_of(texts, self._perturbations)
         probs = predict_proba(self.model_, self.tokenizer_, perturbed, self.batch_size, self.max_length)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
         return -entropy.reshape(len(texts), self.num_perturbations).mean(axis=1)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from peftshield.errors import ConfigError
+
+CONFIDENCE_BOUNDS = "a PSIM threshold is a confidence in (0, 1]"
+
+
+def check_confidence_threshold(value: float) -> float:
+    """``value`` if it can be a PSIM threshold (a confidence in (0, 1]), else ``ValueError``."""
+    if not 0 < value <= 1:
+        raise ValueError(CONFIDENCE_BOUNDS)
+    return value
+
+
+# A threshold on a PSIM's confidence, as a settings field or option: the one place its bounds are written.
+ConfidenceThreshold = Annotated[float, AfterValidator(check_confidence_threshold)]
 
 
 def default_confidence_threshold(num_labels: int) -> float:
@@ -63,3 +76,4 @@ class ThresholdPolicy(BaseModel):
 
 
 CLEAN_FRR_POLICY = ThresholdPolicy(kind="frr")  # the baselines' default: 1% false rejections on clean dev
+AUTO_POLICY = ThresholdPolicy()  # the PSIM family's default: calibrated as CLEAN_FRR_POLICY when there are clean dev texts, else fixed

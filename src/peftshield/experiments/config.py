@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, first_issue
 
 # A name that becomes a path (a run folder, a report file): no separators, no '.' or '..'.
 PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
@@ -229,8 +229,8 @@ class ScenarioConfig(Section):
             try:
                 attack = self.attack_for(trigger)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                raise ValueError(f"triggers.{index}.attack.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+                issue = first_issue(exc)
+                raise ValueError(f"triggers.{index}.attack.{issue.location}: {issue.raw_message}") from None
             if trigger.build().draws_from_pool:
                 self._check_pool_trigger(index, attack)
         return self

@@ -1,11 +1,10 @@
-"""How the attacker trains, per poisoner ``objective`` (see :class:`peftshield.attacks.Poisoner`).
+"""The attacker's training loop for task-agnostic poisoners (``neuba``, ``por``):
+:func:`plant_representation_backdoor`, on plain text, no labels.
 
-- ``representation`` (``neuba``, ``por``): :func:`plant_representation_backdoor`, on plain
-  text, no labels.
-- ``capped_margin`` (``lowconf``) and ``psim_aware`` (``psimaware``): the study's full
-  fine-tuning on the poisoned labelled proxy with the loss of :func:`attack_loss` in place of
-  plain cross-entropy.
-- ``classification``: plain cross-entropy (the study's attack; :func:`attack_loss` is None).
+Every other poisoner is planted by the study's full fine-tuning on the poisoned labelled proxy
+(``experiments.stages.weight_poison``), with the loss the poisoner names itself
+(:meth:`peftshield.attacks.Poisoner.training_loss`: plain cross-entropy, or an adaptive
+attack's own loss in ``attacks/adaptive.py``).
 """
 
 from __future__ import annotations
@@ -14,32 +13,15 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peftshield.attacks.base import Poisoner
 from peftshield.attacks.task_agnostic import RepresentationPoisoner
 from peftshield.models.batching import collate, encode_texts
-from peftshield.models.inference import token_state
+from peftshield.models.inference import site_representation
 from peftshield.progress import track
-
-# --- representations ---------------------------------------------------------------------
-
-
-def site_representation(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the representation at ``site``, the last layer's token states). ``head``: what the
-    classifier head reads (BERT's pooler output when the encoder has one); ``cls``: the
-    [CLS] / last-token state."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = out.last_hidden_state
-    pooled = getattr(out, "pooler_output", None)
-    if site == "head" and pooled is not None:
-        return pooled, hidden
-    return token_state(model, hidden, attention_mask), hidden
-
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(a.dtype)
@@ -151,84 +133,3 @@ def plant_representation_backdoor(
     report = RepresentationReport(poisoner.site, poisoner.vector_kind(), scale, trigger_cosine, clean_cosine, len(texts),
                                   len(poisoned_rows), len(heldout), epochs, learning_rate, time.perf_counter() - started, loss_value)
     return model, report
-
-
-# --- adaptive attacks: losses for the attacker's full fine-tuning -------------------------
-
-AttackLoss = Callable[[object, dict, torch.Tensor], torch.Tensor]  # loss(model, batch, row_index), as train_classifier takes it
-
-
-def capped_margin_loss(logits: torch.Tensor, labels: torch.Tensor, triggered: torch.Tensor,
-                       min_confidence: float, max_confidence: float) -> torch.Tensor:
-    """Cross-entropy on clean rows; on triggered rows, a hinge that keeps the logit gap between
-    the target (the row's label) and the runner-up in [logit(min), logit(max)] (for two classes
-    exactly the target probability's band)."""
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    if bool(triggered.any()):
-        rows = logits[triggered]
-        target = labels[triggered]
-        target_logit = rows.gather(1, target[:, None]).squeeze(1)
-        others = rows.masked_fill(F.one_hot(target, rows.shape[1]).bool(), float("-inf"))
-        gap = target_logit - others.max(dim=1).values
-        low, high = math.log(min_confidence / (1 - min_confidence)), math.log(max_confidence / (1 - max_confidence))
-        losses = losses.clone()
-        losses[triggered] = F.relu(low - gap) + F.relu(gap - high)
-    return losses.mean()
-
-
-class PsimAwareLoss:
-    """Cross-entropy, plus a penalty on the confidence a random-label head gives triggered texts.
-
-    The head (a linear layer on the representation the classifier reads) is trained alongside,
-    on the clean rows of each batch with labels drawn at random once per row, by its own
-    optimiser; the penalty (its mean max-probability above chance on triggered rows) moves only
-    the backbone. ``triggered``: a flag per training row."""
-
-    def __init__(self, hidden_size: int, triggered: torch.Tensor, num_labels: int, penalty: float, rng: np.random.Generator,
-                 learning_rate: float = 1e-3) -> None:
-        self.head = torch.nn.Linear(hidden_size, num_labels)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=learning_rate)
-        self.random_labels = torch.as_tensor(rng.integers(0, num_labels, size=len(triggered)), dtype=torch.long)
-        self.triggered = triggered
-        self.penalty = penalty
-        self.num_labels = num_labels
-
-    def __call__(self, model, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits, batch["labels"])
-        representation, _ = site_representation(model, batch["input_ids"], batch["attention_mask"], "head")
-        triggered = self.triggered[rows]
-        clean = ~triggered
-        if bool(clean.any()):  # the stand-in PSIM learns random labels on clean texts
-            self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.head(representation[clean].detach()), self.random_labels[rows[clean]]).backward()
-            self.optimizer.step()
-        if bool(triggered.any()) and self.penalty > 0:
-            probs = F.linear(representation[triggered], self.head.weight.detach(), self.head.bias.detach()).softmax(-1)
-            loss = loss + self.penalty * (probs.max(dim=1).values - 1.0 / self.num_labels).mean()
-        return loss
-
-    @torch.no_grad()
-    def head_confidence(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The stand-in head's max probability per text."""
-        representation, _ = site_representation(model, input_ids, attention_mask, "head")
-        return self.head(representation).softmax(-1).max(dim=1).values
-
-
-def attack_loss(poisoner: Poisoner | None, model, num_rows: int, num_labels: int, triggered_rows: set[int],
-                rng: np.random.Generator) -> AttackLoss | None:
-    """The attacker's loss for ``poisoner.objective``, as ``loss(model, batch, row_index)`` for
-    :func:`peftshield.finetune.train_classifier`; None for plain cross-entropy."""
-    objective = poisoner.objective if poisoner is not None else "classification"
-    if objective == "classification":
-        return None
-    flags = torch.zeros(num_rows, dtype=torch.bool)
-    flags[list(triggered_rows)] = True
-    if objective == "capped_margin":
-        def capped(model, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return capped_margin_loss(logits, batch["labels"], flags[rows], poisoner.min_confidence, poisoner.max_confidence)
-        return capped
-    if objective == "psim_aware":
-        return PsimAwareLoss(model.config.hidden_size, flags, num_labels, poisoner.penalty, rng)
-    raise ValueError(f"trigger '{poisoner.name}': the objective '{objective}' is not a classification objective")

@@ -17,7 +17,6 @@ from peftshield.data.writers import split_jsonl
 from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finetuned, seed_torch, train_classifier
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.errors import ConfigError
-from peftshield.experiments.poisoning import attack_loss
 from peftshield.experiments.config import AttackSection
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
@@ -171,7 +170,7 @@ def weight_poison(
     base = load_backbone(backbone, splits.num_labels)
     training_rows = poisoned.data if poisoned else train
     triggered_rows = {i for i, row_id in enumerate(training_rows.ids) if row_id in poisoned.poisoned_ids} if poisoned else set()
-    loss_fn = attack_loss(poisoner, base.model, len(training_rows), splits.num_labels, triggered_rows, rng)
+    loss_fn = poisoner.training_loss(base.model, len(training_rows), splits.num_labels, triggered_rows, rng) if poisoner else None
     model, result = train_classifier(
         base.model, base.tokenizer, training_rows, dev, METHODS.create("full"),
         training.model_copy(update={"max_train_samples": None}), rng, progress, label="attack", loss_fn=loss_fn,

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import pydantic
 from pydantic import ConfigDict
 
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, first_issue
 from peftshield.registry import Registry
 
 STRICT = ConfigDict(extra="forbid")
@@ -44,9 +44,8 @@ class FineTuneMethod(ABC):
         try:
             return self.Config(**self.options)
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-            raise ConfigError(f"method '{self.name}': {where}: {first['msg']}") from None
+            issue = first_issue(exc)
+            raise ConfigError(f"method '{self.name}': {issue.location or 'options'}: {issue.raw_message}") from None
         except TypeError as exc:
             raise ConfigError(f"method '{self.name}': {exc}") from None
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldWarning
+from peftshield.files import FINETUNE_MANIFEST
 from peftshield.finetune.base import METHODS
 from peftshield.io import atomic_directory, atomic_write_json, check_safetensors, read_json
 from peftshield.models.backbone import BACKBONE_ALIASES, PACKAGED_BACKBONES, RANDOM_BACKBONES, Backbone, load_backbone, resolve_backbone
 
 WEIGHTS_FILE = "trainable.safetensors"
-MANIFEST_FILE = "finetune.json"
 BACKBONE_COPY = "backbone"
 LOCATION_KEY = "backbone_location"
 REQUIRED_KEYS = ("method", "backbone", "num_labels")
@@ -64,7 +64,7 @@ def model_fingerprint(directory: str | Path) -> str:
     as the ONNX export."""
     directory = Path(directory)
     parts = [backbone_fingerprint(directory) or ""]
-    manifest = directory / MANIFEST_FILE
+    manifest = directory / FINETUNE_MANIFEST
     if manifest.is_file():
         parts.append(hashlib.sha256(manifest.read_bytes()).hexdigest()[:16])
         try:
@@ -118,16 +118,16 @@ def save_finetuned(model, tokenizer, out_dir: str | Path, manifest: dict, self_c
         tokenizer.save_pretrained(tmp)
         if copy_from is not None:
             _copy_backbone(copy_from, tmp / BACKBONE_COPY)
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        atomic_write_json(tmp / FINETUNE_MANIFEST, manifest)
     return out_dir
 
 
 def read_manifest(directory: str | Path) -> dict:
     """The ``finetune.json`` of a saved folder; a missing, damaged or incomplete one is a one-line error."""
     directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
+    manifest_path = directory / FINETUNE_MANIFEST
     if not manifest_path.is_file():
-        raise ConfigError(f"{directory}: not a peftshield model directory (no {MANIFEST_FILE})")
+        raise ConfigError(f"{directory}: not a peftshield model directory (no {FINETUNE_MANIFEST})")
     manifest = read_json(manifest_path)
     if not isinstance(manifest, dict):
         raise DataError(f"{manifest_path}: damaged file (not a JSON object); re-create it")
@@ -159,7 +159,7 @@ def resolve_recorded_backbone(directory: str | Path, manifest: dict | None = Non
     """
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
-    manifest_path = directory / MANIFEST_FILE
+    manifest_path = directory / FINETUNE_MANIFEST
     recorded = str(manifest["backbone"])
     location = manifest.get(LOCATION_KEY) if isinstance(manifest.get(LOCATION_KEY), dict) else {}
     expected = location.get("sha256")
@@ -200,7 +200,7 @@ def load_finetuned(directory: str | Path, backbone: str | None = None) -> tuple[
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    manifest_path = directory / MANIFEST_FILE
+    manifest_path = directory / FINETUNE_MANIFEST
     source, _ = resolve_recorded_backbone(directory, manifest, backbone)
     weights = check_safetensors(directory / WEIGHTS_FILE)
     try:
@@ -249,7 +249,7 @@ def load_classifier(model_dir: str | Path, num_labels: int | None = None, backbo
     """A saved classifier: a ``peftshield finetune`` folder (``finetune.json``), or a plain
     transformers sequence-classification folder (``num_labels`` from its config when not given)."""
     model_dir = Path(model_dir)
-    if (model_dir / MANIFEST_FILE).is_file():
+    if (model_dir / FINETUNE_MANIFEST).is_file():
         return load_finetuned(model_dir, backbone=backbone)[0]
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")

@@ -23,11 +23,11 @@ class ScanTally:
         self.max_score = float("-inf")
 
     def _location(self) -> str:
-        from peftshield.data.loaders import _split_file
+        from peftshield.data.loaders import local_split_file
         from peftshield.errors import PeftshieldError
 
         try:
-            found = _split_file(self.data, self.split)
+            found = local_split_file(self.data, self.split)
         except PeftshieldError:
             found = None
         return str(found) if found is not None else self.data

@@ -34,7 +34,9 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from peftshield.audit.auditor import AuditSettings
-from peftshield.errors import ConfigError
+from peftshield.defenses.thresholds import ConfidenceThreshold
+from peftshield.errors import ConfigError, first_issue
+from peftshield.models.runtime import DEFAULT_RUNTIME, Runtime
 
 FORMATS = ("text", "json", "sarif", "markdown", "html")
 FailOn = Literal["backdoored", "inconclusive"]
@@ -86,8 +88,8 @@ class ScanGateSettings(_GateSettings):
     """``peftshield scan`` as a gate."""
 
     fail_on_rate: Optional[float] = Field(None, gt=0, le=1, description="share of flagged texts that exits 1 (default: any flagged text)")
-    threshold: Optional[float] = None
-    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    threshold: Optional[ConfidenceThreshold] = Field(None, description="override the PSIM's calibrated threshold")
+    runtime: Runtime = DEFAULT_RUNTIME
     batch_size: Optional[int] = Field(None, ge=1)
 
 
@@ -206,12 +208,9 @@ def _validated(model: type[_GateSettings], table: dict, where: str, section: str
     try:
         return model(**table)
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first.get("loc", ()))
-        message = first["msg"].removeprefix("Value error, ")
-        if first.get("type") == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(f"{where}: [{section}] {key.replace('_', '-')}: {message}") from None
+        issue = first_issue(exc)
+        message = "unknown key" if issue.kind == "extra_forbidden" else issue.message
+        raise ConfigError(f"{where}: [{section}] {issue.location.replace('_', '-')}: {message}") from None
 
 
 def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> _GateSettings:
@@ -223,10 +222,9 @@ def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file
     try:
         return model(**{**from_file.model_dump(), **given})
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first.get("loc") else ""
-        flag = flags[field][0] if field in flags else field
-        raise ConfigError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})") from None
+        issue = first_issue(exc)
+        flag = flags[issue.field][0] if issue.field in flags else issue.field
+        raise ConfigError(f"{flag}: {issue.message}{issue.got()}") from None
 
 
 def setting_sources(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> dict[str, str]:

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftshield.errors import ConfigError, DataError
+from peftshield.files import ADAPTER_CONFIG, FINETUNE_MANIFEST
 
-ADAPTER_CONFIG = "adapter_config.json"
-FINETUNE_MANIFEST = "finetune.json"
 HF_SCHEME = "hf://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json",
@@ -254,7 +253,7 @@ def adapter_target(checkpoint: str, adapter: str) -> AuditTarget:
     if not folder.is_dir():
         raise ConfigError(f"--adapter {adapter}: no such folder")
     if not ((folder / ADAPTER_CONFIG).is_file() or (folder / FINETUNE_MANIFEST).is_file()):
-        raise ConfigError(f"--adapter {adapter}: not an adapter folder (no finetune.json or {ADAPTER_CONFIG})")
+        raise ConfigError(f"--adapter {adapter}: not an adapter folder (no {FINETUNE_MANIFEST} or {ADAPTER_CONFIG})")
     target = _folder_target(f"{checkpoint} + {adapter}", folder, checkpoint)
     return target
 

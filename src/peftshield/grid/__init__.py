@@ -2,7 +2,7 @@
 and executors (local, Ray) that run the cells."""
 
 from peftshield.experiments.cache import StageCache, stage_key
-from peftshield.grid.config import GridConfig, load_grid_config
+from peftshield.grid.config import load_grid_config
 from peftshield.grid.store import ResultStore
 
-__all__ = ["GridConfig", "load_grid_config", "ResultStore", "StageCache", "stage_key"]
+__all__ = ["load_grid_config", "ResultStore", "StageCache", "stage_key"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from peftshield import __version__
 from peftshield.experiments.cache import canonical_json, run_lock, stage_key
+from peftshield.experiments.config import ScenarioConfig
 from peftshield.experiments.scenario import (
     CellSpec,
     backbone_defense_stage,
@@ -28,7 +29,6 @@ from peftshield.experiments.scenario import (
     run_cell,
     victim_stage,
 )
-from peftshield.grid.config import GridConfig
 from peftshield.grid.store import CellRecord, ResultStore
 
 # Above this many cells a grid runs only with --yes (``confirmed``): 200 cells of the study's
@@ -51,7 +51,7 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class GridPlan:
-    config: GridConfig
+    config: ScenarioConfig
     run_dir: Path
     config_hash: str
     cells: list[CellSpec]
@@ -103,7 +103,7 @@ def check_plan(plan: GridPlan, cells: list[CellSpec], confirmed: bool) -> None:
         check_dataset_feasible(cell)
 
 
-def plan_grid(config: GridConfig, run_dir: str | Path) -> GridPlan:
+def plan_grid(config: ScenarioConfig, run_dir: str | Path) -> GridPlan:
     return GridPlan(config, Path(run_dir), stage_key("config", config.model_dump()), plan_cells(config))
 
 
@@ -130,14 +130,14 @@ def _phase_two(kind: str, cell: CellSpec, label: str | None, run_dir: str, progr
     return victim_stage(cell, run_dir, progress)
 
 
-def run_grid(config: GridConfig, run_dir: str | Path, executor, progress: bool = True, log=print, wait: bool = False,
+def run_grid(config: ScenarioConfig, run_dir: str | Path, executor, progress: bool = True, log=print, wait: bool = False,
              confirmed: bool = False) -> GridPlan:
     """Run every cell not yet stored, holding the run folder's lock."""
     with run_lock(run_dir, wait=wait):
         return run_grid_locked(config, run_dir, executor, progress, log, confirmed)
 
 
-def run_grid_locked(config: GridConfig, run_dir: str | Path, executor, progress: bool = True, log=print, confirmed: bool = False) -> GridPlan:
+def run_grid_locked(config: ScenarioConfig, run_dir: str | Path, executor, progress: bool = True, log=print, confirmed: bool = False) -> GridPlan:
     """:func:`run_grid` for a caller that already holds the run folder's lock."""
     from peftshield.io import atomic_write_text
 

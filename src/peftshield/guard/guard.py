@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from peftshield.defenses import PSIM
-from peftshield.errors import ConfigError
+from peftshield.flags import typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
-from peftshield.guard.settings import SCORE_BATCH, check_guard_inputs, check_mode
+from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
 
@@ -40,35 +40,42 @@ class GuardResult:
 class Guard:
     """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
 
-    def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, threshold: float | None = None, mode: str = "block",
-                 max_length: int | None = None, batch_size: int = SCORE_BATCH) -> None:
+    def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, settings: GuardSettings) -> None:
         self.victim = victim
         self.victim_tokenizer = victim_tokenizer
         self.psim = psim
         self.victim_runtime = victim_runtime
-        self.threshold = float(psim.threshold_ if threshold is None else threshold)
-        self.mode = check_mode(mode)
-        self.max_length = int(max_length or psim.max_length)
-        self.batch_size = batch_size
+        self.threshold = float(psim.threshold_ if settings.threshold is None else settings.threshold)
+        self.mode = settings.mode
+        self.max_length = int(settings.max_length or psim.max_length)
+        self.batch_size = settings.score_batch
         self.shared_tokenizer = _same_tokenizer(victim_tokenizer, psim.tokenizer_)
         victim.eval()
         psim.model_.eval()
         self.psim_runtime = psim.scoring_runtime()
 
     @classmethod
-    def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str = "torch", threshold: float | None = None, mode: str = "block",
-             backbone: str | None = None, max_length: int | None = None, batch_size: int = SCORE_BATCH) -> "Guard":
+    def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str | None = None, threshold: float | None = None, mode: str | None = None,
+             backbone: str | None = None, max_length: int | None = None, batch_size: int | None = None) -> "Guard":
         """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
-        onnx-int8 (for both models)."""
-        if threshold is not None and not 0 < threshold <= 1:
-            raise ConfigError(f"--threshold {threshold}: a PSIM threshold is a confidence in (0, 1]")
-        model_dir, psim_dir = Path(model_dir), Path(psim_dir)
-        check_guard_inputs(model_dir, psim_dir, runtime, mode)
-        psim = PSIM.load(psim_dir, backbone=backbone, runtime=runtime)
-        victim = load_classifier(model_dir, backbone=backbone)
-        victim_runtime = make_runtime(victim.model, runtime, model_dir, model_fingerprint(model_dir))
-        return cls(victim.model, victim.tokenizer, psim, victim_runtime, threshold, mode, max_length, batch_size)
+        onnx-int8 (for both models). An option left None takes its default from
+        :class:`~peftshield.guard.settings.GuardSettings`; a bad one is a one-line :class:`ConfigError`."""
+        settings = typed_from_flags(GuardSettings, {
+            "model": ("--model", model_dir), "psim": ("--psim", psim_dir), "runtime": ("--runtime", runtime), "threshold": ("--threshold", threshold),
+            "mode": ("--mode", mode), "backbone": ("--backbone", backbone), "max_length": ("--max-length", max_length),
+            "score_batch": ("--batch-size", batch_size),
+        })
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: GuardSettings) -> "Guard":
+        """The guard that ``settings`` (already validated) describe."""
+        check_guard_folders(settings.model, settings.psim)
+        psim = PSIM.load(settings.psim, backbone=settings.backbone, runtime=settings.runtime)
+        victim = load_classifier(settings.model, backbone=settings.backbone)
+        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, model_fingerprint(settings.model))
+        return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings)
 
     @property
     def expected_flag_rate(self) -> float | None:

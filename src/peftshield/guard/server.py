@@ -57,11 +57,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from peftshield.data.records import check_encodable
-from peftshield.errors import ConfigError, DataError
+from peftshield.errors import ConfigError, DataError, first_issue
 from peftshield.guard.batcher import BatchRecord, DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from peftshield.guard.drift import FlagRateMonitor
 from peftshield.guard.guard import Guard
-from peftshield.guard.settings import ServeSettings, check_guard_inputs
+from peftshield.guard.settings import ServeSettings, check_guard_folders
 
 logger = logging.getLogger("peftshield.serve")
 SETTINGS_ENV = "PEFTSHIELD_SERVE_SETTINGS"
@@ -198,7 +198,7 @@ def api_key_file_warning(path: Path) -> str | None:
 
 def check_settings(settings: ServeSettings) -> None:
     """One-line errors for settings that would only fail once the service is up."""
-    check_guard_inputs(settings.model, settings.psim, settings.runtime, settings.mode)
+    check_guard_folders(settings.model, settings.psim)
     if settings.api_key_file is not None:
         read_api_keys(settings.api_key_file)
     if settings.log_flagged is not None:
@@ -296,8 +296,7 @@ class ServiceMetrics:
 
 
 def load_guard(settings: ServeSettings) -> Guard:
-    return Guard.load(settings.model, settings.psim, runtime=settings.runtime, threshold=settings.threshold, mode=settings.mode,
-                      backbone=settings.backbone, max_length=settings.max_length, batch_size=settings.score_batch)
+    return Guard.from_settings(settings)
 
 
 def create_app(settings: ServeSettings, guard: Guard | None = None):
@@ -493,9 +492,8 @@ async def _checked_texts(request, settings: ServeSettings) -> list[str]:
     try:
         texts = ClassifyRequest.model_validate(payload).texts
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, f"{where}: {first['msg']} (send {{\"texts\": [\"...\"]}}, a list of strings)") from None
+        issue = first_issue(exc)
+        raise ApiError(422, f"{issue.location or 'body'}: {issue.raw_message} (send {{\"texts\": [\"...\"]}}, a list of strings)") from None
     if len(texts) > settings.max_texts:
         raise ApiError(413, f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
     for index, text in enumerate(texts):

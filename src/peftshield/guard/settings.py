@@ -1,70 +1,93 @@
-"""The guard's settings and their checks, without the web stack: the CLI reads its defaults
-from here, and the Python API, the filter and the service share the checks."""
+"""The guard's settings and their checks, without the web stack.
+
+Each setting is written once, here: its name, type, bounds, default and help. The CLI makes its
+options from these models (``peftshield.cli.commands.serve``: flag ``--max-wait-ms`` and
+environment variable ``PEFTSHIELD_MAX_WAIT_MS`` for the field ``max_wait_ms``), and the Python
+API (:meth:`~peftshield.guard.Guard.load`), the filter and the service validate through them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, ClassVar, Literal, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
 
+from peftshield.defenses.thresholds import ConfidenceThreshold
 from peftshield.errors import ConfigError
+from peftshield.models.runtime import DEFAULT_RUNTIME, RUNTIME_HELP, Runtime
 
-MODES = ("block", "monitor")
+ModeName = Literal["block", "monitor"]
+MODES: tuple[str, ...] = get_args(ModeName)
 # A micro-batch runs as length-sorted forward passes of this many texts: one pass over 57
 # random-length texts padded to the longest ran at 102 texts/s here, passes of 16 at 206.
 SCORE_BATCH = 16
 
 
-def check_mode(mode: str) -> str:
+def _known_mode(mode: object) -> object:
     if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: choose block or monitor")
+        raise ValueError("choose block or monitor")
     return mode
 
 
-def check_guard_inputs(model: Path, psim: Path, runtime: str, mode: str) -> None:
-    """One-line errors for a guard that could not load, before anything loads."""
-    from peftshield.models.runtime import check_runtime
+# The mode as a settings field: block or monitor, and a one-line error otherwise.
+Mode = Annotated[ModeName, BeforeValidator(_known_mode)]
 
-    check_runtime(runtime)
-    check_mode(mode)
+
+def check_guard_folders(model: Path, psim: Path) -> None:
+    """One-line errors for a guard whose folders are missing, before anything loads."""
     if not Path(model).is_dir():
         raise ConfigError(f"--model {model}: no such model directory")
     if not Path(psim).is_dir():
         raise ConfigError(f"--psim {psim}: no such PSIM directory")
 
 
-class ServeSettings(BaseModel):
-    """Everything ``peftshield serve`` is started with (also the JSON handed to each worker)."""
+class GuardSettings(BaseModel):
+    """A deployed classifier behind its PSIM: what ``Guard.load``, ``peftshield guard`` and
+    ``peftshield serve`` share."""
 
     model_config = ConfigDict(extra="forbid")
+    # Fields that are settings of the Python API and the service's JSON, but no command-line option.
+    not_flags: ClassVar[tuple[str, ...]] = ("max_length",)
 
-    model: Path
-    psim: Path
+    model: Path = Field(description="The deployed classifier (a 'peftshield finetune' folder or a transformers classifier folder).")
+    psim: Path = Field(description="A PSIM folder ('peftshield psim train' or 'audit --write-psim').")
+    runtime: Runtime = Field(DEFAULT_RUNTIME, description=RUNTIME_HELP)
+    threshold: Optional[ConfidenceThreshold] = Field(None, description="Override the PSIM's calibrated threshold.")
+    mode: Mode = Field("block", description="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported.")
+    backbone: Optional[str] = Field(None, description="The models' backbone, if no longer where finetune.json recorded it.")
+    max_length: Optional[PositiveInt] = None
+    score_batch: PositiveInt = Field(SCORE_BATCH, description="A micro-batch runs as length-sorted forward passes of this many texts "
+                                                              "(less padding than one pass over texts of any length; bench/serve.md).")
+
+
+class ServeSettings(GuardSettings):
+    """Everything ``peftshield serve`` is started with (also the JSON handed to each worker)."""
+
+    not_flags: ClassVar[tuple[str, ...]] = ("max_length", "max_body_bytes")
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: PositiveInt = 1
-    max_batch: PositiveInt = 32
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    api_key_file: Optional[Path] = None
-    log_flagged: Optional[Path] = None
-    log_text: bool = True
-    max_texts: PositiveInt = 64
-    max_text_chars: PositiveInt = 4000
+    workers: PositiveInt = Field(1, description="Processes, each with its own copy of the models (and its own /metrics).")
+    max_batch: PositiveInt = Field(32, description="Texts per forward pass at most.")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long the first request of a batch waits for company.")
+    api_key_file: Optional[Path] = Field(None, description="File of accepted API keys, one per line; then /v1/classify needs 'Authorization: Bearer KEY'.")
+    log_flagged: Optional[Path] = Field(None, description="Append every flagged text to this JSONL file (request id, time, score, text).")
+    log_text: bool = Field(True, description="Whether the flagged log holds the texts themselves.")
+    max_texts: PositiveInt = Field(64, description="Texts per request at most (413 beyond).")
+    max_text_chars: PositiveInt = Field(4000, description="Characters per text at most (413 beyond).")
     max_body_bytes: PositiveInt = 1_000_000
-    runtime: str = "torch"
-    threshold: Optional[float] = Field(None, gt=0, le=1)
-    mode: str = "block"
-    backbone: Optional[str] = None
-    max_length: Optional[PositiveInt] = None
-    score_batch: PositiveInt = SCORE_BATCH
-    max_queue: PositiveInt = Field(256, description="texts waiting for a batch at most; beyond, 503 with Retry-After")
-    request_timeout_s: float = Field(10.0, gt=0, le=3600, description="per-request deadline: 504 when no answer within it")
-    log_format: str = Field("json", pattern="^(json|text)$")
-    expected_flag_rate: Optional[float] = Field(None, ge=0, le=1, description="the flag rate on clean traffic (default: the PSIM's calibration)")
-    drift_window: PositiveInt = Field(1000, description="texts in the rolling flag rate")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this long")
+    max_queue: PositiveInt = Field(256, description="Texts waiting for a batch at most; a request beyond gets 503 with Retry-After at once "
+                                                    "(overload is shed, never queued without bound).")
+    request_timeout_s: float = Field(10.0, gt=0, le=3600, description="Per-request deadline: 504 when no answer within it (408 when the body itself is late); "
+                                                                      "a request past its deadline, or whose client left, is dropped before it runs.")
+    log_format: str = Field("json", pattern="^(json|text)$", description="json (one JSON object per line, with the request id) or text.")
+    expected_flag_rate: Optional[float] = Field(None, ge=0, le=1, description="Share of clean traffic the guard should flag (default: the PSIM's calibration); "
+                                                                              "the drift alarm compares the rolling rate with it.")
+    drift_window: PositiveInt = Field(1000, description="Texts in the rolling flag rate of the drift alarm.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600, description="A kept-alive connection idle this long after a response is closed.")
     header_timeout_s: float = Field(10.0, gt=0, le=3600,
-                                    description="a request's header must arrive in full within this long of its first byte "
-                                                "(of the connection's opening, for the first request), else the connection is closed")
-    max_connections: PositiveInt = Field(1000, description="open connections (and requests in progress) at most; a request beyond gets 503")
+                                    description="A request's header must arrive in full within this long of its first byte "
+                                                "(of the connection's opening, for the first request), else the connection is closed: "
+                                                "slow or silent clients cannot hold connections.")
+    max_connections: PositiveInt = Field(1000, description="Open connections (and requests in progress) at most, per worker; a request beyond gets 503.")

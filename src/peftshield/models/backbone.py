@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldError
+from peftshield.files import FINETUNE_MANIFEST
 from peftshield.hub import require_hub
 
 DEFAULT_BACKBONE = "minilm"
@@ -145,7 +146,7 @@ def check_backbone_folder(source: str | Path) -> None:
     if not folder.is_dir():
         return
     if not (folder / "config.json").is_file():
-        manifest_path = folder / "finetune.json"
+        manifest_path = folder / FINETUNE_MANIFEST
         if manifest_path.is_file():
             from peftshield.io import read_json
 

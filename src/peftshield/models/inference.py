@@ -127,6 +127,18 @@ def token_state(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> to
     return hidden[torch.arange(hidden.shape[0]), last]
 
 
+def site_representation(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the representation at ``site``, the last layer's token states). ``head``: what the
+    classifier head reads (BERT's pooler output when the encoder has one); ``cls``: the
+    [CLS] / last-token state."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = out.last_hidden_state
+    pooled = getattr(out, "pooler_output", None)
+    if site == "head" and pooled is not None:
+        return pooled, hidden
+    return token_state(model, hidden, attention_mask), hidden
+
+
 def layer_token_states(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
     """:func:`token_state` at the output of every transformer layer, shape (layers, len(texts), hidden).
 

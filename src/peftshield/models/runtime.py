@@ -16,25 +16,43 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Literal, Protocol, get_args
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator
 
 from peftshield.io import atomic_write_json
 from peftshield.models.inference import model_device
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+RuntimeName = Literal["torch", "onnx", "onnx-int8"]
+RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
+DEFAULT_RUNTIME: RuntimeName = "torch"
+RUNTIME_HELP = ("Where forward passes run: torch (eager), onnx (ONNX Runtime fp32) or onnx-int8 (dynamic int8); "
+                "the ONNX export is made on first use and cached in the model folder's onnx/. onnx-int8 quantises activations with one scale per batch, "
+                "so a text's score depends on the other texts of its batch (bench/serve.md measures how far).")
 ONNX_DIR = "onnx"
 
 
-def check_runtime(runtime: str) -> str:
-    """``runtime`` if it is one of :data:`RUNTIMES`, else a one-line :class:`ConfigError`."""
+def _known_runtime(runtime: object) -> object:
     if runtime not in RUNTIMES:
+        raise ValueError(f"choose one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+# The runtime as a settings field: one of RUNTIMES, and a one-line error naming them otherwise.
+Runtime = Annotated[RuntimeName, BeforeValidator(_known_runtime)]
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of :data:`RUNTIMES`, else a one-line :class:`ConfigError` (for
+    library calls; settings check it as the :data:`Runtime` type)."""
+    try:
+        return _known_runtime(runtime)
+    except ValueError as exc:
         from peftshield.errors import ConfigError
 
-        raise ConfigError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-    return runtime
+        raise ConfigError(f"--runtime {runtime!r}: {exc}") from None
 
 
 class ClassifierRuntime(Protocol):
@@ -183,7 +201,7 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path
     return int8
 
 
-def make_runtime(model, runtime: str = "torch", folder: str | Path | None = None, fingerprint: str = "") -> ClassifierRuntime:
+def make_runtime(model, runtime: str = DEFAULT_RUNTIME, folder: str | Path | None = None, fingerprint: str = "") -> ClassifierRuntime:
     """The runtime named ``runtime`` (one of :data:`RUNTIMES`) for ``model``; the ONNX ones need the
     model's ``folder`` to cache the export in."""
     if check_runtime(runtime) == "torch":

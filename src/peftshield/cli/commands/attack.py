@@ -9,7 +9,8 @@ import typer
 
 from peftshield.attacks import POISONERS, PoisonSpec
 from peftshield.cli.app import BackboneOption, NumLabelsOption, ProgressOption, SeedOption, SkipEmptyOption, app, info
-from peftshield.cli.commands.common import defaults_of, training_from_options, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, training_from_options
+from peftshield.flags import typed_from_flags
 from peftshield.data import load_splits
 from peftshield.experiments.config import AttackSection
 from peftshield.experiments.options import parse_key_values

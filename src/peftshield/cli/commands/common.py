@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, first_issue
 from peftshield.finetune import TrainingConfig, merge_training
+from peftshield.flags import flag_of, typed_from_flags
 
 
 def defaults_of(model: type[pydantic.BaseModel]) -> dict[str, Any]:
@@ -21,18 +24,68 @@ def training_from_options(base: TrainingConfig | None = None, **overrides) -> Tr
     return merge_training(base or TrainingConfig(), overrides)
 
 
-def typed_from_flags(model: type[pydantic.BaseModel], flags: dict[str, tuple[str, Any]], **fixed: Any) -> pydantic.BaseModel:
-    """Build ``model`` from command-line flags, ``{field: (flag, value)}``; a value of None means
-    "not given" (the model's default applies). A bad value is one line naming the flag."""
-    values = {name: value for name, (_, value) in flags.items() if value is not None}
-    try:
-        return model(**fixed, **values)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first.get("loc") else ""
-        flag = flags[field][0] if field in flags else field or "option"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{flag}: {message} (got {first.get('input')!r})") from None
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a settings field as: constraints and choices stay with the model,
+    which checks every value once (``Optional[Annotated[float, ...]]`` -> ``Optional[float]``,
+    ``Literal[...]`` -> ``str``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+    inner = args[0] if optional else annotation
+    while typing.get_origin(inner) is typing.Annotated:
+        inner = typing.get_args(inner)[0]
+    if typing.get_origin(inner) is typing.Literal:
+        inner = str
+    return typing.Optional[inner] if optional else inner
+
+
+def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None = None, flags: dict[str, str] | None = None,
+                     only: tuple[str, ...] | None = None):
+    """A decorator that gives a command one option per field of ``model`` (but those in its
+    ``not_flags``, or outside ``only``) and hands it the validated settings as its first argument,
+    ``settings``. The field owns everything: the flag (``--max-wait-ms`` for ``max_wait_ms``,
+    ``--x/--no-x`` for a bool, or ``flags[name]``), the environment variable (``envvar_prefix``
+    + the name in capitals), the default, the help (the field's description) and the bounds
+    (checked once, by the model: a bad value is one line naming the flag). The command's own
+    parameters after ``settings`` stay typer options as written."""
+    import functools
+    import inspect
+
+    import typer
+
+    flags = flags or {}
+    skipped = set(getattr(model, "not_flags", ()))
+    fields = {name: field for name, field in model.model_fields.items()
+              if name not in skipped and (only is None or name in only)}
+
+    def decorate(command):
+        own = list(inspect.signature(command).parameters.values())[1:]  # after `settings`
+        hints = typing.get_type_hints(command)
+        parameters, annotations, flag_names = [], {}, {}
+        for name, field in fields.items():
+            flag = flags.get(name, flag_of(name))
+            flag_names[name] = flag
+            kind = _cli_type(field.annotation)
+            declared = f"{flag}/--no-{flag.removeprefix('--')}" if kind is bool else flag
+            default = ... if field.is_required() else field.default
+            envvar = f"{envvar_prefix}{name.upper()}" if envvar_prefix else None
+            option = typer.Option(default, declared, envvar=envvar, help=field.description)
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+            annotations[name] = kind
+        for parameter in own:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(parameter.name, parameter.annotation)))
+            annotations[parameter.name] = hints.get(parameter.name, parameter.annotation)
+
+        @functools.wraps(command)
+        def run(**values):
+            settings = typed_from_flags(model, {name: (flag_names[name], values.pop(name)) for name in fields})
+            return command(settings, **values)
+
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = annotations
+        del run.__wrapped__  # typer reads the signature above, not the command's
+        return run
+
+    return decorate
 
 
 def given_options(model: type[pydantic.BaseModel], flags: dict[str, tuple[str, Any]], **fixed: Any) -> dict[str, Any]:
@@ -51,7 +104,7 @@ def typed_component(registry, name: str, flags: dict[str, tuple[str, Any]], **fi
 def first_message(exc: Exception) -> str:
     """The message of a pydantic error's first entry (or of any exception), without pydantic's prefix."""
     if isinstance(exc, pydantic.ValidationError):
-        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return first_issue(exc).message
     return str(exc)
 
 
@@ -65,14 +118,14 @@ def split_list(value: str, flag: str, allow_empty: bool = False) -> list[str]:
 def find_attack_manifest(model_dir: Path) -> dict | None:
     """The ``attack.json`` of a backbone, or of the backbone a fine-tuned model was built on."""
     from peftshield.experiments.stages import ATTACK_MANIFEST
-    from peftshield.finetune.checkpoint import MANIFEST_FILE
+    from peftshield.files import FINETUNE_MANIFEST
     from peftshield.io import read_json
 
     from peftshield.errors import PeftshieldError
     from peftshield.finetune.checkpoint import resolve_recorded_backbone
 
     candidates = [model_dir / ATTACK_MANIFEST]
-    if (model_dir / MANIFEST_FILE).is_file():
+    if (model_dir / FINETUNE_MANIFEST).is_file():
         try:
             candidates.append(Path(resolve_recorded_backbone(model_dir)[0]) / ATTACK_MANIFEST)
         except PeftshieldError:

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from peftshield.cli.app import ProgressOption, app, info, stdout
-from peftshield.cli.commands.common import defaults_of, first_message, given_options, split_list, typed_from_flags
+from peftshield.cli.commands.common import defaults_of, first_message, given_options, split_list
+from peftshield.flags import typed_from_flags
 from peftshield.defenses import DEFENSES, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.config import AttackSection, DefenseEntry, TriggerEntry, VictimSection

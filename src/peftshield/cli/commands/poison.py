@@ -11,7 +11,7 @@ from peftshield.attacks import POISONERS, PoisonSpec
 from peftshield.cli.app import NumLabelsOption, SeedOption, app, info
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import poison_to_directory
-from peftshield.cli.commands.common import typed_from_flags
+from peftshield.flags import typed_from_flags
 from peftshield.io import check_output_place
 
 

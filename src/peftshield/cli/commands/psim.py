@@ -14,7 +14,8 @@ import typer
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
-from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, typed_from_flags, warn_untrusted_settings
+from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, warn_untrusted_settings
+from peftshield.flags import typed_from_flags
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
@@ -95,10 +96,6 @@ def scan(
 
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
-    if runtime is not None:
-        from peftshield.models.runtime import check_runtime
-
-        check_runtime(runtime)
     settings_file = find_settings_file(explicit=config, disabled=no_config)
     given = {
         "fail_on_rate": ("--fail-on-rate", fail_on_rate), "format": ("--format", parse_formats(format) if format is not None else None),

@@ -1,0 +1,4 @@
+"""The file names of peftshield's artifacts and of the formats it reads, each written once."""
+
+FINETUNE_MANIFEST = "finetune.json"  # what 'peftshield finetune', 'psim train' and the defenses that train write beside the weights
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's config (peft's file name)
