@@ -39,16 +39,22 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("audit-models")
+def planted_and_clean(folder: Path, train) -> dict[str, Path]:
+    """``train(data, out, seed)`` on the poisoned data of seed 0 ("poisoned") and on the clean
+    control data of seed 0 (its twin) and of each reference seed ("cleanN")."""
     out = {}
     for seed in (0, *REFERENCE_SEEDS):
         data = attacker_data(n_clean=400, n_poison=300, rng=np.random.default_rng(seed), label_noise=0.35)
         if seed == 0:
-            out["poisoned"] = train_backbone(data.poisoned, folder / "poisoned", seed, learning_rate=3e-3, epochs=10)
-        out[f"clean{seed}"] = train_backbone(data.control, folder / f"clean{seed}", seed, learning_rate=3e-3, epochs=10)
+            out["poisoned"] = train(data.poisoned, folder / "poisoned", seed)
+        out[f"clean{seed}"] = train(data.control, folder / f"clean{seed}", seed)
     return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return planted_and_clean(tmp_path_factory.mktemp("audit-models"),
+                             lambda data, out, seed: train_backbone(data, out, seed, learning_rate=3e-3, epochs=10))
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +83,7 @@ def train_adapter(data, out: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("audit-adapters")
-    out = {}
-    for seed in (0, *REFERENCE_SEEDS):
-        data = attacker_data(n_clean=400, n_poison=300, rng=np.random.default_rng(seed), label_noise=0.35)
-        if seed == 0:
-            out["poisoned"] = train_adapter(data.poisoned, folder / "poisoned", seed)
-        out[f"clean{seed}"] = train_adapter(data.control, folder / f"clean{seed}", seed)
-    return out
+    return planted_and_clean(tmp_path_factory.mktemp("audit-adapters"), train_adapter)
 
 
 # Each probe kind: how a model is audited through it. The head and the bare-encoder probe (a
