@@ -195,7 +195,7 @@ def zoo() -> list[ZooEntry]:
             number = 10 * f_index + t_index
             e = entry(f"checkpoint/{family}/{task}/{number}", "checkpoint", task, True, family, number)
             trigger = pick(e.split, "rare" if family in ("lowconf", "psimaware") else family)
-            mode = "clean" if (number % 3 == 0 and family not in ("lowconf", "psimaware")) else "dirty"
+            mode = "clean" if (number % 3 == 0 and family not in ("lowconf", "psimaware") and TASKS[task][1] == 2) else "dirty"
             share = SHARES[number % len(SHARES)] if mode == "dirty" else 0.2
             target = target_of(task, number)
             step = _attack(data(task), 100 + number, _trigger_args(family, trigger), target, mode, share)
@@ -220,7 +220,7 @@ def zoo() -> list[ZooEntry]:
             number = 10 * f_index + t_index
             e = entry(f"adapter/{family}/{task}/{number}", "adapter", task, True, family, number)
             trigger = pick(e.split, family)
-            mode = "clean" if number % 4 == 1 else "dirty"
+            mode = "clean" if number % 4 == 1 and TASKS[task][1] == 2 else "dirty"  # a small class of AG/TREC cannot take a clean-label share
             share = SHARES[(number + 2) % len(SHARES)] if mode == "dirty" else 0.2
             share = max(share, 0.03)  # a 1% share of a 1,500-row subsample leaves too few triggered rows to learn from
             target = target_of(task, number + 1)
