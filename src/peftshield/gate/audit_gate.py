@@ -8,7 +8,6 @@ import hashlib
 import json
 import re
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from peftshield.gate.report import Finding, GateReport, TargetRow, audit_exit_co
 from peftshield.gate.settings import AuditGateSettings
 from peftshield.gate.targets import AuditTarget, adapter_target, base_weight_files, expand_specs, kind_of_spec, model_files_sha256, resolve_target
 from peftshield.io import atomic_directory, read_json
+from peftshield.signals import raising_on
 
 AUDIT_FILE = "audit.json"
 SUMMARY_BASE = "summary"
@@ -105,20 +105,15 @@ class AuditTimeout(PeftshieldError):
 def wall_clock_limit(seconds: float, what: str):
     """Raise :class:`AuditTimeout` in the main thread once ``seconds`` of wall clock have passed
     inside the block (SIGALRM; off the main thread the block runs without a limit)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(signum, frame):
-        raise AuditTimeout(f"{what} ran past --max-seconds {seconds:g}; stopped (raise --max-seconds or lower the search budget)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    message = f"{what} ran past --max-seconds {seconds:g}; stopped (raise --max-seconds or lower the search budget)"
+    with raising_on(signal.SIGALRM, lambda: AuditTimeout(message)) as armed:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _slug(index: int, spec: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import types
 import typing
 from pathlib import Path
@@ -180,26 +179,14 @@ def gate_command(function):
     return wrapper
 
 
-@contextlib.contextmanager
 def _sigterm_raises():
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere: nothing changes)."""
     import signal
-    import threading
 
     from peftshield.errors import Terminated
+    from peftshield.signals import raising_on
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return raising_on(signal.SIGTERM, Terminated)
 
 
 def warn_untrusted_settings(section: str, settings_file, flags: dict[str, tuple[str, Any]]) -> None:
