@@ -17,6 +17,10 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(_USER_DIRS, "cache")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_USER_DIRS, "config")
 os.environ.pop("PEFTSHIELD_CACHE_DIR", None)
 os.environ.pop("PEFTSHIELD_CACHE_KEY", None)
+# The CI runner that runs these tests sets CI (and GitHub its GITHUB_* and RUNNER_*): the CLI reacts to
+# them (warnings, job summaries), so the tests start from a plain shell and set them where they test them.
+for _name in [name for name in os.environ if name == "CI" or name.startswith(("GITHUB_", "RUNNER_"))]:
+    os.environ.pop(_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PEFTSHIELD_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -86,7 +86,7 @@ def audit(work: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
 def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("peftshield: error")]
     assert len(errors) == 1 and needle in errors[0], done.stderr
 
 
