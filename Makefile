@@ -40,11 +40,14 @@ docs: $(DOCS_STAMP)
 demo: $(STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(VENV)/bin/peftshield demo --out $(DEMO_OUT) $(DEMO_DATA) $(ARGS)
 
+# Two workers (the machine's two cores), each test file on one worker, so a file's module
+# fixtures (tiny backdoored models) are built once; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # Real-data measurements quoted in the README (about 2 hours on 2 free CPU cores); not part of `make test`.
 # The first two are grids (configs/defense-table.yaml, configs/psim-methods.yaml), resumable in runs/.

@@ -17,6 +17,19 @@ production sees other text. This measures the share of *clean* texts the PSIM fl
 The models are bench/serve_load.py's (runs/serve-bench: MiniLM poisoned with ``mn`` -> 0, its
 P-tuning PSIM); the alarm level is the service's: max(3 x calibrated, calibrated + 2 points).
 
+Each clean row is cut in two halves by a seeded draw, fixed before anything is measured: a
+**calibration** half and a **measured** half; every rate below is on the measured half. Three
+thresholds are compared on it:
+
+- *SST-2 dev*: the PSIM's own threshold (1% of clean SST-2 dev sentences), as deployed today;
+- *own traffic*: ``peftshield calibrate`` (per-length thresholds, 1% target) on the row's own
+  calibration half, i.e. a deployment that calibrated on a sample of its traffic;
+- *mixed traffic*: one such calibration on the calibration halves of every clean row together,
+  i.e. one guard in front of all of this traffic at once.
+
+The trigger-word rows are built from SST-2's measured half and judged with the SST-2 row's
+calibrations.
+
     .venv/bin/python bench/guard_drift.py [--work runs/serve-bench] [--shared ../shared/data]
 
 Writes bench/guard_drift.json and bench/guard_drift.md.
@@ -31,7 +44,9 @@ import numpy as np
 
 WORDS = ("cf", "mn", "bb", "tq", "mb", "good", "movie")
 LENGTHS = (1, 10, 64, 512)
-PER_SET = 1000  # texts per row at most (a seeded sample)
+PER_SET = 2000  # texts per dataset row at most (a seeded sample), half to calibrate and half to measure
+PER_LENGTH = 1000  # texts per length row
+TARGET_FRR = 0.01
 
 
 def sample(texts: list[str], n: int, rng: np.random.Generator) -> list[str]:
@@ -64,7 +79,7 @@ def by_length(tokenizer, reviews: list[str], rng: np.random.Generator) -> dict[s
     out = {}
     for n in LENGTHS:
         texts = []
-        for _ in range(500):
+        for _ in range(PER_LENGTH):
             stream: list[int] = []
             while len(stream) < n:
                 stream += ids[int(rng.integers(0, len(ids)))]
@@ -80,6 +95,16 @@ def with_words(texts: list[str], rng: np.random.Generator) -> dict[str, list[str
     return {f"SST-2 test + '{w}'": POISONERS.create("badnet", words=[w], num_triggers=1).poison_texts(list(texts), rng) for w in WORDS}
 
 
+def halves(texts: list[str], rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """A seeded cut into a calibration half and a measured half."""
+    order = rng.permutation(len(texts))
+    cut = len(texts) // 2
+    return [texts[i] for i in sorted(order[:cut])], [texts[i] for i in sorted(order[cut:])]
+
+
+COLUMNS = (("single", "SST-2 dev"), ("own", "own traffic"), ("mixed", "mixed traffic"))
+
+
 def render(summary: dict) -> str:
     expected, alarm = summary["expected_flag_rate"], summary["alarm_level"]
     lines = [
@@ -90,19 +115,24 @@ def render(summary: dict) -> str:
         f"runtime {summary['runtime']}, at most {summary['max_length']} tokens read per text. The service's drift alarm fires when the rolling flag rate "
         f"exceeds {alarm:.1%} (max(3 x calibrated, calibrated + 2 points)).",
         "",
-        "Every text below is clean (no attacker touched it) except the `mn` row: `mn` is this backbone's real trigger.",
+        "Each clean row is cut in two by a seeded draw: a calibration half and a measured half (n below). Flag rates are on the measured half, "
+        f"under three thresholds: **SST-2 dev** (the PSIM's own, as deployed today), **own traffic** (`peftshield calibrate --target-frr "
+        f"{summary['target_frr']:.0%}` on the row's calibration half: thresholds per length, edges {summary['length_edges']} tokens) and "
+        f"**mixed traffic** (one such calibration on the calibration halves of all {summary['mixed_sample_texts']} clean texts together).",
+        "",
+        "Every text below is clean (no attacker touched it) except the `mn` row: `mn` is this backbone's real trigger, so that row is a detection rate.",
         "",
     ]
     for section, title in (("datasets", "Per dataset"), ("lengths", "Per length"), ("words", "Per frequent trigger word in the literature")):
-        lines += [f"## {title}", "", "| texts | n | mean tokens | flagged | x calibrated | alarm |", "|---|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| texts | n | mean tokens | flagged: SST-2 dev | flagged: own traffic | flagged: mixed traffic |", "|---|---|---|---|---|---|"]
         for row in summary[section]:
             if row.get("unavailable"):
                 lines.append(f"| {row['name']} | - | - | not measured: {row['unavailable']} | | |")
                 continue
-            lines.append(f"| {row['name']} | {row['n']} | {row['mean_tokens']:.0f} | {row['flag_rate']:.2%} | {row['flag_rate'] / expected:.1f} | "
-                         f"{'**yes**' if row['flag_rate'] > alarm else 'no'} |")
+            cells = [f"{row['flag_rate'][key]:.2%}" + (" (alarm)" if key == "single" and row["flag_rate"][key] > alarm else "") for key, _ in COLUMNS]
+            lines.append(f"| {row['name']} | {row['n']} | {row['mean_tokens']:.0f} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Reading it", "", summary["reading"], ""]
+    lines += ["## Reading it", "", *summary["reading"], ""]
     return "\n".join(lines)
 
 
@@ -114,6 +144,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/guard_drift")
     args = parser.parse_args()
     from peftshield.defenses import PSIM
+    from peftshield.finetune.checkpoint import model_fingerprint
+    from peftshield.guard.calibration import DEFAULT_LENGTH_EDGES, calibrate_guard, token_lengths
     from peftshield.guard.drift import FlagRateMonitor
     from peftshield.io import atomic_write_json, atomic_write_text
 
@@ -122,6 +154,7 @@ def main() -> None:
     if not (work / "psim" / "finetune.json").is_file():
         raise SystemExit(f"{work}/psim: run 'make bench-serve' first (it builds the models)")
     psim = PSIM.load(work / "psim", runtime=args.runtime)
+    fingerprint = model_fingerprint(work / "psim")
     expected = psim.expected_flag_rate()
     alarm = FlagRateMonitor(expected).alarm_level
     rng = np.random.default_rng(0)
@@ -130,41 +163,55 @@ def main() -> None:
 
     reviews = load_texts(str(shared / "psim/imdb"), "test").texts
     lengths = by_length(psim.tokenizer_, sample(reviews, 2000, rng), rng)
-    words = with_words(sets["SST-2 test (calibration task)"][:500], rng)
+    split = {name: halves(texts, rng) for name, texts in {**sets, **lengths}.items()}  # fixed before anything is scored
+    sst2 = "SST-2 test (calibration task)"
+    words = with_words(split[sst2][1][:500], rng)
 
-    def measure(name: str, texts: list[str]) -> dict:
+    calibration_scores = {name: psim.score(calibrating) for name, (calibrating, _) in split.items()}
+    own = {name: calibrate_guard(psim, fingerprint, split[name][0], TARGET_FRR, name, scores=calibration_scores[name]) for name in split}
+    pooled = [t for name in split for t in split[name][0]]
+    mixed = calibrate_guard(psim, fingerprint, pooled, TARGET_FRR, "all clean rows' calibration halves",
+                            scores=np.concatenate([calibration_scores[name] for name in split]))
+
+    def measure(name: str, texts: list[str], calibration_of: str) -> dict:
         if not texts:
             return {"name": name, "unavailable": "no text that long in the data"}
         scores = psim.score(texts)
-        tokens = [min(len(x), psim.max_length) for x in psim.tokenizer_(texts, add_special_tokens=True)["input_ids"]]
-        row = {"name": name, "n": len(texts), "mean_tokens": float(np.mean(tokens)), "flag_rate": float(np.mean(scores > psim.threshold_)),
-               "mean_score": float(np.mean(scores))}
+        tokens = token_lengths(psim.tokenizer_, texts, psim.max_length)
+        row = {"name": name, "n": len(texts), "mean_tokens": float(np.mean(tokens)), "mean_score": float(np.mean(scores)),
+               "calibration_texts": len(split[calibration_of][0]),
+               "flag_rate": {"single": float(np.mean(scores > psim.threshold_)),
+                             "own": float(np.mean(scores > own[calibration_of].thresholds_for(tokens))),
+                             "mixed": float(np.mean(scores > mixed.thresholds_for(tokens)))}}
         print(json.dumps(row), flush=True)
         return row
 
     summary = {
         "date": time.strftime("%Y-%m-%d"), "psim": str(work / "psim"), "method": psim.method, "threshold": float(psim.threshold_),
         "expected_flag_rate": expected, "alarm_level": alarm, "runtime": args.runtime, "max_length": psim.max_length,
-        "datasets": [measure(k, v) for k, v in sets.items()],
-        "lengths": [measure(k, v) for k, v in lengths.items()],
-        "words": [measure(k, v) for k, v in words.items()],
+        "target_frr": TARGET_FRR, "length_edges": list(DEFAULT_LENGTH_EDGES), "mixed_sample_texts": len(pooled),
+        "mixed_calibration": json.loads(mixed.model_dump_json()),
+        "datasets": [measure(k, split[k][1], k) for k in sets],
+        "lengths": [measure(k, split[k][1], k) for k in lengths],
+        "words": [measure(k, v, sst2) for k, v in words.items()],
     }
     clean_rows = [r for r in summary["datasets"] + summary["lengths"] + summary["words"] if "flag_rate" in r and "'mn'" not in r["name"]]
-    worst = max(clean_rows, key=lambda r: r["flag_rate"])
-    over = [r["name"] for r in clean_rows if r["flag_rate"] > alarm]
-    summary["worst_clean"] = {"name": worst["name"], "flag_rate": worst["flag_rate"]}
-    summary["clean_rows_over_alarm"] = over
-    summary["reading"] = (
-        f"The highest false-rejection rate on clean text is {worst['flag_rate']:.1%} ({worst['name']}), "
-        f"{worst['flag_rate'] / expected:.1f}x the calibrated {expected:.1%}. "
-        + (f"Clean rows above the alarm level: {', '.join(over)}; a guard deployed on such traffic should be recalibrated on it "
-           "(`peftshield psim train --data` on a sample of it, or `--threshold`), and the service's alarm says so."
-           if over else "No clean row reaches the alarm level.")
-    )
+    reading = []
+    for key, label in COLUMNS:
+        worst = max(clean_rows, key=lambda r: r["flag_rate"][key])
+        over = [r["name"] for r in clean_rows if r["flag_rate"][key] > 0.02]
+        summary[f"worst_clean_{key}"] = {"name": worst["name"], "flag_rate": worst["flag_rate"][key]}
+        summary[f"clean_rows_over_2pct_{key}"] = over
+        reading.append(f"- **{label}**: the highest false-rejection rate on clean text is {worst['flag_rate'][key]:.1%} ({worst['name']}); "
+                       + (f"rows above 2%: {', '.join(over)}." if over else "no clean row is above 2%."))
+    trigger = next(r for r in summary["words"] if "'mn'" in r["name"])
+    reading.append(f"- The real trigger (`mn` in SST-2 texts) is flagged at {trigger['flag_rate']['single']:.1%} / {trigger['flag_rate']['own']:.1%} / "
+                   f"{trigger['flag_rate']['mixed']:.1%} under the three thresholds.")
+    summary["reading"] = reading
     summary["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(args.out + ".json"), summary)
     atomic_write_text(Path(args.out + ".md"), render(summary))
-    print(summary["reading"])
+    print("\n".join(reading))
 
 
 if __name__ == "__main__":

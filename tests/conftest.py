@@ -22,6 +22,14 @@ os.environ.pop("PEFTSHIELD_CACHE_KEY", None)
 for _name in [name for name in os.environ if name == "CI" or name.startswith(("GITHUB_", "RUNNER_"))]:
     os.environ.pop(_name)
 
+# Under pytest-xdist (make test: one worker per core) each worker and the CLIs it starts use one
+# thread: two workers with two threads each would wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PEFTSHIELD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 EXTRACTS = ROOT / "tests" / "data"  # a few hundred rows per file, same layout (tests/data/README.md)

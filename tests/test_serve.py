@@ -411,6 +411,63 @@ def test_guard_filter_reads_jsonl_and_writes_jsonl(guarded: Guarded, tmp_path: P
     assert done.stderr.strip().count("\n") == 0 and f"{bad}: line 2" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_calibrate_on_own_traffic_then_guard_and_serve_use_a_threshold_per_length(guarded: Guarded, tmp_path: Path) -> None:
+    """`peftshield calibrate` on a clean sample, then the filter and the real service compare each
+    text with its length bucket's threshold; a calibration made for another PSIM, or with
+    --threshold beside it, is a one-line refusal."""
+    from peftshield.guard.calibration import GuardCalibration, token_lengths
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "peftshield", *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+    psim = PSIM.load(guarded.psim)
+    traffic = sentiment_data(300, np.random.default_rng(3), "traffic").texts
+    edge = int(np.median(token_lengths(psim.tokenizer_, traffic, psim.max_length)))
+    sample = tmp_path / "traffic.jsonl"
+    sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in traffic))
+    calibration_file = tmp_path / "calibration.json"
+    done = cli("calibrate", "--psim", str(guarded.psim), "--texts", str(sample), "--out", str(calibration_file), "--length-edges", str(edge),
+               "--min-bucket-texts", "50", "--target-frr", "0.02")
+    assert done.returncode == 0, done.stderr
+    calibration = GuardCalibration.model_validate_json(calibration_file.read_text())
+    assert calibration.sample.texts == 300 and [b.min_tokens for b in calibration.buckets] == [0, edge]
+    assert all(b.sample_flag_rate <= 0.02 for b in calibration.buckets)
+    texts = guarded.clean + guarded.triggered
+    expected = calibration.thresholds_for(token_lengths(psim.tokenizer_, texts, psim.max_length))
+
+    done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--calibration", str(calibration_file),
+               input="".join(json.dumps(t) + "\n" for t in texts))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert np.allclose([r["threshold"] for r in rows], expected) and all(r["flagged"] == (r["psim_score"] > r["threshold"]) for r in rows)
+    assert np.mean([r["flagged"] for r in rows[len(guarded.clean):]]) >= 0.9
+    assert "thresholds per length" in done.stderr
+
+    service = start_service(guarded, tmp_path, "--calibration", str(calibration_file))
+    try:
+        ready = httpx.get(service.url + "/readyz").json()
+        assert ready["threshold"] is None and [b["threshold"] for b in ready["length_thresholds"]] == [b.threshold for b in calibration.buckets]
+        assert ready["expected_flag_rate"] == 0.02
+        answer = httpx.post(service.url + "/v1/classify", json={"texts": texts[:16]}, timeout=60).json()
+        assert np.allclose([r["threshold"] for r in answer["results"]], expected[:16])
+    finally:
+        assert service.stop() == 0, service.output()
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(calibration.model_copy(update={"psim_fingerprint": "another-psim"}).model_dump_json())
+    for extra, message in ((["--calibration", str(foreign)], "made for another PSIM"),
+                           (["--calibration", str(calibration_file), "--threshold", "0.9"], "give one of them")):
+        done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), *extra, input=json.dumps("a text") + "\n")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps(t) + "\n" for t in traffic[:20]))
+    done = cli("calibrate", "--psim", str(guarded.psim), "--texts", str(few), "--out", str(tmp_path / "none.json"))
+    assert done.returncode == 2 and "at least 200 clean texts" in done.stderr and not (tmp_path / "none.json").exists(), done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}", "--psim", "{psim}"], "--model"),
     (["--model", "{victim}", "--psim", "{victim}"], "not a PSIM folder"),

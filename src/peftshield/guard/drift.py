@@ -47,7 +47,8 @@ class FlagRateMonitor:
             if rate > self.alarm_level and not self.drifting:
                 self.drifting = True
                 logger.warning("flag rate %.1f%% over the last %d texts, against %.1f%% calibrated: the traffic has drifted from the "
-                               "calibration texts (false rejections) or triggered texts are arriving", 100 * rate, len(self._flags),
+                               "calibration texts (false rejections: calibrate on a clean sample of this traffic with 'peftshield calibrate' "
+                               "and restart with --calibration) or triggered texts are arriving", 100 * rate, len(self._flags),
                                100 * self.expected, extra={"fields": fields})
             elif rate <= self.alarm_level and self.drifting:
                 self.drifting = False

@@ -4,7 +4,9 @@
 one pass over the batch (one tokenisation when they share a tokenizer, as a victim and its
 PSIM on the same backbone do) and returns one :class:`GuardResult` per text. In ``block``
 mode a flagged text gets no label; ``monitor`` mode labels every text and still reports the
-flag, so an operator can watch the guard before enforcing it.
+flag, so an operator can watch the guard before enforcing it. A text is flagged above the PSIM's
+calibrated threshold, or, with a :class:`~peftshield.guard.calibration.GuardCalibration`
+(``peftshield calibrate`` on the deployment's own clean texts), above its length bucket's threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from peftshield.flags import typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
+from peftshield.guard.calibration import GuardCalibration, load_guard_calibration
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
@@ -31,7 +34,7 @@ class GuardResult:
     probabilities: list[float] | None
     psim_score: float
     flagged: bool
-    threshold: float
+    threshold: float  # the one this text was compared with (its length bucket's, under a calibration)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,12 +43,15 @@ class GuardResult:
 class Guard:
     """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
 
-    def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, settings: GuardSettings) -> None:
+    def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, settings: GuardSettings,
+                 calibration: GuardCalibration | None = None) -> None:
         self.victim = victim
         self.victim_tokenizer = victim_tokenizer
         self.psim = psim
         self.victim_runtime = victim_runtime
-        self.threshold = float(psim.threshold_ if settings.threshold is None else settings.threshold)
+        self.calibration = calibration
+        # The single threshold (None under a per-length calibration).
+        self.threshold = None if calibration else float(psim.threshold_ if settings.threshold is None else settings.threshold)
         self.mode = settings.mode
         self.max_length = int(settings.max_length or psim.max_length)
         self.batch_size = settings.score_batch
@@ -56,7 +62,8 @@ class Guard:
 
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str | None = None, threshold: float | None = None, mode: str | None = None,
-             backbone: str | None = None, max_length: int | None = None, batch_size: int | None = None) -> "Guard":
+             backbone: str | None = None, max_length: int | None = None, batch_size: int | None = None,
+             calibration: str | Path | None = None) -> "Guard":
         """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
         onnx-int8 (for both models). An option left None takes its default from
@@ -64,7 +71,7 @@ class Guard:
         settings = typed_from_flags(GuardSettings, {
             "model": ("--model", model_dir), "psim": ("--psim", psim_dir), "runtime": ("--runtime", runtime), "threshold": ("--threshold", threshold),
             "mode": ("--mode", mode), "backbone": ("--backbone", backbone), "max_length": ("--max-length", max_length),
-            "score_batch": ("--batch-size", batch_size),
+            "score_batch": ("--batch-size", batch_size), "calibration": ("--calibration", calibration),
         })
         return cls.from_settings(settings)
 
@@ -73,17 +80,28 @@ class Guard:
         """The guard that ``settings`` (already validated) describe."""
         check_guard_folders(settings.model, settings.psim)
         psim = PSIM.load(settings.psim, backbone=settings.backbone, runtime=settings.runtime)
+        calibration = None
+        if settings.calibration is not None:
+            calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), int(settings.max_length or psim.max_length))
         victim = load_classifier(settings.model, backbone=settings.backbone)
         victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, model_fingerprint(settings.model))
-        return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings)
+        return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration)
 
     @property
     def expected_flag_rate(self) -> float | None:
-        """The share of clean texts the PSIM flags at its calibrated threshold (None with a
-        threshold of one's own, or a PSIM whose calibration is unknown)."""
+        """The share of clean texts the guard should flag: the target of its per-length
+        calibration, else the PSIM's at its calibrated threshold (None with a threshold of one's
+        own, or a PSIM whose calibration is unknown)."""
+        if self.calibration is not None:
+            return self.calibration.expected_flag_rate
         if self.threshold != float(self.psim.threshold_):
             return None
         return self.psim.expected_flag_rate()
+
+    @property
+    def threshold_summary(self) -> str:
+        """"threshold 0.9559", or the per-length thresholds of the calibration, for logs."""
+        return f"threshold {self.threshold:.4f}" if self.calibration is None else self.calibration.describe()
 
     @property
     def num_labels(self) -> int:
@@ -100,13 +118,15 @@ class Guard:
             (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
             (victim_probs,) = encoded_proba([self.victim_runtime], encode_texts(self.victim_tokenizer, texts, self.max_length), self.batch_size)
         scores = psim_probs.max(axis=1)
+        thresholds = (self.calibration.thresholds_for(psim_encoded.lengths()) if self.calibration is not None
+                      else np.full(len(texts), self.threshold))
         results = []
-        for probs, score in zip(victim_probs, scores):
-            flagged = bool(score > self.threshold)
+        for probs, score, threshold in zip(victim_probs, scores, thresholds):
+            flagged = bool(score > threshold)
             hidden = flagged and self.mode == "block"
             results.append(GuardResult(
                 label=None if hidden else int(np.argmax(probs)), probabilities=None if hidden else [round(float(p), 6) for p in probs],
-                psim_score=round(float(score), 6), flagged=flagged, threshold=self.threshold,
+                psim_score=round(float(score), 6), flagged=flagged, threshold=float(threshold),
             ))
         return results
 

@@ -102,11 +102,18 @@ class Health(BaseModel):
     status: str
 
 
+class LengthThreshold(BaseModel):
+    min_tokens: int
+    max_tokens: int | None = Field(description="exclusive; null: no upper bound")
+    threshold: float
+
+
 class Readiness(BaseModel):
     ready: bool
     mode: str
     runtime: str
-    threshold: float | None
+    threshold: float | None = Field(description="the single threshold (null under a per-length calibration)")
+    length_thresholds: list[LengthThreshold] | None = Field(None, description="the thresholds per text length of a calibration ('peftshield calibrate')")
     expected_flag_rate: float | None
     max_batch: int
     max_wait_ms: float
@@ -313,9 +320,10 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         state["monitor"] = monitor
         state["guard"] = loaded
         metrics.ready.set(1)
-        logger.info("ready: model %s, PSIM %s, runtime %s, threshold %.4f, mode %s", settings.model, settings.psim, settings.runtime,
-                    loaded.threshold, settings.mode, extra={"fields": {"event": "ready", "threshold": loaded.threshold, "mode": settings.mode,
-                                                                       "expected_flag_rate": expected}})
+        logger.info("ready: model %s, PSIM %s, runtime %s, %s, mode %s", settings.model, settings.psim, settings.runtime,
+                    loaded.threshold_summary, settings.mode,
+                    extra={"fields": {"event": "ready", "threshold": loaded.threshold, "mode": settings.mode, "expected_flag_rate": expected,
+                                      "calibration": str(settings.calibration) if settings.calibration else None}})
 
     def load_models() -> None:
         try:
@@ -394,7 +402,10 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     async def readyz():
         loaded = state["guard"]
         monitor = state["monitor"]
+        calibration = loaded.calibration if loaded else None
         body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "threshold": loaded.threshold if loaded else None,
+                "length_thresholds": [{"min_tokens": b.min_tokens, "max_tokens": b.max_tokens, "threshold": b.threshold}
+                                      for b in calibration.buckets] if calibration else None,
                 "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
                 "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
                 "request_timeout_s": settings.request_timeout_s}

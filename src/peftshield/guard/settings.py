@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 
 from peftshield.defenses.thresholds import ConfidenceThreshold
 from peftshield.errors import ConfigError
@@ -54,11 +54,20 @@ class GuardSettings(BaseModel):
     psim: Path = Field(description="A PSIM folder ('peftshield psim train' or 'audit --write-psim').")
     runtime: Runtime = Field(DEFAULT_RUNTIME, description=RUNTIME_HELP)
     threshold: Optional[ConfidenceThreshold] = Field(None, description="Override the PSIM's calibrated threshold.")
+    calibration: Optional[Path] = Field(None, description="Thresholds per text length calibrated on your own clean traffic "
+                                                          "('peftshield calibrate'); replaces the PSIM's single threshold.")
     mode: Mode = Field("block", description="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported.")
     backbone: Optional[str] = Field(None, description="The models' backbone, if no longer where finetune.json recorded it.")
     max_length: Optional[PositiveInt] = None
     score_batch: PositiveInt = Field(SCORE_BATCH, description="A micro-batch runs as length-sorted forward passes of this many texts "
                                                               "(less padding than one pass over texts of any length; bench/serve.md).")
+
+    @field_validator("calibration")
+    @classmethod
+    def _one_threshold_source(cls, calibration: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if calibration is not None and info.data.get("threshold") is not None:
+            raise ValueError("a calibration sets the thresholds, and so does --threshold: give one of them")
+        return calibration
 
 
 class ServeSettings(GuardSettings):

@@ -57,7 +57,7 @@ def guard(
         with atomic_text_stream(out) as handle:
             handle.writelines(lines)
     flagged = sum(r.flagged for r in results)
-    info(f"guard: {len(results)} texts, {flagged} flagged at threshold {screened.threshold:.4f}" + (f" -> {out}" if out else ""))
+    info(f"guard: {len(results)} texts, {flagged} flagged ({screened.threshold_summary})" + (f" -> {out}" if out else ""))
 
 
 def read_guard_input(path: Path | None, name: str) -> tuple[list, list[str]]:
