@@ -86,14 +86,24 @@ def scenario(tmp_path_factory) -> Scenario:
     return Scenario(poisoned, control, defender_train, dev, test, originals, with_trigger(originals, rng))
 
 
-def fit_psim(scenario: Scenario, backbone: Path):
+def fit_psim(scenario: Scenario, backbone: Path, **options):
     context = DefenseContext(str(backbone), scenario.defender_train, scenario.dev, 2, max_length=32, progress=False)
-    return DEFENSES.create("psim", **PSIM_OPTIONS).fit(context, np.random.default_rng(SEED))
+    return DEFENSES.create("psim", **{**PSIM_OPTIONS, **options}).fit(context, np.random.default_rng(SEED))
 
 
-@pytest.fixture(scope="module")
-def psim_on_poisoned(scenario: Scenario):
-    return fit_psim(scenario, scenario.poisoned)
+# The PSIM's default method is P-tuning (bench/psim_methods.md); LoRA is the study's. On this
+# tiny model the P-tuning PSIM's untrained virtual tokens already lower clean confidence (median
+# 0.63 here), random-label training at 1e-3 lowers it further (0.58) while triggered texts stay
+# near 0.98; at 3e-2 the training overwrites the trigger too (triggered median 0.54, nothing
+# flagged): like the study's PSIM, it needs a rate small enough to leave the backdoor alone.
+PSIM_METHODS = {"lora": {}, "ptuning": {"method": "ptuning", "learning_rate": 1e-3}}
+
+
+@pytest.fixture(scope="module", params=sorted(PSIM_METHODS))
+def psim_on_poisoned(scenario: Scenario, request):
+    psim = fit_psim(scenario, scenario.poisoned, **PSIM_METHODS[request.param])
+    assert psim.method == request.param
+    return psim
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +132,8 @@ def test_psim_separates_and_flags_triggered_texts_on_the_poisoned_backbone(scena
     metrics = detection_metrics(clean, triggered, psim_on_poisoned.fitted_threshold())
     assert metrics.auroc >= 0.95, metrics
     assert metrics.recall >= 0.9, f"most triggered texts must be flagged at the calibrated threshold: {metrics}"
-    assert metrics.frr <= 0.2, f"few clean held-out texts may be flagged (target FRR {TARGET_FRR} on dev): {metrics}"
+    # the target is 5% on dev; on 200 other clean texts 12% leaves three standard deviations of sampling noise
+    assert metrics.frr <= 0.12, f"few clean held-out texts may be flagged (target FRR {TARGET_FRR} on dev): {metrics}"
     # per text: each triggered text scores above its own trigger-free original
     assert np.mean(triggered > psim_on_poisoned.score(scenario.originals)) >= 0.95
 

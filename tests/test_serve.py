@@ -80,7 +80,7 @@ def test_guard_blocks_triggered_texts_and_labels_clean_ones(guarded: Guarded) ->
     clean, triggered = guard.classify(guarded.clean), guard.classify(guarded.triggered)
     assert guard.shared_tokenizer, "the victim and its PSIM share a backbone, so texts are tokenised once"
     assert np.mean([r.flagged for r in triggered]) >= 0.9
-    assert np.mean([r.flagged for r in clean]) <= 0.25
+    assert np.mean([r.flagged for r in clean]) <= 0.15  # a 5% target on 200 dev texts, measured on 60 other clean texts
     for r in clean + triggered:
         assert (r.label is None) == r.flagged and (r.probabilities is None) == r.flagged  # block mode
         assert r.flagged == (r.psim_score > r.threshold)

@@ -121,7 +121,7 @@ def collapse_of(triggered: np.ndarray | None, clean_cosine: float) -> float:
     return float(np.clip((mean_pairwise_cosine(triggered) - clean_cosine) / max(1e-6, 1.0 - clean_cosine), 0.0, 1.0))
 
 
-def _fit_psim(subject: AuditSubject, texts: list[str], rng: np.random.Generator, settings: AuditSettings, progress: bool, backbone: str | None = None):
+def fit_psim(subject: AuditSubject, texts: list[str], rng: np.random.Generator, settings: AuditSettings, progress: bool, backbone: str | None = None):
     from peftshield.defenses import PSIM, DefenseContext
 
     n_train = min(settings.psim_train_texts, max(len(texts) - 200, len(texts) // 2))
@@ -293,7 +293,7 @@ def run_audit(
     subject = load_subject(checkpoint, adapter, force_psim)
     if subject.probe == "psim":
         log("no trained classification head: fitting a random-label PSIM on the clean texts")
-        subject.psim = _fit_psim(subject, texts, rng, settings, progress)
+        subject.psim = fit_psim(subject, texts, rng, settings, progress)
         # The search runs on the encoder itself (fresh head, never used for classes): a trigger
         # that fires collapses its pooled representations, whatever head sits on top.
         encoder = load_backbone(checkpoint, subject.num_labels)

@@ -86,7 +86,7 @@ def _write_psim(subject, corpus: list[str], out: Path, rng: np.random.Generator,
     first folded into its backbone, so the PSIM sees the model that is deployed."""
     import tempfile
 
-    from peftshield.audit.auditor import _fit_psim
+    from peftshield.audit.auditor import fit_psim
     from peftshield.audit.subject import merged_adapter_backbone
 
     psim = subject.psim
@@ -94,10 +94,10 @@ def _write_psim(subject, corpus: list[str], out: Path, rng: np.random.Generator,
         if subject.adapter is not None:
             with tempfile.TemporaryDirectory(prefix="peftshield-merged-") as merged:
                 merged_adapter_backbone(subject, Path(merged))
-                psim = _fit_psim(subject, corpus, rng, search_settings, progress, backbone=merged)
+                psim = fit_psim(subject, corpus, rng, search_settings, progress, backbone=merged)
                 psim.save(out, self_contained=True)
         else:
-            psim = _fit_psim(subject, corpus, rng, search_settings, progress)
+            psim = fit_psim(subject, corpus, rng, search_settings, progress)
             psim.save(out)
     else:
         psim.save(out)
