@@ -224,7 +224,7 @@ def test_serve_on_a_busy_port_is_one_line_before_the_models_load(guarded: Guarde
 
 
 def test_an_api_key_file_others_can_read_is_a_warning(hardened: Service, tmp_path: Path) -> None:
-    from peftshield.guard.server import api_key_file_warning
+    from peftshield.guard.keys import api_key_file_warning
 
     assert stat.S_IMODE(hardened.keys.stat().st_mode) & 0o044
     warnings = [json.loads(line) for line in hardened.output().splitlines() if line.startswith("{") and "--api-key-file" in line]

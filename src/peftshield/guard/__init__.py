@@ -2,6 +2,7 @@
 
 - :class:`Guard` (Python API), :class:`GuardResult`;
 - :mod:`peftshield.guard.batcher`: dynamic micro-batching;
+- :mod:`peftshield.guard.calibration`: thresholds per text length on the deployment's own texts (``peftshield calibrate``);
 - :mod:`peftshield.guard.server`: the HTTP service of ``peftshield serve``.
 """
 

@@ -32,12 +32,16 @@ What a caller without a key learns: ``/healthz``, ``/readyz`` and ``/metrics`` n
 not where they are (nor a load error's text, which may name them); ``/metrics`` labels
 requests to paths the service does not have as ``other``. The model and PSIM paths are in
 the startup log only.
+
+The parts, one job each: request and response bodies (:mod:`peftshield.guard.schemas`), API
+keys (:mod:`peftshield.guard.keys`), the flagged-text log (:mod:`peftshield.guard.flag_log`),
+Prometheus metrics (:mod:`peftshield.guard.metrics`); this module holds the routes and the
+service's lifecycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -45,96 +49,29 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import ValidationError
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from peftshield.data.records import check_encodable
 from peftshield.errors import ConfigError, DataError, first_issue
-from peftshield.guard.batcher import BatchRecord, DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from peftshield.guard.drift import FlagRateMonitor
+from peftshield.guard.flag_log import FlagLog
 from peftshield.guard.guard import Guard
+from peftshield.guard.keys import ApiError, api_key_file_warning, check_api_key, read_api_keys
+from peftshield.guard.metrics import ServiceMetrics
+from peftshield.guard.schemas import ClassifyRequest, ClassifyResponse, Health, Readiness, error_responses
 from peftshield.guard.settings import ServeSettings, check_guard_folders
 
 logger = logging.getLogger("peftshield.serve")
 SETTINGS_ENV = "PEFTSHIELD_SERVE_SETTINGS"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    texts: list[StrictStr] = Field(description="texts to label and screen (at most --max-texts, each at most --max-text-chars)")
-
-
-class TextResult(BaseModel):
-    label: int | None = Field(description="the model's class; null for a flagged text in block mode")
-    probabilities: list[float] | None = Field(description="class probabilities; null for a flagged text in block mode")
-    psim_score: float = Field(description="the PSIM's confidence: triggered texts score high")
-    flagged: bool
-    threshold: float
-
-
-class ClassifyResponse(BaseModel):
-    request_id: str
-    mode: str = Field(description="block or monitor")
-    results: list[TextResult]
-
-
-class ErrorDetail(BaseModel):
-    status: int
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-    request_id: str
-
-
-class Health(BaseModel):
-    status: str
-
-
-class LengthThreshold(BaseModel):
-    min_tokens: int
-    max_tokens: int | None = Field(description="exclusive; null: no upper bound")
-    threshold: float
-
-
-class Readiness(BaseModel):
-    ready: bool
-    mode: str
-    runtime: str
-    threshold: float | None = Field(description="the single threshold (null under a per-length calibration)")
-    length_thresholds: list[LengthThreshold] | None = Field(None, description="the thresholds per text length of a calibration ('peftshield calibrate')")
-    expected_flag_rate: float | None
-    max_batch: int
-    max_wait_ms: float
-    score_batch: int
-    max_queue: int
-    request_timeout_s: float
-    error: str | None = Field(None, description="set when the models failed to load (the server log says why)")
-
-
-def _errors(*codes: int) -> dict:
-    what = {400: "invalid JSON", 401: "missing or wrong API key", 408: "the request body was not received within the deadline",
-            413: "too many texts, or a text or the body too large", 422: "wrong types (send {\"texts\": [\"...\"]})",
-            500: "internal error (the log has the request id)", 503: "not ready, shutting down, or overloaded (then with Retry-After)",
-            504: "no answer within the request deadline"}
-    return {code: {"model": ErrorBody, "description": what[code]} for code in codes}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
 
 
 async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[str], timeout: float, shed) -> list | None:
@@ -176,33 +113,6 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def read_api_keys(path: Path) -> list[str]:
-    """One key per line (blank lines and ``#`` comments ignored)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"--api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--api-key-file {path}: not UTF-8 text") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not keys:
-        raise ConfigError(f"--api-key-file {path}: holds no key (one key per line)")
-    return keys
-
-
-def api_key_file_warning(path: Path) -> str | None:
-    """ssh's check: a key file that others can read (or write) is a warning, its keys are as
-    good as shared; None when only its owner can."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return None
-    if not mode & 0o077:
-        return None
-    what = "readable" if mode & 0o044 else "writable"
-    return f"--api-key-file {path}: the file is {what} by others (permissions {mode:04o}); chmod 600 {path}"
-
-
 def check_settings(settings: ServeSettings) -> None:
     """One-line errors for settings that would only fail once the service is up."""
     check_guard_folders(settings.model, settings.psim)
@@ -215,91 +125,6 @@ def check_settings(settings: ServeSettings) -> None:
                 pass
         except OSError as exc:
             raise ConfigError(f"--log-flagged {settings.log_flagged}: cannot append to it ({exc.strerror or exc})") from None
-
-
-class FlagLog:
-    """Append-only JSONL of flagged texts, one line per text, flushed as written."""
-
-    def __init__(self, path: Path, log_text: bool) -> None:
-        self.path, self.log_text = path, log_text
-        self._lock = threading.Lock()
-        self._handle = open(path, "a", encoding="utf-8")
-
-    def write(self, request_id: str, texts: list[str], results: list) -> None:
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        lines = []
-        for index, (text, result) in enumerate(zip(texts, results)):
-            if result.flagged:
-                record = {"request_id": request_id, "time": now, "index": index, "score": result.psim_score, "threshold": result.threshold}
-                if self.log_text:
-                    record["text"] = text
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        if lines:
-            with self._lock:
-                self._handle.writelines(lines)
-                self._handle.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._handle.close()
-
-
-class ServiceMetrics:
-    """The service's Prometheus metrics, in a registry of its own."""
-
-    def __init__(self, mode: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("peftshield_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("peftshield_request_seconds", "Latency of /v1/classify requests", registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.batch_texts = Histogram("peftshield_batch_texts", "Texts per forward pass (micro-batch size)", registry=self.registry,
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.batch_requests = Histogram("peftshield_batch_requests", "Requests merged into one forward pass", registry=self.registry,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.texts = Counter("peftshield_texts_total", "Texts screened", registry=self.registry)
-        self.flagged = Counter("peftshield_flagged_total", "Texts flagged by the PSIM", registry=self.registry)
-        self.flagged_rate = Gauge("peftshield_flagged_ratio", "Share of screened texts flagged since start", registry=self.registry)
-        self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
-        self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
-        self.mode.labels(mode=mode).set(1)
-        self.shed = Counter("peftshield_shed_total", "Requests answered without a result: queue full (503), deadline passed (504), or client gone",
-                            ["reason"], registry=self.registry)
-        self.dropped = Counter("peftshield_dropped_requests_total", "Queued requests removed before their batch ran (caller gone or deadline passed)",
-                               ["reason"], registry=self.registry)
-        self.queued = Gauge("peftshield_queue_texts", "Texts waiting for a batch", registry=self.registry)
-        self.rolling = Gauge("peftshield_flagged_ratio_rolling", "Share of the last --drift-window texts flagged", registry=self.registry)
-        self.expected = Gauge("peftshield_flagged_ratio_expected", "Share of clean texts the PSIM was calibrated to flag", registry=self.registry)
-        self.alarm = Gauge("peftshield_flagged_ratio_alarm_level", "Rolling flag rate above which the drift alarm is raised", registry=self.registry)
-        self.drift = Gauge("peftshield_flag_rate_drift", "1 while the rolling flag rate is above the alarm level", registry=self.registry)
-        self._counts = [0, 0]
-
-    def record_batch(self, record: BatchRecord) -> None:
-        self.batch_texts.observe(record.texts)
-        self.batch_requests.observe(record.requests)
-
-    def watch(self, monitor: FlagRateMonitor) -> None:
-        if monitor.expected is not None:
-            self.expected.set(monitor.expected)
-            self.alarm.set(monitor.alarm_level)
-
-    def record_results(self, results: list, monitor: FlagRateMonitor | None = None) -> None:
-        if monitor is not None:
-            monitor.observe([r.flagged for r in results])
-            self.rolling.set(monitor.rolling_rate)
-            self.drift.set(1 if monitor.drifting else 0)
-        flagged = sum(r.flagged for r in results)
-        self.texts.inc(len(results))
-        self.flagged.inc(flagged)
-        self._counts[0] += len(results)
-        self._counts[1] += flagged
-        self.flagged_rate.set(self._counts[1] / self._counts[0] if self._counts[0] else 0.0)
-
-    def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def load_guard(settings: ServeSettings) -> Guard:
@@ -423,7 +248,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         return Response(payload, media_type=content_type)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, summary="Label and screen texts",
-              responses=_errors(400, 401, 408, 413, 422, 500, 503, 504),
+              responses=error_responses(400, 401, 408, 413, 422, 500, 503, 504),
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def classify_endpoint(request: Request):
         started = time.perf_counter()
@@ -468,19 +293,6 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
                             headers={"X-Request-ID": request_id})
 
     return app
-
-
-def check_api_key(request, keys: list[str] | None) -> None:
-    """401 unless the request carries one of ``keys`` (no keys: no check)."""
-    if keys is not None:
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given:
-            raise ApiError(401, "missing API key (send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY')")
-        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-            raise ApiError(401, "wrong API key")
 
 
 async def _checked_texts(request, settings: ServeSettings) -> list[str]:
