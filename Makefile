@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-overload: $(STAMP)
 # frequent trigger words; about 2 minutes; needs bench-serve's models): bench/guard_drift.md.
 bench-drift: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/guard_drift.py --shared $(SHARED)
+
+# The README's quickstart block run as written in an empty folder with fresh caches, timed (about 10 minutes):
+# bench/quickstart.md and bench/quickstart.json.
+bench-quickstart: $(STAMP)
+	$(PY) bench/quickstart.py
 
 # The badnet scenario (attack, LoRA victim, PSIM) on the SmolLM2-135M decoder beside MiniLM, same sizes
 # (resumable in runs/decoder-backbone): bench/decoder_backbone.md.

@@ -468,6 +468,68 @@ def test_calibrate_on_own_traffic_then_guard_and_serve_use_a_threshold_per_lengt
     assert done.returncode == 2 and "at least 200 clean texts" in done.stderr and not (tmp_path / "none.json").exists(), done.stderr
 
 
+def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_fired(guarded: Guarded, tmp_path: Path) -> None:
+    """`peftshield detector fit dan`, then the filter and the real service flag a text when the
+    PSIM or the detector fires, name which did, and state the summed false-rejection budget; a
+    detector fitted for another model, or one that judges pools, is a one-line refusal."""
+    from peftshield.files import DETECTOR_MANIFEST
+    from peftshield.guard.detectors import DetectorManifest
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "peftshield", *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+    rng = np.random.default_rng(4)
+    data = tmp_path / "clean"
+    data.mkdir()
+    for split, n in (("train", 300), ("dev", 200)):
+        rows = sentiment_data(n, rng, split)
+        (data / f"{split}.json").write_text("".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in zip(rows.texts, rows.labels)))
+    folder = tmp_path / "dan"
+    done = cli("detector", "fit", "dan", "--model", str(guarded.victim), "--data", str(data), "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    manifest = DetectorManifest.model_validate_json((folder / DETECTOR_MANIFEST).read_text())
+    assert manifest.name == "dan" and manifest.target_frr == 0.01
+
+    texts = guarded.clean + guarded.triggered
+    done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--mode", "monitor",
+               input="".join(json.dumps(t) + "\n" for t in texts))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:
+        fired = (["psim"] if row["psim_score"] > row["threshold"] else []) + (["dan"] if row["detector_scores"]["dan"] > manifest.threshold else [])
+        assert row["reasons"] == fired and row["flagged"] == bool(fired), row
+    dan_scores = np.array([r["detector_scores"]["dan"] for r in rows])
+    clean_scores, triggered_scores = dan_scores[:len(guarded.clean)], dan_scores[len(guarded.clean):]
+    assert np.mean(clean_scores > manifest.threshold) <= 0.15  # a 1% target on 100 dev texts, on 60 other clean texts (measured 0%)
+    assert np.mean(triggered_scores > manifest.threshold) >= 0.9  # DAN on its own flags the planted trigger (measured 100%)
+    assert "detector dan above" in done.stderr
+
+    service = start_service(guarded, tmp_path, "--detector", str(folder))
+    try:
+        ready = httpx.get(service.url + "/readyz").json()
+        assert [d["name"] for d in ready["detectors"]] == ["dan"] and ready["detectors"][0]["target_frr"] == 0.01
+        answer = httpx.post(service.url + "/v1/classify", json={"texts": texts[:16]}, timeout=60).json()
+        assert [r["reasons"] for r in answer["results"]] == [r["reasons"] for r in rows[:16]]
+        assert np.allclose([r["detector_scores"]["dan"] for r in answer["results"]], dan_scores[:16], atol=1e-4)
+    finally:
+        assert service.stop() == 0, service.output()
+
+    foreign = tmp_path / "foreign-dan"
+    import shutil
+
+    shutil.copytree(folder, foreign)
+    (foreign / DETECTOR_MANIFEST).write_text(manifest.model_copy(update={"model_fingerprint": "another-model"}).model_dump_json())
+    for args, message in ((["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(foreign)], "fitted for another model"),
+                          (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tmp_path)], "no detector.json"),
+                          (["detector", "fit", "bki", "--model", str(guarded.victim), "--data", str(data), "--out", str(tmp_path / "bki")], "judges a pool")):
+        done = cli(*args, input=json.dumps("a text") + "\n")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert not (tmp_path / "bki").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}", "--psim", "{psim}"], "--model"),
     (["--model", "{victim}", "--psim", "{victim}"], "not a PSIM folder"),

@@ -21,7 +21,8 @@ class FlagLog:
         lines = []
         for index, (text, result) in enumerate(zip(texts, results)):
             if result.flagged:
-                record = {"request_id": request_id, "time": now, "index": index, "score": result.psim_score, "threshold": result.threshold}
+                record = {"request_id": request_id, "time": now, "index": index, "score": result.psim_score, "threshold": result.threshold,
+                          "reasons": result.reasons}
                 if self.log_text:
                     record["text"] = text
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")

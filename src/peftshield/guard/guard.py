@@ -11,7 +11,7 @@ calibrated threshold, or, with a :class:`~peftshield.guard.calibration.GuardCali
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ from peftshield.flags import typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
+from peftshield.errors import ConfigError
 from peftshield.guard.calibration import GuardCalibration, load_guard_calibration
+from peftshield.guard.detectors import Detector, load_detector
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
@@ -35,6 +37,8 @@ class GuardResult:
     psim_score: float
     flagged: bool
     threshold: float  # the one this text was compared with (its length bucket's, under a calibration)
+    reasons: list[str] = field(default_factory=list)  # the members that fired: "psim" and detector names
+    detector_scores: dict[str, float] = field(default_factory=dict)  # each detector's score (--detector)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,12 +48,13 @@ class Guard:
     """A victim classifier screened by a PSIM. Build it with :meth:`load`."""
 
     def __init__(self, victim, victim_tokenizer, psim: PSIM, victim_runtime, settings: GuardSettings,
-                 calibration: GuardCalibration | None = None) -> None:
+                 calibration: GuardCalibration | None = None, detectors: list[Detector] | None = None) -> None:
         self.victim = victim
         self.victim_tokenizer = victim_tokenizer
         self.psim = psim
         self.victim_runtime = victim_runtime
         self.calibration = calibration
+        self.detectors = list(detectors or [])
         # The single threshold (None under a per-length calibration).
         self.threshold = None if calibration else float(psim.threshold_ if settings.threshold is None else settings.threshold)
         self.mode = settings.mode
@@ -63,7 +68,7 @@ class Guard:
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str | None = None, threshold: float | None = None, mode: str | None = None,
              backbone: str | None = None, max_length: int | None = None, batch_size: int | None = None,
-             calibration: str | Path | None = None) -> "Guard":
+             calibration: str | Path | None = None, detectors: list[str | Path] | None = None) -> "Guard":
         """The victim in ``model_dir`` (a ``peftshield finetune`` folder or a transformers
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
         onnx-int8 (for both models). An option left None takes its default from
@@ -72,6 +77,7 @@ class Guard:
             "model": ("--model", model_dir), "psim": ("--psim", psim_dir), "runtime": ("--runtime", runtime), "threshold": ("--threshold", threshold),
             "mode": ("--mode", mode), "backbone": ("--backbone", backbone), "max_length": ("--max-length", max_length),
             "score_batch": ("--batch-size", batch_size), "calibration": ("--calibration", calibration),
+            "detectors": ("--detector", list(detectors) if detectors else None),
         })
         return cls.from_settings(settings)
 
@@ -84,14 +90,25 @@ class Guard:
         if settings.calibration is not None:
             calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), int(settings.max_length or psim.max_length))
         victim = load_classifier(settings.model, backbone=settings.backbone)
-        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, model_fingerprint(settings.model))
-        return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration)
+        fingerprint = model_fingerprint(settings.model)
+        detectors = [load_detector(folder, victim, fingerprint) for folder in settings.detectors]
+        names = [d.name for d in detectors]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--detector: two folders hold the same detector ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint)
+        return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)
 
     @property
     def expected_flag_rate(self) -> float | None:
         """The share of clean texts the guard should flag: the target of its per-length
         calibration, else the PSIM's at its calibrated threshold (None with a threshold of one's
         own, or a PSIM whose calibration is unknown)."""
+        psim_rate = self._psim_flag_rate()
+        if psim_rate is None or any(d.target_frr is None for d in self.detectors):
+            return None
+        return min(1.0, psim_rate + sum(d.target_frr for d in self.detectors))  # each member's rate adds up at most (union bound)
+
+    def _psim_flag_rate(self) -> float | None:
         if self.calibration is not None:
             return self.calibration.expected_flag_rate
         if self.threshold != float(self.psim.threshold_):
@@ -100,8 +117,9 @@ class Guard:
 
     @property
     def threshold_summary(self) -> str:
-        """"threshold 0.9559", or the per-length thresholds of the calibration, for logs."""
-        return f"threshold {self.threshold:.4f}" if self.calibration is None else self.calibration.describe()
+        """"threshold 0.9559", or the per-length thresholds of the calibration, and the detectors, for logs."""
+        psim = f"threshold {self.threshold:.4f}" if self.calibration is None else self.calibration.describe()
+        return psim + "".join(f"; detector {d.name} above {d.threshold:.4g}" for d in self.detectors)
 
     @property
     def num_labels(self) -> int:
@@ -120,13 +138,17 @@ class Guard:
         scores = psim_probs.max(axis=1)
         thresholds = (self.calibration.thresholds_for(psim_encoded.lengths()) if self.calibration is not None
                       else np.full(len(texts), self.threshold))
+        detector_scores = [(detector, detector.score(texts)) for detector in self.detectors]
         results = []
-        for probs, score, threshold in zip(victim_probs, scores, thresholds):
-            flagged = bool(score > threshold)
+        for index, (probs, score, threshold) in enumerate(zip(victim_probs, scores, thresholds)):
+            reasons = ["psim"] if score > threshold else []
+            reasons += [detector.name for detector, values in detector_scores if values[index] > detector.threshold]
+            flagged = bool(reasons)
             hidden = flagged and self.mode == "block"
             results.append(GuardResult(
                 label=None if hidden else int(np.argmax(probs)), probabilities=None if hidden else [round(float(p), 6) for p in probs],
-                psim_score=round(float(score), 6), flagged=flagged, threshold=float(threshold),
+                psim_score=round(float(score), 6), flagged=flagged, threshold=float(threshold), reasons=reasons,
+                detector_scores={detector.name: round(float(values[index]), 6) for detector, values in detector_scores},
             ))
         return results
 

@@ -16,7 +16,9 @@ class TextResult(BaseModel):
     probabilities: list[float] | None = Field(description="class probabilities; null for a flagged text in block mode")
     psim_score: float = Field(description="the PSIM's confidence: triggered texts score high")
     flagged: bool
-    threshold: float
+    threshold: float = Field(description="the PSIM threshold this text was compared with (its length bucket's under --calibration)")
+    reasons: list[str] = Field(description="what fired: 'psim' and the names of the detectors (--detector) whose score is above their threshold")
+    detector_scores: dict[str, float] = Field(description="each detector's score (empty without --detector)")
 
 
 class ClassifyResponse(BaseModel):
@@ -45,13 +47,21 @@ class LengthThreshold(BaseModel):
     threshold: float
 
 
+class DetectorInfo(BaseModel):
+    name: str
+    threshold: float
+    target_frr: float | None = Field(description="the clean false-rejection rate its threshold was calibrated to")
+
+
 class Readiness(BaseModel):
     ready: bool
     mode: str
     runtime: str
     threshold: float | None = Field(description="the single threshold (null under a per-length calibration)")
     length_thresholds: list[LengthThreshold] | None = Field(None, description="the thresholds per text length of a calibration ('peftshield calibrate')")
-    expected_flag_rate: float | None
+    detectors: list[DetectorInfo] = Field([], description="the detectors beside the PSIM (--detector)")
+    expected_flag_rate: float | None = Field(description="share of clean traffic the guard should flag: the PSIM's calibrated rate plus each detector's "
+                                                         "(an upper bound, the union of their flags)")
     max_batch: int
     max_wait_ms: float
     score_batch: int

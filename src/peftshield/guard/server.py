@@ -231,6 +231,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "threshold": loaded.threshold if loaded else None,
                 "length_thresholds": [{"min_tokens": b.min_tokens, "max_tokens": b.max_tokens, "threshold": b.threshold}
                                       for b in calibration.buckets] if calibration else None,
+                "detectors": [{"name": d.name, "threshold": d.threshold, "target_frr": d.target_frr} for d in loaded.detectors] if loaded else [],
                 "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
                 "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
                 "request_timeout_s": settings.request_timeout_s}

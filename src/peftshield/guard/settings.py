@@ -56,6 +56,8 @@ class GuardSettings(BaseModel):
     threshold: Optional[ConfidenceThreshold] = Field(None, description="Override the PSIM's calibrated threshold.")
     calibration: Optional[Path] = Field(None, description="Thresholds per text length calibrated on your own clean traffic "
                                                           "('peftshield calibrate'); replaces the PSIM's single threshold.")
+    detectors: list[Path] = Field([], description="Detector folders ('peftshield detector fit', e.g. DAN) beside the PSIM: a text is flagged "
+                                                   "when any of them fires, and each result names the ones that did.")
     mode: Mode = Field("block", description="block: a flagged text gets no label; monitor: every text is labelled and flagged texts are only reported.")
     backbone: Optional[str] = Field(None, description="The models' backbone, if no longer where finetune.json recorded it.")
     max_length: Optional[PositiveInt] = None

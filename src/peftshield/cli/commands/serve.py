@@ -24,7 +24,7 @@ from peftshield.io import atomic_text_stream, check_output_place
                   "/healthz, /readyz and /metrics need no API key, so they show no file paths and no texts "
                   "(/readyz: whether the models are loaded, the mode, threshold and limits); the model and PSIM paths are in the startup log. "
                   "Every option can also be set as an environment variable PEFTSHIELD_<OPTION> (e.g. PEFTSHIELD_PORT=8080); flags win.")
-@settings_options(ServeSettings, envvar_prefix="PEFTSHIELD_")
+@settings_options(ServeSettings, envvar_prefix="PEFTSHIELD_", flags={"detectors": "--detector"})
 def serve(settings: ServeSettings) -> None:
     from peftshield.guard.server import serve as run_service
 
@@ -33,7 +33,7 @@ def serve(settings: ServeSettings) -> None:
 
 @app.command(help="Screen texts with a model and its PSIM, as a filter: JSONL in ({\"text\": ...} or a JSON string per line), "
                   "JSONL out (id, label, probabilities, psim_score, flagged, threshold).")
-@settings_options(GuardSettings, flags={"score_batch": "--batch-size"})
+@settings_options(GuardSettings, flags={"score_batch": "--batch-size", "detectors": "--detector"})
 def guard(
     settings: GuardSettings,
     input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL to read (default: standard input)."),

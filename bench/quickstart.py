@@ -1,0 +1,106 @@
+"""The README's quickstart, run as written, timed: what a new user meets.
+
+Takes the quickstart's bash block out of README.md, runs it with bash in an empty folder with
+fresh caches (its own HOME, XDG and Hugging Face cache folders) and the installed environment's
+``bin`` first on PATH, and records each command's wall time (from bash's trace), the audit's
+verdict, the scan's flag count and the service's answer.
+
+    .venv/bin/python bench/quickstart.py [--out bench/quickstart]
+
+Writes bench/quickstart.json and bench/quickstart.md. Run it with nothing else busy: the
+figure is a wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- --8<-- [start:quickstart] -->", "<!-- --8<-- [end:quickstart] -->"
+TRACE = re.compile(r"^\+ (\d+\.\d+) (.*)$")
+
+
+def quickstart_block(readme: Path) -> str:
+    text = readme.read_text(encoding="utf-8")
+    section = text[text.index(START):text.index(END)]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    if not match:
+        raise SystemExit(f"{readme}: no bash block in the quickstart section")
+    return match.group(1)
+
+
+def step_times(trace: list[tuple[float, str]], finished: float) -> list[dict]:
+    """Each traced peftshield command and the time until the next traced command (or the end)."""
+    steps = []
+    for (started, command), (following, _) in zip(trace, trace[1:] + [(finished, "")]):
+        if command.startswith("peftshield") or command.startswith("curl -s localhost"):
+            steps.append({"command": " ".join(command.split()[:2]), "seconds": round(following - started, 1)})
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/quickstart")
+    args = parser.parse_args()
+    from peftshield.io import atomic_write_json, atomic_write_text
+
+    block = quickstart_block(ROOT / "README.md")
+    with tempfile.TemporaryDirectory(prefix="peftshield-quickstart-") as folder:
+        work = Path(folder)
+        home = work / "home"
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "XDG_", "PEFTSHIELD_", "TRANSFORMERS_"))}
+        env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PS4="+ $(date +%s.%N) ")
+        script = work / "quickstart.sh"
+        script.write_text("set -x\n" + block)
+        run = work / "run"
+        run.mkdir()
+        started = time.time()
+        done = subprocess.run(["bash", str(script)], cwd=run, env=env, capture_output=True, text=True)
+        finished = time.time()
+        trace = [(float(m.group(1)), m.group(2)) for m in map(TRACE.match, done.stderr.splitlines()) if m]
+        audit = json.loads((run / "qs/audit/audit.json").read_text()) if (run / "qs/audit/audit.json").is_file() else {}
+        scanned = [json.loads(line) for line in (run / "qs/scan.jsonl").read_text().splitlines()] if (run / "qs/scan.jsonl").is_file() else []
+        answer = next((line for line in done.stdout.splitlines() if line.startswith('{"request_id"')), None)
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "seconds": round(finished - started, 1), "bash_exit_code": done.returncode,
+        "steps": step_times(trace, finished),
+        "audit_verdict": audit.get("verdict"), "audit_trigger": audit["triggers"][0]["text"] if audit.get("triggers") else None,
+        "audit_target": audit["triggers"][0]["target"] if audit.get("triggers") else None,
+        "scan_rows": len(scanned), "scan_flagged": sum(bool(row.get("flagged")) for row in scanned),
+        "service_answer": json.loads(answer) if answer else None,
+        "cpu": os.cpu_count(),
+    }
+    lines = [
+        "# The README quickstart, run as written",
+        "",
+        f"Command: `make bench-quickstart` (= `.venv/bin/python bench/quickstart.py`), {summary['date']}: the README's quickstart block run by bash "
+        f"in an empty folder with fresh caches, no `../shared`, on {summary['cpu']} CPU cores with nothing else running.",
+        "",
+        f"**Total: {summary['seconds'] / 60:.1f} minutes** ({summary['seconds']:.0f} s).",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *[f"| `{step['command']}` | {step['seconds']:.0f} |" for step in summary["steps"]],
+        "",
+        f"The audit's verdict: {summary['audit_verdict']} (top trigger {summary['audit_trigger']!r} -> class {summary['audit_target']}); the scan flagged {summary['scan_flagged']} of {summary['scan_rows']} rows; "
+        f"the service answered: {'yes' if summary['service_answer'] else 'no'}.",
+        "",
+    ]
+    atomic_write_json(Path(args.out + ".json"), summary)
+    atomic_write_text(Path(args.out + ".md"), "\n".join(lines))
+    print("\n".join(lines))
+    if done.returncode != 0 or not answer:
+        print(done.stderr[-3000:], file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``peftshield detector fit``: a detector (DAN, Shift, ...) fitted for a deployed model, for ``guard`` and ``serve --detector``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from peftshield.cli.app import SeedOption, SkipEmptyOption, app, info
+from peftshield.cli.commands.common import typed_component
+from peftshield.errors import ConfigError
+from peftshield.experiments.options import parse_key_values
+from peftshield.io import check_output_place
+
+detector_app = typer.Typer(help="Detectors beside the PSIM for 'guard' and 'serve' (--detector DIR).", no_args_is_help=True)
+app.add_typer(detector_app, name="detector")
+
+
+@detector_app.command("fit", help="Fit a detector for a deployed model on clean labelled data (its train split; its dev split calibrates the "
+                                  "threshold, by default to flag 1% of clean texts) and save it to --out. Any registered defense that scores one "
+                                  "text on its own and can be saved: dan (the victim's layer representations against the clean classes), shift "
+                                  "(the backbone's change from its public original, --option original=NAME). 'peftshield list' shows them.")
+def detector_fit(
+    name: str = typer.Argument(..., help="The defense, e.g. dan or shift."),
+    model: Path = typer.Option(..., "--model", help="The deployed classifier the guard will serve (a 'peftshield finetune' folder or a transformers folder)."),
+    data: str = typer.Option(..., "--data", help="Clean labelled data of the deployment: a dataset folder or source with train (and dev) splits."),
+    out: Path = typer.Option(..., "--out", help="The detector folder to write."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="The detector's options as KEY=VALUE (repeatable), e.g. threshold.target_frr=0.02."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="The model's backbone, if no longer where finetune.json recorded it."),
+    seed: int = SeedOption,
+    skip_empty: bool = SkipEmptyOption,
+) -> None:
+    from peftshield.defenses import DEFENSES
+    from peftshield.guard.detectors import check_detector_kind, fit_detector
+
+    if name not in DEFENSES.names():
+        raise ConfigError(f"detector {name}: unknown; choose one of {', '.join(DEFENSES.names())}")
+    check_detector_kind(name)
+    if not model.is_dir():
+        raise ConfigError(f"--model {model}: no such model directory")
+    options = parse_key_values(option, "--option")
+    typed_component(DEFENSES, name, {key: (f"--option {key}", value) for key, value in nest_dotted(options).items()})
+    check_output_place(out, "dir")
+    manifest = fit_detector(name, nest_dotted(options), model, data, out, np.random.default_rng(seed), backbone=backbone, skip_empty=skip_empty)
+    rate = f", calibrated to flag {manifest.target_frr:.1%} of clean texts" if manifest.target_frr is not None else ""
+    info(f"detector {name} -> {out}: threshold {manifest.threshold:.4g}{rate}; use it with --detector {out}")
+
+
+def nest_dotted(options: dict) -> dict:
+    """``{"threshold.target_frr": 0.02}`` -> ``{"threshold": {"target_frr": 0.02}}``."""
+    nested: dict = {}
+    for key, value in options.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[key] = value
+    return nested

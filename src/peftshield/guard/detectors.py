@@ -1,0 +1,158 @@
+"""Detectors beside the PSIM: any registered defense that scores one text on its own, fitted
+once for a deployed model and saved as a folder the guard loads with ``--detector``.
+
+PSIM misses backdoors whose triggered texts are not extremely confident (syntactic,
+task-agnostic, low-confidence; bench/syntactic_why.md, bench/task_agnostic.md), where DAN and
+Shift catch them. ``peftshield detector fit dan --model VICTIM --data DATA --out DIR`` fits
+one on the deployment's clean labelled data and writes ``DIR/detector.json`` (what it is,
+which model it was fitted for, its threshold and the false-rejection rate it was calibrated
+to) beside the defense's own saved state.
+
+The guard flags a text when any member fires: the PSIM above its threshold, or a detector
+above its own. Each member is calibrated to its own false-rejection target on clean texts, so
+the guard's false-rejection rate is at most their sum (the union bound), which ``/readyz``
+states as the expected flag rate; every result names the members that fired.
+
+A detector folder is bound to the model it was fitted for (its fingerprint): loading it in
+front of another model is refused, because its statistics describe that model's representations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peftshield.defenses import DEFENSES, DefenseContext
+from peftshield.defenses.base import Defense
+from peftshield.errors import ConfigError, first_issue
+from peftshield.files import DETECTOR_MANIFEST
+from peftshield.io import read_json
+
+DETECTOR_FORMAT = "peftshield-detector/1"
+MAX_MANIFEST_BYTES = 100_000
+
+
+class DetectorManifest(BaseModel):
+    """``detector.json``: a fitted detector for one deployed model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["peftshield-detector/1"] = DETECTOR_FORMAT
+    name: str = Field(min_length=1, max_length=64, description="The registered defense.")
+    model_fingerprint: str = Field(min_length=1, max_length=200, description="The deployed model it was fitted for.")
+    backbone: str = Field(max_length=4096, description="The backbone it checks (the model's recorded backbone).")
+    num_labels: int = Field(ge=2, le=10_000)
+    threshold: float
+    target_frr: Optional[float] = Field(None, ge=0, lt=1, description="The clean false-rejection rate its threshold was calibrated to.")
+    data: str = Field("", max_length=4096, description="The clean data it was fitted on (as given).")
+
+
+@dataclass
+class Detector:
+    """A loaded detector: the defense, its threshold and its name in results."""
+
+    name: str
+    defense: Defense
+    threshold: float
+    target_frr: float | None
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.defense.score(list(texts)), dtype=np.float64)
+
+
+def check_detector_kind(name: str) -> type[Defense]:
+    """The defense class for ``name``, if the guard can use it: registered, scoring each text on
+    its own (not a data cleaner that judges a pool), and able to save its fitted state."""
+    cls = DEFENSES.get(name)
+    if name == "psim":
+        raise ConfigError("detector psim: the guard's PSIM is given with --psim (train one with 'peftshield psim train')")
+    if cls.transductive:
+        raise ConfigError(f"detector {name}: it judges a pool of texts together, not one text at a time; a guard cannot use it")
+    if cls.save is Defense.save:
+        raise ConfigError(f"detector {name}: it cannot be saved, so a guard cannot load it")
+    return cls
+
+
+def detector_context(backbone: str, num_labels: int, victim, train=None, dev=None, max_length: int = 128) -> DefenseContext:
+    from peftshield.data import TextDataset
+
+    empty = TextDataset([], [], [], name="none")
+    return DefenseContext(backbone, train if train is not None else empty, dev, num_labels, victim_model=victim.model,
+                          victim_tokenizer=victim.tokenizer, max_length=max_length, progress=False)
+
+
+def fit_detector(name: str, options: dict, model_dir: str | Path, data: str, out: str | Path, rng: np.random.Generator,
+                 backbone: str | None = None, skip_empty: bool = False) -> DetectorManifest:
+    """Fit detector ``name`` (with ``options``) for the model in ``model_dir`` on the clean
+    labelled ``data`` (its train split, and its dev split to calibrate when present) and save
+    it with its manifest in ``out``."""
+    from peftshield.data import load_splits
+    from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
+    from peftshield.io import atomic_write_json
+
+    check_detector_kind(name)
+    defense = DEFENSES.create(name, **options)
+    victim = load_classifier(model_dir, backbone=backbone)
+    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=victim.num_labels)
+    suspect = recorded_backbone(model_dir, backbone)
+    context = detector_context(suspect, victim.num_labels, victim, splits["train"], splits.get("dev"), getattr(defense, "max_length", 128))
+    defense.fit(context, rng)
+    defense.save(out)
+    policy = defense.threshold_policy()
+    manifest = DetectorManifest(name=name, model_fingerprint=model_fingerprint(model_dir), backbone=suspect, num_labels=victim.num_labels,
+                                threshold=float(defense.fitted_threshold()), target_frr=policy.target_frr if policy.kind != "fixed" else None,
+                                data=str(data))
+    atomic_write_json(Path(out) / DETECTOR_MANIFEST, manifest.model_dump())
+    return manifest
+
+
+def recorded_backbone(model_dir: str | Path, backbone: str | None = None) -> str:
+    """The backbone a model was fine-tuned from (a plain classifier folder is its own)."""
+    from peftshield.files import FINETUNE_MANIFEST
+    from peftshield.finetune.checkpoint import resolve_recorded_backbone
+
+    if backbone:
+        return backbone
+    if (Path(model_dir) / FINETUNE_MANIFEST).is_file():
+        return resolve_recorded_backbone(model_dir)[0]
+    return str(model_dir)
+
+
+def read_detector_manifest(directory: Path) -> DetectorManifest:
+    path = directory / DETECTOR_MANIFEST
+    where = f"--detector {directory}"
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: no such folder")
+    if not path.is_file() or path.is_symlink():
+        raise ConfigError(f"{where}: no {DETECTOR_MANIFEST} (fit one with 'peftshield detector fit')")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return DetectorManifest.model_validate(read_json(path))
+    except ValidationError as error:
+        issue = first_issue(error)
+        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not a detector manifest ({issue.location or 'file'}: {issue.message})") from None
+    except ValueError as error:  # not JSON
+        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not JSON ({str(error).splitlines()[0]})") from None
+
+
+def load_detector(directory: str | Path, victim, victim_fingerprint: str) -> Detector:
+    """The detector in ``directory`` for the deployed ``victim`` (a loaded classifier whose folder
+    has ``victim_fingerprint``); a one-line :class:`ConfigError` when it was fitted for another model."""
+    directory = Path(directory)
+    manifest = read_detector_manifest(directory)
+    if manifest.name not in DEFENSES.names():
+        raise ConfigError(f"--detector {directory}: unknown detector '{manifest.name}'")
+    cls = check_detector_kind(manifest.name)
+    if manifest.model_fingerprint != victim_fingerprint:
+        raise ConfigError(f"--detector {directory}: fitted for another model (or the model changed since); fit it again for --model "
+                          "with 'peftshield detector fit'")
+    if manifest.num_labels != victim.num_labels:
+        raise ConfigError(f"--detector {directory}: fitted for {manifest.num_labels} classes, the model has {victim.num_labels}")
+    defense = cls.load(directory, detector_context(manifest.backbone, manifest.num_labels, victim))
+    threshold = float(defense.fitted_threshold())
+    return Detector(manifest.name, defense, threshold, manifest.target_frr)
