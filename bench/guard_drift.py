@@ -18,8 +18,8 @@ The models are bench/serve_load.py's (runs/serve-bench: MiniLM poisoned with ``m
 P-tuning PSIM); the alarm level is the service's: max(3 x calibrated, calibrated + 2 points).
 
 Each clean row is cut in two halves by a seeded draw, fixed before anything is measured: a
-**calibration** half and a **measured** half; every rate below is on the measured half. Three
-thresholds are compared on it:
+**calibration** half and a **measured** half; every rate below is on the measured half. Five
+guards are compared on it:
 
 - *SST-2 dev*: the PSIM's own threshold (1% of clean SST-2 dev sentences), as deployed today;
 - *own traffic*: ``peftshield calibrate`` (per-length thresholds, 1% target) on the row's own
@@ -29,6 +29,13 @@ thresholds are compared on it:
 
 The trigger-word rows are built from SST-2's measured half and judged with the SST-2 row's
 calibrations.
+
+A fourth column adds a detector beside the PSIM, as ``serve --detector`` does: DAN, fitted for
+the served victim with ``peftshield detector fit dan`` on SST-2 (train, dev calibrates it to 1%),
+built into WORK/dan when missing. A text counts as flagged when the own-traffic PSIM or DAN
+fires; DAN's threshold is its own, not recalibrated per row. A fifth column fits both on the
+row's calibration half: the per-length PSIM calibration and a DAN of its own
+(``peftshield detector fit dan --texts``: the half, labelled with the victim's predictions).
 
     .venv/bin/python bench/guard_drift.py [--work runs/serve-bench] [--shared ../shared/data]
 
@@ -102,7 +109,26 @@ def halves(texts: list[str], rng: np.random.Generator) -> tuple[list[str], list[
     return [texts[i] for i in sorted(order[:cut])], [texts[i] for i in sorted(order[cut:])]
 
 
-COLUMNS = (("single", "SST-2 dev"), ("own", "own traffic"), ("mixed", "mixed traffic"))
+COLUMNS = (("single", "SST-2 dev"), ("own", "own traffic"), ("mixed", "mixed traffic"), ("own_or_dan", "own traffic or DAN"),
+           ("own_or_own_dan", "own traffic or own DAN"))
+
+
+def build_detector(work: Path, shared: Path) -> Path:
+    """DAN for the served victim, fitted on SST-2 with the project's command (reused when present)."""
+    import subprocess
+    import sys
+
+    from peftshield.files import DETECTOR_MANIFEST
+
+    folder = work / "dan"
+    if not (folder / DETECTOR_MANIFEST).is_file():
+        started = time.perf_counter()
+        done = subprocess.run([str(Path(sys.executable).with_name("peftshield")), "detector", "fit", "dan", "--model", str(work / "victim"),
+                               "--data", str(shared / "psim/sst-2"), "--out", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"detector fit failed:\n{done.stderr[-2000:]}")
+        print(f"fitted DAN in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
 
 
 def render(summary: dict) -> str:
@@ -116,18 +142,22 @@ def render(summary: dict) -> str:
         f"exceeds {alarm:.1%} (max(3 x calibrated, calibrated + 2 points)).",
         "",
         "Each clean row is cut in two by a seeded draw: a calibration half and a measured half (n below). Flag rates are on the measured half, "
-        f"under three thresholds: **SST-2 dev** (the PSIM's own, as deployed today), **own traffic** (`peftshield calibrate --target-frr "
+        f"under five guards: **SST-2 dev** (the PSIM's own, as deployed today), **own traffic** (`peftshield calibrate --target-frr "
         f"{summary['target_frr']:.0%}` on the row's calibration half: thresholds per length, edges {summary['length_edges']} tokens) and "
-        f"**mixed traffic** (one such calibration on the calibration halves of all {summary['mixed_sample_texts']} clean texts together).",
+        f"**mixed traffic** (one such calibration on the calibration halves of all {summary['mixed_sample_texts']} clean texts together), "
+        f"**own traffic or DAN** (the own-traffic PSIM with DAN beside it, `--detector`: DAN threshold {summary['dan_threshold']:.3f}, "
+        f"calibrated to flag {summary['dan_target_frr']:.0%} of SST-2 dev texts), and **own traffic or own DAN** (a DAN fitted on the row's "
+        "calibration half too, `detector fit dan --texts`, labelled with the victim's predictions).",
         "",
         "Every text below is clean (no attacker touched it) except the `mn` row: `mn` is this backbone's real trigger, so that row is a detection rate.",
         "",
     ]
     for section, title in (("datasets", "Per dataset"), ("lengths", "Per length"), ("words", "Per frequent trigger word in the literature")):
-        lines += [f"## {title}", "", "| texts | n | mean tokens | flagged: SST-2 dev | flagged: own traffic | flagged: mixed traffic |", "|---|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| texts | n | mean tokens | " + " | ".join(f"flagged: {label}" for _, label in COLUMNS) + " |",
+                  "|---|---|---|" + "---|" * len(COLUMNS)]
         for row in summary[section]:
             if row.get("unavailable"):
-                lines.append(f"| {row['name']} | - | - | not measured: {row['unavailable']} | | |")
+                lines.append(f"| {row['name']} | - | - | not measured: {row['unavailable']} |" + " |" * (len(COLUMNS) - 1))
                 continue
             cells = [f"{row['flag_rate'][key]:.2%}" + (" (alarm)" if key == "single" and row["flag_rate"][key] > alarm else "") for key, _ in COLUMNS]
             lines.append(f"| {row['name']} | {row['n']} | {row['mean_tokens']:.0f} | " + " | ".join(cells) + " |")
@@ -155,6 +185,11 @@ def main() -> None:
         raise SystemExit(f"{work}/psim: run 'make bench-serve' first (it builds the models)")
     psim = PSIM.load(work / "psim", runtime=args.runtime)
     fingerprint = model_fingerprint(work / "psim")
+    from peftshield.finetune.checkpoint import load_classifier
+    from peftshield.guard.detectors import load_detector
+
+    victim = load_classifier(work / "victim")
+    dan = load_detector(build_detector(work, shared), victim, model_fingerprint(work / "victim"))
     expected = psim.expected_flag_rate()
     alarm = FlagRateMonitor(expected).alarm_level
     rng = np.random.default_rng(0)
@@ -167,6 +202,17 @@ def main() -> None:
     sst2 = "SST-2 test (calibration task)"
     words = with_words(split[sst2][1][:500], rng)
 
+    import tempfile
+
+    from peftshield.guard.detectors import fit_detector
+
+    own_dan = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, (calibrating, _)) in enumerate(split.items()):  # a DAN per row, fitted on its calibration half
+            sample_file = Path(folder) / f"{index}.jsonl"
+            sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating))
+            fit_detector("dan", {}, work / "victim", Path(folder) / f"dan-{index}", np.random.default_rng(0), texts=str(sample_file))
+            own_dan[name] = load_detector(Path(folder) / f"dan-{index}", victim, model_fingerprint(work / "victim"))
     calibration_scores = {name: psim.score(calibrating) for name, (calibrating, _) in split.items()}
     own = {name: calibrate_guard(psim, fingerprint, split[name][0], TARGET_FRR, name, scores=calibration_scores[name]) for name in split}
     pooled = [t for name in split for t in split[name][0]]
@@ -177,19 +223,24 @@ def main() -> None:
         if not texts:
             return {"name": name, "unavailable": "no text that long in the data"}
         scores = psim.score(texts)
+        dan_flags = dan.score(texts) > dan.threshold
+        own_dan_flags = own_dan[calibration_of].score(texts) > own_dan[calibration_of].threshold
         tokens = token_lengths(psim.tokenizer_, texts, psim.max_length)
         row = {"name": name, "n": len(texts), "mean_tokens": float(np.mean(tokens)), "mean_score": float(np.mean(scores)),
                "calibration_texts": len(split[calibration_of][0]),
                "flag_rate": {"single": float(np.mean(scores > psim.threshold_)),
                              "own": float(np.mean(scores > own[calibration_of].thresholds_for(tokens))),
-                             "mixed": float(np.mean(scores > mixed.thresholds_for(tokens)))}}
+                             "mixed": float(np.mean(scores > mixed.thresholds_for(tokens))),
+                             "own_or_dan": float(np.mean((scores > own[calibration_of].thresholds_for(tokens)) | dan_flags)),
+                             "own_or_own_dan": float(np.mean((scores > own[calibration_of].thresholds_for(tokens)) | own_dan_flags))},
+               "dan_flag_rate": float(np.mean(dan_flags))}
         print(json.dumps(row), flush=True)
         return row
 
     summary = {
         "date": time.strftime("%Y-%m-%d"), "psim": str(work / "psim"), "method": psim.method, "threshold": float(psim.threshold_),
         "expected_flag_rate": expected, "alarm_level": alarm, "runtime": args.runtime, "max_length": psim.max_length,
-        "target_frr": TARGET_FRR, "length_edges": list(DEFAULT_LENGTH_EDGES), "mixed_sample_texts": len(pooled),
+        "target_frr": TARGET_FRR, "dan_threshold": dan.threshold, "dan_target_frr": dan.target_frr, "length_edges": list(DEFAULT_LENGTH_EDGES), "mixed_sample_texts": len(pooled),
         "mixed_calibration": json.loads(mixed.model_dump_json()),
         "datasets": [measure(k, split[k][1], k) for k in sets],
         "lengths": [measure(k, split[k][1], k) for k in lengths],
@@ -205,8 +256,8 @@ def main() -> None:
         reading.append(f"- **{label}**: the highest false-rejection rate on clean text is {worst['flag_rate'][key]:.1%} ({worst['name']}); "
                        + (f"rows above 2%: {', '.join(over)}." if over else "no clean row is above 2%."))
     trigger = next(r for r in summary["words"] if "'mn'" in r["name"])
-    reading.append(f"- The real trigger (`mn` in SST-2 texts) is flagged at {trigger['flag_rate']['single']:.1%} / {trigger['flag_rate']['own']:.1%} / "
-                   f"{trigger['flag_rate']['mixed']:.1%} under the three thresholds.")
+    reading.append("- The real trigger (`mn` in SST-2 texts) is flagged at " + " / ".join(f"{trigger['flag_rate'][key]:.1%}" for key, _ in COLUMNS)
+                   + f" in the five columns (DAN alone: {trigger['dan_flag_rate']:.1%}).")
     summary["reading"] = reading
     summary["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(args.out + ".json"), summary)

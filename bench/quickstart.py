@@ -38,11 +38,17 @@ def quickstart_block(readme: Path) -> str:
 
 
 def step_times(trace: list[tuple[float, str]], finished: float) -> list[dict]:
-    """Each traced peftshield command and the time until the next traced command (or the end)."""
+    """Each traced peftshield command and the time until the next traced command (or the end);
+    for ``serve``, started in the background, the time until the classify request is sent (its
+    start-up, which the readiness loop waits for)."""
+    ends = [t for t, _ in trace[1:]] + [finished]
     steps = []
-    for (started, command), (following, _) in zip(trace, trace[1:] + [(finished, "")]):
-        if command.startswith("peftshield") or command.startswith("curl -s localhost"):
-            steps.append({"command": " ".join(command.split()[:2]), "seconds": round(following - started, 1)})
+    for index, (started, command) in enumerate(trace):
+        if command.startswith("peftshield serve"):
+            until = next((t for t, c in trace[index:] if c.startswith("curl -s localhost:8000/v1")), ends[index])
+            steps.append({"command": "peftshield serve (until ready)", "seconds": round(until - started, 1)})
+        elif command.startswith("peftshield") or command.startswith("curl -s localhost:8000/v1"):
+            steps.append({"command": " ".join(command.split()[:2]), "seconds": round(ends[index] - started, 1)})
     return steps
 
 
@@ -58,9 +64,9 @@ def main() -> None:
         home = work / "home"
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "XDG_", "PEFTSHIELD_", "TRANSFORMERS_"))}
         env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PS4="+ $(date +%s.%N) ")
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
         script = work / "quickstart.sh"
-        script.write_text("set -x\n" + block)
+        script.write_text("PS4='+ $(date +%s.%N) '\nset -x\n" + block)  # bash run as root takes no PS4 from the environment
         run = work / "run"
         run.mkdir()
         started = time.time()

@@ -516,6 +516,14 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     finally:
         assert service.stop() == 0, service.output()
 
+    # On an unlabelled sample of the traffic instead: labelled with the model's own predictions.
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentiment_data(300, rng, "traffic").texts))
+    from_traffic = tmp_path / "dan-traffic"
+    done = cli("detector", "fit", "dan", "--model", str(guarded.victim), "--texts", str(traffic), "--out", str(from_traffic))
+    assert done.returncode == 0, done.stderr
+    assert DetectorManifest.model_validate_json((from_traffic / DETECTOR_MANIFEST).read_text()).data == str(traffic)
+
     foreign = tmp_path / "foreign-dan"
     import shutil
 
@@ -523,6 +531,9 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     (foreign / DETECTOR_MANIFEST).write_text(manifest.model_copy(update={"model_fingerprint": "another-model"}).model_dump_json())
     for args, message in ((["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(foreign)], "fitted for another model"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tmp_path)], "no detector.json"),
+                          (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--detector",
+                            str(from_traffic)], "two folders hold the same detector"),
+                          (["detector", "fit", "dan", "--model", str(guarded.victim), "--out", str(tmp_path / "none")], "--data or --texts"),
                           (["detector", "fit", "bki", "--model", str(guarded.victim), "--data", str(data), "--out", str(tmp_path / "bki")], "judges a pool")):
         done = cli(*args, input=json.dumps("a text") + "\n")
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -48,7 +48,7 @@ class DetectorManifest(BaseModel):
     num_labels: int = Field(ge=2, le=10_000)
     threshold: float
     target_frr: Optional[float] = Field(None, ge=0, lt=1, description="The clean false-rejection rate its threshold was calibrated to.")
-    data: str = Field("", max_length=4096, description="The clean data it was fitted on (as given).")
+    data: str = Field("", max_length=4096, description="The clean data it was fitted on (as given: --data or --texts).")
 
 
 @dataclass
@@ -85,27 +85,38 @@ def detector_context(backbone: str, num_labels: int, victim, train=None, dev=Non
                           victim_tokenizer=victim.tokenizer, max_length=max_length, progress=False)
 
 
-def fit_detector(name: str, options: dict, model_dir: str | Path, data: str, out: str | Path, rng: np.random.Generator,
-                 backbone: str | None = None, skip_empty: bool = False) -> DetectorManifest:
-    """Fit detector ``name`` (with ``options``) for the model in ``model_dir`` on the clean
-    labelled ``data`` (its train split, and its dev split to calibrate when present) and save
-    it with its manifest in ``out``."""
-    from peftshield.data import load_splits
+def fit_detector(name: str, options: dict, model_dir: str | Path, out: str | Path, rng: np.random.Generator, data: str | None = None,
+                 texts: str | None = None, backbone: str | None = None, skip_empty: bool = False) -> DetectorManifest:
+    """Fit detector ``name`` (with ``options``) for the model in ``model_dir`` and save it with
+    its manifest in ``out``. On ``data``, clean labelled data (its train split, and its dev split
+    to calibrate when present); or on ``texts``, a clean unlabelled sample of the traffic,
+    labelled with the model's own predictions (the detector then splits it to fit and calibrate)."""
+    from peftshield.data import TextDataset, load_splits, load_texts
     from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
     from peftshield.io import atomic_write_json
+    from peftshield.models.inference import predict_proba
 
+    if (data is None) == (texts is None):
+        raise ConfigError("give the detector's clean texts as --data (labelled) or --texts (unlabelled), one of them")
     check_detector_kind(name)
     defense = DEFENSES.create(name, **options)
     victim = load_classifier(model_dir, backbone=backbone)
-    splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=victim.num_labels)
+    max_length = getattr(defense, "max_length", 128)
+    if data is not None:
+        splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=victim.num_labels)
+        train, dev = splits["train"], splits.get("dev")
+    else:
+        sample = load_texts(texts, "test", skip_empty=skip_empty, require_labels=False)
+        predicted = predict_proba(victim.model, victim.tokenizer, list(sample.texts), max_length=max_length).argmax(axis=1)
+        train, dev = TextDataset(list(sample.texts), [int(y) for y in predicted], list(sample.ids), name="traffic"), None
     suspect = recorded_backbone(model_dir, backbone)
-    context = detector_context(suspect, victim.num_labels, victim, splits["train"], splits.get("dev"), getattr(defense, "max_length", 128))
+    context = detector_context(suspect, victim.num_labels, victim, train, dev, max_length)
     defense.fit(context, rng)
     defense.save(out)
     policy = defense.threshold_policy()
     manifest = DetectorManifest(name=name, model_fingerprint=model_fingerprint(model_dir), backbone=suspect, num_labels=victim.num_labels,
                                 threshold=float(defense.fitted_threshold()), target_frr=policy.target_frr if policy.kind != "fixed" else None,
-                                data=str(data))
+                                data=str(data if data is not None else texts))
     atomic_write_json(Path(out) / DETECTOR_MANIFEST, manifest.model_dump())
     return manifest
 

@@ -19,13 +19,17 @@ app.add_typer(detector_app, name="detector")
 
 
 @detector_app.command("fit", help="Fit a detector for a deployed model on clean labelled data (its train split; its dev split calibrates the "
-                                  "threshold, by default to flag 1% of clean texts) and save it to --out. Any registered defense that scores one "
+                                  "threshold, by default to flag 1% of clean texts), or on an unlabelled sample of the traffic it will guard "
+                                  "(--texts; labelled with the model's predictions), and save it to --out. Fit it on texts like the traffic: "
+                                  "a detector fitted on another task flags that task's texts as unusual. Any registered defense that scores one "
                                   "text on its own and can be saved: dan (the victim's layer representations against the clean classes), shift "
                                   "(the backbone's change from its public original, --option original=NAME). 'peftshield list' shows them.")
 def detector_fit(
     name: str = typer.Argument(..., help="The defense, e.g. dan or shift."),
     model: Path = typer.Option(..., "--model", help="The deployed classifier the guard will serve (a 'peftshield finetune' folder or a transformers folder)."),
-    data: str = typer.Option(..., "--data", help="Clean labelled data of the deployment: a dataset folder or source with train (and dev) splits."),
+    data: Optional[str] = typer.Option(None, "--data", help="Clean labelled data of the deployment: a dataset folder or source with train (and dev) splits."),
+    texts: Optional[str] = typer.Option(None, "--texts", help="Or a clean unlabelled sample of the traffic (.jsonl/.csv/.tsv/.txt, as 'scan' reads it), "
+                                                              "labelled with the model's own predictions."),
     out: Path = typer.Option(..., "--out", help="The detector folder to write."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="The detector's options as KEY=VALUE (repeatable), e.g. threshold.target_frr=0.02."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The model's backbone, if no longer where finetune.json recorded it."),
@@ -43,7 +47,10 @@ def detector_fit(
     options = parse_key_values(option, "--option")
     typed_component(DEFENSES, name, {key: (f"--option {key}", value) for key, value in nest_dotted(options).items()})
     check_output_place(out, "dir")
-    manifest = fit_detector(name, nest_dotted(options), model, data, out, np.random.default_rng(seed), backbone=backbone, skip_empty=skip_empty)
+    if (data is None) == (texts is None):
+        raise ConfigError("--data or --texts: give the detector's clean texts as one of them")
+    manifest = fit_detector(name, nest_dotted(options), model, out, np.random.default_rng(seed), data=data, texts=texts, backbone=backbone,
+                            skip_empty=skip_empty)
     rate = f", calibrated to flag {manifest.target_frr:.1%} of clean texts" if manifest.target_frr is not None else ""
     info(f"detector {name} -> {out}: threshold {manifest.threshold:.4g}{rate}; use it with --detector {out}")
 
