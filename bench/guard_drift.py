@@ -189,7 +189,10 @@ def main() -> None:
     from peftshield.guard.detectors import load_detector
 
     victim = load_classifier(work / "victim")
-    dan = load_detector(build_detector(work, shared), victim, model_fingerprint(work / "victim"))
+    from peftshield.guard.detectors import recorded_backbone
+
+    suspect = recorded_backbone(work / "victim")
+    dan = load_detector(build_detector(work, shared), victim, model_fingerprint(work / "victim"), suspect)
     expected = psim.expected_flag_rate()
     alarm = FlagRateMonitor(expected).alarm_level
     rng = np.random.default_rng(0)
@@ -212,7 +215,7 @@ def main() -> None:
             sample_file = Path(folder) / f"{index}.jsonl"
             sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating))
             fit_detector("dan", {}, work / "victim", Path(folder) / f"dan-{index}", np.random.default_rng(0), texts=str(sample_file))
-            own_dan[name] = load_detector(Path(folder) / f"dan-{index}", victim, model_fingerprint(work / "victim"))
+            own_dan[name] = load_detector(Path(folder) / f"dan-{index}", victim, model_fingerprint(work / "victim"), suspect)
     calibration_scores = {name: psim.score(calibrating) for name, (calibrating, _) in split.items()}
     own = {name: calibrate_guard(psim, fingerprint, split[name][0], TARGET_FRR, name, scores=calibration_scores[name]) for name in split}
     pooled = [t for name in split for t in split[name][0]]

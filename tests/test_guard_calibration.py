@@ -100,7 +100,10 @@ def test_a_calibration_file_is_checked_before_use(tmp_path) -> None:
     payload = json.loads(path.read_text())
     for broken in ({**payload, "buckets": payload["buckets"][:1] + payload["buckets"][2:]},  # a gap between buckets
                    {**payload, "buckets": [{**payload["buckets"][0], "threshold": 7}] + payload["buckets"][1:]},  # not a confidence
-                   {**payload, "run": "rm -rf /"}):  # an unknown key
+                   {**payload, "run": "rm -rf /"},  # an unknown key
+                   {**payload, "buckets": [{**payload["buckets"][0], "threshold": 1.0}] + payload["buckets"][1:]},  # would never flag
+                   {**payload, "buckets": [{**payload["buckets"][0], "max_tokens": 10**32}, {**payload["buckets"][1], "min_tokens": 10**32}]
+                    + payload["buckets"][2:]}):  # an edge no int64 holds
         path.write_text(json.dumps(broken))
         with pytest.raises(ConfigError, match="not a guard calibration") as raised:
             load_guard_calibration(path, "psim-a", 128)

@@ -529,11 +529,18 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
 
     shutil.copytree(folder, foreign)
     (foreign / DETECTOR_MANIFEST).write_text(manifest.model_copy(update={"model_fingerprint": "another-model"}).model_dump_json())
+    tampered = tmp_path / "tampered-dan"  # a state file edited after fitting (a threshold of NaN, say): refused, never silently off
+    shutil.copytree(folder, tampered)
+    state = next(name for name in manifest.files if name.endswith(".json"))
+    (tampered / state).write_text((tampered / state).read_text().replace('"threshold": ', '"threshold": NaN, "was": ', 1))
     for args, message in ((["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(foreign)], "fitted for another model"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tmp_path)], "no detector.json"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--detector",
                             str(from_traffic)], "two folders hold the same detector"),
                           (["detector", "fit", "dan", "--model", str(guarded.victim), "--out", str(tmp_path / "none")], "--data or --texts"),
+                          (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tampered)], "changed since"),
+                          (["detector", "fit", "dan", "--model", str(guarded.victim), "--data", str(data), "--out", str(guarded.victim)],
+                           "not a detector folder"),
                           (["detector", "fit", "bki", "--model", str(guarded.victim), "--data", str(data), "--out", str(tmp_path / "bki")], "judges a pool")):
         done = cli(*args, input=json.dumps("a text") + "\n")
         assert done.returncode == 2 and message in done.stderr, done.stderr

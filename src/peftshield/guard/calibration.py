@@ -23,16 +23,17 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from peftshield.defenses.thresholds import ConfidenceThreshold, calibrate_threshold
+from peftshield.defenses.thresholds import calibrate_threshold
 from peftshield.errors import ConfigError, first_issue
 from peftshield.models.batching import encode_texts
 
 CALIBRATION_FORMAT = "peftshield-guard-calibration/1"
-# Bucket edges in tokens (special tokens included, after truncation): [1, 16), [16, 32), [32, 64), [64, ...).
+# Bucket edges in tokens (special tokens included, after truncation): [0, 16), [16, 32), [32, 64), [64, ...).
 DEFAULT_LENGTH_EDGES: tuple[int, ...] = (16, 32, 64)
 # A bucket with fewer clean texts is merged into its neighbour: at a 1% target, 200 texts let
 # two score above the threshold, so one outlier does not set it.
 MIN_BUCKET_TEXTS = 200
+MAX_TOKENS = 1_000_000  # no bucket edge beyond this (a model reads far fewer tokens)
 
 
 class LengthBucket(BaseModel):
@@ -40,9 +41,9 @@ class LengthBucket(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_tokens: NonNegativeInt
-    max_tokens: Optional[PositiveInt] = None
-    threshold: ConfidenceThreshold
+    min_tokens: NonNegativeInt = Field(le=MAX_TOKENS)
+    max_tokens: Optional[PositiveInt] = Field(None, le=MAX_TOKENS)
+    threshold: float = Field(gt=0, lt=1, description="A PSIM confidence; 1.0 would never flag, so it is refused.")
     texts: PositiveInt = Field(description="Clean sample texts in this bucket.")
     sample_flag_rate: float = Field(ge=0, le=1, description="Share of them above the threshold (in-sample).")
 
@@ -137,6 +138,9 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
     for low, high in zip(bounds, bounds[1:]):
         inside = (lengths >= low) & (lengths < (high if high is not None else np.iinfo(np.int64).max))
         threshold = calibrate_threshold(scores[inside], target_frr)
+        if not threshold < 1.0:
+            raise ConfigError(f"--texts {source}: more than {target_frr:.1%} of the clean texts of {low} to {'more' if high is None else high - 1} "
+                              "tokens score 1.0, so no threshold can keep them; this PSIM cannot screen texts of that length")
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=threshold, texts=int(inside.sum()),
                                     sample_flag_rate=float(np.mean(scores[inside] > threshold))))
     return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=psim.max_length, target_frr=target_frr, buckets=buckets,

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import hashlib
+import math
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,6 +52,7 @@ class DetectorManifest(BaseModel):
     threshold: float
     target_frr: Optional[float] = Field(None, ge=0, lt=1, description="The clean false-rejection rate its threshold was calibrated to.")
     data: str = Field("", max_length=4096, description="The clean data it was fitted on (as given: --data or --texts).")
+    files: dict[str, str] = Field(min_length=1, max_length=16, description="SHA-256 of each saved state file: a file changed since is refused.")
 
 
 @dataclass
@@ -61,7 +65,9 @@ class Detector:
     target_frr: float | None
 
     def score(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.defense.score(list(texts)), dtype=np.float64)
+        """Scores per text; a score that is not a finite number counts as the highest (it fires)."""
+        scores = np.asarray(self.defense.score(list(texts)), dtype=np.float64)
+        return np.where(np.isfinite(scores), scores, np.finfo(np.float64).max)
 
 
 def check_detector_kind(name: str) -> type[Defense]:
@@ -112,13 +118,23 @@ def fit_detector(name: str, options: dict, model_dir: str | Path, out: str | Pat
     suspect = recorded_backbone(model_dir, backbone)
     context = detector_context(suspect, victim.num_labels, victim, train, dev, max_length)
     defense.fit(context, rng)
+    threshold = float(defense.fitted_threshold())
+    if not math.isfinite(threshold):
+        raise ConfigError(f"detector {name}: its fitted threshold is {threshold}, not a finite number")
     defense.save(out)
     policy = defense.threshold_policy()
+    # The false-rejection rate it was calibrated to, when it surely was (kind frr); else unknown.
     manifest = DetectorManifest(name=name, model_fingerprint=model_fingerprint(model_dir), backbone=suspect, num_labels=victim.num_labels,
-                                threshold=float(defense.fitted_threshold()), target_frr=policy.target_frr if policy.kind != "fixed" else None,
-                                data=str(data if data is not None else texts))
+                                threshold=threshold, target_frr=policy.target_frr if policy.kind == "frr" else None,
+                                data=str(data if data is not None else texts), files=state_hashes(Path(out)))
     atomic_write_json(Path(out) / DETECTOR_MANIFEST, manifest.model_dump())
     return manifest
+
+
+def state_hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of each regular file in a detector folder but its manifest."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir())
+            if path.name != DETECTOR_MANIFEST and path.is_file() and not path.is_symlink()}
 
 
 def recorded_backbone(model_dir: str | Path, backbone: str | None = None) -> str:
@@ -147,23 +163,41 @@ def read_detector_manifest(directory: Path) -> DetectorManifest:
     except ValidationError as error:
         issue = first_issue(error)
         raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not a detector manifest ({issue.location or 'file'}: {issue.message})") from None
-    except ValueError as error:  # not JSON
-        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not JSON ({str(error).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as error:  # not JSON (DataError is a ValueError), or nested too deeply
+        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} cannot be read ({str(error).splitlines()[0] if str(error) else 'nested too deeply'})") from None
 
 
-def load_detector(directory: str | Path, victim, victim_fingerprint: str) -> Detector:
+def load_detector(directory: str | Path, victim, victim_fingerprint: str, backbone: str) -> Detector:
     """The detector in ``directory`` for the deployed ``victim`` (a loaded classifier whose folder
-    has ``victim_fingerprint``); a one-line :class:`ConfigError` when it was fitted for another model."""
+    has ``victim_fingerprint`` and was fine-tuned from ``backbone``); a one-line
+    :class:`ConfigError` when it was fitted for another model, when a saved file changed since
+    (or is a link), or when its state cannot be read."""
     directory = Path(directory)
+    where = f"--detector {directory}"
+    if directory.is_symlink():
+        raise ConfigError(f"{where}: a link; give the folder itself")
     manifest = read_detector_manifest(directory)
     if manifest.name not in DEFENSES.names():
-        raise ConfigError(f"--detector {directory}: unknown detector '{manifest.name}'")
+        raise ConfigError(f"{where}: unknown detector '{manifest.name}'")
     cls = check_detector_kind(manifest.name)
     if manifest.model_fingerprint != victim_fingerprint:
-        raise ConfigError(f"--detector {directory}: fitted for another model (or the model changed since); fit it again for --model "
+        raise ConfigError(f"{where}: fitted for another model (or the model changed since); fit it again for --model "
                           "with 'peftshield detector fit'")
     if manifest.num_labels != victim.num_labels:
-        raise ConfigError(f"--detector {directory}: fitted for {manifest.num_labels} classes, the model has {victim.num_labels}")
-    defense = cls.load(directory, detector_context(manifest.backbone, manifest.num_labels, victim))
-    threshold = float(defense.fitted_threshold())
+        raise ConfigError(f"{where}: fitted for {manifest.num_labels} classes, the model has {victim.num_labels}")
+    for name, digest in manifest.files.items():
+        path = directory / name
+        if Path(name).name != name or path.is_symlink() or not path.is_file():
+            raise ConfigError(f"{where}: {name} is missing, a link or not a plain file name")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ConfigError(f"{where}: {name} changed since the detector was fitted; fit it again")
+    try:  # the model's own backbone, never a path the folder names
+        defense = cls.load(directory, detector_context(backbone, manifest.num_labels, victim))
+        threshold = float(defense.fitted_threshold())
+    except ConfigError:
+        raise
+    except Exception as error:  # a saved state that does not hold what the defense saves
+        raise ConfigError(f"{where}: its saved state cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not math.isfinite(threshold) or threshold != manifest.threshold:
+        raise ConfigError(f"{where}: its threshold ({threshold}) is not a finite number or not the one {DETECTOR_MANIFEST} records")
     return Detector(manifest.name, defense, threshold, manifest.target_frr)

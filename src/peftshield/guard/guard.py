@@ -23,7 +23,7 @@ from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
 from peftshield.errors import ConfigError
 from peftshield.guard.calibration import GuardCalibration, load_guard_calibration
-from peftshield.guard.detectors import Detector, load_detector
+from peftshield.guard.detectors import Detector, load_detector, recorded_backbone
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
@@ -91,7 +91,8 @@ class Guard:
             calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), int(settings.max_length or psim.max_length))
         victim = load_classifier(settings.model, backbone=settings.backbone)
         fingerprint = model_fingerprint(settings.model)
-        detectors = [load_detector(folder, victim, fingerprint) for folder in settings.detectors]
+        suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
+        detectors = [load_detector(folder, victim, fingerprint, suspect) for folder in settings.detectors]
         names = [d.name for d in detectors]
         if len(set(names)) != len(names):
             raise ConfigError(f"--detector: two folders hold the same detector ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")

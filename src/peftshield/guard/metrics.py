@@ -21,7 +21,7 @@ class ServiceMetrics:
         self.batch_requests = Histogram("peftshield_batch_requests", "Requests merged into one forward pass", registry=self.registry,
                                         buckets=(1, 2, 4, 8, 16, 32, 64))
         self.texts = Counter("peftshield_texts_total", "Texts screened", registry=self.registry)
-        self.flagged = Counter("peftshield_flagged_total", "Texts flagged by the PSIM", registry=self.registry)
+        self.flagged = Counter("peftshield_flagged_total", "Texts flagged (by the PSIM or a detector)", registry=self.registry)
         self.flagged_rate = Gauge("peftshield_flagged_ratio", "Share of screened texts flagged since start", registry=self.registry)
         self.ready = Gauge("peftshield_ready", "1 when the models are loaded", registry=self.registry)
         self.mode = Gauge("peftshield_mode_info", "The guard's mode (label)", ["mode"], registry=self.registry)
@@ -32,7 +32,7 @@ class ServiceMetrics:
                                ["reason"], registry=self.registry)
         self.queued = Gauge("peftshield_queue_texts", "Texts waiting for a batch", registry=self.registry)
         self.rolling = Gauge("peftshield_flagged_ratio_rolling", "Share of the last --drift-window texts flagged", registry=self.registry)
-        self.expected = Gauge("peftshield_flagged_ratio_expected", "Share of clean texts the PSIM was calibrated to flag", registry=self.registry)
+        self.expected = Gauge("peftshield_flagged_ratio_expected", "Share of clean texts the guard should flag (its members' calibrated rates, summed)", registry=self.registry)
         self.alarm = Gauge("peftshield_flagged_ratio_alarm_level", "Rolling flag rate above which the drift alarm is raised", registry=self.registry)
         self.drift = Gauge("peftshield_flag_rate_drift", "1 while the rolling flag rate is above the alarm level", registry=self.registry)
         self._counts = [0, 0]

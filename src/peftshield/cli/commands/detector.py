@@ -44,6 +44,10 @@ def detector_fit(
     check_detector_kind(name)
     if not model.is_dir():
         raise ConfigError(f"--model {model}: no such model directory")
+    from peftshield.files import DETECTOR_MANIFEST
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DETECTOR_MANIFEST).is_file())):
+        raise ConfigError(f"--out {out}: exists and is not a detector folder; give a new or empty folder (it is replaced whole)")
     options = parse_key_values(option, "--option")
     typed_component(DEFENSES, name, {key: (f"--option {key}", value) for key, value in nest_dotted(options).items()})
     check_output_place(out, "dir")
@@ -61,7 +65,11 @@ def nest_dotted(options: dict) -> dict:
     for key, value in options.items():
         head, _, rest = key.partition(".")
         if rest:
-            nested.setdefault(head, {})[rest] = value
+            if not isinstance(nested.setdefault(head, {}), dict):
+                raise ConfigError(f"--option {key}: '{head}' is also given as a value")
+            nested[head][rest] = value
         else:
+            if isinstance(nested.get(key), dict):
+                raise ConfigError(f"--option {key}: also given as {key}.KEY=VALUE")
             nested[key] = value
     return nested

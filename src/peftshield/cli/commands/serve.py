@@ -32,7 +32,7 @@ def serve(settings: ServeSettings) -> None:
 
 
 @app.command(help="Screen texts with a model and its PSIM, as a filter: JSONL in ({\"text\": ...} or a JSON string per line), "
-                  "JSONL out (id, label, probabilities, psim_score, flagged, threshold).")
+                  "JSONL out (id, label, probabilities, psim_score, flagged, threshold, reasons, detector_scores).")
 @settings_options(GuardSettings, flags={"score_batch": "--batch-size", "detectors": "--detector"})
 def guard(
     settings: GuardSettings,
