@@ -94,6 +94,13 @@ class GuardCalibration(BaseModel):
         return f"thresholds per length at {self.target_frr:.1%} FRR on {self.sample.texts} texts of {self.sample.source}: " + "; ".join(parts)
 
 
+def check_target_frr(target_frr: float) -> float:
+    """``target_frr`` if it can be a calibration's target, else a one-line :class:`ConfigError`."""
+    if not 0 < target_frr < 0.5:
+        raise ConfigError(f"--target-frr {target_frr}: must be above 0 and below 0.5 (a share, e.g. 0.01 for 1%)")
+    return target_frr
+
+
 def sample_hash(texts: list[str]) -> str:
     digest = hashlib.sha256()
     for text in texts:
@@ -127,8 +134,7 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
     :func:`~peftshield.finetune.checkpoint.model_fingerprint`) that flag at most ``target_frr``
     of the clean ``texts`` in each bucket. ``scores`` are the PSIM's scores of ``texts`` when
     already computed."""
-    if not 0 < target_frr < 0.5:
-        raise ConfigError(f"--target-frr {target_frr}: must be above 0 and below 0.5 (a share, e.g. 0.01 for 1%)")
+    check_target_frr(target_frr)
     if len(texts) < min_bucket_texts:
         raise ConfigError(f"--texts {source}: {len(texts)} texts; a calibration needs at least {min_bucket_texts} clean texts")
     lengths = token_lengths(psim.tokenizer_, texts, psim.max_length)

@@ -19,12 +19,11 @@ front of another model is refused, because its statistics describe that model's 
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
-
-import hashlib
-import math
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -91,6 +90,12 @@ def detector_context(backbone: str, num_labels: int, victim, train=None, dev=Non
                           victim_tokenizer=victim.tokenizer, max_length=max_length, progress=False)
 
 
+def check_one_source(data: str | None, texts: str | None) -> None:
+    """A detector is fitted on labelled ``data`` or on unlabelled ``texts``: exactly one of them."""
+    if (data is None) == (texts is None):
+        raise ConfigError("--data or --texts: give the detector's clean texts as one of them")
+
+
 def fit_detector(name: str, options: dict, model_dir: str | Path, out: str | Path, rng: np.random.Generator, data: str | None = None,
                  texts: str | None = None, backbone: str | None = None, skip_empty: bool = False) -> DetectorManifest:
     """Fit detector ``name`` (with ``options``) for the model in ``model_dir`` and save it with
@@ -102,8 +107,7 @@ def fit_detector(name: str, options: dict, model_dir: str | Path, out: str | Pat
     from peftshield.io import atomic_write_json
     from peftshield.models.inference import predict_proba
 
-    if (data is None) == (texts is None):
-        raise ConfigError("give the detector's clean texts as --data (labelled) or --texts (unlabelled), one of them")
+    check_one_source(data, texts)
     check_detector_kind(name)
     defense = DEFENSES.create(name, **options)
     victim = load_classifier(model_dir, backbone=backbone)

@@ -9,7 +9,7 @@ import typer
 
 from peftshield.cli.app import ProgressOption, SkipEmptyOption, app, info
 from peftshield.errors import ConfigError
-from peftshield.guard.calibration import DEFAULT_LENGTH_EDGES, MIN_BUCKET_TEXTS
+from peftshield.guard.calibration import DEFAULT_LENGTH_EDGES, MIN_BUCKET_TEXTS, check_target_frr
 from peftshield.io import atomic_write_text, check_output_place
 
 
@@ -47,8 +47,7 @@ def calibrate(
     from peftshield.guard.calibration import calibrate_guard
 
     edges = parse_edges(length_edges)
-    if not 0 < target_frr < 0.5:
-        raise ConfigError(f"--target-frr {target_frr}: must be above 0 and below 0.5 (a share, e.g. 0.01 for 1%)")
+    check_target_frr(target_frr)
     if not psim_dir.is_dir():
         raise ConfigError(f"--psim {psim_dir}: no such PSIM directory")
     if out.suffix.lower() != ".json":

@@ -12,6 +12,7 @@ from peftshield.cli.app import SeedOption, SkipEmptyOption, app, info
 from peftshield.cli.commands.common import typed_component
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
+from peftshield.files import DETECTOR_MANIFEST
 from peftshield.io import check_output_place
 
 detector_app = typer.Typer(help="Detectors beside the PSIM for 'guard' and 'serve' (--detector DIR).", no_args_is_help=True)
@@ -37,22 +38,17 @@ def detector_fit(
     skip_empty: bool = SkipEmptyOption,
 ) -> None:
     from peftshield.defenses import DEFENSES
-    from peftshield.guard.detectors import check_detector_kind, fit_detector
+    from peftshield.guard.detectors import check_detector_kind, check_one_source, fit_detector
 
-    if name not in DEFENSES.names():
-        raise ConfigError(f"detector {name}: unknown; choose one of {', '.join(DEFENSES.names())}")
-    check_detector_kind(name)
+    check_detector_kind(name)  # an unknown name is the registry's one-line error
+    check_one_source(data, texts)
     if not model.is_dir():
         raise ConfigError(f"--model {model}: no such model directory")
-    from peftshield.files import DETECTOR_MANIFEST
-
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DETECTOR_MANIFEST).is_file())):
         raise ConfigError(f"--out {out}: exists and is not a detector folder; give a new or empty folder (it is replaced whole)")
     options = parse_key_values(option, "--option")
     typed_component(DEFENSES, name, {key: (f"--option {key}", value) for key, value in nest_dotted(options).items()})
     check_output_place(out, "dir")
-    if (data is None) == (texts is None):
-        raise ConfigError("--data or --texts: give the detector's clean texts as one of them")
     manifest = fit_detector(name, nest_dotted(options), model, out, np.random.default_rng(seed), data=data, texts=texts, backbone=backbone,
                             skip_empty=skip_empty)
     rate = f", calibrated to flag {manifest.target_frr:.1%} of clean texts" if manifest.target_frr is not None else ""
