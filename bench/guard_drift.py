@@ -18,24 +18,28 @@ The models are bench/serve_load.py's (runs/serve-bench: MiniLM poisoned with ``m
 P-tuning PSIM); the alarm level is the service's: max(3 x calibrated, calibrated + 2 points).
 
 Each clean row is cut in two halves by a seeded draw, fixed before anything is measured: a
-**calibration** half and a **measured** half; every rate below is on the measured half. Five
+**calibration** half and a **measured** half; every rate below is on the measured half. Six
 guards are compared on it:
 
-- *SST-2 dev*: the PSIM's own threshold (1% of clean SST-2 dev sentences), as deployed today;
-- *own traffic*: ``peftshield calibrate`` (per-length thresholds, 1% target) on the row's own
-  calibration half, i.e. a deployment that calibrated on a sample of its traffic;
+- *SST-2 dev*: the PSIM's own threshold (1% of clean SST-2 dev sentences), as ``psim train`` sets it;
+- *SST-2 dev, per length*: ``peftshield calibrate --fill-lengths`` on the same SST-2 dev
+  sentences, long buckets filled with texts joined from them: no traffic seen, no recalibration;
+- *own traffic*: ``peftshield calibrate`` (per-length thresholds, 1% target held with 90%
+  confidence) on the row's own calibration half, i.e. a deployment that calibrated on a sample
+  of its traffic;
 - *mixed traffic*: one such calibration on the calibration halves of every clean row together,
-  i.e. one guard in front of all of this traffic at once.
+  i.e. one guard in front of all of this traffic at once;
+- *own traffic or DAN*: the own-traffic PSIM with DAN beside it at DAN's own threshold, as
+  ``serve --detector`` does without a joint calibration: DAN fitted for the served victim with
+  ``peftshield detector fit dan`` on SST-2 (train; dev calibrates it to 1%), built into WORK/dan
+  when missing;
+- *own traffic: PSIM + own DAN, one budget*: a DAN fitted on the first half of the row's
+  calibration half (``detector fit dan --texts``, labelled with the victim's predictions), then
+  the PSIM and that DAN calibrated together on the second half (``calibrate --detector``): one
+  1% budget for both.
 
 The trigger-word rows are built from SST-2's measured half and judged with the SST-2 row's
 calibrations.
-
-A fourth column adds a detector beside the PSIM, as ``serve --detector`` does: DAN, fitted for
-the served victim with ``peftshield detector fit dan`` on SST-2 (train, dev calibrates it to 1%),
-built into WORK/dan when missing. A text counts as flagged when the own-traffic PSIM or DAN
-fires; DAN's threshold is its own, not recalibrated per row. A fifth column fits both on the
-row's calibration half: the per-length PSIM calibration and a DAN of its own
-(``peftshield detector fit dan --texts``: the half, labelled with the victim's predictions).
 
     .venv/bin/python bench/guard_drift.py [--work runs/serve-bench] [--shared ../shared/data]
 
@@ -109,8 +113,8 @@ def halves(texts: list[str], rng: np.random.Generator) -> tuple[list[str], list[
     return [texts[i] for i in sorted(order[:cut])], [texts[i] for i in sorted(order[cut:])]
 
 
-COLUMNS = (("single", "SST-2 dev"), ("own", "own traffic"), ("mixed", "mixed traffic"), ("own_or_dan", "own traffic or DAN"),
-           ("own_or_own_dan", "own traffic or own DAN"))
+COLUMNS = (("single", "SST-2 dev"), ("dev_lengths", "SST-2 dev, per length"), ("own", "own traffic"), ("mixed", "mixed traffic"),
+           ("own_or_dan", "own traffic or DAN"), ("joint_own_dan", "own traffic: PSIM + own DAN, one budget"))
 
 
 def build_detector(work: Path, shared: Path) -> Path:
@@ -142,12 +146,19 @@ def render(summary: dict) -> str:
         f"exceeds {alarm:.1%} (max(3 x calibrated, calibrated + 2 points)).",
         "",
         "Each clean row is cut in two by a seeded draw: a calibration half and a measured half (n below). Flag rates are on the measured half, "
-        f"under five guards: **SST-2 dev** (the PSIM's own, as deployed today), **own traffic** (`peftshield calibrate --target-frr "
-        f"{summary['target_frr']:.0%}` on the row's calibration half: thresholds per length, edges {summary['length_edges']} tokens) and "
-        f"**mixed traffic** (one such calibration on the calibration halves of all {summary['mixed_sample_texts']} clean texts together), "
-        f"**own traffic or DAN** (the own-traffic PSIM with DAN beside it, `--detector`: DAN threshold {summary['dan_threshold']:.3f}, "
-        f"calibrated to flag {summary['dan_target_frr']:.0%} of SST-2 dev texts), and **own traffic or own DAN** (a DAN fitted on the row's "
-        "calibration half too, `detector fit dan --texts`, labelled with the victim's predictions).",
+        f"under six guards. **SST-2 dev**: the PSIM's own threshold, as `psim train` sets it. **SST-2 dev, per length**: `peftshield calibrate "
+        f"--texts <SST-2 dev> --fill-lengths` ({summary['dev_lengths_calibration']['sample']['texts']} dev sentences and "
+        f"{summary['dev_lengths_calibration']['sample']['joined']} texts joined from them to fill the long buckets): no traffic seen, no "
+        f"recalibration. **own traffic**: `peftshield calibrate --target-frr {summary['target_frr']:.0%}` (confidence {summary['confidence']:.0%}) "
+        f"on the row's calibration half: thresholds per length, edges {summary['length_edges']} tokens. **mixed traffic**: one such calibration "
+        f"on the calibration halves of all {summary['mixed_sample_texts']} clean texts together. **own traffic or DAN**: the own-traffic PSIM "
+        f"with a DAN fitted on SST-2 beside it at its own threshold (`--detector`: {summary['dan_threshold']:.3f}, calibrated to flag "
+        f"{summary['dan_target_frr']:.0%} of SST-2 dev texts). **own traffic: PSIM + own DAN, one budget**: a DAN fitted on one half of the "
+        "row's calibration half (`detector fit dan --texts`, labelled with the victim's predictions), then the PSIM and that DAN calibrated "
+        "together on the other half under the one 1% budget (`calibrate --detector`).",
+        "",
+        "Nothing was tuned on the measured halves: the confidence bound and the one-budget rule follow from the order-statistic bound; "
+        "`--fill-lengths` was checked on the calibration halves only before this run.",
         "",
         "Every text below is clean (no attacker touched it) except the `mn` row: `mn` is this backbone's real trigger, so that row is a detection rate.",
         "",
@@ -159,7 +170,8 @@ def render(summary: dict) -> str:
             if row.get("unavailable"):
                 lines.append(f"| {row['name']} | - | - | not measured: {row['unavailable']} |" + " |" * (len(COLUMNS) - 1))
                 continue
-            cells = [f"{row['flag_rate'][key]:.2%}" + (" (alarm)" if key == "single" and row["flag_rate"][key] > alarm else "") for key, _ in COLUMNS]
+            cells = ["-" if row["flag_rate"][key] is None else f"{row['flag_rate'][key]:.2%}"
+                     + (" (alarm)" if key == "single" and row["flag_rate"][key] > alarm else "") for key, _ in COLUMNS]
             lines.append(f"| {row['name']} | {row['n']} | {row['mean_tokens']:.0f} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Reading it", "", *summary["reading"], ""]
@@ -175,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     from peftshield.defenses import PSIM
     from peftshield.finetune.checkpoint import model_fingerprint
-    from peftshield.guard.calibration import DEFAULT_LENGTH_EDGES, calibrate_guard, token_lengths
+    from peftshield.guard.calibration import DEFAULT_CONFIDENCE, DEFAULT_LENGTH_EDGES, calibrate_guard, texts_needed, token_lengths
     from peftshield.guard.drift import FlagRateMonitor
     from peftshield.io import atomic_write_json, atomic_write_text
 
@@ -211,13 +223,23 @@ def main() -> None:
 
     own_dan = {}
     with tempfile.TemporaryDirectory() as folder:
-        for index, (name, (calibrating, _)) in enumerate(split.items()):  # a DAN per row, fitted on its calibration half
+        for index, (name, (calibrating, _)) in enumerate(split.items()):  # a DAN per row, fitted on the first half of its calibration half
             sample_file = Path(folder) / f"{index}.jsonl"
-            sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating))
+            sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating[: len(calibrating) // 2]))
             fit_detector("dan", {}, work / "victim", Path(folder) / f"dan-{index}", np.random.default_rng(0), texts=str(sample_file))
             own_dan[name] = load_detector(Path(folder) / f"dan-{index}", victim, model_fingerprint(work / "victim"), suspect)
     calibration_scores = {name: psim.score(calibrating) for name, (calibrating, _) in split.items()}
     own = {name: calibrate_guard(psim, fingerprint, split[name][0], TARGET_FRR, name, scores=calibration_scores[name]) for name in split}
+    joint = {}  # the PSIM and the row's DAN under one budget, on the second half of the calibration half
+    for name, (calibrating, _) in split.items():
+        rest = calibrating[len(calibrating) // 2:]
+        if len(rest) < texts_needed(TARGET_FRR, DEFAULT_CONFIDENCE):  # too few to hold the bound: the cell says so
+            joint[name] = f"{len(rest)} calibration texts, fewer than the {texts_needed(TARGET_FRR, DEFAULT_CONFIDENCE)} the bound needs"
+            continue
+        joint[name] = calibrate_guard(psim, fingerprint, rest, TARGET_FRR, name, scores=calibration_scores[name][len(calibrating) // 2:],
+                                      detector_scores={"dan": own_dan[name].score(rest)}, detector_manifests={"dan": own_dan[name].manifest_sha256})
+    dev = list(load_texts(str(shared / "psim/sst-2"), "dev").texts)
+    dev_lengths = calibrate_guard(psim, fingerprint, dev, TARGET_FRR, "SST-2 dev", fill_rng=np.random.default_rng(0))
     pooled = [t for name in split for t in split[name][0]]
     mixed = calibrate_guard(psim, fingerprint, pooled, TARGET_FRR, "all clean rows' calibration halves",
                             scores=np.concatenate([calibration_scores[name] for name in split]))
@@ -227,23 +249,30 @@ def main() -> None:
             return {"name": name, "unavailable": "no text that long in the data"}
         scores = psim.score(texts)
         dan_flags = dan.score(texts) > dan.threshold
-        own_dan_flags = own_dan[calibration_of].score(texts) > own_dan[calibration_of].threshold
         tokens = token_lengths(psim.tokenizer_, texts, psim.max_length)
+        together = joint[calibration_of]
+        joint_rate = None
+        if not isinstance(together, str):
+            buckets = [together.buckets[i] for i in together.bucket_indices(tokens)]
+            joint_rate = float(np.mean((scores > together.thresholds_for(tokens))
+                                       | (own_dan[calibration_of].score(texts) > np.array([b.member_threshold("dan") for b in buckets]))))
         row = {"name": name, "n": len(texts), "mean_tokens": float(np.mean(tokens)), "mean_score": float(np.mean(scores)),
                "calibration_texts": len(split[calibration_of][0]),
                "flag_rate": {"single": float(np.mean(scores > psim.threshold_)),
                              "own": float(np.mean(scores > own[calibration_of].thresholds_for(tokens))),
                              "mixed": float(np.mean(scores > mixed.thresholds_for(tokens))),
                              "own_or_dan": float(np.mean((scores > own[calibration_of].thresholds_for(tokens)) | dan_flags)),
-                             "own_or_own_dan": float(np.mean((scores > own[calibration_of].thresholds_for(tokens)) | own_dan_flags))},
-               "dan_flag_rate": float(np.mean(dan_flags))}
+                             "joint_own_dan": joint_rate,
+                             "dev_lengths": float(np.mean(scores > dev_lengths.thresholds_for(tokens)))},
+               "dan_flag_rate": float(np.mean(dan_flags)), **({"not_measured": {"joint_own_dan": together}} if isinstance(together, str) else {})}
         print(json.dumps(row), flush=True)
         return row
 
     summary = {
         "date": time.strftime("%Y-%m-%d"), "psim": str(work / "psim"), "method": psim.method, "threshold": float(psim.threshold_),
         "expected_flag_rate": expected, "alarm_level": alarm, "runtime": args.runtime, "max_length": psim.max_length,
-        "target_frr": TARGET_FRR, "dan_threshold": dan.threshold, "dan_target_frr": dan.target_frr, "length_edges": list(DEFAULT_LENGTH_EDGES), "mixed_sample_texts": len(pooled),
+        "target_frr": TARGET_FRR, "confidence": DEFAULT_CONFIDENCE, "dev_lengths_calibration": json.loads(dev_lengths.model_dump_json()),
+        "dan_threshold": dan.threshold, "dan_target_frr": dan.target_frr, "length_edges": list(DEFAULT_LENGTH_EDGES), "mixed_sample_texts": len(pooled),
         "mixed_calibration": json.loads(mixed.model_dump_json()),
         "datasets": [measure(k, split[k][1], k) for k in sets],
         "lengths": [measure(k, split[k][1], k) for k in lengths],
@@ -252,15 +281,17 @@ def main() -> None:
     clean_rows = [r for r in summary["datasets"] + summary["lengths"] + summary["words"] if "flag_rate" in r and "'mn'" not in r["name"]]
     reading = []
     for key, label in COLUMNS:
-        worst = max(clean_rows, key=lambda r: r["flag_rate"][key])
-        over = [r["name"] for r in clean_rows if r["flag_rate"][key] > 0.02]
+        measured = [r for r in clean_rows if r["flag_rate"][key] is not None]
+        worst = max(measured, key=lambda r: r["flag_rate"][key])
+        over = [r["name"] for r in measured if r["flag_rate"][key] > 0.02]
         summary[f"worst_clean_{key}"] = {"name": worst["name"], "flag_rate": worst["flag_rate"][key]}
         summary[f"clean_rows_over_2pct_{key}"] = over
         reading.append(f"- **{label}**: the highest false-rejection rate on clean text is {worst['flag_rate'][key]:.1%} ({worst['name']}); "
-                       + (f"rows above 2%: {', '.join(over)}." if over else "no clean row is above 2%."))
+                       + (f"rows above 2%: {', '.join(over)}." if over else "no clean row is above 2%.")
+                       + "".join(f" Not measured: {r['name']} ({r['not_measured'][key]})." for r in clean_rows if key in r.get("not_measured", {})))
     trigger = next(r for r in summary["words"] if "'mn'" in r["name"])
     reading.append("- The real trigger (`mn` in SST-2 texts) is flagged at " + " / ".join(f"{trigger['flag_rate'][key]:.1%}" for key, _ in COLUMNS)
-                   + f" in the five columns (DAN alone: {trigger['dan_flag_rate']:.1%}).")
+                   + f" in the {len(COLUMNS)} columns (DAN alone: {trigger['dan_flag_rate']:.1%}).")
     summary["reading"] = reading
     summary["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(args.out + ".json"), summary)

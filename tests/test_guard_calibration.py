@@ -11,7 +11,8 @@ import pytest
 
 from peftshield.defenses.thresholds import calibrate_threshold
 from peftshield.errors import ConfigError
-from peftshield.guard.calibration import GuardCalibration, calibrate_guard, load_guard_calibration, merged_edges
+from peftshield.guard.calibration import (GuardCalibration, allowed_above, calibrate_guard, load_guard_calibration, merged_edges,
+                                          texts_needed)
 
 
 class WordTokenizer:
@@ -83,7 +84,7 @@ def test_the_sample_is_recorded_and_too_small_a_sample_is_one_line(tmp_path) -> 
     sample = traffic(rng, 400)
     calibration = calibrate_guard(LengthDriftingScorer(rng), "fingerprint", sample, 0.02, "mine.jsonl", min_bucket_texts=100)
     assert calibration.sample.texts == 400 and len(calibration.sample.sha256) == 64 and calibration.sample.source == "mine.jsonl"
-    with pytest.raises(ConfigError, match="at least 200 clean texts"):
+    with pytest.raises(ConfigError, match="at least 230 clean texts"):  # ln(0.1) / ln(0.99): the bound at 1% with 90% confidence
         calibrate_guard(LengthDriftingScorer(rng), "fingerprint", sample[:50], 0.01, "few.jsonl")
 
 
@@ -103,7 +104,10 @@ def test_a_calibration_file_is_checked_before_use(tmp_path) -> None:
                    {**payload, "run": "rm -rf /"},  # an unknown key
                    {**payload, "buckets": [{**payload["buckets"][0], "threshold": 1.0}] + payload["buckets"][1:]},  # would never flag
                    {**payload, "buckets": [{**payload["buckets"][0], "max_tokens": 10**32}, {**payload["buckets"][1], "min_tokens": 10**32}]
-                    + payload["buckets"][2:]}):  # an edge no int64 holds
+                    + payload["buckets"][2:]},  # an edge no int64 holds
+                   {**payload, "detectors": {"dan": "0" * 64}},  # a detector no bucket has a threshold for
+                   {**payload, "buckets": [{**payload["buckets"][0], "clean_scores": {"psim": [0.9, 0.5]}}] + payload["buckets"][1:]},  # unsorted
+                   {**payload, "buckets": [{**payload["buckets"][0], "clean_scores": {"rm": [0.5]}}] + payload["buckets"][1:]}):  # not a member
         path.write_text(json.dumps(broken))
         with pytest.raises(ConfigError, match="not a guard calibration") as raised:
             load_guard_calibration(path, "psim-a", 128)
@@ -112,3 +116,95 @@ def test_a_calibration_file_is_checked_before_use(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not a guard calibration"):
         load_guard_calibration(path, "psim-a", 128)
     assert isinstance(GuardCalibration.model_json_schema(), dict)
+
+
+class UniformScorer:
+    """Clean scores uniform on (0, 1): a threshold t lets exactly 1 - t of clean traffic through,
+    so a calibration's true false-rejection rate is known without a test sample."""
+
+    tokenizer_ = WordTokenizer()
+    max_length = 128
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        return self.rng.uniform(0, 1, len(texts))
+
+
+def test_the_threshold_bounds_the_rate_on_traffic_with_the_stated_confidence_where_the_sample_rate_does_not() -> None:
+    """300 calibrations on 500 clean texts each: the true rate exceeds the 1% target in about 4%
+    of them (P(Binomial(500, 1%) <= 1), at most 10% by the 0.9 confidence); a threshold that flags
+    1% of the sample (5 texts) lets more than 1% through in about 62% of them."""
+    rng = np.random.default_rng(5)
+    texts = ["a few words"] * 500
+    assert texts_needed(0.01, 0.9) == 230 and allowed_above(230, 0.01, 0.9) == 0 and allowed_above(500, 0.01, 0.9) == 1
+    bounded, point = [], []
+    for _ in range(300):
+        scorer = UniformScorer(rng)
+        scores = scorer.score(texts)
+        calibration = calibrate_guard(scorer, "f", texts, 0.01, "s", scores=scores)
+        bounded.append(1 - calibration.buckets[0].threshold)
+        point.append(1 - calibrate_threshold(scores, 0.01))
+    assert np.mean(np.array(bounded) > 0.01) <= 0.1 and np.mean(np.array(point) > 0.01) >= 0.4, (np.mean(np.array(bounded) > 0.01), np.mean(np.array(point) > 0.01))
+
+
+def test_detectors_share_the_psims_budget_and_each_result_can_carry_p_values() -> None:
+    """Two members calibrated together: the union of their flags keeps the one budget on fresh
+    traffic (each alone at it would flag up to twice as much), and p-values rank a text against
+    the bucket's clean scores."""
+    rng = np.random.default_rng(6)
+    scorer = LengthDriftingScorer(rng)
+    sample, fresh = traffic(rng, 3000), traffic(rng, 20000)
+    dan = rng.normal(0, 1, len(sample))  # an independent member: its clean scores do not follow the PSIM's
+    calibration = calibrate_guard(scorer, "f", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64})
+    assert calibration.detectors == {"dan": "a" * 64} and all(set(b.detector_thresholds) == {"dan"} for b in calibration.buckets)
+    assert all(b.sample_flag_rate <= 0.01 for b in calibration.buckets)
+    lengths = np.array([len(t.split()) + 2 for t in fresh])
+    buckets = [calibration.buckets[i] for i in calibration.bucket_indices(lengths)]
+    psim_fires = scorer.score(fresh) > np.array([b.threshold for b in buckets])
+    dan_fires = rng.normal(0, 1, len(fresh)) > np.array([b.member_threshold("dan") for b in buckets])
+    assert (psim_fires | dan_fires).mean() <= 0.012 and psim_fires.mean() > 0 and dan_fires.mean() > 0, ((psim_fires | dan_fires).mean())
+    bucket = calibration.buckets[0]
+    assert bucket.p_value("dan", 1e9) == pytest.approx(1 / (bucket.texts + 1)) and bucket.p_value("dan", -1e9) == 1.0
+    assert bucket.p_value("psim", bucket.threshold) <= 0.02 and bucket.p_value("shift", 0.5) is None
+    with pytest.raises(ConfigError, match="needs its scores"):
+        calibrate_guard(scorer, "f", sample, 0.01, "s", detector_scores={"dan": dan})
+
+
+def test_a_calibration_of_the_first_format_still_loads(tmp_path) -> None:
+    """Files written before detectors and the confidence bound (format /1) keep their meaning."""
+    rng = np.random.default_rng(7)
+    calibration = calibrate_guard(LengthDriftingScorer(rng), "psim-a", traffic(rng, 600), 0.01, "s.jsonl")
+    payload = json.loads(calibration.model_dump_json())
+    payload.update(format="peftshield-guard-calibration/1")
+    for key in ("confidence", "detectors"):
+        payload.pop(key)
+    for bucket in payload["buckets"]:
+        bucket.pop("detector_thresholds"), bucket.pop("clean_scores")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(payload))
+    old = load_guard_calibration(path, "psim-a", 128)
+    assert old.confidence is None and old.detectors == {} and old.buckets[0].p_value("psim", 0.9) is None
+    assert [b.threshold for b in old.buckets] == [b.threshold for b in calibration.buckets]
+
+
+def test_fill_lengths_joins_short_clean_texts_into_the_lengths_the_sample_lacks() -> None:
+    """A PSIM's dev sentences are short: joined, they give the long buckets a threshold of their
+    own, which keeps long clean traffic near the target where the short texts' threshold does not."""
+    rng = np.random.default_rng(9)
+    scorer = LengthDriftingScorer(rng)
+    short = texts_of_lengths(rng, 900, 3, 30)  # no text of 32 tokens or more
+    plain = calibrate_guard(scorer, "f", short, 0.01, "dev")
+    filled = calibrate_guard(scorer, "f", short, 0.01, "dev", fill_rng=np.random.default_rng(0))
+    assert plain.buckets[-1].min_tokens < 32 and [b.min_tokens for b in filled.buckets] == [0, 16, 32, 64]
+    assert filled.sample.texts == 900 and filled.sample.joined >= 3 * 230 and all(b.texts >= 3 * 230 for b in filled.buckets[2:])
+    long = texts_of_lengths(rng, 2000, 70, 126)
+    lengths = np.array([len(t.split()) + 2 for t in long])
+    scores = scorer.score(long)
+    assert (scores > filled.thresholds_for(lengths)).mean() <= 0.03 and (scores > plain.thresholds_for(lengths)).mean() >= 0.5
+    again = calibrate_guard(scorer, "f", short, 0.01, "dev", fill_rng=np.random.default_rng(0))
+    assert again.sample.joined == filled.sample.joined  # seeded: the same joins
+    with pytest.raises(ConfigError, match="for the PSIM alone"):
+        calibrate_guard(scorer, "f", short, 0.01, "dev", detector_scores={"dan": np.zeros(900)}, detector_manifests={"dan": "a" * 64},
+                        fill_rng=np.random.default_rng(0))

@@ -290,7 +290,7 @@ def test_every_endpoint_answers(service: Service, guarded: Guarded) -> None:
     body = response.json()
     assert body["request_id"] == "req-42" == response.headers["x-request-id"] and body["mode"] == "block"
     results = body["results"]
-    assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold", "reasons", "detector_scores"}
+    assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold", "reasons", "detector_scores", "p_values"}
     assert all(r["reasons"] == (["psim"] if r["flagged"] else []) and r["detector_scores"] == {} for r in results)  # the PSIM alone
     assert sum(r["flagged"] for r in results[8:]) >= 7 and sum(r["flagged"] for r in results[:8]) <= 3
     assert all((r["label"] is None) == r["flagged"] for r in results)
@@ -466,7 +466,7 @@ def test_calibrate_on_own_traffic_then_guard_and_serve_use_a_threshold_per_lengt
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps(t) + "\n" for t in traffic[:20]))
     done = cli("calibrate", "--psim", str(guarded.psim), "--texts", str(few), "--out", str(tmp_path / "none.json"))
-    assert done.returncode == 2 and "at least 200 clean texts" in done.stderr and not (tmp_path / "none.json").exists(), done.stderr
+    assert done.returncode == 2 and "at least 230 clean texts" in done.stderr and not (tmp_path / "none.json").exists(), done.stderr
 
 
 def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_fired(guarded: Guarded, tmp_path: Path) -> None:
@@ -547,6 +547,71 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert not (tmp_path / "bki").exists()
+
+
+def test_psim_and_a_detector_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:
+    """`detector fit dan --texts` on one clean sample of the traffic, `calibrate --detector` on
+    another: the filter and the real service compare each member with its length bucket's
+    threshold, report each member's p-value, and state the one budget; a guard given other
+    detectors than the calibration's is a one-line refusal."""
+    from peftshield.guard.calibration import GuardCalibration, token_lengths
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "peftshield", *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+    rng = np.random.default_rng(8)
+    fit_sample, calibration_sample = tmp_path / "fit.jsonl", tmp_path / "calibrate.jsonl"
+    for path in (fit_sample, calibration_sample):
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentiment_data(300, rng, path.stem).texts))
+    folder = tmp_path / "dan"
+    done = cli("detector", "fit", "dan", "--model", str(guarded.victim), "--texts", str(fit_sample), "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    calibration_file = tmp_path / "calibration.json"
+    done = cli("calibrate", "--psim", str(guarded.psim), "--texts", str(calibration_sample), "--out", str(calibration_file),
+               "--detector", str(folder), "--model", str(guarded.victim), "--target-frr", "0.02", "--min-bucket-texts", "100")
+    assert done.returncode == 0, done.stderr
+    calibration = GuardCalibration.model_validate_json(calibration_file.read_text())
+    assert set(calibration.detectors) == {"dan"} and calibration.confidence == 0.9
+    assert all(b.sample_flag_rate <= 0.02 and set(b.detector_thresholds) == {"dan"} for b in calibration.buckets)
+
+    psim = PSIM.load(guarded.psim)
+    texts = guarded.clean + guarded.triggered
+    buckets = [calibration.buckets[i] for i in calibration.bucket_indices(token_lengths(psim.tokenizer_, texts, psim.max_length))]
+    done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--calibration", str(calibration_file),
+               "--detector", str(folder), "--mode", "monitor", input="".join(json.dumps(t) + "\n" for t in texts))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row, bucket in zip(rows, buckets):
+        fired = (["psim"] if row["psim_score"] > bucket.threshold else []) + (["dan"] if row["detector_scores"]["dan"] > bucket.detector_thresholds["dan"] else [])
+        assert row["reasons"] == fired and row["threshold"] == bucket.threshold, row
+        assert set(row["p_values"]) == {"psim", "dan"} and all(1 / (bucket.texts + 1) - 1e-6 <= p <= 1 for p in row["p_values"].values())
+    flagged = np.array([r["flagged"] for r in rows])
+    assert flagged[len(guarded.clean):].mean() >= 0.9 and flagged[:len(guarded.clean)].mean() <= 0.15  # measured 100% and 0%
+    assert all(min(r["p_values"].values()) <= 0.05 for r in rows[len(guarded.clean):] if r["flagged"])
+
+    service = start_service(guarded, tmp_path, "--calibration", str(calibration_file), "--detector", str(folder))
+    try:
+        ready = httpx.get(service.url + "/readyz").json()
+        assert ready["expected_flag_rate"] == 0.02 and ready["detectors"][0]["threshold"] is None
+        assert [b["detector_thresholds"] for b in ready["length_thresholds"]] == [b.detector_thresholds for b in calibration.buckets]
+        answer = httpx.post(service.url + "/v1/classify", json={"texts": texts[-16:]}, timeout=60).json()
+        assert [r["reasons"] for r in answer["results"]] == [r["reasons"] for r in rows[-16:]]
+        assert all(set(r["p_values"]) == {"psim", "dan"} for r in answer["results"])
+    finally:
+        assert service.stop() == 0, service.output()
+
+    for args, message in ((["guard", "--calibration", str(calibration_file)], "calibrated with the detectors dan"),
+                          (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--detector", str(folder)],
+                           "give both or neither"),
+                          (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--confidence", "0.2"],
+                           "--confidence 0.2")):
+        done = cli(*args[:1], "--model" if args[0] == "guard" else "--psim", str(guarded.victim if args[0] == "guard" else guarded.psim),
+                   *(["--psim", str(guarded.psim)] if args[0] == "guard" else []), *args[1:], input=json.dumps("a text") + "\n")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert not (tmp_path / "none.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,11 +11,27 @@ load it with ``--calibration``. The file is bound to the PSIM it was made with (
 fingerprint) and to the tokens read per text; a calibration for another PSIM is refused, never
 applied. It records the sample's hash and size. A guard's threshold never moves on its own: a
 new calibration takes effect only when an operator passes the file.
+
+Two choices make the target hold on traffic rather than only on the sample:
+
+- **A bound, not a point estimate.** A threshold set so that exactly 1% of a finite sample
+  scores above it lets about as much as 1% of fresh traffic through on average, and more half of
+  the time. Each bucket's threshold is instead the sample's (k+1)-th highest score for the
+  largest k at which P(Binomial(n, target) <= k) <= 1 - confidence: with probability
+  ``confidence`` (0.9 by default) the share of clean traffic like the sample above it is at most
+  the target (the order-statistic bound behind conformal prediction). A bucket needs at least
+  ln(1 - confidence) / ln(1 - target) texts for that (230 at 1% and 0.9).
+- **One budget for several members.** With detectors (``--detector``), every member gets its
+  threshold at one common rank r of its own clean scores in the bucket (its (r+1)-th highest),
+  r the largest at which at most k sample texts are flagged by any member: the union's
+  false-rejection rate is bounded as above, not each member's on its own. Every result carries
+  each member's p-value against its clean scores in the text's bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -23,16 +39,23 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from peftshield.defenses.thresholds import calibrate_threshold
 from peftshield.errors import ConfigError, first_issue
 from peftshield.models.batching import encode_texts
 
-CALIBRATION_FORMAT = "peftshield-guard-calibration/1"
+CALIBRATION_FORMAT = "peftshield-guard-calibration/2"  # /1: the PSIM alone, its point-estimate thresholds (still read)
 # Bucket edges in tokens (special tokens included, after truncation): [0, 16), [16, 32), [32, 64), [64, ...).
 DEFAULT_LENGTH_EDGES: tuple[int, ...] = (16, 32, 64)
-# A bucket with fewer clean texts is merged into its neighbour: at a 1% target, 200 texts let
-# two score above the threshold, so one outlier does not set it.
+# A bucket with fewer clean texts is merged into its neighbour (and never fewer than the bound
+# needs: texts_needed), so one outlier does not set a threshold.
 MIN_BUCKET_TEXTS = 200
+# The probability that the false-rejection rate on traffic like the sample stays at or below the target.
+DEFAULT_CONFIDENCE = 0.9
+# Clean scores kept per member and bucket for p-values: all of them up to this, else as many evenly spaced quantiles.
+MAX_KEPT_SCORES = 2000
+PSIM_MEMBER = "psim"
+# --fill-lengths fills a bucket to this many times the texts the bound needs: a bucket at exactly
+# the least size has its threshold at the sample's highest score, the noisiest choice.
+FILL_FACTOR = 3
 MAX_TOKENS = 1_000_000  # no bucket edge beyond this (a model reads far fewer tokens)
 
 
@@ -45,7 +68,31 @@ class LengthBucket(BaseModel):
     max_tokens: Optional[PositiveInt] = Field(None, le=MAX_TOKENS)
     threshold: float = Field(gt=0, lt=1, description="A PSIM confidence; 1.0 would never flag, so it is refused.")
     texts: PositiveInt = Field(description="Clean sample texts in this bucket.")
-    sample_flag_rate: float = Field(ge=0, le=1, description="Share of them above the threshold (in-sample).")
+    sample_flag_rate: float = Field(ge=0, le=1, description="Share of them flagged (by any member; in-sample).")
+    detector_thresholds: dict[str, float] = Field({}, max_length=16, description="Each detector's threshold in this bucket (--detector).")
+    clean_scores: dict[str, list[float]] = Field({}, max_length=17, description="Each member's clean scores in this bucket, ascending "
+                                                 f"(at most {MAX_KEPT_SCORES}: evenly spaced quantiles of larger samples), for p-values.")
+
+    @model_validator(mode="after")
+    def _finite_and_bounded(self) -> "LengthBucket":
+        values = [*self.detector_thresholds.values(), *(v for scores in self.clean_scores.values() for v in scores)]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("thresholds and scores must be finite numbers")
+        if any(len(scores) > MAX_KEPT_SCORES or scores != sorted(scores) for scores in self.clean_scores.values()):
+            raise ValueError(f"clean scores: at most {MAX_KEPT_SCORES} per member, ascending")
+        return self
+
+    def member_threshold(self, name: str) -> float:
+        return self.threshold if name == PSIM_MEMBER else self.detector_thresholds[name]
+
+    def p_value(self, name: str, score: float) -> float | None:
+        """The share of this bucket's clean texts scoring at least ``score`` under member
+        ``name``, counting the text itself ((1 + m) / (n + 1)); None without kept scores."""
+        kept = self.clean_scores.get(name)
+        if not kept:
+            return None
+        at_least = (len(kept) - np.searchsorted(kept, score, side="left")) / len(kept)
+        return float((1 + self.texts * at_least) / (self.texts + 1))
 
 
 class CalibrationSample(BaseModel):
@@ -54,6 +101,8 @@ class CalibrationSample(BaseModel):
     source: str = Field(description="Where the sample was read (as given).")
     texts: PositiveInt
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hash of the texts, in order, each followed by a newline.")
+    joined: NonNegativeInt = Field(0, description="Texts joined from the sample's own to fill length buckets it had too few of "
+                                   "('calibrate --fill-lengths'); counted in the buckets, not in texts.")
 
 
 class GuardCalibration(BaseModel):
@@ -61,10 +110,14 @@ class GuardCalibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["peftshield-guard-calibration/1"] = CALIBRATION_FORMAT
+    format: Literal["peftshield-guard-calibration/1", "peftshield-guard-calibration/2"] = CALIBRATION_FORMAT
     psim_fingerprint: str = Field(min_length=1, max_length=200)
     max_length: PositiveInt = Field(description="Tokens the PSIM reads per text (a text's length bucket is counted after this cut).")
     target_frr: float = Field(gt=0, lt=0.5)
+    confidence: Optional[float] = Field(None, gt=0, lt=1, description="Probability that the rate on traffic like the sample is at most "
+                                        "target_frr (None: each bucket's threshold flags target_frr of its sample texts, format /1).")
+    detectors: dict[str, str] = Field({}, max_length=16, description="The detectors calibrated with the PSIM under one budget: the SHA-256 "
+                                      "of each one's detector.json.")
     buckets: list[LengthBucket] = Field(min_length=1, max_length=64)
     sample: CalibrationSample
     created: str = ""
@@ -76,7 +129,15 @@ class GuardCalibration(BaseModel):
         for shorter, longer in zip(self.buckets, self.buckets[1:]):
             if shorter.max_tokens is None or shorter.max_tokens != longer.min_tokens or longer.min_tokens <= shorter.min_tokens:
                 raise ValueError("buckets must follow one another without gap or overlap")
+        for bucket in self.buckets:
+            if set(bucket.detector_thresholds) != set(self.detectors) or not set(bucket.clean_scores) <= {PSIM_MEMBER, *self.detectors}:
+                raise ValueError("every bucket must hold a threshold for each calibrated detector, and scores only of members")
         return self
+
+    def bucket_indices(self, lengths: np.ndarray) -> np.ndarray:
+        """Each text's bucket (an index into ``buckets``), from its length in tokens."""
+        starts = np.array([bucket.min_tokens for bucket in self.buckets[1:]], dtype=np.int64)
+        return np.searchsorted(starts, np.asarray(lengths, dtype=np.int64), side="right")
 
     @property
     def expected_flag_rate(self) -> float:
@@ -85,13 +146,19 @@ class GuardCalibration(BaseModel):
 
     def thresholds_for(self, lengths: np.ndarray) -> np.ndarray:
         """Each text's threshold, from its length in tokens."""
-        starts = np.array([bucket.min_tokens for bucket in self.buckets[1:]], dtype=np.int64)
         values = np.array([bucket.threshold for bucket in self.buckets], dtype=np.float64)
-        return values[np.searchsorted(starts, np.asarray(lengths, dtype=np.int64), side="right")]
+        return values[self.bucket_indices(lengths)]
 
     def describe(self) -> str:
-        parts = [f"{b.min_tokens}-{'' if b.max_tokens is None else b.max_tokens - 1} tokens: {b.threshold:.4f} ({b.texts} texts)" for b in self.buckets]
-        return f"thresholds per length at {self.target_frr:.1%} FRR on {self.sample.texts} texts of {self.sample.source}: " + "; ".join(parts)
+        def members(b: LengthBucket) -> str:
+            return "".join(f", {name} {value:.4g}" for name, value in sorted(b.detector_thresholds.items()))
+
+        parts = [f"{b.min_tokens}-{'' if b.max_tokens is None else b.max_tokens - 1} tokens: {b.threshold:.4f}{members(b)} ({b.texts} texts)"
+                 for b in self.buckets]
+        bound = f" with {self.confidence:.0%} confidence" if self.confidence is not None else ""
+        return (f"thresholds per length at {self.target_frr:.1%} FRR{bound}{' for psim and ' + ', '.join(sorted(self.detectors)) if self.detectors else ''} "
+                f"on {self.sample.texts} texts of {self.sample.source}{f' (and {self.sample.joined} joined from them)' if self.sample.joined else ''}: "
+                + "; ".join(parts))
 
 
 def check_target_frr(target_frr: float) -> float:
@@ -99,6 +166,54 @@ def check_target_frr(target_frr: float) -> float:
     if not 0 < target_frr < 0.5:
         raise ConfigError(f"--target-frr {target_frr}: must be above 0 and below 0.5 (a share, e.g. 0.01 for 1%)")
     return target_frr
+
+
+def check_confidence(confidence: float) -> float:
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence {confidence}: must be at least 0.5 and below 1 (e.g. 0.9)")
+    return confidence
+
+
+def texts_needed(target_frr: float, confidence: float) -> int:
+    """The fewest clean texts for which a threshold can keep the rate at most ``target_frr`` with
+    probability ``confidence``: even the sample's highest score does it only from this size on."""
+    return math.ceil(math.log(1 - confidence) / math.log(1 - target_frr) - 1e-9)
+
+
+def allowed_above(texts: int, target_frr: float, confidence: float) -> int:
+    """The most of ``texts`` clean sample texts that may be flagged so that, with probability
+    ``confidence``, at most ``target_frr`` of clean traffic is: the largest k with
+    P(Binomial(texts, target_frr) <= k) <= 1 - confidence (-1 when even k = 0 is too many)."""
+    from scipy.stats import binom
+
+    cumulative = binom.cdf(np.arange(texts + 1), texts, target_frr)
+    return int(np.count_nonzero(cumulative <= 1 - confidence)) - 1
+
+
+def common_rank(member_scores: list[np.ndarray], allowed: int) -> int:
+    """The largest rank r such that, with each member's threshold at its (r+1)-th highest score,
+    at most ``allowed`` texts are above any member's threshold."""
+    descending = [np.sort(scores)[::-1] for scores in member_scores]
+
+    def flagged(rank: int) -> int:
+        return int(np.count_nonzero(np.any([scores > ordered[rank] for scores, ordered in zip(member_scores, descending)], axis=0)))
+
+    low, high = 0, len(member_scores[0]) - 1  # flagged(0) is 0: nothing is above the highest score
+    while low < high:
+        middle = (low + high + 1) // 2
+        if flagged(middle) <= allowed:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def kept_scores(scores: np.ndarray) -> list[float]:
+    """Ascending clean scores to keep for p-values: all, or evenly spaced quantiles of many."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    if ordered.size > MAX_KEPT_SCORES:
+        ordered = np.quantile(ordered, np.linspace(0, 1, MAX_KEPT_SCORES))
+    return [float(v) for v in ordered]
 
 
 def sample_hash(texts: list[str]) -> str:
@@ -127,34 +242,90 @@ def merged_edges(lengths: np.ndarray, edges: tuple[int, ...], min_texts: int) ->
     return kept
 
 
+def filled_lengths(texts: list[str], lengths: np.ndarray, edges: tuple[int, ...], max_length: int, per_bucket: int,
+                   rng: np.random.Generator) -> list[str]:
+    """Texts joined from randomly drawn ``texts`` (each of ``lengths`` tokens) so that every
+    length bucket up to ``max_length`` holds at least ``per_bucket``: long clean texts for a
+    calibration whose sample (a PSIM's dev sentences, say) has few or none. Each joined text
+    aims at a length drawn uniformly in its bucket and adds whole texts that keep it inside the bucket."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    content = lengths - 2  # tokens of a text without its [CLS] and [SEP]
+    bounds = [0, *(e for e in sorted(set(edges)) if e <= max_length), max_length + 1]
+    joined: list[str] = []
+    for low, high in zip(bounds, bounds[1:]):
+        missing = per_bucket - int(np.count_nonzero((lengths >= low) & (lengths < high)))
+        ceiling = high - 1 if high <= max_length else np.iinfo(np.int64).max  # the last bucket has none (the PSIM cuts)
+        for _ in range(max(missing, 0)):
+            goal, total, parts = int(rng.integers(max(low, 3), max(high, 4))), 2, []
+            while total < goal:
+                fitting = np.flatnonzero((content > 0) & (content <= ceiling - total))
+                if fitting.size == 0:
+                    break
+                pick = int(fitting[rng.integers(fitting.size)])
+                parts.append(texts[pick])
+                total += int(content[pick])
+            if parts:
+                joined.append(" ".join(parts))
+    return joined
+
+
 def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: float, source: str,
                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, min_bucket_texts: int = MIN_BUCKET_TEXTS,
-                    scores: np.ndarray | None = None) -> GuardCalibration:
+                    scores: np.ndarray | None = None, confidence: float = DEFAULT_CONFIDENCE,
+                    detector_scores: dict[str, np.ndarray] | None = None, detector_manifests: dict[str, str] | None = None,
+                    fill_rng: np.random.Generator | None = None) -> GuardCalibration:
     """Per-length thresholds for ``psim`` (whose folder has ``psim_fingerprint``,
-    :func:`~peftshield.finetune.checkpoint.model_fingerprint`) that flag at most ``target_frr``
-    of the clean ``texts`` in each bucket. ``scores`` are the PSIM's scores of ``texts`` when
-    already computed."""
+    :func:`~peftshield.finetune.checkpoint.model_fingerprint`) under which, with probability
+    ``confidence``, at most ``target_frr`` of clean traffic like ``texts`` is flagged in each
+    bucket. ``scores`` are the PSIM's scores of ``texts`` when already computed;
+    ``detector_scores`` each detector's scores of ``texts`` (calibrated under the same budget),
+    ``detector_manifests`` the SHA-256 of each one's detector.json. With ``fill_rng``, every
+    length bucket short of texts is filled with texts joined from the sample's own
+    (:func:`filled_lengths`, ``FILL_FACTOR`` times the texts the bound needs)."""
     check_target_frr(target_frr)
-    if len(texts) < min_bucket_texts:
-        raise ConfigError(f"--texts {source}: {len(texts)} texts; a calibration needs at least {min_bucket_texts} clean texts")
+    check_confidence(confidence)
+    detector_scores = {name: np.asarray(values, dtype=np.float64) for name, values in (detector_scores or {}).items()}
+    if set(detector_scores) != set(detector_manifests or {}) or PSIM_MEMBER in detector_scores:
+        raise ConfigError("calibrate: every detector needs its scores and its manifest's hash")
+    needed = max(min_bucket_texts, texts_needed(target_frr, confidence))
+    if len(texts) < needed:
+        raise ConfigError(f"--texts {source}: {len(texts)} texts; a calibration at {target_frr:.1%} with {confidence:.0%} confidence "
+                          f"needs at least {needed} clean texts")
+    read = list(texts)
     lengths = token_lengths(psim.tokenizer_, texts, psim.max_length)
-    scores = np.asarray(psim.score(texts) if scores is None else scores, dtype=np.float64)
-    bounds = [0, *merged_edges(lengths, edges, min_bucket_texts), None]
+    if fill_rng is not None:  # long (or short) clean texts the sample lacks, joined from its own
+        joined = filled_lengths(read, lengths, edges, psim.max_length, FILL_FACTOR * needed, fill_rng)
+        if joined and detector_scores:
+            raise ConfigError("--fill-lengths: joined texts are for the PSIM alone; calibrate detectors on a sample of real traffic")
+        texts = read + joined
+        lengths = np.concatenate([lengths, token_lengths(psim.tokenizer_, joined, psim.max_length)]) if joined else lengths
+        if joined:
+            scores = np.concatenate([np.asarray(psim.score(read) if scores is None else scores, dtype=np.float64), psim.score(joined)])
+    members = {PSIM_MEMBER: np.asarray(psim.score(texts) if scores is None else scores, dtype=np.float64), **detector_scores}
+    for name, values in members.items():
+        if values.shape != (len(texts),) or not np.all(np.isfinite(values)):
+            raise ConfigError(f"calibrate: {name} did not give one finite score per text")
+    bounds = [0, *merged_edges(lengths, edges, needed), None]
     buckets = []
     for low, high in zip(bounds, bounds[1:]):
         inside = (lengths >= low) & (lengths < (high if high is not None else np.iinfo(np.int64).max))
-        threshold = calibrate_threshold(scores[inside], target_frr)
-        if not threshold < 1.0:
-            raise ConfigError(f"--texts {source}: more than {target_frr:.1%} of the clean texts of {low} to {'more' if high is None else high - 1} "
+        bucket_scores = {name: values[inside] for name, values in members.items()}
+        rank = common_rank(list(bucket_scores.values()), allowed_above(int(inside.sum()), target_frr, confidence))
+        thresholds = {name: float(np.sort(values)[::-1][rank]) for name, values in bucket_scores.items()}
+        if not thresholds[PSIM_MEMBER] < 1.0:
+            raise ConfigError(f"--texts {source}: too many of the clean texts of {low} to {'more' if high is None else high - 1} "
                               "tokens score 1.0, so no threshold can keep them; this PSIM cannot screen texts of that length")
-        buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=threshold, texts=int(inside.sum()),
-                                    sample_flag_rate=float(np.mean(scores[inside] > threshold))))
-    return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=psim.max_length, target_frr=target_frr, buckets=buckets,
-                            sample=CalibrationSample(source=source, texts=len(texts), sha256=sample_hash(texts)),
+        flagged = np.any([bucket_scores[name] > value for name, value in thresholds.items()], axis=0)
+        buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
+                                    sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
+                                    clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}))
+    return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=psim.max_length, target_frr=target_frr, confidence=confidence,
+                            detectors=dict(detector_manifests or {}), buckets=buckets,
+                            sample=CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read)),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-MAX_CALIBRATION_BYTES = 1_000_000
+MAX_CALIBRATION_BYTES = 8_000_000  # four buckets of three members with all 2000 kept scores each take about 0.5 MB
 
 
 def load_guard_calibration(path: str | Path, psim_fingerprint: str, max_length: int) -> GuardCalibration:

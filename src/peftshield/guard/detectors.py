@@ -62,6 +62,7 @@ class Detector:
     defense: Defense
     threshold: float
     target_frr: float | None
+    manifest_sha256: str = ""  # of its detector.json: a calibration made with this detector names it
 
     def score(self, texts: list[str]) -> np.ndarray:
         """Scores per text; a score that is not a finite number counts as the highest (it fires)."""
@@ -204,4 +205,17 @@ def load_detector(directory: str | Path, victim, victim_fingerprint: str, backbo
         raise ConfigError(f"{where}: its saved state cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     if not math.isfinite(threshold) or threshold != manifest.threshold:
         raise ConfigError(f"{where}: its threshold ({threshold}) is not a finite number or not the one {DETECTOR_MANIFEST} records")
-    return Detector(manifest.name, defense, threshold, manifest.target_frr)
+    return Detector(manifest.name, defense, threshold, manifest.target_frr, manifest_sha256(directory))
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    return hashlib.sha256((Path(directory) / DETECTOR_MANIFEST).read_bytes()).hexdigest()
+
+
+def load_detectors(folders: list[str | Path], victim, victim_fingerprint: str, backbone: str) -> list[Detector]:
+    """The detectors in ``folders`` (:func:`load_detector` each); two folders holding the same detector are a one-line error."""
+    detectors = [load_detector(folder, victim, victim_fingerprint, backbone) for folder in folders]
+    names = [d.name for d in detectors]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--detector: two folders hold the same detector ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    return detectors

@@ -22,8 +22,8 @@ from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
 from peftshield.errors import ConfigError
-from peftshield.guard.calibration import GuardCalibration, load_guard_calibration
-from peftshield.guard.detectors import Detector, load_detector, recorded_backbone
+from peftshield.guard.calibration import PSIM_MEMBER, GuardCalibration, load_guard_calibration
+from peftshield.guard.detectors import Detector, load_detectors, recorded_backbone
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
@@ -39,6 +39,8 @@ class GuardResult:
     threshold: float  # the one this text was compared with (its length bucket's, under a calibration)
     reasons: list[str] = field(default_factory=list)  # the members that fired: "psim" and detector names
     detector_scores: dict[str, float] = field(default_factory=dict)  # each detector's score (--detector)
+    # Each member's p-value against its clean scores in the text's length bucket (a calibration made by this version).
+    p_values: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,10 +94,9 @@ class Guard:
         victim = load_classifier(settings.model, backbone=settings.backbone)
         fingerprint = model_fingerprint(settings.model)
         suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
-        detectors = [load_detector(folder, victim, fingerprint, suspect) for folder in settings.detectors]
-        names = [d.name for d in detectors]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"--detector: two folders hold the same detector ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        detectors = load_detectors(settings.detectors, victim, fingerprint, suspect)
+        if calibration is not None:
+            check_calibrated_detectors(calibration, detectors, settings.calibration)
         victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint)
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)
 
@@ -105,11 +106,13 @@ class Guard:
         calibration, else the PSIM's at its calibrated threshold (None with a threshold of one's
         own, or a PSIM whose calibration is unknown)."""
         psim_rate = self._psim_flag_rate()
+        if self.calibration is not None and self.calibration.detectors:
+            return psim_rate
         if psim_rate is None or any(d.target_frr is None for d in self.detectors):
             return None
         return min(1.0, psim_rate + sum(d.target_frr for d in self.detectors))  # each member's rate adds up at most (union bound)
 
-    def _psim_flag_rate(self) -> float | None:
+    def _psim_flag_rate(self) -> float | None:  # the calibration's whole budget when it covers the detectors
         if self.calibration is not None:
             return self.calibration.expected_flag_rate
         if self.threshold != float(self.psim.threshold_):
@@ -119,6 +122,8 @@ class Guard:
     @property
     def threshold_summary(self) -> str:
         """"threshold 0.9559", or the per-length thresholds of the calibration, and the detectors, for logs."""
+        if self.calibration is not None and self.calibration.detectors:
+            return self.calibration.describe()
         psim = f"threshold {self.threshold:.4f}" if self.calibration is None else self.calibration.describe()
         return psim + "".join(f"; detector {d.name} above {d.threshold:.4g}" for d in self.detectors)
 
@@ -137,21 +142,47 @@ class Guard:
             (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
             (victim_probs,) = encoded_proba([self.victim_runtime], encode_texts(self.victim_tokenizer, texts, self.max_length), self.batch_size)
         scores = psim_probs.max(axis=1)
-        thresholds = (self.calibration.thresholds_for(psim_encoded.lengths()) if self.calibration is not None
-                      else np.full(len(texts), self.threshold))
-        detector_scores = [(detector, detector.score(texts)) for detector in self.detectors]
+        member_scores = {PSIM_MEMBER: scores, **{detector.name: detector.score(texts) for detector in self.detectors}}
+        thresholds, buckets = self._thresholds(psim_encoded.lengths(), len(texts))
         results = []
-        for index, (probs, score, threshold) in enumerate(zip(victim_probs, scores, thresholds)):
-            reasons = ["psim"] if score > threshold else []
-            reasons += [detector.name for detector, values in detector_scores if values[index] > detector.threshold]
+        for index, probs in enumerate(victim_probs):
+            reasons = [name for name, values in member_scores.items() if values[index] > thresholds[name][index]]
             flagged = bool(reasons)
             hidden = flagged and self.mode == "block"
+            bucket = buckets[index] if buckets is not None else None
+            p_values = {} if bucket is None else {name: round(p, 6) for name, values in member_scores.items()
+                                                   if (p := bucket.p_value(name, float(values[index]))) is not None}
             results.append(GuardResult(
                 label=None if hidden else int(np.argmax(probs)), probabilities=None if hidden else [round(float(p), 6) for p in probs],
-                psim_score=round(float(score), 6), flagged=flagged, threshold=float(threshold), reasons=reasons,
-                detector_scores={detector.name: round(float(values[index]), 6) for detector, values in detector_scores},
+                psim_score=round(float(scores[index]), 6), flagged=flagged, threshold=float(thresholds[PSIM_MEMBER][index]), reasons=reasons,
+                detector_scores={name: round(float(values[index]), 6) for name, values in member_scores.items() if name != PSIM_MEMBER},
+                p_values=p_values,
             ))
         return results
+
+    def _thresholds(self, lengths: np.ndarray, count: int) -> tuple[dict[str, np.ndarray], list | None]:
+        """Each member's threshold per text, and each text's length bucket (None without a calibration)."""
+        own = {detector.name: np.full(count, detector.threshold) for detector in self.detectors}
+        if self.calibration is None:
+            return {PSIM_MEMBER: np.full(count, self.threshold), **own}, None
+        buckets = [self.calibration.buckets[i] for i in self.calibration.bucket_indices(lengths)]
+        if self.calibration.detectors:
+            own = {name: np.array([bucket.member_threshold(name) for bucket in buckets]) for name in own}
+        return {PSIM_MEMBER: np.array([bucket.threshold for bucket in buckets]), **own}, buckets
+
+
+def check_calibrated_detectors(calibration: GuardCalibration, detectors: list[Detector], where: Path | str) -> None:
+    """A calibration made with detectors is used with exactly those (the same detector.json);
+    one made without any leaves each detector at its own threshold."""
+    if not calibration.detectors:
+        return
+    given = {d.name: d.manifest_sha256 for d in detectors}
+    if set(given) != set(calibration.detectors):
+        raise ConfigError(f"--calibration {where}: calibrated with the detectors {', '.join(sorted(calibration.detectors))}; "
+                          f"pass exactly those with --detector (given: {', '.join(sorted(given)) or 'none'}), or calibrate again")
+    changed = sorted(name for name, digest in given.items() if calibration.detectors[name] != digest)
+    if changed:
+        raise ConfigError(f"--calibration {where}: the detector {changed[0]} was fitted again since; calibrate again with 'peftshield calibrate'")
 
 
 def _same_tokenizer(a, b) -> bool:

@@ -19,6 +19,8 @@ class TextResult(BaseModel):
     threshold: float = Field(description="the PSIM threshold this text was compared with (its length bucket's under --calibration)")
     reasons: list[str] = Field(description="what fired: 'psim' and the names of the detectors (--detector) whose score is above their threshold")
     detector_scores: dict[str, float] = Field(description="each detector's score (empty without --detector)")
+    p_values: dict[str, float] = Field({}, description="under a --calibration: each member's (psim, detectors) p-value, the share of the "
+                                       "calibration's clean texts of this length that score at least as high (small: unlike clean traffic)")
 
 
 class ClassifyResponse(BaseModel):
@@ -45,12 +47,13 @@ class LengthThreshold(BaseModel):
     min_tokens: int
     max_tokens: int | None = Field(description="exclusive; null: no upper bound")
     threshold: float
+    detector_thresholds: dict[str, float] = Field({}, description="each detector's threshold here, when the calibration covers the detectors")
 
 
 class DetectorInfo(BaseModel):
     name: str
-    threshold: float
-    target_frr: float | None = Field(description="the clean false-rejection rate its threshold was calibrated to")
+    threshold: float | None = Field(description="its own threshold; null when the --calibration sets one per length (length_thresholds)")
+    target_frr: float | None = Field(description="the clean false-rejection rate its own threshold was calibrated to")
 
 
 class Readiness(BaseModel):
@@ -60,8 +63,9 @@ class Readiness(BaseModel):
     threshold: float | None = Field(description="the single threshold (null under a per-length calibration)")
     length_thresholds: list[LengthThreshold] | None = Field(None, description="the thresholds per text length of a calibration ('peftshield calibrate')")
     detectors: list[DetectorInfo] = Field([], description="the detectors beside the PSIM (--detector)")
-    expected_flag_rate: float | None = Field(description="share of clean traffic the guard should flag: the PSIM's calibrated rate plus each detector's "
-                                                         "(an upper bound, the union of their flags)")
+    expected_flag_rate: float | None = Field(description="share of clean traffic the guard should flag: the calibration's budget when it covers "
+                                                         "every member, else the PSIM's calibrated rate plus each detector's (an upper bound, "
+                                                         "the union of their flags)")
     max_batch: int
     max_wait_ms: float
     score_batch: int

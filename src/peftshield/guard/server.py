@@ -234,9 +234,10 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         monitor = state["monitor"]
         calibration = loaded.calibration if loaded else None
         body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "threshold": loaded.threshold if loaded else None,
-                "length_thresholds": [{"min_tokens": b.min_tokens, "max_tokens": b.max_tokens, "threshold": b.threshold}
-                                      for b in calibration.buckets] if calibration else None,
-                "detectors": [{"name": d.name, "threshold": d.threshold, "target_frr": d.target_frr} for d in loaded.detectors] if loaded else [],
+                "length_thresholds": [{"min_tokens": b.min_tokens, "max_tokens": b.max_tokens, "threshold": b.threshold,
+                                       "detector_thresholds": b.detector_thresholds} for b in calibration.buckets] if calibration else None,
+                "detectors": [{"name": d.name, "threshold": None if calibration and calibration.detectors else d.threshold,
+                               "target_frr": d.target_frr} for d in loaded.detectors] if loaded else [],
                 "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
                 "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
                 "request_timeout_s": settings.request_timeout_s}
