@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-overload: $(STAMP)
 # frequent trigger words; about 2 minutes; needs bench-serve's models): bench/guard_drift.md.
 bench-drift: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/guard_drift.py --shared $(SHARED)
+
+# Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
+# tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.
+bench-coverage: $(STAMP)
+	$(PY) bench/attack_coverage.py
 
 # The README's quickstart block run as written in an empty folder with fresh caches, timed (about 10 minutes):
 # bench/quickstart.md and bench/quickstart.json.
