@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-overload: $(STAMP)
 # frequent trigger words; about 2 minutes; needs bench-serve's models): bench/guard_drift.md.
 bench-drift: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/guard_drift.py --shared $(SHARED)
+
+# `peftshield serve` with each detector set beside the PSIM (psim, + dan, + shift, + both), at 8 and
+# 64 clients, in one run (about 5 minutes; needs bench-serve's models): bench/serve_detectors.md.
+bench-serve-detectors: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/serve_detectors.py --shared $(SHARED)
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.

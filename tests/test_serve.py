@@ -549,11 +549,12 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     assert not (tmp_path / "bki").exists()
 
 
-def test_psim_and_a_detector_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:
-    """`detector fit dan --texts` on one clean sample of the traffic, `calibrate --detector` on
-    another: the filter and the real service compare each member with its length bucket's
-    threshold, report each member's p-value, and state the one budget; a guard given other
-    detectors than the calibration's is a one-line refusal."""
+def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:
+    """`detector fit` (DAN and occlusion, --texts) on one clean sample of the traffic,
+    `calibrate --detector` (both) on another: the filter and the real service compare each member
+    with its length bucket's threshold, name every member that fired, report each member's
+    p-value, and state the one budget; a guard given other detectors than the calibration's is a
+    one-line refusal."""
     from peftshield.guard.calibration import GuardCalibration, token_lengths
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -565,45 +566,53 @@ def test_psim_and_a_detector_calibrated_under_one_budget_on_own_traffic(guarded:
     fit_sample, calibration_sample = tmp_path / "fit.jsonl", tmp_path / "calibrate.jsonl"
     for path in (fit_sample, calibration_sample):
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentiment_data(300, rng, path.stem).texts))
-    folder = tmp_path / "dan"
-    done = cli("detector", "fit", "dan", "--model", str(guarded.victim), "--texts", str(fit_sample), "--out", str(folder))
-    assert done.returncode == 0, done.stderr
+    folders = {name: tmp_path / name for name in ("dan", "occlusion")}
+    for name, folder in folders.items():
+        done = cli("detector", "fit", name, "--model", str(guarded.victim), "--texts", str(fit_sample), "--out", str(folder))
+        assert done.returncode == 0, done.stderr
+    detector_args = [arg for folder in folders.values() for arg in ("--detector", str(folder))]
     calibration_file = tmp_path / "calibration.json"
     done = cli("calibrate", "--psim", str(guarded.psim), "--texts", str(calibration_sample), "--out", str(calibration_file),
-               "--detector", str(folder), "--model", str(guarded.victim), "--target-frr", "0.02", "--min-bucket-texts", "100")
+               *detector_args, "--model", str(guarded.victim), "--target-frr", "0.02", "--min-bucket-texts", "100")
     assert done.returncode == 0, done.stderr
     calibration = GuardCalibration.model_validate_json(calibration_file.read_text())
-    assert set(calibration.detectors) == {"dan"} and calibration.confidence == 0.9
-    assert all(b.sample_flag_rate <= 0.02 and set(b.detector_thresholds) == {"dan"} for b in calibration.buckets)
+    assert set(calibration.detectors) == set(folders) and calibration.confidence == 0.9
+    assert all(b.sample_flag_rate <= 0.02 and set(b.detector_thresholds) == set(folders) for b in calibration.buckets)
 
     psim = PSIM.load(guarded.psim)
     texts = guarded.clean + guarded.triggered
     buckets = [calibration.buckets[i] for i in calibration.bucket_indices(token_lengths(psim.tokenizer_, texts, psim.max_length))]
     done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--calibration", str(calibration_file),
-               "--detector", str(folder), "--mode", "monitor", input="".join(json.dumps(t) + "\n" for t in texts))
+               *detector_args, "--mode", "monitor", input="".join(json.dumps(t) + "\n" for t in texts))
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     for row, bucket in zip(rows, buckets):
-        fired = (["psim"] if row["psim_score"] > bucket.threshold else []) + (["dan"] if row["detector_scores"]["dan"] > bucket.detector_thresholds["dan"] else [])
+        fired = (["psim"] if row["psim_score"] > bucket.threshold else []) + [
+            name for name in folders if row["detector_scores"][name] > bucket.detector_thresholds[name]]
         assert row["reasons"] == fired and row["threshold"] == bucket.threshold, row
-        assert set(row["p_values"]) == {"psim", "dan"} and all(1 / (bucket.texts + 1) - 1e-6 <= p <= 1 for p in row["p_values"].values())
+        assert set(row["p_values"]) == {"psim", *folders} and all(1 / (bucket.texts + 1) - 1e-6 <= p <= 1 for p in row["p_values"].values())
     flagged = np.array([r["flagged"] for r in rows])
-    assert flagged[len(guarded.clean):].mean() >= 0.9 and flagged[:len(guarded.clean)].mean() <= 0.15  # measured 100% and 0%
+    assert flagged[len(guarded.clean):].mean() >= 0.9 and flagged[:len(guarded.clean)].mean() <= 0.15
     assert all(min(r["p_values"].values()) <= 0.05 for r in rows[len(guarded.clean):] if r["flagged"])
+    fired = {name: np.mean([name in r["reasons"] for r in rows[len(guarded.clean):]]) for name in ("psim", *folders)}
+    print("share of triggered texts each member flags:", fired)
+    assert sum(rate > 0 for rate in fired.values()) >= 2  # more than one member fires on the planted trigger, each named
 
-    service = start_service(guarded, tmp_path, "--calibration", str(calibration_file), "--detector", str(folder))
+    service = start_service(guarded, tmp_path, "--calibration", str(calibration_file), *detector_args)
     try:
         ready = httpx.get(service.url + "/readyz").json()
-        assert ready["expected_flag_rate"] == 0.02 and ready["detectors"][0]["threshold"] is None
+        assert ready["expected_flag_rate"] == 0.02 and [d["name"] for d in ready["detectors"]] == list(folders)
+        assert all(d["threshold"] is None for d in ready["detectors"])
         assert [b["detector_thresholds"] for b in ready["length_thresholds"]] == [b.detector_thresholds for b in calibration.buckets]
         answer = httpx.post(service.url + "/v1/classify", json={"texts": texts[-16:]}, timeout=60).json()
         assert [r["reasons"] for r in answer["results"]] == [r["reasons"] for r in rows[-16:]]
-        assert all(set(r["p_values"]) == {"psim", "dan"} for r in answer["results"])
+        assert all(set(r["p_values"]) == {"psim", *folders} for r in answer["results"])
     finally:
         assert service.stop() == 0, service.output()
 
-    for args, message in ((["guard", "--calibration", str(calibration_file)], "calibrated with the detectors dan"),
-                          (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--detector", str(folder)],
+    for args, message in ((["guard", "--calibration", str(calibration_file), "--detector", str(folders["dan"])],
+                           "calibrated with the detectors dan, occlusion"),
+                          (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--detector", str(folders["dan"])],
                            "give both or neither"),
                           (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--confidence", "0.2"],
                            "--confidence 0.2")):
