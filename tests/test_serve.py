@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backdoor_fixtures import attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
+from backdoor_fixtures import TRIGGER, attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.guard import Guard
 from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded
@@ -484,7 +484,7 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     rng = np.random.default_rng(4)
     data = tmp_path / "clean"
     data.mkdir()
-    for split, n in (("train", 300), ("dev", 200)):
+    for split, n in (("train", 300), ("dev", 200), ("test", 100)):
         rows = sentiment_data(n, rng, split)
         (data / f"{split}.json").write_text("".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in zip(rows.texts, rows.labels)))
     folder = tmp_path / "dan"
@@ -492,6 +492,16 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     assert done.returncode == 0, done.stderr
     manifest = DetectorManifest.model_validate_json((folder / DETECTOR_MANIFEST).read_text())
     assert manifest.name == "dan" and manifest.target_frr == 0.01
+
+    # `evaluate --detector`: the detector measured in front of the model on the test split and its triggered copy.
+    evaluation = ["evaluate", "--model", str(guarded.victim), "--data", str(data), "--trigger", "badnet", "--trigger-option", f"words={TRIGGER}",
+                  "--target", "0", "--no-progress"]
+    done = cli(*evaluation, "--detector", str(folder), "--out", str(tmp_path / "metrics.json"))
+    assert done.returncode == 0, done.stderr
+    measured = json.loads((tmp_path / "metrics.json").read_text())
+    dan_report = measured["detectors"]["dan"]
+    assert dan_report["detection"]["threshold"] == manifest.threshold and "with dan: defended CA" in done.stderr
+    assert dan_report["detection"]["auroc"] >= 0.9 and dan_report["defended_attack_success_rate"] <= 0.1 * measured["attack_success_rate"] + 0.05
 
     texts = guarded.clean + guarded.triggered
     done = cli("guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--mode", "monitor",
@@ -535,6 +545,7 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     state = next(name for name in manifest.files if name.endswith(".json"))
     (tampered / state).write_text((tampered / state).read_text().replace('"threshold": ', '"threshold": NaN, "was": ', 1))
     for args, message in ((["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(foreign)], "fitted for another model"),
+                          ([*evaluation, "--detector", str(foreign), "--out", str(tmp_path / "none.json")], "fitted for another model"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tmp_path)], "no detector.json"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--detector",
                             str(from_traffic)], "two folders hold the same detector"),
@@ -546,7 +557,7 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
         done = cli(*args, input=json.dumps("a text") + "\n")
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
-    assert not (tmp_path / "bki").exists()
+    assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists()
 
 
 def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ def evaluate(
     max_length: int = typer.Option(128, "--max-length", min=8),
     defense: Optional[str] = typer.Option(None, "--defense", help="Also measure a defense in front of the model: psim."),
     psim_dir: Optional[Path] = typer.Option(None, "--psim", help="PSIM directory for --defense psim."),
+    detector: Optional[list[Path]] = typer.Option(None, "--detector", help="Also measure a detector fitted for --model ('peftshield detector fit', "
+                                                  "e.g. DAN or Shift) in front of it, at its own threshold (repeatable)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The backbone of --model (and --psim), if no longer where finetune.json recorded it."),
     seed: int = SeedOption,
     skip_empty: bool = SkipEmptyOption,
@@ -76,11 +78,23 @@ def evaluate(
         report = evaluate_defense(PSIM.load(psim_dir, backbone=backbone, runtime=runtime), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
         payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection", "score_seconds")})
         payload["defense"] = "psim"
+    if detector:
+        from peftshield.finetune.checkpoint import model_fingerprint
+        from peftshield.guard.detectors import load_detectors, recorded_backbone
+
+        payload["detectors"] = {}
+        for loaded_detector in load_detectors(detector, loaded, model_fingerprint(model), recorded_backbone(model, backbone)):
+            report = evaluate_defense(loaded_detector.defense, test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
+            payload["detectors"][loaded_detector.name] = {k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate",
+                                                                                  "detection", "score_seconds")}
     payload["seconds"] = time.perf_counter() - started
     destination = out or (model / "metrics.json")
     atomic_write_json(destination, payload)
     if defense == "psim":
         info(f"with PSIM: defended CA {payload['defended_clean_accuracy']:.3f}, defended ASR {payload['defended_attack_success_rate']:.3f}, AUROC {payload['detection']['auroc']:.3f}")
+    for name, report in payload.get("detectors", {}).items():
+        info(f"with {name}: defended CA {report['defended_clean_accuracy']:.3f}, defended ASR {report['defended_attack_success_rate']:.3f}, "
+             f"AUROC {report['detection']['auroc']:.3f}, FRR {report['detection']['frr']:.3f}")
     info(
         f"CA {metrics.clean_accuracy:.3f}  ASR {metrics.attack_success_rate:.3f}  "
         f"target confidence: triggered {metrics.target_confidence_poisoned:.3f}, clean {metrics.target_confidence_clean:.3f} -> {destination}"
