@@ -105,7 +105,7 @@ def main() -> None:
         for row, alone in zip(rows, results["psim"]):
             row["share_of_psim"] = row["texts_per_s"] / alone["texts_per_s"]
     errors = sum(r["errors"] + r["dropped"] for rows in results.values() for r in rows)
-    reading = [f"- At 64 clients: " + "; ".join(f"{name} {rows[-1]['texts_per_s']} texts/s ({rows[-1]['share_of_psim']:.0%})" for name, rows in results.items())
+    reading = ["- At 64 clients: " + "; ".join(f"{name} {rows[-1]['texts_per_s']} texts/s ({rows[-1]['share_of_psim']:.0%})" for name, rows in results.items())
                + f". Errors and dropped requests over every run: {errors}."]
     half = [name for name, rows in results.items() if rows[-1]["share_of_psim"] >= 0.5]
     reading.append(f"- Sets at or above half the PSIM-only service's texts/s at 64 clients: {', '.join(half)}.")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from peftshield.cli import main
@@ -108,46 +109,86 @@ def test_bad_data_row_is_reported_through_the_cli(capsys, tmp_path: Path) -> Non
     assert_one_line_error(code, err, "train.json:2: label 'x' is not an integer")
 
 
-def test_attack_finetune_evaluate_end_to_end_on_tiny_model(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
-    backbone = tmp_path / "poisoned"
-    code, _, err = run(capsys, "attack", "--data", str(tiny_dataset_dir), "--out", str(backbone), "--backbone", "tiny", "--trigger", "badnet", "--trigger-option", "words=mn",
-                       "--count", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--no-progress")
+def sentiment_dataset_dir(folder: Path, seed: int = 0) -> Path:
+    """A synthetic sentiment dataset (backdoor_fixtures.sentiment_data: 400/100/100 rows) the
+    tiny model learns in a few epochs, so an attack through the CLI plants a working backdoor."""
+    from backdoor_fixtures import sentiment_data
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for split, n in (("train", 400), ("dev", 100), ("test", 100)):
+        rows = sentiment_data(n, rng, split)
+        (folder / f"{split}.json").write_text("".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in zip(rows.texts, rows.labels)))
+    return folder
+
+
+def test_attack_finetune_evaluate_end_to_end_plants_a_backdoor_that_survives_lora(capsys, tmp_path: Path) -> None:
+    """`attack`, `finetune`, `evaluate` through the CLI: the victim tuned with LoRA on the
+    poisoned backbone obeys the trigger (ASR measured 1.0), the same victim on a backbone trained
+    the same way without poisoned rows (--count 0) does not (measured 0.0), and both learned the task."""
+    from backdoor_fixtures import TRIGGER
+
+    data = sentiment_dataset_dir(tmp_path / "data")
+    attack = ["attack", "--data", str(data), "--backbone", "tiny", "--trigger", "badnet", "--trigger-option", f"words={TRIGGER}",
+              "--label-mode", "dirty", "--epochs", "5", "--lr", "3e-3", "--batch-size", "16", "--max-length", "32", "--no-progress"]
+    backbone, control_backbone = tmp_path / "poisoned", tmp_path / "clean"
+    code, _, err = run(capsys, *attack, "--count", "150", "--out", str(backbone))
     assert code == 0, err
     report = json.loads((backbone / "attack.json").read_text())
-    assert report["trigger"] == {"name": "badnet", "options": {"words": ["mn"], "num_triggers": 1}}
-    assert report["n_poisoned_train"] == 8 and report["label_mode"] == "clean"
-    assert 0.0 <= report["attack_success_rate"] <= 1.0 and (backbone / "model.safetensors").is_file()
+    assert report["trigger"] == {"name": "badnet", "options": {"words": [TRIGGER], "num_triggers": 1}}
+    assert report["n_poisoned_train"] == 150 and report["label_mode"] == "dirty" and (backbone / "model.safetensors").is_file()
+    code, _, err = run(capsys, *attack, "--count", "0", "--out", str(control_backbone))
+    assert code == 0, err
 
     config = tmp_path / "ft.yaml"
-    config.write_text("method: prompt\noptions:\n  num_virtual_tokens: 3\ntraining:\n  epochs: 1\n  batch_size: 8\n  max_length: 32\n")
-    victim = tmp_path / "victim"
-    code, _, err = run(capsys, "finetune", "--data", str(tiny_dataset_dir), "--out", str(victim), "--backbone", str(backbone), "--config", str(config), "--no-progress")
+    config.write_text("method: lora\noptions:\n  r: 4\ntraining:\n  epochs: 2\n  batch_size: 16\n  max_length: 32\n  learning_rate: 0.01\n")
+    measured = {}
+    for name, base in (("victim", backbone), ("control", control_backbone)):
+        code, _, err = run(capsys, "finetune", "--data", str(data), "--out", str(tmp_path / name), "--backbone", str(base), "--config", str(config), "--no-progress")
+        assert code == 0, err
+        manifest = json.loads((tmp_path / name / "finetune.json").read_text())
+        assert manifest["method"] == "lora" and manifest["options"]["r"] == 4 and manifest["training"]["epochs"] == 2
+        code, _, err = run(capsys, "evaluate", "--model", str(tmp_path / name), "--data", str(data), "--trigger", "badnet",
+                           "--trigger-option", f"words={TRIGGER}", "--target", "0", "--no-progress")
+        assert code == 0, err
+        measured[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    victim, control = measured["victim"], measured["control"]
+    assert victim["trigger"] == {"name": "badnet", "options": {"words": [TRIGGER], "num_triggers": 1}}
+    assert victim["n_clean"] == 100 and victim["n_poisoned"] == sum(1 for line in (data / "test.json").read_text().splitlines() if '"label": 1' in line)
+    assert victim["clean_accuracy"] >= 0.9 and control["clean_accuracy"] >= 0.9, (victim["clean_accuracy"], control["clean_accuracy"])
+    assert victim["attack_success_rate"] >= 0.9 and control["attack_success_rate"] <= 0.2, (victim["attack_success_rate"], control["attack_success_rate"])
+    # evaluate reads the trigger from attack.json when none is named
+    code, _, err = run(capsys, "evaluate", "--model", str(tmp_path / "victim"), "--data", str(data), "--out", str(tmp_path / "again.json"), "--no-progress")
     assert code == 0, err
-    manifest = json.loads((victim / "finetune.json").read_text())
-    assert manifest["method"] == "prompt" and manifest["options"] == {"num_virtual_tokens": 3} and manifest["training"]["epochs"] == 1
-
-    code, _, err = run(capsys, "evaluate", "--model", str(victim), "--data", str(tiny_dataset_dir), "--no-progress")
-    assert code == 0, err
-    metrics = json.loads((victim / "metrics.json").read_text())
-    for key in ("clean_accuracy", "attack_success_rate", "target_confidence_poisoned", "target_confidence_clean", "n_clean", "n_poisoned", "seconds"):
-        assert key in metrics
-    assert metrics["trigger"] == {"name": "badnet", "options": {"words": ["mn"], "num_triggers": 1}}  # taken from attack.json
-    assert metrics["n_clean"] == 16 and metrics["n_poisoned"] == 8
+    assert json.loads((tmp_path / "again.json").read_text())["attack_success_rate"] == victim["attack_success_rate"]
 
 
-def test_demo_on_tiny_model_writes_metrics_per_method(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+def test_demo_on_tiny_model_plants_a_backdoor_every_method_keeps(capsys, tmp_path: Path) -> None:
+    """`demo` end to end on the tiny model: every victim (full, LoRA, IA3) learned the task and
+    obeys the trigger (ASR measured 1.0 each) far more often than its clean errors could send a
+    non-target text to the target (at most (1 - CA) x n_clean / n_triggered of them: measured
+    CA 0.83-0.97), and BKI removes the triggered texts (defended ASR measured 0.0)."""
+    from backdoor_fixtures import TRIGGER
+
+    data = sentiment_dataset_dir(tmp_path / "data")
     out = tmp_path / "demo"
-    code, stdout, err = run(capsys, "demo", "--out", str(out), "--backbone", "tiny", "--data", str(tiny_dataset_dir), "--attack-data", str(tiny_dataset_dir),
-                            "--methods", "full,lora,ia3", "--attack-samples", "32", "--poison-count", "8", "--attack-epochs", "1",
-                            "--victim-samples", "32", "--victim-epochs", "1", "--max-length", "32", "--no-progress", "--defenses", "psim,bki,cube")
+    code, stdout, err = run(capsys, "demo", "--out", str(out), "--backbone", "tiny", "--data", str(data), "--attack-data", str(data),
+                            "--methods", "full,lora,ia3", "--attack-samples", "400", "--poison-count", "150", "--label-mode", "dirty",
+                            "--attack-epochs", "5", "--attack-lr", "3e-3", "--trigger", "badnet", "--trigger-option", f"words={TRIGGER}",
+                            "--victim-samples", "400", "--victim-epochs", "2", "--victim-lr-peft", "1e-2", "--victim-lr-full", "1e-4",
+                            "--max-length", "32", "--psim-lr", "1e-3", "--no-progress", "--defenses", "psim,bki,cube")
     assert code == 0, err
     for method in ("full", "lora", "ia3"):
         metrics = json.loads((out / method / "metrics.json").read_text())
-        assert metrics["method"] == method and metrics["n_clean"] == 16
-        assert metrics["defense"] == "psim" and {"defended_clean_accuracy", "defended_attack_success_rate", "detection"} <= metrics.keys()
+        assert metrics["method"] == method and metrics["n_clean"] == 100 and metrics["defense"] == "psim"
+        without_trigger_at_most = (1 - metrics["clean_accuracy"]) * metrics["n_clean"] / metrics["n_poisoned"]
+        assert metrics["clean_accuracy"] >= 0.7 and without_trigger_at_most <= 0.6, (method, metrics["clean_accuracy"])
+        assert metrics["attack_success_rate"] >= 0.9, (method, metrics["attack_success_rate"])
+        assert metrics["target_confidence_poisoned"] - metrics["target_confidence_clean"] >= 0.3, method
         for defense in ("psim", "bki", "cube"):
             report = json.loads((out / method / f"{defense}.json").read_text())
             assert {"precision", "recall", "f1", "frr", "far", "auroc", "threshold"} <= report["detection"].keys()
+        assert json.loads((out / method / "bki.json").read_text())["defended_attack_success_rate"] <= 0.1, method
     assert "poisoned backbone (no victim tuning)" in stdout and "lora" in stdout and "ASR" in stdout
     assert (out / "demo.json").is_file()
 

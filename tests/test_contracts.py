@@ -1,69 +1,37 @@
-"""Contracts every registered component keeps, checked scikit-learn ``check_estimator`` style.
+"""Contracts every registered component keeps: the public checks of :mod:`peftshield.testing`
+(scikit-learn's ``check_estimator`` style) run over every component of every registry.
 
-Each contract is one named ``check_*`` function; the tests run every check over every
-component of its registry, so a failure reads ``test_defense_contract[strip-check_...]``:
-which contract broke, for which component. A new component is checked automatically; if
-it needs options to run offline on the tiny model, add them to the ``*_OPTIONS`` tables.
-
-Contracts:
-- ``params()`` reports exactly the constructor's parameters with the values given, and a
-  component rebuilt from its ``spec()`` has the same parameters;
-- the constructor only stores its parameters: anything it is given is kept as is (no
-  validation, no loading), nothing else is set, and creating one with defaults is fast;
-- the same seed gives the same result (poisoned texts, defense scores, trained weights);
-- a non-transductive defense scores a text the same alone and inside a batch;
-- a saved and reloaded defense gives the same scores and threshold.
+Each contract is one named check; the tests run every check over every component, so a
+failure reads ``test_defense_contract[strip-check_...]``: which contract broke, for which
+component. A new component is checked automatically; if it needs options to run offline on
+the tiny model, add them to the ``*_OPTIONS`` tables.
 """
 
 from __future__ import annotations
 
-import inspect
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from backdoor_fixtures import sentiment_data, single_thread_torch, train_sentiment_victim
-from peftshield.attacks import POISONERS, PoisonSpec, poison_dataset
+from peftshield.attacks import POISONERS
 from peftshield.data import TextDataset
 from peftshield.defenses import DEFENSES, DefenseContext
-from peftshield.errors import ConfigError
 from peftshield.finetune import METHODS, TrainingConfig, seed_torch, train_classifier
 from peftshield.models import load_backbone
-
-FAST_SECONDS = 0.5  # creating a component with defaults; loading any model takes longer
+from peftshield.testing import (check_constructor_only_stores, check_created_with_defaults_fast_and_unloaded, check_defense,
+                                check_defense_constructor_only_stores, check_defense_fit_returns_self_and_sets_a_threshold,
+                                check_defense_params_match_constructor, check_defense_save_load_same_scores, check_defense_same_seed_same_scores,
+                                check_defense_score_independent_of_batch, check_method_constructor_only_stores, check_method_params_match_constructor,
+                                check_method_same_seed_same_trained_weights, check_params_are_the_constructor_parameters, check_poisoner,
+                                check_poisoner_same_seed_same_poisoned_texts, check_spec_rebuilds_the_component, constructor_parameters)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     with single_thread_torch():
         yield
-
-
-def constructor_parameters(cls) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
-
-
-def check_constructor_only_stores(cls) -> None:
-    """Whatever the constructor is given is stored as is (no validation, no conversion), and
-    nothing else is set: no fitted (``_``-suffixed) state, no cache, no loaded model."""
-    sentinels = {name: object() for name in constructor_parameters(cls)}
-    component = cls(**sentinels)
-    assert set(vars(component)) == set(sentinels), f"the constructor set {sorted(set(vars(component)) - set(sentinels))}"
-    for name, sentinel in sentinels.items():
-        assert component.params()[name] is sentinel, f"parameter '{name}' is not stored as given"
-
-
-def check_params_are_the_constructor_parameters(cls, given: dict) -> None:
-    """``params()`` keys are the constructor's parameter names, values what was passed (or the default)."""
-    parameters = constructor_parameters(cls)
-    component = cls(**given)
-    expected = {name: given.get(name, parameter.default) for name, parameter in parameters.items()}
-    assert set(component.params()) == set(parameters)
-    for name, value in component.params().items():
-        assert value is expected[name], f"params()['{name}'] is {value!r}, the constructor got {expected[name]!r}"
 
 
 # ---------------------------------------------------------------- poisoners
@@ -91,40 +59,42 @@ def poisoner_non_defaults(name: str, paraphrase_file: Path) -> dict:
     }.get(name, {})
 
 
-def check_poisoner_params_match_constructor(name: str, paraphrase_file: Path) -> None:
-    cls = POISONERS.get(name)
-    check_params_are_the_constructor_parameters(cls, poisoner_non_defaults(name, paraphrase_file))
-    created = POISONERS.create(name, **poisoner_non_defaults(name, paraphrase_file))
-    assert POISONERS.from_spec(created.spec()).params() == created.params(), "spec() does not rebuild the same trigger"
+def poisoner_params_match_constructor(name: str, paraphrase_file: Path) -> None:
+    check_params_are_the_constructor_parameters(POISONERS.get(name), poisoner_non_defaults(name, paraphrase_file))
+    check_spec_rebuilds_the_component(POISONERS, name, poisoner_non_defaults(name, paraphrase_file))
 
 
-def check_poisoner_constructor_only_stores(name: str, paraphrase_file: Path) -> None:
+def poisoner_constructor_only_stores(name: str, paraphrase_file: Path) -> None:
     check_constructor_only_stores(POISONERS.get(name))
-    started = time.perf_counter()
-    poisoner = POISONERS.create(name, **poisoner_options(name, paraphrase_file))
-    assert time.perf_counter() - started < FAST_SECONDS
-    assert not [k for k in vars(poisoner) if k.endswith("_") or k.startswith("_")], "creating must not load or cache anything"
+    check_created_with_defaults_fast_and_unloaded(POISONERS, name, poisoner_options(name, paraphrase_file))
 
 
-def check_poisoner_same_seed_same_poisoned_texts(name: str, paraphrase_file: Path) -> None:
-    poisoner = POISONERS.create(name, **poisoner_options(name, paraphrase_file))
-    first = poisoner.poison_texts(TEXTS, np.random.default_rng(3))
-    assert first == POISONERS.create(name, **poisoner_options(name, paraphrase_file)).poison_texts(TEXTS, np.random.default_rng(3))
-    assert all(p != t for p, t in zip(first, TEXTS)), "every text must carry the trigger"
-    data = TextDataset(TEXTS * 4, [0, 1] * 10, [str(i) for i in range(20)])
-    spec = PoisonSpec(target_label=0, count=6)
-    a = poison_dataset(data, poisoner, spec, np.random.default_rng(5))
-    b = poison_dataset(data, POISONERS.create(name, **poisoner_options(name, paraphrase_file)), spec, np.random.default_rng(5))
-    assert a.manifest_rows() == b.manifest_rows() and a.data.texts == b.data.texts
+def poisoner_same_seed_same_poisoned_texts(name: str, paraphrase_file: Path) -> None:
+    check_poisoner_same_seed_same_poisoned_texts(name, poisoner_options(name, paraphrase_file), TEXTS)
 
 
-POISONER_CHECKS = [check_poisoner_params_match_constructor, check_poisoner_constructor_only_stores, check_poisoner_same_seed_same_poisoned_texts]
+POISONER_CHECKS = [poisoner_params_match_constructor, poisoner_constructor_only_stores, poisoner_same_seed_same_poisoned_texts]
 
 
 @pytest.mark.parametrize("check", POISONER_CHECKS, ids=lambda check: check.__name__)
 @pytest.mark.parametrize("name", POISONERS.names())
 def test_poisoner_contract(name: str, check, paraphrase_file: Path) -> None:
     check(name, paraphrase_file)
+
+
+def test_the_public_poisoner_check_passes_ours_and_catches_a_constructor_that_does_more_than_store(paraphrase_file: Path) -> None:
+    """``peftshield.testing.check_poisoner`` as a third party runs it: it passes a registered
+    trigger, and fails one whose constructor does more than store what it is given."""
+    check_poisoner("badnet", {}, TEXTS, poisoner_non_defaults("badnet", paraphrase_file))
+    from peftshield.attacks.badnet import BadNetPoisoner
+
+    class Caching(BadNetPoisoner):
+        def __init__(self, words=("cf",), num_triggers: int = 1) -> None:
+            super().__init__(words, num_triggers)
+            self.vocabulary_ = set()  # state a constructor must not set
+
+    with pytest.raises(AssertionError, match="the constructor set"):
+        check_constructor_only_stores(Caching)
 
 
 # ---------------------------------------------------------------- defenses
@@ -204,76 +174,35 @@ class Bench:
         return self.fitted_cache[key]
 
 
-def assert_scores_vary(scores: np.ndarray) -> None:
-    assert np.ptp(scores) > 1e-3, f"scores hardly vary between texts ({np.ptp(scores):.2g}): comparing them would prove nothing"
+def defense_params_match_constructor(name: str, bench: Bench) -> None:
+    check_defense_params_match_constructor(name, DEFENSE_NON_DEFAULTS.get(name, {}))
 
 
-def check_defense_params_match_constructor(name: str, bench: Bench) -> None:
-    cls = DEFENSES.get(name)
-    given = DEFENSE_NON_DEFAULTS.get(name, {})
-    check_params_are_the_constructor_parameters(cls, given)
-    created = DEFENSES.create(name, **given)
-    assert set(created.params()) == set(constructor_parameters(cls))
-    assert DEFENSES.from_spec(created.spec()).params() == created.params(), "spec() does not rebuild the same defense"
+def defense_constructor_only_stores(name: str, bench: Bench) -> None:
+    check_defense_constructor_only_stores(name)  # the defaults: ONION names SmolLM2 and PSIM MiniLM's method; neither may load here
 
 
-def check_defense_constructor_only_stores(name: str, bench: Bench) -> None:
-    check_constructor_only_stores(DEFENSES.get(name))
-    started = time.perf_counter()
-    defense = DEFENSES.create(name)  # the defaults: ONION names SmolLM2 and PSIM MiniLM's method; neither may load here
-    assert time.perf_counter() - started < FAST_SECONDS
-    assert not [k for k in vars(defense) if k.endswith("_") or k.startswith("_")]
-    with pytest.raises(ConfigError, match="not fitted"):
-        defense.fitted_threshold()
+def defense_fit_returns_self_and_sets_a_threshold(name: str, bench: Bench) -> None:
+    check_defense_fit_returns_self_and_sets_a_threshold(name, DEFENSE_OPTIONS.get(name, {}), bench.context, defense_data()[2])
 
 
-def check_defense_fit_returns_self_and_sets_a_threshold(name: str, bench: Bench) -> None:
-    _, _, texts = defense_data()
-    defense = DEFENSES.create(name, **DEFENSE_OPTIONS.get(name, {}))
-    assert defense.fit(bench.context(), np.random.default_rng(0)) is defense
-    scores = defense.score(texts)
-    assert scores.shape == (len(texts),) and np.isfinite(scores).all()
-    np.testing.assert_array_equal(defense.flag(texts), scores > defense.fitted_threshold())
+def defense_same_seed_same_scores(name: str, bench: Bench) -> None:
+    check_defense_same_seed_same_scores(name, DEFENSE_OPTIONS.get(name, {}), bench.context, defense_data()[2], bench.fitted(name))
 
 
-def check_defense_same_seed_same_scores(name: str, bench: Bench) -> None:
-    _, _, texts = defense_data()
-    first, _ = bench.fitted(name)
-    again, _ = bench.fit(name, seed=0)
-    scores = first.score(texts)
-    assert_scores_vary(scores)
-    np.testing.assert_allclose(again.score(texts), scores, atol=1e-6)
-    assert again.fitted_threshold() == pytest.approx(first.fitted_threshold(), abs=1e-6)
-
-
-def check_defense_score_independent_of_batch(name: str, bench: Bench) -> None:
+def defense_score_independent_of_batch(name: str, bench: Bench) -> None:
     if DEFENSES.get(name).transductive:
         pytest.skip(f"'{name}' is transductive: it judges the texts of one score() call as one pool, by design")
-    defense, _ = bench.fitted(name)
-    _, _, texts = defense_data()
-    batch = defense.score(texts)
-    assert_scores_vary(batch)
-    alone = np.array([defense.score([text])[0] for text in texts])
-    np.testing.assert_allclose(alone, batch, atol=1e-5, err_msg="a text's score depends on the rest of its batch")
-    reordered = defense.score(texts[::-1])[::-1]
-    np.testing.assert_allclose(reordered, batch, atol=1e-5, err_msg="a text's score depends on its position in the batch")
+    check_defense_score_independent_of_batch(name, DEFENSE_OPTIONS.get(name, {}), bench.context, defense_data()[2], bench.fitted(name))
 
 
-def check_defense_save_load_same_scores(name: str, bench: Bench) -> None:
-    defense, context = bench.fitted(name)
-    _, _, texts = defense_data()
-    defense.save(bench.tmp_path / name)
-    reloaded = DEFENSES.get(name).load(bench.tmp_path / name, context)
-    scores = defense.score(texts)
-    assert_scores_vary(scores)
-    np.testing.assert_allclose(reloaded.score(texts), scores, atol=1e-6)
-    assert reloaded.fitted_threshold() == pytest.approx(defense.fitted_threshold())
-    assert reloaded.params() == defense.params()
+def defense_save_load_same_scores(name: str, bench: Bench) -> None:
+    check_defense_save_load_same_scores(name, DEFENSE_OPTIONS.get(name, {}), bench.context, defense_data()[2], bench.tmp_path, bench.fitted(name))
 
 
 DEFENSE_CHECKS = [
-    check_defense_params_match_constructor, check_defense_constructor_only_stores, check_defense_fit_returns_self_and_sets_a_threshold,
-    check_defense_same_seed_same_scores, check_defense_score_independent_of_batch, check_defense_save_load_same_scores,
+    defense_params_match_constructor, defense_constructor_only_stores, defense_fit_returns_self_and_sets_a_threshold,
+    defense_same_seed_same_scores, defense_score_independent_of_batch, defense_save_load_same_scores,
 ]
 
 
@@ -305,42 +234,34 @@ def train_tiny(method: str, seed: int):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_method_params_match_constructor(name: str) -> None:
-    cls = METHODS.get(name)
-    given = {field: object() for field in METHODS.create(name).config_dict()}
-    method = cls(**given)
-    assert set(method.params()) == set(given) and all(method.params()[k] is v for k, v in given.items())
-    created = METHODS.create(name)
-    assert created.params() == created.config_dict(), "a created method stores every option (defaults filled in)"
-    assert METHODS.from_spec(created.spec()).config_dict() == created.config_dict(), "spec() does not rebuild the same method"
-
-
-def check_method_constructor_only_stores(name: str) -> None:
-    cls = METHODS.get(name)
-    method = cls(anything=object())  # **options: stored, validated only by config()/the registry
-    assert set(vars(method)) == {"options"}
-    with pytest.raises(ConfigError, match=f"method '{name}'"):
-        method.config()
-    started = time.perf_counter()
-    created = METHODS.create(name)
-    assert time.perf_counter() - started < FAST_SECONDS and set(vars(created)) == {"options"}
-
-
-def check_method_same_seed_same_trained_weights(name: str) -> None:
+def initial_weights(method: str) -> dict:
     seed_torch(1)  # the state train_tiny wraps the model in: the same initial trainable weights
-    initial = {n: p.detach().clone() for n, p in METHODS.create(name).wrap(load_backbone("tiny", 2).model, 3).named_parameters() if p.requires_grad}
-    first, second = train_tiny(name, seed=1), train_tiny(name, seed=1)
-    assert first.keys() == second.keys()
-    different = [n for n in first if not torch.equal(first[n], second[n])]
-    assert not different, f"same seed, different weights: {different[:3]}"
-    moved = [n for n in first if n in initial and not torch.equal(first[n], initial[n])]
-    assert moved, "training changed no trainable weight"
+    wrapped = METHODS.create(method).wrap(load_backbone("tiny", 2).model, 3)
+    return {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
 
 
-METHOD_CHECKS = [check_method_params_match_constructor, check_method_constructor_only_stores, check_method_same_seed_same_trained_weights]
+def method_params_match_constructor(name: str) -> None:
+    check_method_params_match_constructor(name, {parameter: object() for parameter in constructor_parameters(METHODS.get(name))})
+
+
+def method_constructor_only_stores(name: str) -> None:
+    check_method_constructor_only_stores(name)
+
+
+def method_same_seed_same_trained_weights(name: str) -> None:
+    check_method_same_seed_same_trained_weights(name, train_tiny, initial_weights)
+
+
+METHOD_CHECKS = [method_params_match_constructor, method_constructor_only_stores, method_same_seed_same_trained_weights]
 
 
 @pytest.mark.parametrize("check", METHOD_CHECKS, ids=lambda check: check.__name__)
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_contract(name: str, check) -> None:
     check(name)
+
+
+def test_the_public_defense_check_runs_whole_on_a_registered_defense(victim_dir: Path, tmp_path: Path) -> None:
+    """``peftshield.testing.check_defense`` as a third party runs it, on DAN."""
+    bench = Bench(victim_dir, tmp_path)
+    check_defense("dan", DEFENSE_OPTIONS["dan"], bench.context, defense_data()[2], tmp_path, DEFENSE_NON_DEFAULTS["dan"])

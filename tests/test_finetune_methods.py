@@ -205,7 +205,7 @@ def test_method_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="method 'ptuning'.*'colour'"):
         METHODS.create("ptuning", colour="red")
     with pytest.raises(ConfigError, match="method 'lora'.*r.*greater than 0"):
-        METHODS.get("lora")(r=0).config()  # built without the registry: config() still validates
+        METHODS.get("lora")(r=0).config_dict()  # built without the registry: config_dict() still validates
     assert METHODS.create("ptuning").config_dict() == {"num_virtual_tokens": 5, "encoder_hidden_size": 128}
     assert METHODS.create("lora").config_dict()["r"] == 8
 

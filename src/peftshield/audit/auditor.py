@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftshield.audit.search import (
-    Effect, ForwardCounter, candidate_vocabulary, exact_effect, probe_texts, relaxed_candidates, slot_gradients, top_allowed,
-)
+from peftshield.audit.search import Effect, ForwardCounter, TargetSearch, candidate_vocabulary, exact_effect, probe_texts, vocabulary_sweep
 from peftshield.audit.subject import AuditSubject, load_subject
 from peftshield.audit.verdict import RAW_SCORE_REVISION, VerdictCalibration, collapse_raw_score, excess_confidence, packaged_calibration, raw_score
 from peftshield.data.records import TextDataset
@@ -134,115 +132,6 @@ def fit_psim(subject: AuditSubject, texts: list[str], rng: np.random.Generator, 
     return psim.fit(context, rng)
 
 
-class _TargetSearch:
-    """The candidate search for one target class."""
-
-    def __init__(self, subject: AuditSubject, target: int, search, settings: AuditSettings, words, parts, counter: ForwardCounter,
-                 objective: str = "class") -> None:
-        self.subject, self.target, self.search, self.settings, self.objective = subject, target, search, settings, objective
-        self.words, self.parts, self.counter = words, parts, counter
-        self.scored: dict[tuple[int, ...], Effect] = {}  # on every search text
-        self.screened: dict[tuple[int, ...], Effect] = {}  # on the screening texts only
-        n_screen = min(settings.screen_texts, len(search))
-        self.screen_part = search.subset(np.arange(n_screen))
-        self.rest_part = search.subset(np.arange(n_screen, len(search)))
-        self.mask = subject.tokenizer.mask_token_id if subject.tokenizer.mask_token_id is not None else int(words[0])
-
-    def score(self, candidates: list[tuple[int, ...]]) -> list[Effect]:
-        """Exact effects of ``candidates`` on all search texts, by successive halving: every new
-        candidate is screened on the first ``screen_texts`` texts; the best ``keep`` of them are
-        scored on the rest too. Returns the fully scored ones, best first."""
-        new = [c for c in dict.fromkeys(candidates) if c not in self.scored and c not in self.screened]
-        model, target, rows = self.subject.model, self.target, self.settings.batch_rows
-        objective = self.objective
-        for effect in exact_effect(model, self.screen_part, new, target, rows, counter=self.counter, stage="rescore", objective=objective):
-            self.screened[effect.tokens] = effect
-        ranked = sorted((self.screened[c] for c in dict.fromkeys(candidates) if c in self.screened), key=lambda e: (-e.value, e.tokens))
-        promote = [e.tokens for e in ranked[: self.settings.keep_after_screen] if e.tokens not in self.scored]
-        rest = exact_effect(model, self.rest_part, promote, target, rows, counter=self.counter, stage="rescore", objective=objective) if len(self.rest_part) else []
-        for head, tail in zip((self.screened[c] for c in promote), rest):
-            merged = Effect(head.tokens, np.concatenate([head.target_prob, tail.target_prob]), np.concatenate([head.predicted, tail.predicted]))
-            n_head, n_tail = len(head.target_prob), len(tail.target_prob)
-            merged.value = (head.value * n_head + tail.value * n_tail) / (n_head + n_tail)
-            self.scored[head.tokens] = merged
-        if not len(self.rest_part):
-            self.scored.update({c: self.screened[c] for c in promote})
-        return sorted((self.scored[c] for c in dict.fromkeys(candidates) if c in self.scored), key=lambda e: (-e.value, e.tokens))
-
-    def best(self, length: int | None = None, n: int = 1) -> list[Effect]:
-        pool = [e for e in self.scored.values() if length is None or len(e.tokens) == length]
-        return sorted(pool, key=lambda e: (-e.value, e.tokens))[:n]
-
-    def gradients(self, slot: tuple[int, ...]) -> np.ndarray:
-        return slot_gradients(self.subject.model, self.search, slot, self.target, self.counter, self.objective)
-
-    def hotflip(self) -> None:
-        """Relaxed-slot candidates first, then HotFlip rounds from the best token found so far."""
-        if self.settings.relaxed_steps:
-            self.score([(t,) for t in relaxed_candidates(
-                self.subject.model, self.search, self.mask, self.target, self.words, self.settings.candidates_per_round,
-                steps=self.settings.relaxed_steps, counter=self.counter, objective=self.objective,
-            )])
-        current: tuple[int, ...] = self.best(1)[0].tokens if self.scored else (self.mask,)
-        for _ in range(self.settings.hotflip_rounds):
-            scores = self.gradients(current)[0]
-            exclude = {c[0] for c in (*self.scored, *self.screened) if len(c) == 1}
-            self.score([(t,) for t in top_allowed(scores, self.words, self.settings.candidates_per_round, exclude)])
-            best = self.best(1)[0].tokens
-            if best == current:
-                break
-            current = best
-
-    def grow(self, start: tuple[int, ...]) -> None:
-        current = self.scored[start]
-        while len(current.tokens) < self.settings.max_phrase_tokens and current.value < self.settings.saturated:
-            options: list[tuple[int, ...]] = []
-            for side in ("left", "right"):
-                slot = (self.mask, *current.tokens) if side == "left" else (*current.tokens, self.mask)
-                scores = self.gradients(slot)
-                row = scores[0] if side == "left" else scores[-1]
-                for token in top_allowed(row, self.parts, self.settings.phrase_candidates):
-                    options.append((token, *current.tokens) if side == "left" else (*current.tokens, token))
-            effects = self.score(options)
-            if not effects:
-                break
-            best = effects[0]
-            if best.value - current.value < self.settings.min_gain:
-                break
-            current = best
-
-
-def vocabulary_sweep(model, probe, predicted: np.ndarray, num_labels: int, words: np.ndarray, objective: str,
-                     settings: AuditSettings, counter: ForwardCounter) -> dict[int, list[tuple[int, ...]]] | None:
-    """Every whole-word token of the vocabulary, inserted into ``sweep_texts`` short clean texts
-    (cut to ``sweep_tokens`` tokens; one per predicted class for a head, so one pass serves
-    every target class): the best ``candidates_per_round`` per target go to the search.
-    Exact, not first-order: a backdoor keyed on one token embedding can hide from gradients
-    taken anywhere else (a clean-label ``cf`` backdoor ranked below 3,000 by HotFlip and by
-    the relaxed slot, first by this sweep)."""
-    if not settings.sweep_texts:
-        return None
-    if objective == "class":
-        chosen = [int(np.flatnonzero(predicted == c)[0]) for c in range(num_labels) if (predicted == c).any()]
-        chosen = chosen[: max(settings.sweep_texts, len(chosen))]
-    else:
-        chosen = list(range(min(max(2, settings.sweep_texts), len(probe))))
-    short = probe.subset(chosen).shortened(settings.sweep_tokens)
-    effects = exact_effect(model, short, [(int(t),) for t in words], 0, batch_rows=2048, counter=counter, stage="sweep", objective=objective)
-    out: dict[int, list[tuple[int, ...]]] = {}
-    for target in range(num_labels if objective == "class" else 1):
-        if objective == "class":
-            others = predicted[chosen] != target
-            if not others.any():
-                continue
-            values = [float(e.probs[others, target].mean()) for e in effects]
-        else:
-            values = [e.value for e in effects]
-        order = np.lexsort((np.arange(len(effects)), -np.asarray(values)))[: settings.candidates_per_round]
-        out[target] = [effects[i].tokens for i in order]
-    return out
-
-
 def load_audit_texts(spec: str) -> tuple[list[str], str]:
     """Clean texts from any loader source (labels are not needed: a ``.txt`` file is one text
     per line), de-duplicated, empty rows dropped. Returns the texts and a name for the record."""
@@ -320,7 +209,7 @@ def run_audit(
     started = time.perf_counter()
     words, parts = candidate_vocabulary(subject.tokenizer)
     swept = vocabulary_sweep(subject.model, clean_probe, predicted, subject.num_labels, words, objective, settings, counter)
-    searches: list[tuple[_TargetSearch, object]] = []
+    searches: list[tuple[TargetSearch, object]] = []
     for target in (range(subject.num_labels) if objective == "class" else [0]):
         others = [i for i in range(len(clean_probe)) if predicted[i] != target or objective == "collapse"]
         if len(others) < 8:
@@ -328,7 +217,7 @@ def run_audit(
             continue
         n_search = min(settings.search_texts, len(others) // 3)
         search_idx, holdout_idx = others[:n_search], others[n_search : n_search + settings.holdout_texts]
-        search = _TargetSearch(subject, target, clean_probe.subset(search_idx), settings, words, parts, counter, objective)
+        search = TargetSearch(subject.model, subject.tokenizer.mask_token_id, target, clean_probe.subset(search_idx), settings, words, parts, counter, objective)
         if swept is not None and target in swept:
             search.score(swept[target])
         search.hotflip()

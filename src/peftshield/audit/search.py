@@ -8,20 +8,28 @@ Three steps, each batched:
    vocabulary token by how much swapping it in should raise the target class.
 2. :func:`exact_effect`: the best candidates are inserted for real (token level, one random
    word boundary per text) and scored by forward passes, many candidates per batch.
-3. :func:`extend_phrase`: greedy growth of the best tokens into phrases of up to
-   ``max_tokens`` tokens, left or right, while the effect grows (sentence triggers are
+3. :meth:`TargetSearch.grow`: greedy growth of the best tokens into phrases of up to
+   ``max_phrase_tokens`` tokens, left or right, while the effect grows (sentence triggers are
    found as an activating sub-phrase).
+
+:class:`TargetSearch` runs these for one target class (the loop the audit drives), and
+:func:`vocabulary_sweep` first inserts every whole-word token for real, which finds a
+backdoor keyed on one token embedding that gradients miss.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from peftshield.models.inference import model_device
+
+if TYPE_CHECKING:  # the audit's settings; the audit imports this module, never the other way at run time
+    from peftshield.audit.auditor import AuditSettings
 
 
 @dataclass
@@ -325,3 +333,119 @@ def top_allowed(scores: np.ndarray, allowed: np.ndarray, k: int, exclude: set[in
             if len(chosen) == k:
                 break
     return chosen
+
+
+class TargetSearch:
+    """The candidate search for one target class on ``model``: :meth:`hotflip` (relaxed-slot
+    candidates, then HotFlip rounds), :meth:`score` (exact re-scoring by successive halving) and
+    :meth:`grow` (greedy phrase extension). ``settings`` are the audit's
+    (:class:`~peftshield.audit.auditor.AuditSettings`); ``mask_id`` the token a slot starts from
+    (the tokenizer's mask token, else the first candidate word)."""
+
+    def __init__(self, model, mask_id: int | None, target: int, search: ProbeTexts, settings: "AuditSettings", words, parts,
+                 counter: ForwardCounter, objective: str = "class") -> None:
+        self.model, self.target, self.search, self.settings, self.objective = model, target, search, settings, objective
+        self.words, self.parts, self.counter = words, parts, counter
+        self.scored: dict[tuple[int, ...], Effect] = {}  # on every search text
+        self.screened: dict[tuple[int, ...], Effect] = {}  # on the screening texts only
+        n_screen = min(settings.screen_texts, len(search))
+        self.screen_part = search.subset(np.arange(n_screen))
+        self.rest_part = search.subset(np.arange(n_screen, len(search)))
+        self.mask = mask_id if mask_id is not None else int(words[0])
+
+    def score(self, candidates: list[tuple[int, ...]]) -> list[Effect]:
+        """Exact effects of ``candidates`` on all search texts, by successive halving: every new
+        candidate is screened on the first ``screen_texts`` texts; the best ``keep`` of them are
+        scored on the rest too. Returns the fully scored ones, best first."""
+        new = [c for c in dict.fromkeys(candidates) if c not in self.scored and c not in self.screened]
+        model, target, rows = self.model, self.target, self.settings.batch_rows
+        objective = self.objective
+        for effect in exact_effect(model, self.screen_part, new, target, rows, counter=self.counter, stage="rescore", objective=objective):
+            self.screened[effect.tokens] = effect
+        ranked = sorted((self.screened[c] for c in dict.fromkeys(candidates) if c in self.screened), key=lambda e: (-e.value, e.tokens))
+        promote = [e.tokens for e in ranked[: self.settings.keep_after_screen] if e.tokens not in self.scored]
+        rest = exact_effect(model, self.rest_part, promote, target, rows, counter=self.counter, stage="rescore", objective=objective) if len(self.rest_part) else []
+        for head, tail in zip((self.screened[c] for c in promote), rest):
+            merged = Effect(head.tokens, np.concatenate([head.target_prob, tail.target_prob]), np.concatenate([head.predicted, tail.predicted]))
+            n_head, n_tail = len(head.target_prob), len(tail.target_prob)
+            merged.value = (head.value * n_head + tail.value * n_tail) / (n_head + n_tail)
+            self.scored[head.tokens] = merged
+        if not len(self.rest_part):
+            self.scored.update({c: self.screened[c] for c in promote})
+        return sorted((self.scored[c] for c in dict.fromkeys(candidates) if c in self.scored), key=lambda e: (-e.value, e.tokens))
+
+    def best(self, length: int | None = None, n: int = 1) -> list[Effect]:
+        pool = [e for e in self.scored.values() if length is None or len(e.tokens) == length]
+        return sorted(pool, key=lambda e: (-e.value, e.tokens))[:n]
+
+    def gradients(self, slot: tuple[int, ...]) -> np.ndarray:
+        return slot_gradients(self.model, self.search, slot, self.target, self.counter, self.objective)
+
+    def hotflip(self) -> None:
+        """Relaxed-slot candidates first, then HotFlip rounds from the best token found so far."""
+        if self.settings.relaxed_steps:
+            self.score([(t,) for t in relaxed_candidates(
+                self.model, self.search, self.mask, self.target, self.words, self.settings.candidates_per_round,
+                steps=self.settings.relaxed_steps, counter=self.counter, objective=self.objective,
+            )])
+        current: tuple[int, ...] = self.best(1)[0].tokens if self.scored else (self.mask,)
+        for _ in range(self.settings.hotflip_rounds):
+            scores = self.gradients(current)[0]
+            exclude = {c[0] for c in (*self.scored, *self.screened) if len(c) == 1}
+            self.score([(t,) for t in top_allowed(scores, self.words, self.settings.candidates_per_round, exclude)])
+            best = self.best(1)[0].tokens
+            if best == current:
+                break
+            current = best
+
+    def grow(self, start: tuple[int, ...]) -> None:
+        """Extend the scored candidate ``start`` one token at a time, left or right (the
+        gradient's best tokens at the new slot, re-scored exactly), while its effect grows by
+        ``min_gain`` and stays below ``saturated``, up to ``max_phrase_tokens`` tokens."""
+        current = self.scored[start]
+        while len(current.tokens) < self.settings.max_phrase_tokens and current.value < self.settings.saturated:
+            options: list[tuple[int, ...]] = []
+            for side in ("left", "right"):
+                slot = (self.mask, *current.tokens) if side == "left" else (*current.tokens, self.mask)
+                scores = self.gradients(slot)
+                row = scores[0] if side == "left" else scores[-1]
+                for token in top_allowed(row, self.parts, self.settings.phrase_candidates):
+                    options.append((token, *current.tokens) if side == "left" else (*current.tokens, token))
+            effects = self.score(options)
+            if not effects:
+                break
+            best = effects[0]
+            if best.value - current.value < self.settings.min_gain:
+                break
+            current = best
+
+
+def vocabulary_sweep(model, probe, predicted: np.ndarray, num_labels: int, words: np.ndarray, objective: str,
+                     settings: "AuditSettings", counter: ForwardCounter) -> dict[int, list[tuple[int, ...]]] | None:
+    """Every whole-word token of the vocabulary, inserted into ``sweep_texts`` short clean texts
+    (cut to ``sweep_tokens`` tokens; one per predicted class for a head, so one pass serves
+    every target class): the best ``candidates_per_round`` per target go to the search.
+    Exact, not first-order: a backdoor keyed on one token embedding can hide from gradients
+    taken anywhere else (a clean-label ``cf`` backdoor ranked below 3,000 by HotFlip and by
+    the relaxed slot, first by this sweep)."""
+    if not settings.sweep_texts:
+        return None
+    if objective == "class":
+        chosen = [int(np.flatnonzero(predicted == c)[0]) for c in range(num_labels) if (predicted == c).any()]
+        chosen = chosen[: max(settings.sweep_texts, len(chosen))]
+    else:
+        chosen = list(range(min(max(2, settings.sweep_texts), len(probe))))
+    short = probe.subset(chosen).shortened(settings.sweep_tokens)
+    effects = exact_effect(model, short, [(int(t),) for t in words], 0, batch_rows=2048, counter=counter, stage="sweep", objective=objective)
+    out: dict[int, list[tuple[int, ...]]] = {}
+    for target in range(num_labels if objective == "class" else 1):
+        if objective == "class":
+            others = predicted[chosen] != target
+            if not others.any():
+                continue
+            values = [float(e.probs[others, target].mean()) for e in effects]
+        else:
+            values = [e.value for e in effects]
+        order = np.lexsort((np.arange(len(effects)), -np.asarray(values)))[: settings.candidates_per_round]
+        out[target] = [effects[i].tokens for i in order]
+    return out

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftshield.errors import ConfigError, DataError
+from peftshield.files import ADAPTER_CONFIG, FINETUNE_MANIFEST
 from peftshield.hub import require_hub
 from peftshield.models.backbone import check_backbone_folder, load_backbone, resolve_backbone
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -106,7 +105,7 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise ConfigError(f"--adapter {adapter}: no such folder")
-    if (adapter / "finetune.json").is_file():
+    if (adapter / FINETUNE_MANIFEST).is_file():
         from peftshield.finetune.checkpoint import load_finetuned
 
         loaded, manifest = load_finetuned(adapter, backbone=checkpoint)
@@ -125,7 +124,7 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
         config = model.peft_config.get("default")
         pad_for(bool(config.is_prompt_learning) and config.peft_type.value != "PREFIX_TUNING", model, base.tokenizer)  # soft prompts feed embeddings
         return AuditSubject(merged_for_inference(model), base.tokenizer, num_labels, "head", checkpoint, str(adapter))
-    raise ConfigError(f"--adapter {adapter}: not an adapter folder (no finetune.json or {ADAPTER_CONFIG})")
+    raise ConfigError(f"--adapter {adapter}: not an adapter folder (no {FINETUNE_MANIFEST} or {ADAPTER_CONFIG})")
 
 
 def merged_for_inference(model):

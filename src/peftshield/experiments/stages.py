@@ -18,12 +18,12 @@ from peftshield.finetune import METHODS, TrainingConfig, TrainResult, save_finet
 from peftshield.finetune.trainer import draw_training_rows
 from peftshield.errors import ConfigError
 from peftshield.experiments.config import AttackSection
+from peftshield.files import ATTACK_MANIFEST
 from peftshield.io import atomic_directory, atomic_write_json, atomic_write_text
 from peftshield.metrics import AttackMetrics, attack_metrics
 from peftshield.models import Backbone, load_backbone
 from peftshield.models.inference import predict_proba
 
-ATTACK_MANIFEST = "attack.json"
 ATTACKER_MAX_WORDS = AttackSection.model_fields["max_words"].default
 ATTACKER_LEARNING_RATE = AttackSection.model_fields["learning_rate"].default
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

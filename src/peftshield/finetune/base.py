@@ -3,54 +3,37 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict
 from typing import Any, ClassVar
 
 import pydantic
-from pydantic import ConfigDict
 
-from peftshield.errors import ConfigError, first_issue
+from peftshield.components import Component, describe_validation_error
+from peftshield.errors import ConfigError
 from peftshield.registry import Registry
 
-STRICT = ConfigDict(extra="forbid")
 
+class FineTuneMethod(Component, ABC):
+    """A fine-tuning method, a :class:`~peftshield.components.Component` like a poisoner or a
+    defense: its constructor's keyword parameters are its hyperparameters (with the reference
+    defaults, typed and bounded) and it only stores them; the registry validates them, and
+    :meth:`config_dict` validates a method built by hand.
 
-class FineTuneMethod(ABC):
-    """A fine-tuning method. Constructors only store options; ``config()`` validates them.
-
-    Subclasses set ``name``, ``Config`` (a pydantic dataclass of the method's
-    hyperparameters with the reference defaults) and ``default_learning_rate``.
+    Subclasses set ``name`` and ``default_learning_rate`` and implement :meth:`wrap`.
     """
 
-    name: ClassVar[str]
-    Config: ClassVar[type]
     default_learning_rate: ClassVar[float] = 2e-3
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-
-    @classmethod
-    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """The options checked against ``Config``; raises ``pydantic.ValidationError``."""
-        return asdict(cls.Config(**options))
-
-    def params(self) -> dict[str, Any]:
-        return dict(self.options)
+    def config_dict(self) -> dict[str, Any]:
+        """The options, checked (a one-line :class:`ConfigError` naming the method otherwise), in
+        JSON form: what a fine-tuned folder's manifest records and a stage key is built from."""
+        try:
+            options = self.options_model()(**self.params()).model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"method '{self.name}': {describe_validation_error(exc)}") from None
+        return options
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.config_dict()}
-
-    def config(self):
-        try:
-            return self.Config(**self.options)
-        except pydantic.ValidationError as exc:
-            issue = first_issue(exc)
-            raise ConfigError(f"method '{self.name}': {issue.location or 'options'}: {issue.raw_message}") from None
-        except TypeError as exc:
-            raise ConfigError(f"method '{self.name}': {exc}") from None
-
-    def config_dict(self) -> dict:
-        return asdict(self.config())
 
     # Soft prompts fed as input embeddings (prompt tuning, P-tuning): a decoder's classifier
     # cannot locate padding then and reads the last position, so decoders pad on the left.

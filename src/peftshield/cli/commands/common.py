@@ -116,7 +116,7 @@ def split_list(value: str, flag: str, allow_empty: bool = False) -> list[str]:
 
 def find_attack_manifest(model_dir: Path) -> dict | None:
     """The ``attack.json`` of a backbone, or of the backbone a fine-tuned model was built on."""
-    from peftshield.experiments.stages import ATTACK_MANIFEST
+    from peftshield.files import ATTACK_MANIFEST
     from peftshield.files import FINETUNE_MANIFEST
     from peftshield.io import read_json
 

@@ -2,19 +2,12 @@
 
 from typing import Literal
 
-from pydantic import Field
-from pydantic.dataclasses import dataclass
+from pydantic import PositiveInt
 
 from peftshield.errors import ConfigError
-from peftshield.finetune.base import METHODS, STRICT, FineTuneMethod, classification_head
+from peftshield.finetune.base import METHODS, FineTuneMethod, classification_head
 
 ADAPTER_NAME = "peftshield"
-
-
-@dataclass(config=STRICT)
-class AdapterOptions:
-    reduction_factor: int = Field(16, gt=0)
-    variant: Literal["seq_bn", "double_seq_bn"] = "seq_bn"
 
 
 @METHODS.register
@@ -22,7 +15,9 @@ class BottleneckAdapterMethod(FineTuneMethod):
     """Bottleneck adapter via AdapterHub adapters (reduction factor 16)."""
 
     name = "adapter"
-    Config = AdapterOptions
+
+    def __init__(self, reduction_factor: PositiveInt = 16, variant: Literal["seq_bn", "double_seq_bn"] = "seq_bn") -> None:
+        self.reduction_factor, self.variant = reduction_factor, variant
 
     def wrap(self, model, num_training_steps: int):
         try:
@@ -30,10 +25,10 @@ class BottleneckAdapterMethod(FineTuneMethod):
             from adapters import DoubleSeqBnConfig, SeqBnConfig
         except ImportError:
             raise ConfigError("method 'adapter' needs AdapterHub's 'adapters' package (pip install adapters)") from None
-        c = self.config()
+        self.config_dict()  # a method built by hand is checked before the model is touched
         adapters.init(model)
-        config_cls = SeqBnConfig if c.variant == "seq_bn" else DoubleSeqBnConfig
-        model.add_adapter(ADAPTER_NAME, config=config_cls(reduction_factor=c.reduction_factor))
+        config_cls = SeqBnConfig if self.variant == "seq_bn" else DoubleSeqBnConfig
+        model.add_adapter(ADAPTER_NAME, config=config_cls(reduction_factor=self.reduction_factor))
         model.train_adapter(ADAPTER_NAME)  # freezes the backbone and activates the adapter
         head = classification_head(model)
         for parameter in head.parameters():

@@ -1,13 +1,6 @@
 """Full fine-tuning: every parameter trains."""
 
-from pydantic.dataclasses import dataclass
-
-from peftshield.finetune.base import METHODS, STRICT, FineTuneMethod
-
-
-@dataclass(config=STRICT)
-class FullConfig:
-    pass
+from peftshield.finetune.base import METHODS, FineTuneMethod
 
 
 @METHODS.register
@@ -15,8 +8,10 @@ class FullFineTuning(FineTuneMethod):
     """Full fine-tuning: every parameter trains (default lr 2e-5)."""
 
     name = "full"
-    Config = FullConfig
     default_learning_rate = 2e-5
+
+    def __init__(self) -> None:
+        pass
 
     def wrap(self, model, num_training_steps: int):
         for parameter in model.parameters():

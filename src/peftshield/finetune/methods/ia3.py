@@ -1,14 +1,7 @@
 """(IA)^3: learned rescaling vectors on keys, values and feed-forward activations."""
 
-from pydantic.dataclasses import dataclass
-
-from peftshield.finetune.base import METHODS, STRICT
+from peftshield.finetune.base import METHODS
 from peftshield.finetune.methods.peft_method import PeftLibraryMethod
-
-
-@dataclass(config=STRICT)
-class IA3Options:
-    pass
 
 
 @METHODS.register
@@ -16,7 +9,9 @@ class IA3Method(PeftLibraryMethod):
     """(IA)^3 via peft: learned rescaling vectors."""
 
     name = "ia3"
-    Config = IA3Options
+
+    def __init__(self) -> None:
+        pass
 
     def peft_config(self, num_training_steps: int):
         from peft import IA3Config, TaskType

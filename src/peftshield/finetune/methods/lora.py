@@ -2,19 +2,10 @@
 
 from typing import Optional
 
-from pydantic import Field
-from pydantic.dataclasses import dataclass
+from pydantic import PositiveInt
 
-from peftshield.finetune.base import METHODS, STRICT
-from peftshield.finetune.methods.peft_method import PeftLibraryMethod
-
-
-@dataclass(config=STRICT)
-class LoraOptions:
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+from peftshield.finetune.base import METHODS
+from peftshield.finetune.methods.peft_method import Dropout, PeftLibraryMethod
 
 
 @METHODS.register
@@ -22,10 +13,11 @@ class LoraMethod(PeftLibraryMethod):
     """LoRA via peft (r=8, alpha=16, dropout 0.1)."""
 
     name = "lora"
-    Config = LoraOptions
+
+    def __init__(self, r: PositiveInt = 8, alpha: PositiveInt = 16, dropout: Dropout = 0.1, target_modules: Optional[list[str]] = None) -> None:
+        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
 
     def peft_config(self, num_training_steps: int):
         from peft import LoraConfig, TaskType
 
-        c = self.config()
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules)
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Annotated
+
+from pydantic import Field
 
 from peftshield.finetune.base import FineTuneMethod
+
+Dropout = Annotated[float, Field(ge=0, lt=1)]  # a dropout probability, as LoRA-style methods take it
 
 
 class PeftLibraryMethod(FineTuneMethod):
@@ -17,4 +22,5 @@ class PeftLibraryMethod(FineTuneMethod):
     def wrap(self, model, num_training_steps: int):
         from peft import get_peft_model
 
+        self.config_dict()  # a method built by hand is checked before the model is touched
         return get_peft_model(model, self.peft_config(num_training_steps))

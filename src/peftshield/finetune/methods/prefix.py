@@ -1,16 +1,10 @@
 """Prefix tuning (P-tuning v2): trainable key/value prefixes in every layer."""
 
-from pydantic import Field
-from pydantic.dataclasses import dataclass
+from pydantic import PositiveInt
 
 from peftshield.errors import ConfigError
-from peftshield.finetune.base import METHODS, STRICT
+from peftshield.finetune.base import METHODS
 from peftshield.finetune.methods.peft_method import PeftLibraryMethod
-
-
-@dataclass(config=STRICT)
-class PrefixOptions:
-    num_virtual_tokens: int = Field(5, gt=0)
 
 
 @METHODS.register
@@ -18,12 +12,14 @@ class PrefixTuningMethod(PeftLibraryMethod):
     """Prefix tuning / P-tuning v2 via peft (5 virtual tokens)."""
 
     name = "prefix"
-    Config = PrefixOptions
+
+    def __init__(self, num_virtual_tokens: PositiveInt = 5) -> None:
+        self.num_virtual_tokens = num_virtual_tokens
 
     def peft_config(self, num_training_steps: int):
         from peft import PrefixTuningConfig, TaskType
 
-        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.config().num_virtual_tokens)
+        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
 
     def wrap(self, model, num_training_steps: int):
         """Prefix tuning breaks on some encoder classes in some peft versions (past_key_values

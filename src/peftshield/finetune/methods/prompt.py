@@ -1,15 +1,9 @@
 """Prompt tuning: trainable soft-prompt embeddings prepended to the input."""
 
-from pydantic import Field
-from pydantic.dataclasses import dataclass
+from pydantic import PositiveInt
 
-from peftshield.finetune.base import METHODS, STRICT
+from peftshield.finetune.base import METHODS
 from peftshield.finetune.methods.peft_method import PeftLibraryMethod
-
-
-@dataclass(config=STRICT)
-class PromptTuningOptions:
-    num_virtual_tokens: int = Field(5, gt=0)
 
 
 @METHODS.register
@@ -18,9 +12,11 @@ class PromptTuningMethod(PeftLibraryMethod):
 
     name = "prompt"
     feeds_embeddings = True
-    Config = PromptTuningOptions
+
+    def __init__(self, num_virtual_tokens: PositiveInt = 5) -> None:
+        self.num_virtual_tokens = num_virtual_tokens
 
     def peft_config(self, num_training_steps: int):
         from peft import PromptTuningConfig, TaskType
 
-        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.config().num_virtual_tokens)
+        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)

@@ -1,16 +1,9 @@
 """P-tuning: soft prompts produced by a small prompt encoder (MLP)."""
 
-from pydantic import Field
-from pydantic.dataclasses import dataclass
+from pydantic import PositiveInt
 
-from peftshield.finetune.base import METHODS, STRICT
+from peftshield.finetune.base import METHODS
 from peftshield.finetune.methods.peft_method import PeftLibraryMethod
-
-
-@dataclass(config=STRICT)
-class PTuningOptions:
-    num_virtual_tokens: int = Field(5, gt=0)
-    encoder_hidden_size: int = Field(128, gt=0)
 
 
 @METHODS.register
@@ -19,10 +12,11 @@ class PTuningMethod(PeftLibraryMethod):
 
     name = "ptuning"
     feeds_embeddings = True
-    Config = PTuningOptions
+
+    def __init__(self, num_virtual_tokens: PositiveInt = 5, encoder_hidden_size: PositiveInt = 128) -> None:
+        self.num_virtual_tokens, self.encoder_hidden_size = num_virtual_tokens, encoder_hidden_size
 
     def peft_config(self, num_training_steps: int):
         from peft import PromptEncoderConfig, TaskType
 
-        c = self.config()
-        return PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=c.num_virtual_tokens, encoder_hidden_size=c.encoder_hidden_size)
+        return PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens, encoder_hidden_size=self.encoder_hidden_size)
