@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -77,6 +77,16 @@ bench-drift: $(STAMP)
 # 64 clients, in one run (about 5 minutes; needs bench-serve's models): bench/serve_detectors.md.
 bench-serve-detectors: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/serve_detectors.py --shared $(SHARED)
+
+# `make demo` on MiniLM, recorded (about 20 minutes when runs/demo is new; stages already there are
+# reused): bench/demo.md, which docs/results/demo.md includes.
+bench-demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/demo.py --out $(DEMO_OUT) --shared $(SHARED)
+
+# The scan page's two commands on the demo's backbone, timed (about 2 minutes; needs bench-demo):
+# bench/scan_example.md.
+bench-scan-example: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/scan_example.py --demo $(DEMO_OUT) --shared $(SHARED)
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.
