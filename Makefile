@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-erase bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -87,6 +87,11 @@ bench-demo: $(STAMP)
 # bench/scan_example.md.
 bench-scan-example: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/scan_example.py --demo $(DEMO_OUT) --shared $(SHARED)
+
+# Does longer full fine-tuning erase the backdoor? configs/cpu-erase.yaml and its lr 1e-4 variant
+# run and recorded (about 17 minutes): bench/cpu_erase.md.
+bench-erase: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/cpu_erase.py
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.
