@@ -208,3 +208,13 @@ def test_fill_lengths_joins_short_clean_texts_into_the_lengths_the_sample_lacks(
     with pytest.raises(ConfigError, match="for the PSIM alone"):
         calibrate_guard(scorer, "f", short, 0.01, "dev", detector_scores={"dan": np.zeros(900)}, detector_manifests={"dan": "a" * 64},
                         fill_rng=np.random.default_rng(0))
+
+
+def test_a_detector_without_finite_scores_is_refused_not_silently_switched_off() -> None:
+    """The guard counts a score that is not a number as the highest (it fires); calibrated on
+    such scores, a detector's threshold would be the largest float and it would never fire."""
+    rng = np.random.default_rng(10)
+    sample = traffic(rng, 600)
+    broken = np.full(len(sample), np.finfo(np.float64).max)
+    with pytest.raises(ConfigError, match="got no finite score"):
+        calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": broken}, detector_manifests={"dan": "a" * 64})

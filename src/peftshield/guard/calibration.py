@@ -23,8 +23,11 @@ Two choices make the target hold on traffic rather than only on the sample:
   ln(1 - confidence) / ln(1 - target) texts for that (230 at 1% and 0.9).
 - **One budget for several members.** With detectors (``--detector``), every member gets its
   threshold at one common rank r of its own clean scores in the bucket (its (r+1)-th highest),
-  r the largest at which at most k sample texts are flagged by any member: the union's
-  false-rejection rate is bounded as above, not each member's on its own. Every result carries
+  r the largest at which at most k sample texts are flagged by any member: the budget is set
+  for the union of their flags, not for each member on its own. The stated confidence holds
+  for one member only: each member's threshold is its own order statistic, so with m members
+  the union's rate is about the target on average but exceeds it more often than 1 -
+  confidence (two members at the least size: about one time in three). Every result carries
   each member's p-value against its clean scores in the text's bucket.
 """
 
@@ -312,6 +315,10 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
         bucket_scores = {name: values[inside] for name, values in members.items()}
         rank = common_rank(list(bucket_scores.values()), allowed_above(int(inside.sum()), target_frr, confidence))
         thresholds = {name: float(np.sort(values)[::-1][rank]) for name, values in bucket_scores.items()}
+        switched_off = [name for name, value in thresholds.items() if value >= np.finfo(np.float64).max]
+        if switched_off:  # a detector's scores that were not numbers count as the highest: its threshold would never be passed
+            raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {low} to {'more' if high is None else high - 1} "
+                              "tokens got no finite score from it, so no threshold can keep them; it cannot be calibrated on this sample")
         if not thresholds[PSIM_MEMBER] < 1.0:
             raise ConfigError(f"--texts {source}: too many of the clean texts of {low} to {'more' if high is None else high - 1} "
                               "tokens score 1.0, so no threshold can keep them; this PSIM cannot screen texts of that length")
