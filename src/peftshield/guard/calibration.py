@@ -33,6 +33,7 @@ Two choices make the target hold on traffic rather than only on the sample:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -85,16 +86,21 @@ class LengthBucket(BaseModel):
             raise ValueError(f"clean scores: at most {MAX_KEPT_SCORES} per member, ascending")
         return self
 
+    @functools.cached_property
+    def kept_arrays(self) -> dict[str, np.ndarray]:
+        """``clean_scores`` as arrays, made once (p-values are asked per text and member in the request path)."""
+        return {name: np.asarray(scores, dtype=np.float64) for name, scores in self.clean_scores.items()}
+
     def member_threshold(self, name: str) -> float:
         return self.threshold if name == PSIM_MEMBER else self.detector_thresholds[name]
 
     def p_value(self, name: str, score: float) -> float | None:
         """The share of this bucket's clean texts scoring at least ``score`` under member
         ``name``, counting the text itself ((1 + m) / (n + 1)); None without kept scores."""
-        kept = self.clean_scores.get(name)
-        if not kept:
+        kept = self.kept_arrays.get(name)
+        if kept is None or not kept.size:
             return None
-        at_least = (len(kept) - np.searchsorted(kept, score, side="left")) / len(kept)
+        at_least = (kept.size - np.searchsorted(kept, score, side="left")) / kept.size
         return float((1 + self.texts * at_least) / (self.texts + 1))
 
 
@@ -295,16 +301,16 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
         raise ConfigError(f"--texts {source}: {len(texts)} texts; a calibration at {target_frr:.1%} with {confidence:.0%} confidence "
                           f"needs at least {needed} clean texts")
     read = list(texts)
-    lengths = token_lengths(psim.tokenizer_, texts, psim.max_length)
-    if fill_rng is not None:  # long (or short) clean texts the sample lacks, joined from its own
-        joined = filled_lengths(read, lengths, edges, psim.max_length, FILL_FACTOR * needed, fill_rng)
-        if joined and detector_scores:
+    lengths = token_lengths(psim.tokenizer_, read, psim.max_length)
+    scores = np.asarray(psim.score(read) if scores is None else scores, dtype=np.float64)
+    joined = filled_lengths(read, lengths, edges, psim.max_length, FILL_FACTOR * needed, fill_rng) if fill_rng is not None else []
+    if joined:  # long (or short) clean texts the sample lacks, joined from its own
+        if detector_scores:
             raise ConfigError("--fill-lengths: joined texts are for the PSIM alone; calibrate detectors on a sample of real traffic")
-        texts = read + joined
-        lengths = np.concatenate([lengths, token_lengths(psim.tokenizer_, joined, psim.max_length)]) if joined else lengths
-        if joined:
-            scores = np.concatenate([np.asarray(psim.score(read) if scores is None else scores, dtype=np.float64), psim.score(joined)])
-    members = {PSIM_MEMBER: np.asarray(psim.score(texts) if scores is None else scores, dtype=np.float64), **detector_scores}
+        lengths = np.concatenate([lengths, token_lengths(psim.tokenizer_, joined, psim.max_length)])
+        scores = np.concatenate([scores, psim.score(joined)])
+    texts = read + joined
+    members = {PSIM_MEMBER: scores, **detector_scores}
     for name, values in members.items():
         if values.shape != (len(texts),) or not np.all(np.isfinite(values)):
             raise ConfigError(f"calibrate: {name} did not give one finite score per text")
@@ -315,13 +321,14 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
         bucket_scores = {name: values[inside] for name, values in members.items()}
         rank = common_rank(list(bucket_scores.values()), allowed_above(int(inside.sum()), target_frr, confidence))
         thresholds = {name: float(np.sort(values)[::-1][rank]) for name, values in bucket_scores.items()}
+        span = f"{low} to {'more' if high is None else high - 1} tokens"
         switched_off = [name for name, value in thresholds.items() if value >= np.finfo(np.float64).max]
         if switched_off:  # a detector's scores that were not numbers count as the highest: its threshold would never be passed
-            raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {low} to {'more' if high is None else high - 1} "
-                              "tokens got no finite score from it, so no threshold can keep them; it cannot be calibrated on this sample")
+            raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {span} got no finite score from it, "
+                              "so no threshold can keep them; it cannot be calibrated on this sample")
         if not thresholds[PSIM_MEMBER] < 1.0:
-            raise ConfigError(f"--texts {source}: too many of the clean texts of {low} to {'more' if high is None else high - 1} "
-                              "tokens score 1.0, so no threshold can keep them; this PSIM cannot screen texts of that length")
+            raise ConfigError(f"--texts {source}: too many of the clean texts of {span} score 1.0, so no threshold can keep them; "
+                              "this PSIM cannot screen texts of that length")
         flagged = np.any([bucket_scores[name] > value for name, value in thresholds.items()], axis=0)
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
                                     sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
