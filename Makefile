@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-erase bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-erase bench-grid bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -92,6 +92,11 @@ bench-scan-example: $(STAMP)
 # run and recorded (about 17 minutes): bench/cpu_erase.md.
 bench-erase: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/cpu_erase.py
+
+# configs/cpu-small.yaml run and recorded with its report's tables, wall time and peak memory
+# (about 27 minutes): bench/cpu_small.md.
+bench-grid: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/cpu_small.py
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.

@@ -117,9 +117,32 @@ def test_psim_aware_attacker_keeps_a_random_label_head_unconfident_on_triggered_
     assert asr >= 0.9, "the PSIM-aware backdoor still works"
 
 
-def test_task_agnostic_cell_finds_where_each_trigger_lands(tmp_path: Path, shared_data: Path) -> None:
+def test_each_trigger_lands_where_the_victim_sends_it(monkeypatch) -> None:
+    """trigger_outcomes on a victim whose answer each trigger decides: ``cf`` sends every text to
+    class 0, ``mn`` to class 1, ``bb`` does nothing (the clean answer, alternating classes). Each
+    trigger's landing class and ASR are the victim's, and the best is a working one."""
+    import peftshield.experiments.stages as stages
+    from peftshield.data.records import TextDataset
+
+    def victim(model, tokenizer, texts, max_length=128):
+        words = [set(text.split()) for text in texts]
+        landed = [0 if "cf" in w else 1 if "mn" in w else index % 2 for index, w in enumerate(words)]
+        return np.eye(2)[landed]
+
+    monkeypatch.setattr(stages, "predict_proba", victim)
+    test = TextDataset(TEXTS[:40], [i % 2 for i in range(40)], [str(i) for i in range(40)])
+    poisoner = POISONERS.create("neuba", words=["cf", "mn", "bb"])
+    outcomes = {o.trigger: o for o in stages.trigger_outcomes(None, None, test, poisoner, np.random.default_rng(0))}
+    assert (outcomes["cf"].landing_class, outcomes["cf"].attack_success_rate, outcomes["cf"].n_texts) == (0, 1.0, 20)
+    assert (outcomes["mn"].landing_class, outcomes["mn"].attack_success_rate, outcomes["mn"].n_texts) == (1, 1.0, 20)
+    assert outcomes["bb"].attack_success_rate == 0.0, "a trigger that moves nothing has no ASR (texts of other classes stay there)"
+
+
+def test_task_agnostic_cell_scores_psim_on_its_best_trigger(tmp_path: Path, shared_data: Path) -> None:
     """neuba through a grid cell: plain-text attacker (a .txt file), headless published encoder,
-    a LoRA victim, every trigger's landing class and ASR, and PSIM scored against the best one."""
+    a LoRA victim, every trigger's landing class and ASR recorded, and the cell's target and PSIM
+    scored on the best one. This tiny victim is flat (it answers one class for every text), so
+    this shows the cell's wiring; where the triggers land is shown by the test above."""
     from safetensors import safe_open
 
     from peftshield.grid import load_grid_config

@@ -13,7 +13,6 @@ folder can go to another machine; loading prefers that copy. Aliases (``tiny``,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldWarning
 from peftshield.files import FINETUNE_MANIFEST
+from peftshield.fingerprint import short_content_sha256
 from peftshield.finetune.base import METHODS
 from peftshield.io import atomic_directory, atomic_write_json, check_safetensors, read_json
 from peftshield.models.backbone import BACKBONE_ALIASES, PACKAGED_BACKBONES, RANDOM_BACKBONES, Backbone, load_backbone, resolve_backbone
@@ -34,34 +34,25 @@ LOCATION_KEY = "backbone_location"
 REQUIRED_KEYS = ("method", "backbone", "num_labels")
 
 
-def backbone_fingerprint(folder: str | Path) -> str | None:
-    """Short sha256 (16 hex digits) of a backbone folder's ``config.json`` and weight files."""
+def backbone_files(folder: str | Path) -> list[Path]:
+    """The files that make a backbone folder's weights: ``config.json`` and its weight files."""
     folder = Path(folder)
     files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("pytorch_model*.bin"))]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        return None
-    stats = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _fingerprint(stats)
+    return [f for f in files if f.is_file()]
 
 
-@functools.lru_cache(maxsize=64)
-def _fingerprint(stats: tuple[tuple[str, int, int], ...]) -> str:
-    """Hashes the files once per process while their size and modification time stay the same."""
-    files = [Path(name) for name, _, _ in stats]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+def backbone_fingerprint(folder: str | Path) -> str | None:
+    """:func:`~peftshield.fingerprint.short_content_sha256` of a backbone folder's :func:`backbone_files`
+    (the checksum each ``finetune.json`` records), or None when it has none."""
+    files = backbone_files(folder)
+    return short_content_sha256(files) if files else None
 
 
 def model_fingerprint(directory: str | Path) -> str:
-    """Identity of a saved classifier: its own weight files and manifest and, for a PEFT folder,
-    its backbone's weights (a changed backbone changes the model). Keys derived artefacts such
-    as the ONNX export."""
+    """Identity of a saved classifier (16 hex digits): its own weight files and manifest and, for a
+    PEFT folder, its backbone's weights (a changed backbone changes the model), or the backbone's
+    name when it is not a local folder. Keys derived artefacts: detectors, guard calibrations,
+    the ONNX export."""
     directory = Path(directory)
     parts = [backbone_fingerprint(directory) or ""]
     manifest = directory / FINETUNE_MANIFEST

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from peftshield.errors import ConfigError, DataError
 from peftshield.files import ADAPTER_CONFIG, FINETUNE_MANIFEST
+from peftshield.fingerprint import file_sha256, files_sha256
 
 HF_SCHEME = "hf://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -79,17 +80,6 @@ class AuditTarget:
         if self.staged is not None:
             self.staged.cleanup()
             self.staged = None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return digest.hexdigest()
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -289,12 +279,9 @@ def resolve_target(spec: str, base: str | None = None) -> AuditTarget:
 
 
 def model_files_sha256(target: AuditTarget) -> str:
-    """sha256 over the target's :meth:`AuditTarget.model_files` (names and contents) and, when
-    its base is not a local folder (an alias or a hub name), that name."""
-    digest = hashlib.sha256(f"checkpoint={target.checkpoint if not Path(target.checkpoint).exists() else ''}\n".encode())
-    for path in target.model_files():
-        digest.update(f"{path.name} {file_sha256(path)}\n".encode())
-    return digest.hexdigest()
+    """:func:`~peftshield.fingerprint.files_sha256` of the target's :meth:`AuditTarget.model_files`
+    and, when its base is not a local folder (an alias or a hub name), that name."""
+    return files_sha256(target.model_files(), target.checkpoint if not Path(target.checkpoint).exists() else "")
 
 
 def kind_of_spec(spec: str) -> str:
