@@ -97,8 +97,12 @@ def reading(rows: list[dict]) -> list[str]:
         return sum(any(name in r["covered_by"] for name in members) for r in rows)
 
     sets = [("psim",), ("psim", "shift"), ("psim", "dan"), ("psim", "dan", "shift")]
+    cells = {(r["attack"], r["dataset"], r["victim"]) for r in rows}
+    twice = sorted(f"{a} {d} {v}" for a, d, v in cells if sum((r["attack"], r["dataset"], r["victim"]) == (a, d, v) for r in rows) > 1)
     out = ["- Rows covered, of " + str(len(rows)) + ", by a detector set (a row counts when one member covers it; the set's FRR is at most "
-           "the sum of its members'): " + "; ".join(f"{' + '.join(members)} {covered(members)}" for members in sets) + "."]
+           "the sum of its members'): " + "; ".join(f"{' + '.join(members)} {covered(members)}" for members in sets) + ".",
+           f"- The {len(rows)} rows are measurements, not distinct attacks: {len(cells)} attack x dataset x victim cells"
+           + (f", of which {', '.join(twice)} were measured in two bench files (separate runs, one row each)." if twice else ".")]
     for attack in dict.fromkeys(r["attack"] for r in rows):
         mine = [r for r in rows if r["attack"] == attack]
         counts = ", ".join(f"{name} {sum(name in r['covered_by'] for r in mine)}" for name in DETECTORS

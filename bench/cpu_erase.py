@@ -19,7 +19,16 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RUNS = {"cpu-erase": "configs/cpu-erase.yaml", "cpu-erase-lr1e-4": "configs/cpu-erase-lr1e-4.yaml"}
-LEARNING_RATES = {("cpu-erase", "full"): "2e-5", ("cpu-erase", "lora"): "2e-3", ("cpu-erase-lr1e-4", "full"): "1e-4"}
+
+
+def learning_rate(config: str, method: str) -> str:
+    """The victim's learning rate for ``method`` as the grid config sets it (lr_full or lr_peft)."""
+    from peftshield.grid import load_grid_config
+
+    victim = load_grid_config(ROOT / config).victim
+    import numpy as np
+
+    return np.format_float_scientific(victim.lr_full if method == "full" else victim.lr_peft, trim="-", exp_digits=1)  # 2e-5
 
 
 def run_grid(name: str, config: str) -> float:
@@ -42,7 +51,7 @@ def read_run(name: str) -> list[dict]:
     for cell in store.cells():
         key = cell["cell_key"]
         out.append({
-            "run": name, "method": cell["method"], "learning_rate": LEARNING_RATES.get((name, cell["method"]), "?"), "seconds": cell["seconds"],
+            "run": name, "method": cell["method"], "learning_rate": learning_rate(RUNS[name], cell["method"]), "seconds": cell["seconds"],
             "epochs": [{"epoch": e["epoch"], "asr": e.get("attack_success_rate"), "ca": e.get("clean_accuracy")} for e in cell["details"].get("epochs", [])],
             "psim": {m: metrics.get((key, f"psim.{m}")) for m in ("defended_attack_success_rate", "detection_auroc", "detection_frr")},
         })

@@ -56,7 +56,7 @@ def render(summary: dict) -> str:
 REFERENCE_TAU = 0.7  # the study's fixed PSIM threshold, against the dev-calibrated one
 
 
-def summarize(out: Path, seconds: float, fresh: bool) -> dict:
+def summarize(out: Path, seconds: float, fresh: bool, command: str) -> dict:
     """The figures of the demo in ``out`` (its demo.json and each victim's psim.json)."""
     demo = json.loads((out / "demo.json").read_text())
     reports = {method: json.loads((out / method / "psim.json").read_text()) for method in demo["config"]["methods"]}
@@ -65,7 +65,7 @@ def summarize(out: Path, seconds: float, fresh: bool) -> dict:
             "method": demo["scenario"]["defenses"][0].get("options", {}).get("method", "ptuning")}
     at_reference = {m: next((row for row in r.get("threshold_sweep", []) if abs(row["threshold"] - REFERENCE_TAU) < 1e-9), None) for m, r in reports.items()}
     return {"date": time.strftime("%Y-%m-%d"), "seconds": seconds, "fresh": fresh,
-            "command": "peftshield demo --out runs/demo --attack-data ../shared/data/psim/imdb --data ../shared/data/psim/sst-2",
+            "command": command,
             "demo": {k: demo[k] for k in ("rows", "attack_data", "victim_data", "stage_seconds", "notes")}, "psim": psim,
             "psim_per_method": {m: r["detection"] for m, r in reports.items()}, "reference_tau": REFERENCE_TAU, "at_reference_tau": at_reference}
 
@@ -85,7 +85,8 @@ def main() -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"demo failed:\n{done.stderr[-3000:]}")
-    summary = summarize(out, time.perf_counter() - started, fresh)
+    shown = " ".join(["peftshield", *command[1:-1]])  # the command as run (without the path to the venv and --no-progress)
+    summary = summarize(out, time.perf_counter() - started, fresh, shown)
     atomic_write_json(BENCH / "demo.json", summary)
     atomic_write_text(BENCH / "demo.md", render(summary))
     print(render(summary))

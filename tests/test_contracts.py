@@ -18,13 +18,15 @@ from backdoor_fixtures import sentiment_data, single_thread_torch, train_sentime
 from peftshield.attacks import POISONERS
 from peftshield.data import TextDataset
 from peftshield.defenses import DEFENSES, DefenseContext
+from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.finetune import METHODS, TrainingConfig, seed_torch, train_classifier
 from peftshield.models import load_backbone
 from peftshield.testing import (check_constructor_only_stores, check_created_with_defaults_fast_and_unloaded, check_defense,
                                 check_defense_constructor_only_stores, check_defense_fit_returns_self_and_sets_a_threshold,
                                 check_defense_params_match_constructor, check_defense_save_load_same_scores, check_defense_same_seed_same_scores,
                                 check_defense_score_independent_of_batch, check_method_constructor_only_stores, check_method_params_match_constructor,
-                                check_method_same_seed_same_trained_weights, check_params_are_the_constructor_parameters, check_poisoner,
+                                check_method_same_seed_same_trained_weights, check_non_defaults_cover_every_parameter,
+                                check_params_are_the_constructor_parameters, check_poisoner,
                                 check_poisoner_same_seed_same_poisoned_texts, check_spec_rebuilds_the_component, constructor_parameters)
 
 
@@ -51,17 +53,27 @@ def poisoner_options(name: str, paraphrase_file: Path) -> dict:
     return {"paraphrases": str(paraphrase_file)} if name == "syntactic" else {}
 
 
-def poisoner_non_defaults(name: str, paraphrase_file: Path) -> dict:
+def poisoner_non_defaults(name: str, paraphrase_file: Path) -> list[dict]:
+    """A value other than the default for every parameter (check_non_defaults_cover_every_parameter);
+    the syntactic trigger's three sources exclude one another, so it takes three option sets."""
+    task_agnostic = {"words": ("cf", "mn"), "vectors": "opposite", "vector_seed": 3, "trigger": 1, "backdoor_weight": 0.5}
     return {
-        "badnet": {"words": ("mn", "bb"), "num_triggers": 2},
-        "insent": {"sentence": "no one saw it coming"},
-        "syntactic": {"paraphrases": str(paraphrase_file), "template": "S(NP)(VP)(.)"},
-    }.get(name, {})
+        "badnet": [{"words": ("mn", "bb"), "num_triggers": 2}],
+        "insent": [{"sentence": "no one saw it coming"}],
+        "lowconf": [{"words": ("cf", "bb"), "num_triggers": 2, "min_confidence": 0.5, "max_confidence": 0.6}],
+        "neuba": [task_agnostic],
+        "por": [task_agnostic],
+        "psimaware": [{"words": ("cf", "bb"), "num_triggers": 2, "penalty": 0.5}],
+        "syntactic": [{"paraphrases": str(paraphrase_file), "template": "S(NP)(VP)(.)"}, {"paraphraser": "org/paraphraser"},
+                      {"pool": str(paraphrase_file)}],
+    }[name]
 
 
 def poisoner_params_match_constructor(name: str, paraphrase_file: Path) -> None:
-    check_params_are_the_constructor_parameters(POISONERS.get(name), poisoner_non_defaults(name, paraphrase_file))
-    check_spec_rebuilds_the_component(POISONERS, name, poisoner_non_defaults(name, paraphrase_file))
+    check_non_defaults_cover_every_parameter(POISONERS.get(name), poisoner_non_defaults(name, paraphrase_file))
+    for given in poisoner_non_defaults(name, paraphrase_file):
+        check_params_are_the_constructor_parameters(POISONERS.get(name), given)
+        check_spec_rebuilds_the_component(POISONERS, name, given)
 
 
 def poisoner_constructor_only_stores(name: str, paraphrase_file: Path) -> None:
@@ -129,6 +141,8 @@ DEFENSE_NON_DEFAULTS = {  # for the params() check: a value other than the defau
     "dan": {"max_reference_texts": 12, "batch_size": 8, "max_length": 32},
     "shift": {"original": "tiny", "max_reference_texts": 12, "max_fit_tokens": 100, "ridge": 1.0, "combine": "max", "extra_calibration_texts": 5, "batch_size": 8, "max_length": 32},
 }
+for _options in DEFENSE_NON_DEFAULTS.values():  # every defense's threshold policy, away from its default
+    _options["threshold"] = ThresholdPolicy(kind="frr", target_frr=0.05)
 # (defense, check) -> the bug, for a known bug marked as an expected failure until it is fixed. The
 # one this suite found (STRIP drew every text's perturbations from one stream in batch order, so a
 # score depended on the texts scored before it) is fixed: each text now has its own stream.
@@ -175,7 +189,7 @@ class Bench:
 
 
 def defense_params_match_constructor(name: str, bench: Bench) -> None:
-    check_defense_params_match_constructor(name, DEFENSE_NON_DEFAULTS.get(name, {}))
+    check_defense_params_match_constructor(name, DEFENSE_NON_DEFAULTS[name])
 
 
 def defense_constructor_only_stores(name: str, bench: Bench) -> None:
@@ -265,3 +279,23 @@ def test_the_public_defense_check_runs_whole_on_a_registered_defense(victim_dir:
     """``peftshield.testing.check_defense`` as a third party runs it, on DAN."""
     bench = Bench(victim_dir, tmp_path)
     check_defense("dan", DEFENSE_OPTIONS["dan"], bench.context, defense_data()[2], tmp_path, DEFENSE_NON_DEFAULTS["dan"])
+
+
+def test_the_public_method_check_runs_whole_on_lora() -> None:
+    """``peftshield.testing.check_fine_tune_method`` as a third party runs it, every part at once."""
+    from peftshield.testing import check_fine_tune_method
+
+    check_fine_tune_method("lora", train_tiny, initial_weights,
+                           {parameter: object() for parameter in constructor_parameters(METHODS.get("lora"))})
+
+
+def test_a_method_built_by_hand_trains_with_its_checked_options() -> None:
+    """``LoRA(r="4")`` (a string, as a hand-written config might give it) wraps with rank 4, the
+    value its type checks turn it into, and a value out of bounds is one line naming the method."""
+    from peftshield.errors import ConfigError
+
+    lora = METHODS.get("lora")
+    wrapped = lora(r="4").wrap(load_backbone("tiny", 2).model, 3)
+    assert wrapped.peft_config["default"].r == 4 and lora(r="4").config_dict()["r"] == 4
+    with pytest.raises(ConfigError, match="method 'lora': option 'r'"):
+        lora(r=0).wrap(load_backbone("tiny", 2).model, 3)

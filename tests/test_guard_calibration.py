@@ -205,6 +205,7 @@ def test_fill_lengths_joins_short_clean_texts_into_the_lengths_the_sample_lacks(
     assert (scores > filled.thresholds_for(lengths)).mean() <= 0.03 and (scores > plain.thresholds_for(lengths)).mean() >= 0.5
     again = calibrate_guard(scorer, "f", short, 0.01, "dev", fill_rng=np.random.default_rng(0))
     assert again.sample.joined == filled.sample.joined  # seeded: the same joins
+    assert calibrate_guard(scorer, "f", short, 0.01, "dev", fill_rng=np.random.default_rng(3), fill_seed=3).sample.fill_seed == 3
     with pytest.raises(ConfigError, match="for the PSIM alone"):
         calibrate_guard(scorer, "f", short, 0.01, "dev", detector_scores={"dan": np.zeros(900)}, detector_manifests={"dan": "a" * 64},
                         fill_rng=np.random.default_rng(0))
@@ -218,3 +219,74 @@ def test_a_detector_without_finite_scores_is_refused_not_silently_switched_off()
     broken = np.full(len(sample), np.finfo(np.float64).max)
     with pytest.raises(ConfigError, match="got no finite score"):
         calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": broken}, detector_manifests={"dan": "a" * 64})
+
+
+def test_a_detector_measured_by_evaluate_fires_on_a_score_that_is_not_a_number() -> None:
+    """``evaluate --detector`` scores through the guard's Detector: a text its defense cannot
+    score (NaN) is flagged there as in the guard, and the metrics come out as numbers."""
+    from peftshield.data.records import TextDataset
+    from peftshield.experiments.stages import evaluate_defense
+    from peftshield.guard.detectors import Detector
+    from peftshield.metrics import AttackMetrics
+
+    class HalfBlind:
+        name = "half-blind"
+
+        def score(self, texts):
+            return np.array([np.nan if "cf" in t else 0.1 for t in texts])
+
+    test = TextDataset(["good film"] * 4 + ["bad film"] * 4, [0] * 4 + [1] * 4, [str(i) for i in range(8)])
+    triggered = TextDataset(["bad film cf"] * 4, [1] * 4, [str(i) for i in range(4)])
+    probs = np.eye(2)[test.label_array()]
+    detector = Detector("half-blind", HalfBlind(), threshold=0.5, target_frr=0.01)
+    undefended = AttackMetrics(clean_accuracy=1.0, attack_success_rate=1.0, target_confidence_poisoned=1.0, target_confidence_clean=0.5, per_class_accuracy={}, n_clean=8, n_poisoned=4, target_label=0)
+    report = evaluate_defense(detector, test, triggered, probs, np.eye(2)[[0] * 4], 0, undefended)
+    assert report["defended_attack_success_rate"] == 0.0 and report["detection"]["frr"] == 0.0 and report["detection"]["auroc"] == 1.0
+
+
+def _edited(payload: dict, bucket: int, **change) -> dict:
+    buckets = [dict(b) for b in payload["buckets"]]
+    for key, value in change.items():
+        if key == "dan":
+            buckets[bucket]["detector_thresholds"] = {**buckets[bucket]["detector_thresholds"], "dan": value}
+        else:
+            buckets[bucket][key] = value
+    return {**payload, "buckets": buckets}
+
+
+@pytest.mark.parametrize("texts", [3000, 9000], ids=["every-score-kept", "quantiles-kept"])
+def test_a_threshold_edited_by_hand_is_refused_not_applied(tmp_path, texts) -> None:
+    """A calibration file is configuration: raising one member's threshold in it (to switch the
+    member off) or lowering it (to reject clean traffic) is refused at load, whether the bucket
+    kept every clean score (recomputed exactly) or only quantiles of them (more than 2000)."""
+    rng = np.random.default_rng(7)
+    scorer = LengthDriftingScorer(rng)
+    sample = traffic(rng, texts)
+    dan = rng.normal(0, 1, len(sample))
+    calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64})
+    assert any(b.texts > 2000 for b in calibration.buckets) == (texts > 6000)
+    path = tmp_path / "calibration.json"
+    path.write_text(calibration.model_dump_json())
+    assert load_guard_calibration(path, "psim-a", 128) == calibration  # as written, it loads
+    payload = json.loads(path.read_text())
+    largest = max(range(len(payload["buckets"])), key=lambda i: payload["buckets"][i]["texts"])
+    bucket = payload["buckets"][largest]
+    scores = bucket["clean_scores"]
+    for edit in ({"dan": 1e300}, {"dan": max(scores["dan"])}, {"threshold": 0.99989}, {"threshold": max(scores["psim"])},
+                 {"threshold": float(np.quantile(scores["psim"], 0.5))}, {"dan": float(np.quantile(scores["dan"], 0.5))},
+                 {"clean_scores": {"psim": scores["psim"]}}):  # dan's scores dropped: its threshold cannot be checked
+        path.write_text(json.dumps(_edited(payload, largest, **edit)))
+        with pytest.raises(ConfigError, match="not a guard calibration") as raised:
+            load_guard_calibration(path, "psim-a", 128)
+        assert "\n" not in str(raised.value), str(raised.value)
+
+
+def test_an_edited_psim_threshold_is_refused_in_a_calibration_of_the_psim_alone(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    calibration = calibrate_guard(LengthDriftingScorer(rng), "psim-a", traffic(rng, 600), 0.01, "s.jsonl")
+    payload = json.loads(calibration.model_dump_json())
+    path = tmp_path / "calibration.json"
+    for value in (0.99989, payload["buckets"][0]["clean_scores"]["psim"][-3]):  # above every clean score; two ranks off
+        path.write_text(json.dumps(_edited(payload, 0, threshold=value)))
+        with pytest.raises(ConfigError, match=r"bucket 0\+ tokens: psim.s threshold"):
+            load_guard_calibration(path, "psim-a", 128)

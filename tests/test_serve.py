@@ -625,6 +625,8 @@ def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guard
                            "calibrated with the detectors dan, occlusion"),
                           (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--detector", str(folders["dan"])],
                            "give both or neither"),
+                          (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), *detector_args,
+                            "--model", str(guarded.victim), "--fill-lengths"], "--fill-lengths: joined texts are for the PSIM alone"),
                           (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--confidence", "0.2"],
                            "--confidence 0.2")):
         done = cli(*args[:1], "--model" if args[0] == "guard" else "--psim", str(guarded.victim if args[0] == "guard" else guarded.psim),
@@ -632,6 +634,16 @@ def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guard
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert not (tmp_path / "none.json").exists()
+
+    # serve refuses before it listens: the wrong detectors, or a detector's threshold raised by hand to switch it off
+    edited = json.loads(calibration_file.read_text())
+    edited["buckets"][0]["detector_thresholds"]["dan"] = 1e300
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    for calibration_arg, detectors, message in ((calibration_file, ["--detector", str(folders["dan"])], "calibrated with the detectors dan, occlusion"),
+                                                (tmp_path / "edited.json", detector_args, "dan's threshold 1e+300 is none of its kept clean scores")):
+        done = cli("serve", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--calibration", str(calibration_arg), *detectors,
+                   "--port", str(free_port()))
+        assert done.returncode == 2 and message in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
 
 
 @pytest.mark.parametrize("args, message", [

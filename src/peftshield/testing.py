@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +40,30 @@ FAST_SECONDS = 0.5  # creating a component with its defaults; loading any model 
 
 
 def constructor_parameters(cls) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+    """The constructor's named parameters (not ``self``, ``*args`` or ``**kwargs``)."""
+    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+NonDefaults = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def non_default_sets(non_defaults: NonDefaults) -> list[dict[str, Any]]:
+    """``non_defaults`` as a list of option sets (one mapping, or several for parameters that
+    exclude one another, such as a trigger's alternative sources)."""
+    return [dict(non_defaults)] if isinstance(non_defaults, Mapping) else [dict(m) for m in non_defaults]
+
+
+def check_non_defaults_cover_every_parameter(cls, non_defaults: NonDefaults) -> None:
+    """Every constructor parameter is given a value other than its default in at least one of the
+    option sets: a params() or spec() round trip tried at defaults only would prove little (a
+    parameter ``spec()`` forgot would come back as its default and still compare equal)."""
+    sets = non_default_sets(non_defaults)
+    for name, parameter in constructor_parameters(cls).items():
+        values = [options[name] for options in sets if name in options]
+        assert values, f"give a value other than the default for '{name}' (non_defaults covers {sorted({k for o in sets for k in o})})"
+        assert any(value is not parameter.default and value != parameter.default for value in values), \
+            f"'{name}' is given only its default ({parameter.default!r}); give another value"
 
 
 def check_constructor_only_stores(cls) -> None:
@@ -96,15 +119,19 @@ def check_poisoner_same_seed_same_poisoned_texts(name: str, options: Mapping[str
     assert a.manifest_rows() == b.manifest_rows() and a.data.texts == b.data.texts, "the same seed poisoned a dataset differently"
 
 
-def check_poisoner(name: str, options: Mapping[str, Any], texts: list[str], non_defaults: Mapping[str, Any] | None = None) -> None:
+def check_poisoner(name: str, options: Mapping[str, Any], texts: list[str], non_defaults: NonDefaults | None = None) -> None:
     """Every poisoner contract for the registered trigger ``name``: ``options`` are what it needs
-    to run here, ``non_defaults`` a value other than the default for its parameters."""
+    to run here (at least two ``texts``), ``non_defaults`` a value other than the default for
+    every parameter (one mapping, or several option sets)."""
     from peftshield.attacks import POISONERS
 
+    assert len(texts) >= 2, "give at least two texts: one text cannot show that the same seed poisons a list the same way"
     cls = POISONERS.get(name)
-    given = dict(non_defaults if non_defaults is not None else options)
-    check_params_are_the_constructor_parameters(cls, given)
-    check_spec_rebuilds_the_component(POISONERS, name, given)
+    sets = non_default_sets(non_defaults if non_defaults is not None else options)
+    check_non_defaults_cover_every_parameter(cls, sets)
+    for given in sets:
+        check_params_are_the_constructor_parameters(cls, given)
+        check_spec_rebuilds_the_component(POISONERS, name, given)
     check_constructor_only_stores(cls)
     check_created_with_defaults_fast_and_unloaded(POISONERS, name, options)
     check_poisoner_same_seed_same_poisoned_texts(name, options, texts)
@@ -127,11 +154,15 @@ def _fit(name: str, options: Mapping[str, Any], context: ContextFactory, seed: i
     return DEFENSES.create(name, **options).fit(made, np.random.default_rng(seed)), made
 
 
-def check_defense_params_match_constructor(name: str, non_defaults: Mapping[str, Any]) -> None:
+def check_defense_params_match_constructor(name: str, non_defaults: NonDefaults) -> None:
+    """params() and spec() round trips with a value other than the default for every parameter."""
     from peftshield.defenses import DEFENSES
 
-    check_params_are_the_constructor_parameters(DEFENSES.get(name), non_defaults)
-    check_spec_rebuilds_the_component(DEFENSES, name, non_defaults)
+    sets = non_default_sets(non_defaults)
+    check_non_defaults_cover_every_parameter(DEFENSES.get(name), sets)
+    for given in sets:
+        check_params_are_the_constructor_parameters(DEFENSES.get(name), given)
+        check_spec_rebuilds_the_component(DEFENSES, name, given)
 
 
 def check_defense_constructor_only_stores(name: str) -> None:
@@ -200,10 +231,12 @@ def check_defense_save_load_same_scores(name: str, options: Mapping[str, Any], c
 
 
 def check_defense(name: str, options: Mapping[str, Any], context: ContextFactory, texts: list[str], workdir: Path,
-                  non_defaults: Mapping[str, Any] | None = None) -> None:
+                  non_defaults: NonDefaults | None = None) -> None:
     """Every defense contract for the registered defense ``name``: ``options`` make it run here
     (small models, few texts), ``context`` makes a new :class:`~peftshield.defenses.DefenseContext`
-    per call, ``texts`` are scored (their scores must vary), ``workdir`` receives saved state."""
+    per call, at least two ``texts`` are scored (their scores must vary), ``workdir`` receives
+    saved state, ``non_defaults`` a value other than the default for every parameter."""
+    assert len(texts) >= 2, "give at least two texts: scores of one text cannot vary, nor show batch independence"
     check_defense_params_match_constructor(name, non_defaults if non_defaults is not None else options)
     check_defense_constructor_only_stores(name)
     check_defense_fit_returns_self_and_sets_a_threshold(name, options, context, texts)

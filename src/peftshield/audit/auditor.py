@@ -40,7 +40,7 @@ class AuditSettings(BaseModel):
     max_tokens: int = Field(48, ge=8, le=512, description="clean texts are cut to this many tokens")
     hotflip_rounds: int = Field(1, ge=1, le=20)
     relaxed_steps: int = Field(20, ge=0, le=1000, description="Adam steps of the relaxed-slot search (0: HotFlip only)")
-    sweep_texts: int = Field(2, ge=0, le=64, description="short texts every whole-word token is tried in (0: no vocabulary sweep)")
+    sweep_texts: int = Field(2, ge=0, le=64, description="short texts every whole-word token is tried in, for an embedding objective; a classifier head's sweep takes one text per predicted class instead (0: no vocabulary sweep)")
     sweep_tokens: int = Field(4, ge=2, le=64, description="the sweep's texts are cut to this many tokens")
     candidates_per_round: int = Field(64, ge=1, le=4096)
     finalists: int = Field(8, ge=1, le=256)

@@ -431,8 +431,8 @@ def vocabulary_sweep(model, probe, predicted: np.ndarray, num_labels: int, words
     if not settings.sweep_texts:
         return None
     if objective == "class":
+        # one text per predicted class, whatever sweep_texts (a class without one could not be searched as a target)
         chosen = [int(np.flatnonzero(predicted == c)[0]) for c in range(num_labels) if (predicted == c).any()]
-        chosen = chosen[: max(settings.sweep_texts, len(chosen))]
     else:
         chosen = list(range(min(max(2, settings.sweep_texts), len(probe))))
     short = probe.subset(chosen).shortened(settings.sweep_tokens)

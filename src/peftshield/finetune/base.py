@@ -23,14 +23,22 @@ class FineTuneMethod(Component, ABC):
 
     default_learning_rate: ClassVar[float] = 2e-3
 
-    def config_dict(self) -> dict[str, Any]:
-        """The options, checked (a one-line :class:`ConfigError` naming the method otherwise), in
-        JSON form: what a fine-tuned folder's manifest records and a stage key is built from."""
+    def validated(self) -> "FineTuneMethod":
+        """This method rebuilt from its options once typed and checked (types, bounds and the
+        cross-option checks of :meth:`check_options`); a one-line :class:`ConfigError` naming the
+        method otherwise. ``wrap`` builds from it, so a method made by hand trains with what was
+        checked (``r="8"`` becomes 8), not with what it was given."""
         try:
-            options = self.options_model()(**self.params()).model_dump(mode="json")
+            return type(self)(**self.validate_options(self.params()))
         except pydantic.ValidationError as exc:
             raise ConfigError(f"method '{self.name}': {describe_validation_error(exc)}") from None
-        return options
+        except ValueError as exc:  # check_options
+            raise ConfigError(f"method '{self.name}': {exc}") from None
+
+    def config_dict(self) -> dict[str, Any]:
+        """The options, checked (:meth:`validated`), in JSON form: what a fine-tuned folder's
+        manifest records and a stage key is built from."""
+        return self.options_model()(**self.validated().params()).model_dump(mode="json")
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.config_dict()}

@@ -112,6 +112,7 @@ class CalibrationSample(BaseModel):
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hash of the texts, in order, each followed by a newline.")
     joined: NonNegativeInt = Field(0, description="Texts joined from the sample's own to fill length buckets it had too few of "
                                    "('calibrate --fill-lengths'); counted in the buckets, not in texts.")
+    fill_seed: Optional[int] = Field(None, description="The seed that drew the joined texts (--seed), so the calibration can be made again.")
 
 
 class GuardCalibration(BaseModel):
@@ -141,6 +142,11 @@ class GuardCalibration(BaseModel):
         for bucket in self.buckets:
             if set(bucket.detector_thresholds) != set(self.detectors) or not set(bucket.clean_scores) <= {PSIM_MEMBER, *self.detectors}:
                 raise ValueError("every bucket must hold a threshold for each calibrated detector, and scores only of members")
+        if self.confidence is not None:  # format /2: every threshold must be the one its bucket's own clean scores give
+            for bucket in self.buckets:
+                problem = threshold_problem(bucket, self.target_frr, self.confidence)
+                if problem:
+                    raise ValueError(f"bucket {bucket.min_tokens}+ tokens: {problem}")
         return self
 
     def bucket_indices(self, lengths: np.ndarray) -> np.ndarray:
@@ -217,6 +223,59 @@ def common_rank(member_scores: list[np.ndarray], allowed: int) -> int:
     return low
 
 
+def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float) -> str | None:
+    """What is wrong with a bucket's thresholds, checked against its own kept clean scores, or None.
+
+    A calibration file is configuration anyone with write access to it can edit: a threshold
+    raised by hand (``"dan": 1e300``) would switch a member off without a word. So each
+    member's threshold must be the one :func:`calibrate_guard` sets from the bucket's scores.
+    When every score was kept (``texts`` up to ``MAX_KEPT_SCORES``) it is recomputed exactly.
+    Otherwise the kept scores are evenly spaced quantiles, and the share of them above each
+    threshold must lie between what a common rank of k/m - 1 and k + 1 gives (k the texts the
+    bound allows above, m the members), give or take one quantile step. A file whose scores were
+    forged together with its thresholds passes: the sample's hash is recorded for that audit.
+    """
+    members = [PSIM_MEMBER, *sorted(bucket.detector_thresholds)]
+    missing = [name for name in members if name not in bucket.clean_scores]
+    if missing:
+        return f"no clean scores kept for {missing[0]}, so its threshold cannot be checked"
+    kept = {name: np.asarray(bucket.clean_scores[name], dtype=np.float64) for name in members}  # not kept_arrays: a cached property would join the model's equality
+    allowed = allowed_above(bucket.texts, target_frr, confidence)
+    if allowed < 0:
+        return f"{bucket.texts} texts are too few for a {target_frr:.1%} bound at {confidence:.0%} confidence"
+    if all(kept[name].size == bucket.texts for name in members):
+        return _exact_rank_problem(bucket, kept, allowed)
+    step = 1.0 / max(1, min(kept[name].size for name in members) - 1)
+    lowest_rank, highest_rank = max(0, allowed // len(members) - 1), allowed + 1
+    for name in members:
+        above = float(np.count_nonzero(kept[name] > bucket.member_threshold(name))) / kept[name].size
+        if not lowest_rank / bucket.texts - 2 * step <= above <= highest_rank / bucket.texts + 2 * step:
+            return (f"{name}'s threshold {bucket.member_threshold(name):.6g} puts {above:.2%} of its clean scores above it, "
+                    f"not the {lowest_rank / bucket.texts:.2%}-{highest_rank / bucket.texts:.2%} the bound allows")
+    return None
+
+
+def _exact_rank_problem(bucket: LengthBucket, kept: dict[str, np.ndarray], allowed: int) -> str | None:
+    """Every score kept: the thresholds must sit at one common rank r of the members' descending
+    scores, no member may have more than k scores above its own, and (as r is the largest rank
+    that keeps the union at k) the members together must have more than k above rank r + 1."""
+    descending = {name: np.sort(scores)[::-1] for name, scores in kept.items()}
+    ranks = None
+    for name in kept:
+        at = set(np.flatnonzero(descending[name] == bucket.member_threshold(name)).tolist())
+        if not at:
+            return f"{name}'s threshold {bucket.member_threshold(name):.6g} is none of its kept clean scores"
+        ranks = at if ranks is None else ranks & at
+        if np.count_nonzero(descending[name] > bucket.member_threshold(name)) > allowed:
+            return f"{name}'s threshold {bucket.member_threshold(name):.6g} has more clean scores above it than the bound allows ({allowed})"
+    if not ranks:
+        return "the members' thresholds are not at one common rank of their clean scores"
+    rank = max(ranks)
+    if rank + 1 < bucket.texts and sum(int(np.count_nonzero(descending[name] > descending[name][rank + 1])) for name in kept) <= allowed:
+        return f"the thresholds sit at rank {rank}, higher than the bound needs (it allows {allowed} clean texts above them)"
+    return None
+
+
 def kept_scores(scores: np.ndarray) -> list[float]:
     """Ascending clean scores to keep for p-values: all, or evenly spaced quantiles of many."""
     ordered = np.sort(np.asarray(scores, dtype=np.float64))
@@ -282,7 +341,7 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, min_bucket_texts: int = MIN_BUCKET_TEXTS,
                     scores: np.ndarray | None = None, confidence: float = DEFAULT_CONFIDENCE,
                     detector_scores: dict[str, np.ndarray] | None = None, detector_manifests: dict[str, str] | None = None,
-                    fill_rng: np.random.Generator | None = None) -> GuardCalibration:
+                    fill_rng: np.random.Generator | None = None, fill_seed: int | None = None) -> GuardCalibration:
     """Per-length thresholds for ``psim`` (whose folder has ``psim_fingerprint``,
     :func:`~peftshield.finetune.checkpoint.model_fingerprint`) under which, with probability
     ``confidence``, at most ``target_frr`` of clean traffic like ``texts`` is flagged in each
@@ -290,7 +349,8 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
     ``detector_scores`` each detector's scores of ``texts`` (calibrated under the same budget),
     ``detector_manifests`` the SHA-256 of each one's detector.json. With ``fill_rng``, every
     length bucket short of texts is filled with texts joined from the sample's own
-    (:func:`filled_lengths`, ``FILL_FACTOR`` times the texts the bound needs)."""
+    (:func:`filled_lengths`, ``FILL_FACTOR`` times the texts the bound needs); ``fill_seed``, the
+    seed ``fill_rng`` was made from, is recorded with the sample."""
     check_target_frr(target_frr)
     check_confidence(confidence)
     detector_scores = {name: np.asarray(values, dtype=np.float64) for name, values in (detector_scores or {}).items()}
@@ -335,15 +395,17 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
                                     clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}))
     return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=psim.max_length, target_frr=target_frr, confidence=confidence,
                             detectors=dict(detector_manifests or {}), buckets=buckets,
-                            sample=CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read)),
+                            sample=CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read),
+                                                  fill_seed=fill_seed if joined else None),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 MAX_CALIBRATION_BYTES = 8_000_000  # four buckets of three members with all 2000 kept scores each take about 0.5 MB
 
 
-def load_guard_calibration(path: str | Path, psim_fingerprint: str, max_length: int) -> GuardCalibration:
-    """The calibration in ``path``, checked against the PSIM it is for; a one-line :class:`ConfigError` otherwise."""
+def read_guard_calibration(path: str | Path) -> GuardCalibration:
+    """The calibration in ``path``, validated (every threshold checked against its bucket's kept
+    clean scores), not yet matched to a PSIM; a one-line :class:`ConfigError` otherwise."""
     path = Path(path)
     where = f"--calibration {path}"
     if not path.is_file():
@@ -351,14 +413,35 @@ def load_guard_calibration(path: str | Path, psim_fingerprint: str, max_length: 
     if path.stat().st_size > MAX_CALIBRATION_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_CALIBRATION_BYTES} bytes; not a guard calibration")
     try:
-        calibration = GuardCalibration.model_validate_json(path.read_bytes())
+        return GuardCalibration.model_validate_json(path.read_bytes())
     except ValidationError as error:
         issue = first_issue(error)
         raise ConfigError(f"{where}: not a guard calibration ({issue.location + ': ' if issue.location else ''}{issue.message}); "
                           "write one with 'peftshield calibrate'") from None
+
+
+def load_guard_calibration(path: str | Path, psim_fingerprint: str, max_length: int | None) -> GuardCalibration:
+    """The calibration in ``path`` (:func:`read_guard_calibration`), checked against the PSIM it is
+    for and, unless None, the tokens the guard reads per text."""
+    where = f"--calibration {path}"
+    calibration = read_guard_calibration(path)
     if calibration.psim_fingerprint != psim_fingerprint:
         raise ConfigError(f"{where}: made for another PSIM (or the PSIM or its backbone changed since); calibrate again with 'peftshield calibrate'")
-    if calibration.max_length != max_length:
+    if max_length is not None and calibration.max_length != max_length:
         raise ConfigError(f"{where}: made for {calibration.max_length} tokens per text, the guard reads {max_length}; "
                           "calibrate again or pass the same --max-length")
     return calibration
+
+
+def check_calibrated_detectors(calibration: GuardCalibration, given: dict[str, str], where: Path | str) -> None:
+    """A calibration made with detectors is used with exactly those: ``given`` maps each detector
+    passed to the SHA-256 of its detector.json. One made without any leaves each detector at
+    its own threshold."""
+    if not calibration.detectors:
+        return
+    if set(given) != set(calibration.detectors):
+        raise ConfigError(f"--calibration {where}: calibrated with the detectors {', '.join(sorted(calibration.detectors))}; "
+                          f"pass exactly those with --detector (given: {', '.join(sorted(given)) or 'none'}), or calibrate again")
+    changed = sorted(name for name, digest in given.items() if calibration.detectors[name] != digest)
+    if changed:
+        raise ConfigError(f"--calibration {where}: the detector {changed[0]} was fitted again since; calibrate again with 'peftshield calibrate'")

@@ -64,6 +64,11 @@ class Detector:
     target_frr: float | None
     manifest_sha256: str = ""  # of its detector.json: a calibration made with this detector names it
 
+    transductive = False  # scores each text on its own (check_detector_kind), so it can stand in for its defense in evaluate_defense
+
+    def fitted_threshold(self) -> float:
+        return self.threshold
+
     def score(self, texts: list[str]) -> np.ndarray:
         """Scores per text; a score that is not a finite number counts as the highest (it fires)."""
         scores = np.asarray(self.defense.score(list(texts)), dtype=np.float64)

@@ -21,8 +21,7 @@ from peftshield.flags import typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.inference import encoded_proba
-from peftshield.errors import ConfigError
-from peftshield.guard.calibration import PSIM_MEMBER, GuardCalibration, load_guard_calibration
+from peftshield.guard.calibration import PSIM_MEMBER, GuardCalibration, check_calibrated_detectors, load_guard_calibration
 from peftshield.guard.detectors import Detector, load_detectors, recorded_backbone
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
@@ -57,6 +56,8 @@ class Guard:
         self.victim_runtime = victim_runtime
         self.calibration = calibration
         self.detectors = list(detectors or [])
+        if calibration is not None:  # a guard built in code is held to the same pairing as one built from settings
+            check_calibrated_detectors(calibration, {d.name: d.manifest_sha256 for d in self.detectors}, settings.calibration or "given")
         # The single threshold (None under a per-length calibration).
         self.threshold = None if calibration else float(psim.threshold_ if settings.threshold is None else settings.threshold)
         self.mode = settings.mode
@@ -95,8 +96,6 @@ class Guard:
         fingerprint = model_fingerprint(settings.model)
         suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
         detectors = load_detectors(settings.detectors, victim, fingerprint, suspect)
-        if calibration is not None:
-            check_calibrated_detectors(calibration, detectors, settings.calibration)
         victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint)
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)
 
@@ -169,20 +168,6 @@ class Guard:
         if self.calibration.detectors:
             own = {name: np.array([bucket.member_threshold(name) for bucket in buckets]) for name in own}
         return {PSIM_MEMBER: np.array([bucket.threshold for bucket in buckets]), **own}, buckets
-
-
-def check_calibrated_detectors(calibration: GuardCalibration, detectors: list[Detector], where: Path | str) -> None:
-    """A calibration made with detectors is used with exactly those (the same detector.json);
-    one made without any leaves each detector at its own threshold."""
-    if not calibration.detectors:
-        return
-    given = {d.name: d.manifest_sha256 for d in detectors}
-    if set(given) != set(calibration.detectors):
-        raise ConfigError(f"--calibration {where}: calibrated with the detectors {', '.join(sorted(calibration.detectors))}; "
-                          f"pass exactly those with --detector (given: {', '.join(sorted(given)) or 'none'}), or calibrate again")
-    changed = sorted(name for name, digest in given.items() if calibration.detectors[name] != digest)
-    if changed:
-        raise ConfigError(f"--calibration {where}: the detector {changed[0]} was fitted again since; calibrate again with 'peftshield calibrate'")
 
 
 def _same_tokenizer(a, b) -> bool:

@@ -62,7 +62,9 @@ from peftshield.data.records import check_encodable
 from peftshield.errors import ConfigError, DataError, first_issue
 from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from peftshield.guard.drift import FlagRateMonitor
-from peftshield.guard.detectors import read_detector_manifest
+from peftshield.finetune.checkpoint import model_fingerprint
+from peftshield.guard.calibration import check_calibrated_detectors, load_guard_calibration
+from peftshield.guard.detectors import manifest_sha256, read_detector_manifest
 from peftshield.guard.flag_log import FlagLog
 from peftshield.guard.guard import Guard
 from peftshield.guard.keys import ApiError, api_key_file_warning, check_api_key, read_api_keys
@@ -117,10 +119,10 @@ async def _disconnected(request: Request) -> None:
 def check_settings(settings: ServeSettings) -> None:
     """One-line errors for settings that would only fail once the service is up."""
     check_guard_folders(settings.model, settings.psim)
-    if settings.calibration is not None and not settings.calibration.is_file():
-        raise ConfigError(f"--calibration {settings.calibration}: no such file")
-    for folder in settings.detectors:
-        read_detector_manifest(folder)
+    manifests = {read_detector_manifest(folder).name: manifest_sha256(folder) for folder in settings.detectors}
+    if settings.calibration is not None:  # parsed, checked and matched to the detectors before the port opens, not as a 503 after
+        calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), settings.max_length)
+        check_calibrated_detectors(calibration, manifests, settings.calibration)
     if settings.api_key_file is not None:
         read_api_keys(settings.api_key_file)
     if settings.log_flagged is not None:

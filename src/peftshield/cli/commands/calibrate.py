@@ -44,7 +44,8 @@ def calibrate(
     model: Optional[Path] = typer.Option(None, "--model", help="The deployed classifier the detectors were fitted for (with --detector)."),
     fill_lengths: bool = typer.Option(False, "--fill-lengths", help="Fill each length bucket the sample has too few texts of with texts "
                                       "joined from its own (e.g. calibrating on a PSIM's short dev sentences before any traffic is seen); "
-                                      "for the PSIM alone. The file records how many were joined."),
+                                      "for the PSIM alone. Each bucket short of texts is topped up to 3x the least size the bound needs; the file records "
+                                      "how many were joined and the --seed that drew them."),
     seed: int = SeedOption,
     length_edges: str = typer.Option(",".join(map(str, DEFAULT_LENGTH_EDGES)), "--length-edges",
                                      help="Bucket edges in tokens (special tokens included, after the PSIM's --max-length cut)."),
@@ -66,6 +67,8 @@ def calibrate(
         raise ConfigError(f"--psim {psim_dir}: no such PSIM directory")
     if bool(detector) != (model is not None):
         raise ConfigError("--detector and --model: the detectors are calibrated for the model they were fitted for; give both or neither")
+    if fill_lengths and detector:
+        raise ConfigError("--fill-lengths: joined texts are for the PSIM alone; calibrate detectors on a sample of real traffic (drop --detector or --fill-lengths)")
     if model is not None and not model.is_dir():
         raise ConfigError(f"--model {model}: no such model directory")
     if out.suffix.lower() != ".json":
@@ -77,7 +80,8 @@ def calibrate(
     scores = psim.score(list(sample.texts), progress=progress)
     calibration = calibrate_guard(psim, model_fingerprint(psim_dir), list(sample.texts), target_frr, texts, edges, min_bucket_texts, scores,
                                   confidence, {d.name: d.score(list(sample.texts)) for d in detectors},
-                                  {d.name: d.manifest_sha256 for d in detectors}, np.random.default_rng(seed) if fill_lengths else None)
+                                  {d.name: d.manifest_sha256 for d in detectors}, np.random.default_rng(seed) if fill_lengths else None,
+                                  fill_seed=seed if fill_lengths else None)
     atomic_write_text(out, calibration.model_dump_json(indent=2) + "\n")
     info(f"calibration -> {out}: {calibration.describe()}")
 

@@ -66,6 +66,12 @@ def evaluate(
         raise ConfigError(f"--poisoned-test: the '{trigger_name}' trigger draws ready-made texts from a pool, which may hold "
                           "texts the attacker trained on; give a triggered test file")
     loaded = load_classifier(model, splits.num_labels, backbone)
+    detectors = []
+    if detector:  # loaded (and refused, one line) before the victim is evaluated
+        from peftshield.finetune.checkpoint import model_fingerprint
+        from peftshield.guard.detectors import load_detectors, recorded_backbone
+
+        detectors = load_detectors(detector, loaded, model_fingerprint(model), recorded_backbone(model, backbone))
     rng = np.random.default_rng(seed)
     test = splits[split]
     asr_set = load_poisoned_test(poisoned_test, target_label, skip_empty) if poisoned_test is not None else build_asr_set(test, poisoner, target_label, rng)
@@ -78,13 +84,10 @@ def evaluate(
         report = evaluate_defense(PSIM.load(psim_dir, backbone=backbone, runtime=runtime), test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
         payload.update({k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate", "detection", "score_seconds")})
         payload["defense"] = "psim"
-    if detector:
-        from peftshield.finetune.checkpoint import model_fingerprint
-        from peftshield.guard.detectors import load_detectors, recorded_backbone
-
+    if detectors:
         payload["detectors"] = {}
-        for loaded_detector in load_detectors(detector, loaded, model_fingerprint(model), recorded_backbone(model, backbone)):
-            report = evaluate_defense(loaded_detector.defense, test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
+        for loaded_detector in detectors:  # through the guard's own scoring: a score that is not a number fires
+            report = evaluate_defense(loaded_detector, test, asr_set, clean_probs, poisoned_probs, target_label, metrics, progress)
             payload["detectors"][loaded_detector.name] = {k: report[k] for k in ("defended_clean_accuracy", "defended_attack_success_rate",
                                                                                   "detection", "score_seconds")}
     payload["seconds"] = time.perf_counter() - started

@@ -25,10 +25,10 @@ class BottleneckAdapterMethod(FineTuneMethod):
             from adapters import DoubleSeqBnConfig, SeqBnConfig
         except ImportError:
             raise ConfigError("method 'adapter' needs AdapterHub's 'adapters' package (pip install adapters)") from None
-        self.config_dict()  # a method built by hand is checked before the model is touched
+        checked = self.validated()  # a method built by hand is checked before the model is touched
         adapters.init(model)
-        config_cls = SeqBnConfig if self.variant == "seq_bn" else DoubleSeqBnConfig
-        model.add_adapter(ADAPTER_NAME, config=config_cls(reduction_factor=self.reduction_factor))
+        config_cls = SeqBnConfig if checked.variant == "seq_bn" else DoubleSeqBnConfig
+        model.add_adapter(ADAPTER_NAME, config=config_cls(reduction_factor=checked.reduction_factor))
         model.train_adapter(ADAPTER_NAME)  # freezes the backbone and activates the adapter
         head = classification_head(model)
         for parameter in head.parameters():

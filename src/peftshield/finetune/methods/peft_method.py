@@ -22,5 +22,5 @@ class PeftLibraryMethod(FineTuneMethod):
     def wrap(self, model, num_training_steps: int):
         from peft import get_peft_model
 
-        self.config_dict()  # a method built by hand is checked before the model is touched
-        return get_peft_model(model, self.peft_config(num_training_steps))
+        # a method built by hand is checked before the model is touched, and trains with the checked values
+        return get_peft_model(model, self.validated().peft_config(num_training_steps))
