@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-scan-example bench-erase bench-grid bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -82,6 +82,10 @@ bench-serve-detectors: $(STAMP)
 # reused): bench/demo.md, which docs/results/demo.md includes.
 bench-demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/demo.py --out $(DEMO_OUT) --shared $(SHARED)
+
+# make demo with a weaker attacker (--attack-lr 2e-5), recorded (about 10 minutes): bench/demo_weak.md.
+bench-demo-weak: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/demo.py --attack-lr 2e-5 --out runs/demo-weak --name demo_weak --shared $(SHARED)
 
 # The scan page's two commands on the demo's backbone, timed (about 2 minutes; needs bench-demo):
 # bench/scan_example.md.

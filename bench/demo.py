@@ -7,6 +7,9 @@ runs/demo/demo.json and each victim's PSIM report and writes the table docs/resu
 includes.
 
     .venv/bin/python bench/demo.py [--out runs/demo] [--shared ../shared/data]
+
+With ``--attack-lr 2e-5 --out runs/demo-weak --name demo_weak`` (``make bench-demo-weak``): the
+same demo with a weaker attacker, recorded in bench/demo_weak.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ BENCH = Path(__file__).resolve().parent
 
 def render(summary: dict) -> str:
     demo, psim = summary["demo"], summary["psim"]
+    weaker = f" with a weaker attacker (--attack-lr {summary['attack_lr']:g})" if summary.get("attack_lr") else ""
     lines = [
-        "# `make demo`, measured",
+        f"# `make demo`{weaker}, measured",
         "",
         f"Command: `make bench-demo` (= `.venv/bin/python bench/demo.py`: `{summary['command']}`), {summary['date']}, this machine "
         f"(2 CPU cores, no GPU), {summary['seconds']:.0f} s wall ({'every stage computed in this run' if summary['fresh'] else 'stages found in the run folder were reused'}). "
@@ -56,7 +60,7 @@ def render(summary: dict) -> str:
 REFERENCE_TAU = 0.7  # the study's fixed PSIM threshold, against the dev-calibrated one
 
 
-def summarize(out: Path, seconds: float, fresh: bool, command: str) -> dict:
+def summarize(out: Path, seconds: float, fresh: bool, command: str, attack_lr: float | None = None) -> dict:
     """The figures of the demo in ``out`` (its demo.json and each victim's psim.json)."""
     demo = json.loads((out / "demo.json").read_text())
     reports = {method: json.loads((out / method / "psim.json").read_text()) for method in demo["config"]["methods"]}
@@ -64,7 +68,7 @@ def summarize(out: Path, seconds: float, fresh: bool, command: str) -> dict:
     psim = {**first["detection"], "n_clean": first["n_clean"], "n_poisoned": first["n_poisoned"],
             "method": demo["scenario"]["defenses"][0].get("options", {}).get("method", "ptuning")}
     at_reference = {m: next((row for row in r.get("threshold_sweep", []) if abs(row["threshold"] - REFERENCE_TAU) < 1e-9), None) for m, r in reports.items()}
-    return {"date": time.strftime("%Y-%m-%d"), "seconds": seconds, "fresh": fresh,
+    return {"date": time.strftime("%Y-%m-%d"), "seconds": seconds, "fresh": fresh, "attack_lr": attack_lr,
             "command": command,
             "demo": {k: demo[k] for k in ("rows", "attack_data", "victim_data", "stage_seconds", "notes")}, "psim": psim,
             "psim_per_method": {m: r["detection"] for m, r in reports.items()}, "reference_tau": REFERENCE_TAU, "at_reference_tau": at_reference}
@@ -74,21 +78,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--shared", default="../shared/data")
+    parser.add_argument("--attack-lr", type=float, default=None, help="the attacker's learning rate (default: the demo's)")
+    parser.add_argument("--name", default="demo", help="bench/NAME.{json,md}")
     args = parser.parse_args()
     from peftshield.io import atomic_write_json, atomic_write_text
 
     out, shared = Path(args.out), Path(args.shared)
     fresh = not out.exists()
     command = [str(Path(sys.executable).with_name("peftshield")), "demo", "--out", str(out), "--attack-data", str(shared / "psim/imdb"),
-               "--data", str(shared / "psim/sst-2"), "--no-progress"]
+               "--data", str(shared / "psim/sst-2"), *(["--attack-lr", f"{args.attack_lr:g}"] if args.attack_lr else []), "--no-progress"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"demo failed:\n{done.stderr[-3000:]}")
     shown = " ".join(["peftshield", *command[1:-1]])  # the command as run (without the path to the venv and --no-progress)
-    summary = summarize(out, time.perf_counter() - started, fresh, shown)
-    atomic_write_json(BENCH / "demo.json", summary)
-    atomic_write_text(BENCH / "demo.md", render(summary))
+    summary = summarize(out, time.perf_counter() - started, fresh, shown, args.attack_lr)
+    atomic_write_json(BENCH / f"{args.name}.json", summary)
+    atomic_write_text(BENCH / f"{args.name}.md", render(summary))
     print(render(summary))
 
 

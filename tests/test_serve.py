@@ -560,6 +560,41 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists()
 
 
+def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Guarded, tmp_path: Path) -> None:
+    """With DAN as a detector, the guard's victim pass also returns every layer's [CLS] state
+    (torch, and the ONNX graph exported with a states output), and DAN scores from those: no pass
+    of its own. Its scores match DAN's own pass (torch and ONNX fp32 to float precision), its
+    flags agree under int8, and it still fires on the planted trigger."""
+    from peftshield.guard.guard import Guard
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    fit_sample = tmp_path / "fit.jsonl"
+    fit_sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentiment_data(300, np.random.default_rng(12), "fit").texts))
+    folder = tmp_path / "dan"
+    done = subprocess.run([sys.executable, "-m", "peftshield", "detector", "fit", "dan", "--model", str(guarded.victim), "--texts", str(fit_sample),
+                           "--option", "max_length=32", "--out", str(folder)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    texts = guarded.clean + guarded.triggered
+    own = None
+    for runtime in ("torch", "onnx", "onnx-int8"):
+        guard = Guard.load(guarded.victim, guarded.psim, runtime=runtime, detectors=[folder])
+        assert guard.reads_victim_states and guard.state_readers == {"dan"}, runtime
+        detector = guard.detectors[0]
+        if own is None:
+            own = detector.score(texts)  # DAN's own torch pass
+        calls = []
+        original = detector.defense._states
+        detector.defense._states = lambda batch: calls.append(batch) or original(batch)
+        results = guard.classify(texts)
+        assert not calls, f"{runtime}: DAN made a pass of its own"
+        shared = np.array([r.detector_scores["dan"] for r in results])
+        if runtime != "onnx-int8":
+            np.testing.assert_allclose(shared, own, rtol=1e-3, atol=1e-3 * np.abs(own).max(), err_msg=runtime)
+        fired = shared > detector.threshold
+        assert (fired == (own > detector.threshold)).mean() >= 0.95, runtime
+        assert fired[len(guarded.clean):].mean() >= 0.9, runtime
+
+
 def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:
     """`detector fit` (DAN and occlusion, --texts) on one clean sample of the traffic,
     `calibrate --detector` (both) on another: the filter and the real service compare each member

@@ -92,13 +92,27 @@ class DAN(Defense):
 
     def layer_scores(self, texts: list[str]) -> np.ndarray:
         """(layers, texts): each layer's standardised distance; a text's score is their max."""
-        return standardise_layers(self.gaussians_.distances(self._states(list(texts))), self.layer_mean_, self.layer_std_)
+        return self._layer_scores_of_states(self._states(list(texts)))
+
+    def _layer_scores_of_states(self, states: np.ndarray) -> np.ndarray:
+        return standardise_layers(self.gaussians_.distances(states), self.layer_mean_, self.layer_std_)
 
     def score(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)
         if not texts:
             return np.zeros(0)
-        return self.layer_scores(texts).max(axis=0)
+        return self.score_states(self._states(texts))
+
+    def score_states(self, states: np.ndarray) -> np.ndarray:
+        """Scores from the victim's summary states, (layers, texts, hidden), read from a pass
+        already made (a guard's :class:`~peftshield.models.runtime.StatesRuntime`): DAN then costs
+        no forward pass of its own."""
+        if states.ndim != 3 or states.shape[0] != self.gaussians_.means.shape[0] or states.shape[2] != self.gaussians_.means.shape[2]:
+            raise ValueError(f"dan: states of shape {states.shape} are not the victim's (layers {self.gaussians_.means.shape[0]}, "
+                             f"hidden {self.gaussians_.means.shape[2]})")
+        if not states.shape[1]:
+            return np.zeros(0)
+        return self._layer_scores_of_states(states).max(axis=0)
 
     def save(self, directory: str | Path) -> Path:
         return save_array_state(self, directory, STATE_FILE, ARRAYS_FILE, {

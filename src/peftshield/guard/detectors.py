@@ -69,9 +69,19 @@ class Detector:
     def fitted_threshold(self) -> float:
         return self.threshold
 
-    def score(self, texts: list[str]) -> np.ndarray:
-        """Scores per text; a score that is not a finite number counts as the highest (it fires)."""
-        scores = np.asarray(self.defense.score(list(texts)), dtype=np.float64)
+    @property
+    def reads_victim_states(self) -> bool:
+        """Whether it can score from the victim's layer states of a pass the guard already made (DAN)."""
+        return callable(getattr(self.defense, "score_states", None))
+
+    def score(self, texts: list[str], victim_states: np.ndarray | None = None) -> np.ndarray:
+        """Scores per text (from ``victim_states``, the victim's (layers, texts, hidden) summary
+        states, when given and it reads them); a score that is not a finite number counts as the
+        highest (it fires)."""
+        if victim_states is not None and self.reads_victim_states:
+            scores = np.asarray(self.defense.score_states(victim_states), dtype=np.float64)
+        else:
+            scores = np.asarray(self.defense.score(list(texts)), dtype=np.float64)
         return np.where(np.isfinite(scores), scores, np.finfo(np.float64).max)
 
 

@@ -20,7 +20,8 @@ from peftshield.defenses import PSIM
 from peftshield.flags import typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
-from peftshield.models.inference import encoded_proba
+from peftshield.models.backbone import is_decoder_classifier
+from peftshield.models.inference import encoded_proba, encoded_proba_and_states
 from peftshield.guard.calibration import PSIM_MEMBER, GuardCalibration, check_calibrated_detectors, load_guard_calibration
 from peftshield.guard.detectors import Detector, load_detectors, recorded_backbone
 from peftshield.guard.settings import GuardSettings, check_guard_folders
@@ -67,6 +68,11 @@ class Guard:
         victim.eval()
         psim.model_.eval()
         self.psim_runtime = psim.scoring_runtime()
+        # The victim's pass also gives its layer states, for the detectors that read them (DAN) at
+        # the guard's own cut of each text; any other detector makes its own pass.
+        self.state_readers = {d.name for d in self.detectors if d.reads_victim_states and getattr(d.defense, "max_length", None) == self.max_length}
+        self.reads_victim_states = bool(self.state_readers) and callable(getattr(victim_runtime, "logits_and_states", None)) \
+            and _exports_states(victim_runtime)
 
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str | None = None, threshold: float | None = None, mode: str | None = None,
@@ -96,7 +102,10 @@ class Guard:
         fingerprint = model_fingerprint(settings.model)
         suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
         detectors = load_detectors(settings.detectors, victim, fingerprint, suspect)
-        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint)
+        # DAN reads the victim's layer states from the guard's own pass (no pass of its own); a
+        # decoder's ONNX graph has no states output, so there DAN makes its pass.
+        states = any(d.reads_victim_states for d in detectors) and (settings.runtime == "torch" or not is_decoder_classifier(victim.model))
+        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint, states=states)
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)
 
     @property
@@ -135,13 +144,19 @@ class Guard:
         if not texts:
             return []
         psim_encoded = encode_texts(self.psim.tokenizer_, texts, self.max_length)
-        if self.shared_tokenizer:
+        victim_encoded = psim_encoded if self.shared_tokenizer else encode_texts(self.victim_tokenizer, texts, self.max_length)
+        victim_states = None
+        if self.reads_victim_states:
+            victim_probs, victim_states = encoded_proba_and_states(self.victim_runtime, victim_encoded, self.batch_size)
+            (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
+        elif self.shared_tokenizer:
             victim_probs, psim_probs = encoded_proba([self.victim_runtime, self.psim_runtime], psim_encoded, self.batch_size)
         else:
             (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
-            (victim_probs,) = encoded_proba([self.victim_runtime], encode_texts(self.victim_tokenizer, texts, self.max_length), self.batch_size)
+            (victim_probs,) = encoded_proba([self.victim_runtime], victim_encoded, self.batch_size)
         scores = psim_probs.max(axis=1)
-        member_scores = {PSIM_MEMBER: scores, **{detector.name: detector.score(texts) for detector in self.detectors}}
+        member_scores = {PSIM_MEMBER: scores, **{detector.name: detector.score(texts, victim_states if detector.name in self.state_readers else None)
+                                                   for detector in self.detectors}}
         thresholds, buckets = self._thresholds(psim_encoded.lengths(), len(texts))
         results = []
         for index, probs in enumerate(victim_probs):
@@ -168,6 +183,12 @@ class Guard:
         if self.calibration.detectors:
             own = {name: np.array([bucket.member_threshold(name) for bucket in buckets]) for name in own}
         return {PSIM_MEMBER: np.array([bucket.threshold for bucket in buckets]), **own}, buckets
+
+
+def _exports_states(runtime) -> bool:
+    """A torch runtime always gives states; an ONNX one when its graph was exported with them."""
+    session = getattr(runtime, "session", None)
+    return session is None or "states" in {output.name for output in session.get_outputs()}
 
 
 def _same_tokenizer(a, b) -> bool:

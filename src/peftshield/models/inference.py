@@ -75,6 +75,21 @@ def encoded_proba(runtimes: list, encoded: EncodedTexts, batch_size: int, progre
     return out
 
 
+def encoded_proba_and_states(runtime, encoded: EncodedTexts, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and every layer's summary state, (layers, texts, hidden), of already
+    tokenised texts under ``runtime`` (a :class:`~peftshield.models.runtime.StatesRuntime`), from one pass."""
+    probs = np.zeros((len(encoded), runtime.num_labels), dtype=np.float32)
+    states: np.ndarray | None = None
+    for indices in sorted_batches(encoded.lengths(), batch_size):
+        input_ids, attention = pad_rows(encoded, indices)
+        logits, batch_states = runtime.logits_and_states(input_ids, attention)
+        probs[indices] = softmax(logits)
+        if states is None:
+            states = np.zeros((batch_states.shape[0], len(encoded), batch_states.shape[-1]), dtype=np.float32)
+        states[:, indices] = batch_states
+    return probs, states if states is not None else np.zeros((0, 0, 0), dtype=np.float32)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -23,6 +23,7 @@ import torch
 from pydantic import BeforeValidator
 
 from peftshield.io import atomic_write_json
+from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.inference import model_device
 
 RuntimeName = Literal["torch", "onnx", "onnx-int8"]
@@ -62,6 +63,13 @@ class ClassifierRuntime(Protocol):
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
+class StatesRuntime(ClassifierRuntime, Protocol):
+    """A runtime that also returns the summary token's state at every layer from the same pass
+    (what DAN reads), so a detector of the victim's representations costs no pass of its own."""
+
+    def logits_and_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class TorchRuntime:
     """PyTorch eager under ``inference_mode``. The caller puts the model in eval mode (the
     loaders do; :func:`~peftshield.models.inference.predict_proba` does it around its call):
@@ -78,6 +86,16 @@ class TorchRuntime:
         with torch.inference_mode():
             out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device), attention_mask=torch.from_numpy(attention_mask).to(self.device))
             return out.logits.float().cpu().numpy()
+
+    def logits_and_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits, and (layers, batch, hidden) summary states as :func:`~peftshield.models.inference.layer_token_states` reads them."""
+        from peftshield.models.inference import token_state
+
+        with torch.inference_mode():
+            ids, mask = torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            states = torch.stack([token_state(self.model, h[:, -ids.shape[1]:], mask) for h in out.hidden_states[1:]])
+            return out.logits.float().cpu().numpy(), states.float().cpu().numpy()
 
 
 class OnnxRuntime:
@@ -96,7 +114,16 @@ class OnnxRuntime:
         self.path, self.num_labels, self.name = Path(path), num_labels, name
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)})[0]
+        return self.session.run(["logits"], self._inputs(input_ids, attention_mask))[0]
+
+    def logits_and_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Only for a file exported with ``states`` (:func:`export_onnx`)."""
+        logits, states = self.session.run(["logits", "states"], self._inputs(input_ids, attention_mask))
+        return logits, states
+
+    @staticmethod
+    def _inputs(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -110,9 +137,20 @@ class _LogitsOnly(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_onnx(model, path: str | Path) -> Path:
+class _LogitsAndStates(_LogitsOnly):
+    """Logits and the first text position's state at the output of every layer, (layers, batch,
+    hidden): an encoder's [CLS], after any virtual tokens a prompt method prepends."""
+
+    def forward(self, input_ids, attention_mask):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        first = out.hidden_states[1].shape[1] - input_ids.shape[1]
+        return out.logits, torch.stack([hidden[:, first] for hidden in out.hidden_states[1:]])
+
+
+def export_onnx(model, path: str | Path, states: bool = False) -> Path:
     """Export ``model`` (any transformers / PEFT / adapters classifier) to an fp32 ONNX file,
-    dynamic in batch size and sequence length. Written to a temporary file, then renamed."""
+    dynamic in batch size and sequence length. Written to a temporary file, then renamed. With
+    ``states`` (encoders only), the graph also outputs ``states`` (:class:`_LogitsAndStates`)."""
     import logging
     import warnings
 
@@ -133,7 +171,8 @@ def export_onnx(model, path: str | Path) -> Path:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    _LogitsOnly(model), (ids, mask), str(target), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                    (_LogitsAndStates if states else _LogitsOnly)(model), (ids, mask), str(target), input_names=["input_ids", "attention_mask"],
+                    output_names=["logits", "states"] if states else ["logits"],
                     dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}, dynamo=True,
                     external_data=False, verbose=False,
                 )
@@ -170,10 +209,10 @@ def quantize_int8(source: str | Path, path: str | Path) -> Path:
     return path
 
 
-def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path:
+def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states: bool = False) -> Path:
     """The cached ONNX file of ``model`` saved in ``folder`` (exported on first use, again when
     ``fingerprint``, the weights' identity, changed). Falls back to a per-user cache when the
-    model folder is read-only."""
+    model folder is read-only. ``states``: the graph that also outputs every layer's summary state."""
     folder = Path(folder)
     cache = folder / ONNX_DIR
     try:
@@ -186,13 +225,14 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path
 
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
         cache.mkdir(parents=True, exist_ok=True)
-    stamp = cache / "export.json"
+    stem = "model.states" if states else "model"
+    stamp = cache / f"{stem.replace('model', 'export')}.json"
     recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    fp32, int8 = cache / "model.onnx", cache / "model.int8.onnx"
+    fp32, int8 = cache / f"{stem}.onnx", cache / f"{stem}.int8.onnx"
     if recorded.get("fingerprint") != fingerprint or not fp32.is_file():
         for stale in (fp32, int8):
             stale.unlink(missing_ok=True)
-        export_onnx(model, fp32)
+        export_onnx(model, fp32, states)
         atomic_write_json(stamp, {"fingerprint": fingerprint, "source": str(folder)})
     if runtime == "onnx":
         return fp32
@@ -201,12 +241,16 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str) -> Path
     return int8
 
 
-def make_runtime(model, runtime: str = DEFAULT_RUNTIME, folder: str | Path | None = None, fingerprint: str = "") -> ClassifierRuntime:
+def make_runtime(model, runtime: str = DEFAULT_RUNTIME, folder: str | Path | None = None, fingerprint: str = "",
+                 states: bool = False) -> ClassifierRuntime:
     """The runtime named ``runtime`` (one of :data:`RUNTIMES`) for ``model``; the ONNX ones need the
-    model's ``folder`` to cache the export in."""
+    model's ``folder`` to cache the export in. With ``states`` it is a :class:`StatesRuntime`
+    (an ONNX one for encoders only: a decoder's summary token moves with its padding)."""
     if check_runtime(runtime) == "torch":
         return TorchRuntime(model)
     if folder is None:
         raise ValueError("an ONNX runtime needs the model's folder to cache its export")
-    return OnnxRuntime(onnx_file(folder, model, runtime, fingerprint), int(model.config.num_labels), name=runtime)
+    if states and is_decoder_classifier(model):
+        raise ValueError("an ONNX runtime gives layer states for encoders only")
+    return OnnxRuntime(onnx_file(folder, model, runtime, fingerprint, states), int(model.config.num_labels), name=runtime)
 
