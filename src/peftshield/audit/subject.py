@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftshield.errors import ConfigError, DataError
-from peftshield.files import ADAPTER_CONFIG, FINETUNE_MANIFEST
+from peftshield.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_MANIFEST
 from peftshield.hub import require_hub
 from peftshield.models.backbone import check_backbone_folder, load_backbone, resolve_backbone
 
@@ -84,7 +84,7 @@ def adapter_num_labels(adapter: Path) -> int:
     """The class count of a raw PEFT adapter's saved classification head (2 when it saved none)."""
     from safetensors import safe_open
 
-    for file in adapter.glob("adapter_model.safetensors"):
+    for file in adapter.glob(ADAPTER_WEIGHTS):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if ("classifier" in key or key.endswith("score.weight")) and key.endswith("weight"):

@@ -25,7 +25,7 @@ INTERRUPTED = 130
 
 
 def _register_commands() -> None:
-    from peftshield.cli.commands import attack, audit, calibrate, demo, detector, evaluate, finetune, grid, inspect, poison, psim, serve  # noqa: F401
+    from peftshield.cli.commands import attack, audit, calibrate, demo, detector, evaluate, finetune, grid, inspect, poison, psim, screen, serve  # noqa: F401
 
 
 def _one_line_warnings(fallback):

@@ -22,13 +22,13 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from peftshield.errors import ConfigError, DataError, HubUnavailableError, PeftshieldWarning
-from peftshield.files import FINETUNE_MANIFEST
+from peftshield.files import FINETUNE_MANIFEST, TRAINABLE_WEIGHTS
 from peftshield.fingerprint import short_content_sha256
 from peftshield.finetune.base import METHODS
 from peftshield.io import atomic_directory, atomic_write_json, check_safetensors, read_json
 from peftshield.models.backbone import BACKBONE_ALIASES, PACKAGED_BACKBONES, RANDOM_BACKBONES, Backbone, load_backbone, resolve_backbone
 
-WEIGHTS_FILE = "trainable.safetensors"
+WEIGHTS_FILE = TRAINABLE_WEIGHTS
 BACKBONE_COPY = "backbone"
 LOCATION_KEY = "backbone_location"
 REQUIRED_KEYS = ("method", "backbone", "num_labels")

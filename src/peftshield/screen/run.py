@@ -1,0 +1,170 @@
+"""``peftshield screen``: both stages over a fleet, one report (JSON and Markdown) and the audit's exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from peftshield.errors import ConfigError, DataError, PeftshieldError
+from peftshield.gate.report import EXIT_CLEAN, EXIT_FINDINGS, EXIT_INCOMPLETE, audit_exit_code
+from peftshield.io import atomic_directory
+from peftshield.markdown import md_code, md_text
+from peftshield.progress import track
+from peftshield.screen.fleet import FleetScreen, ScreenRow, cohort_id, select_for_audit
+from peftshield.screen.weights import AdapterFeatures, adapter_features
+
+REPORT_FORMAT = "peftshield-screen/1"
+MAX_MANIFEST_LINE = 4096
+
+
+@dataclass
+class ScreenReport:
+    rows: list[ScreenRow]
+    stage1_seconds: float
+    stage2_seconds: float
+    budget: int
+    sample: int
+    estimate: dict = field(default_factory=dict)
+    fail_on: str = "inconclusive"  # the audit's --fail-on
+
+    @property
+    def exit_code(self) -> int:
+        """As ``audit``: 2 when an adapter could not be read or audited, else 1 on a finding, else 0."""
+        codes = [EXIT_INCOMPLETE if r.status == "error" or r.verdict == "error" else
+                 audit_exit_code(r.verdict, self.fail_on) if r.verdict else EXIT_CLEAN for r in self.rows]
+        return EXIT_INCOMPLETE if EXIT_INCOMPLETE in codes else EXIT_FINDINGS if EXIT_FINDINGS in codes else EXIT_CLEAN
+
+    def to_dict(self) -> dict:
+        return {"format": REPORT_FORMAT, "exit_code": self.exit_code, "fail_on": self.fail_on, "adapters": len(self.rows),
+                "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "audit_budget": self.budget,
+                "audit_sample": self.sample, "estimate": self.estimate, "rows": [r.to_dict() for r in self.rows]}
+
+
+def read_manifest(path: Path) -> Iterator[str]:
+    """Targets, one per line (blank lines and ``#`` comments skipped), read lazily: a fleet of any size streams."""
+    if not path.is_file():
+        raise ConfigError(f"--manifest {path}: no such file")
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(handle, 1):
+            if len(line) > MAX_MANIFEST_LINE:
+                raise ConfigError(f"--manifest {path}: line {number} is longer than {MAX_MANIFEST_LINE} characters")
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield text
+
+
+def adapter_folder(spec: str) -> Path:
+    """The local folder of an adapter target: a folder, or ``hf://ORG/NAME`` from the local cache."""
+    from peftshield.gate.targets import HF_SCHEME, resolve_hf
+
+    folder = resolve_hf(spec) if spec.startswith(HF_SCHEME) else Path(spec)
+    if not folder.is_dir():
+        raise DataError(f"{spec}: no such adapter folder")
+    return folder
+
+
+def stage1(specs: list[str], screen: FleetScreen, progress: bool = False) -> tuple[list[ScreenRow], list[AdapterFeatures | None]]:
+    """Every adapter's features (an ``error`` row for one that cannot be read), then the fleet's scores."""
+    rows: list[ScreenRow] = []
+    features: list[AdapterFeatures | None] = []
+    for spec in track(specs, "stage 1: weights", enabled=progress):
+        try:
+            item = adapter_features(adapter_folder(spec))
+        except PeftshieldError as exc:
+            rows.append(ScreenRow(spec, "error", message=str(exc)))
+            features.append(None)
+            continue
+        rows.append(ScreenRow(spec, "scored", cohort=cohort_id(item.cohort)))
+        features.append(item)
+    good = [f for f in features if f is not None]
+    scores = screen.fit(good).score(good) if good else np.zeros(0)
+    by_index = iter(scores)
+    for row, item in zip(rows, features):
+        if item is not None:
+            row.score = float(next(by_index))
+            if not math.isfinite(row.score):
+                row.status, row.message = "no-peers", f"fewer than {screen.min_cohort} adapters share its base, rank and modules: audited first"
+    ranked = sorted((i for i, r in enumerate(rows) if r.score is not None), key=lambda i: (-rows[i].score, i))
+    for position, index in enumerate(ranked, 1):
+        rows[index].rank = position
+    return rows, features
+
+
+def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sample: int, rng: np.random.Generator,
+               audit_settings=None, progress: bool = False, log: Callable[[str], None] = lambda m: None) -> ScreenReport:
+    """Stage 1 over ``specs``; with ``audit_settings`` (an :class:`~peftshield.gate.settings.AuditGateSettings`),
+    stage 2 audits the ``budget`` highest scores and ``sample`` of the rest. Writes ``out`` whole at the end."""
+    started = time.perf_counter()
+    rows, _ = stage1(specs, screen, progress)
+    stage1_seconds = time.perf_counter() - started
+    scored = [i for i, r in enumerate(rows) if r.score is not None]
+    top, drawn = select_for_audit(np.array([rows[i].score for i in scored]), min(budget, len(scored)), sample, rng)
+    for position in top:
+        rows[scored[position]].audited = "top"
+    for position in drawn:
+        rows[scored[position]].audited = "sample"
+    report = ScreenReport(rows, stage1_seconds, 0.0, budget, sample)
+    with atomic_directory(out) as tmp:
+        if audit_settings is not None and (top or drawn):
+            started = time.perf_counter()
+            _stage2(rows, tmp / "audits", audit_settings, progress, log)
+            report.stage2_seconds = time.perf_counter() - started
+            report.fail_on = audit_settings.fail_on
+            report.estimate = missed_estimate(rows)
+        (tmp / "screen.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / "screen.md").write_text(render_markdown(report), encoding="utf-8")
+    return report
+
+
+def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log) -> None:
+    from peftshield.gate.audit_gate import run_audit_gate
+
+    chosen = [r for r in rows if r.audited]
+    run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
+    verdicts = {row.target: row for row in run.report.rows}
+    for row in chosen:
+        audited = verdicts.get(row.target)
+        row.verdict = audited.status if audited else "error"
+        row.message = audited.message if audited else "not audited"
+
+
+def missed_estimate(rows: list[ScreenRow]) -> dict:
+    """What stage 1 left unaudited, estimated from the random sample: the share of sampled adapters
+    the audit found backdoored, times the adapters not audited (with its 95% Wilson upper bound)."""
+    sampled = [r for r in rows if r.audited == "sample"]
+    unaudited = sum(1 for r in rows if r.score is not None and not r.audited)
+    found = sum(r.verdict == "backdoored" for r in sampled)
+    if not sampled:
+        return {"sampled": 0, "unaudited": unaudited}
+    n, share, z = len(sampled), found / len(sampled), 1.96
+    upper = (share + z * z / (2 * n) + z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return {"sampled": n, "backdoored_in_sample": found, "unaudited": unaudited, "estimated_missed": share * (unaudited + n),
+            "estimated_missed_upper_95": upper * (unaudited + n)}
+
+
+def render_markdown(report: ScreenReport) -> str:
+    counts = {status: sum(r.status == status for r in report.rows) for status in ("scored", "no-peers", "error")}
+    audited = [r for r in report.rows if r.audited]
+    lines = [
+        "# peftshield screen", "",
+        f"{len(report.rows)} adapters: {counts['scored']} scored against their cohort, {counts['no-peers']} without peers, "
+        f"{counts['error']} unreadable. Stage 1 {report.stage1_seconds:.1f} s; stage 2 audited {len(audited)} "
+        f"({sum(r.audited == 'top' for r in audited)} most unusual, {sum(r.audited == 'sample' for r in audited)} drawn at random) "
+        f"in {report.stage2_seconds:.1f} s. Exit code {report.exit_code}.", "",
+    ]
+    if report.estimate.get("sampled"):
+        e = report.estimate
+        lines += [f"Missed by stage 1 (from the random sample): {e['backdoored_in_sample']} of {e['sampled']} sampled adapters backdoored; "
+                  f"about {e['estimated_missed']:.1f} in the unaudited rest (95% upper bound {e['estimated_missed_upper_95']:.1f}).", ""]
+    lines += ["| rank | adapter | cohort | stage-1 score | audited | verdict | note |", "|---|---|---|---|---|---|---|"]
+    for row in sorted(report.rows, key=lambda r: (r.rank is None, r.rank or 0)):
+        score = "-" if row.score is None else ("no peers" if not math.isfinite(row.score) else f"{row.score:.2f}")
+        lines.append(f"| {row.rank or '-'} | {md_code(row.target)} | {row.cohort or '-'} | {score} | {row.audited or '-'} | "
+                     f"{row.verdict or ('error' if row.status == 'error' else '-')} | {md_text(row.message)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,149 @@
+"""``peftshield screen`` (issue 27), stage 1 and the command, on synthetic LoRA adapters of the
+tiny BERT: weight-space features, the fleet's unsupervised outlier score, damaged adapters as
+error rows, and stage 2's audit on the chosen ones. Whether stage 1 finds *backdoored* adapters
+is a question for a labelled zoo (bench/screen.md), not for these synthetic weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from peftshield.errors import DataError
+from peftshield.screen import FleetScreen, adapter_features, select_for_audit
+from peftshield.screen.fleet import parse_budget
+from peftshield.screen.run import stage1
+from peftshield.screen.weights import delta_singular_values
+
+HIDDEN, LAYERS = 32, 2
+
+
+def write_adapter(folder: Path, rng: np.random.Generator, rank: int = 4, boost: float = 0.0, base: str = "tiny") -> Path:
+    """A PEFT LoRA adapter folder for the tiny BERT (query and value of each layer, and the head).
+    ``boost`` adds a rank-1 change of that size to layer 1's value: an adapter unlike its peers."""
+    folder.mkdir(parents=True)
+    tensors = {}
+    for layer in range(LAYERS):
+        for module in ("query", "value"):
+            prefix = f"base_model.model.bert.encoder.layer.{layer}.attention.self.{module}"
+            a = rng.normal(0, 0.1, (rank, HIDDEN)).astype(np.float32)
+            b = rng.normal(0, 0.02, (HIDDEN, rank)).astype(np.float32)
+            if boost and layer == 1 and module == "value":
+                b[:, 0] += boost * rng.normal(0, 1, HIDDEN).astype(np.float32)
+                a[0] *= 3
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+    tensors["base_model.model.classifier.weight"] = rng.normal(0, 0.1, (2, HIDDEN)).astype(np.float32)
+    tensors["base_model.model.classifier.bias"] = rng.normal(0, 0.01, 2).astype(np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base, "r": rank, "lora_alpha": 2 * rank,
+                                                            "target_modules": ["query", "value"], "task_type": "SEQ_CLS",
+                                                            "modules_to_save": ["classifier"]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> list[Path]:
+    """Twelve ordinary adapters and one unlike them (the last)."""
+    root = tmp_path_factory.mktemp("fleet")
+    rng = np.random.default_rng(0)
+    return [write_adapter(root / f"a{i:02d}", rng) for i in range(12)] + [write_adapter(root / "odd", rng, boost=0.5)]
+
+
+def test_the_spectrum_of_the_weight_change_is_computed_without_forming_it() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 300)), rng.normal(size=(200, 4))
+    np.testing.assert_allclose(delta_singular_values(a, b, 2.0), np.linalg.svd(2.0 * b @ a, compute_uv=False)[:4], rtol=1e-9)
+
+
+def test_features_read_peft_and_peftshield_folders_alike(fleet: list[Path], tmp_path: Path) -> None:
+    features = adapter_features(fleet[0])
+    assert features.modules == 4 and len(features.names) == len(features.values) and np.all(np.isfinite(features.values))
+    assert {"1.value.log_norm", "all.top_share.max", "head.row_norm_ratio"} <= set(features.names)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "trainable.safetensors").write_bytes((fleet[0] / "adapter_model.safetensors").read_bytes())
+    (ours / "finetune.json").write_text(json.dumps({"method": "lora", "backbone": "tiny", "num_labels": 2, "options": {"r": 4, "alpha": 8}}))
+    again = adapter_features(ours)
+    assert again.names == features.names and np.allclose(again.values, features.values) and again.cohort == features.cohort
+
+
+def test_the_adapter_unlike_its_peers_ranks_first_and_a_lone_cohort_goes_to_the_audit(fleet: list[Path], tmp_path: Path) -> None:
+    lone = write_adapter(tmp_path / "lone", np.random.default_rng(5), rank=16)  # the only rank-16 adapter: no peers
+    rows, _ = stage1([str(p) for p in [*fleet, lone]], FleetScreen(min_cohort=8))
+    by_name = {Path(r.target).name: r for r in rows}
+    assert by_name["lone"].status == "no-peers" and by_name["lone"].rank == 1
+    assert by_name["odd"].rank == 2, sorted((r.rank, Path(r.target).name, r.score) for r in rows)
+    assert by_name["odd"].score > 2 * max(r.score for n, r in by_name.items() if n not in ("odd", "lone"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no-rank", "link", "pickle-only", "not-json"])
+def test_a_damaged_adapter_is_an_error_row_never_clean(fleet: list[Path], tmp_path: Path, damage: str) -> None:
+    bad = write_adapter(tmp_path / "bad", np.random.default_rng(9))
+    weights, config = bad / "adapter_model.safetensors", bad / "adapter_config.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "no-rank":
+        config.write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8}))
+    elif damage == "link":
+        weights.unlink()
+        weights.symlink_to(fleet[0] / "adapter_model.safetensors")
+    elif damage == "pickle-only":
+        weights.unlink()
+        (bad / "adapter_model.bin").write_bytes(b"\x80\x04 not loaded")
+    else:
+        config.write_text("{not json")
+    with pytest.raises(DataError) as raised:
+        adapter_features(bad)
+    assert "\n" not in str(raised.value) and str(bad) in str(raised.value)
+    rows, _ = stage1([str(p) for p in fleet] + [str(bad)], FleetScreen(min_cohort=8))
+    assert rows[-1].status == "error" and rows[-1].score is None and all(r.status == "scored" for r in rows[:-1])
+
+
+def test_the_budget_takes_the_most_unusual_and_a_seeded_sample_of_the_rest() -> None:
+    scores = np.array([0.5, 3.0, 1.0, np.inf, 0.7, 0.2, 0.9, 0.1])
+    top, drawn = select_for_audit(scores, 2, 2, np.random.default_rng(0))
+    assert top == [3, 1] and len(drawn) == 2 and not set(drawn) & set(top)
+    assert select_for_audit(scores, 2, 2, np.random.default_rng(0))[1] == drawn
+    assert parse_budget("10%", 205, "--audit-budget") == 21 and parse_budget("7", 5, "--audit-budget") == 5
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "peftshield", "screen", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_screen_command_stage1_from_a_manifest_and_one_line_errors(fleet: list[Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "fleet.txt"
+    manifest.write_text("# incoming adapters\n" + "".join(f"{p}\n" for p in fleet[:6]) + "\n")
+    out = tmp_path / "out"
+    done = run_cli(*[str(p) for p in fleet[6:]], "--manifest", str(manifest), "--stage1-only", "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "screen.json").read_text())
+    assert report["adapters"] == 13 and report["exit_code"] == 0 and {r["status"] for r in report["rows"]} == {"scored"}
+    assert min(report["rows"], key=lambda r: r["rank"])["target"].endswith("odd") and "| 1 |" in (out / "screen.md").read_text()
+    for args, message in ((["--manifest", str(tmp_path / "missing.txt")], "--manifest"), ([str(fleet[0]), "--audit-budget", "ten"], "--audit-budget"),
+                          ([], "give adapter folders")):
+        done = run_cli(*args, "--out", str(tmp_path / "never"))
+        assert done.returncode == 2 and message in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_stage2_audits_the_most_unusual_and_a_sample_and_exits_as_audit_does(fleet: list[Path], tmp_path: Path) -> None:
+    """The real audit on the chosen adapters: the budget (1, the odd one) and a sample of 1; a
+    damaged adapter makes the run exit 2, and its row says why."""
+    bad = write_adapter(tmp_path / "bad", np.random.default_rng(9))
+    (bad / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    out = tmp_path / "out"
+    done = run_cli(*[str(p) for p in fleet], str(bad), "--audit-budget", "1", "--audit-sample", "1", "--out", str(out), "--no-progress")
+    report = json.loads((out / "screen.json").read_text())
+    audited = {Path(r["target"]).name: r for r in report["rows"] if r["audited"]}
+    assert set(r["audited"] for r in audited.values()) == {"top", "sample"} and audited["odd"]["audited"] == "top"
+    assert all(r["verdict"] in ("clean", "backdoored", "inconclusive") for r in audited.values()), audited
+    assert done.returncode == 2 == report["exit_code"], done.stderr
+    assert report["estimate"]["sampled"] == 1 and (out / "audits").is_dir()
