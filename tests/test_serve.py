@@ -517,6 +517,17 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     assert np.mean(triggered_scores > manifest.threshold) >= 0.9  # DAN on its own flags the planted trigger (measured 100%)
     assert "detector dan above" in done.stderr
 
+    # `scan --detector`: the same members and thresholds over a file, each row naming what fired.
+    texts_file = tmp_path / "texts.jsonl"
+    texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    done = cli("scan", "--psim", str(guarded.psim), "--data", str(texts_file), "--out", str(tmp_path / "scan.jsonl"), "--detector", str(folder),
+               "--model", str(guarded.victim), "--format", "json", "--no-config")
+    assert done.returncode == 1, done.stderr  # texts were flagged: the gate's findings exit
+    scanned = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
+    assert [r["reasons"] for r in scanned] == [r["reasons"] for r in rows] and "dan above" in done.stderr
+    summary = json.loads((tmp_path / "scan.summary.json").read_text())
+    assert any("dan" in f["properties"]["reasons"] for f in summary["targets"][0]["findings"])
+
     service = start_service(guarded, tmp_path, "--detector", str(folder))
     try:
         ready = httpx.get(service.url + "/readyz").json()
@@ -550,6 +561,8 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(folder), "--detector",
                             str(from_traffic)], "two folders hold the same detector"),
                           (["detector", "fit", "dan", "--model", str(guarded.victim), "--out", str(tmp_path / "none")], "--data or --texts"),
+                          (["scan", "--psim", str(guarded.psim), "--data", str(tmp_path / "texts.jsonl"), "--out", str(tmp_path / "none.jsonl"),
+                            "--detector", str(folder)], "give both or neither"),
                           (["guard", "--model", str(guarded.victim), "--psim", str(guarded.psim), "--detector", str(tampered)], "changed since"),
                           (["detector", "fit", "dan", "--model", str(guarded.victim), "--data", str(data), "--out", str(guarded.victim)],
                            "not a detector folder"),
@@ -557,7 +570,7 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
         done = cli(*args, input=json.dumps("a text") + "\n")
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
-    assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists()
+    assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists() and not (tmp_path / "none.jsonl").exists()
 
 
 def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Guarded, tmp_path: Path) -> None:

@@ -32,17 +32,22 @@ class ScanTally:
             found = None
         return str(found) if found is not None else self.data
 
-    def add(self, chunk, scores: np.ndarray, flags: np.ndarray) -> None:
+    def add(self, chunk, scores: np.ndarray, flags: np.ndarray, reasons: list[list[str]] | None = None) -> None:
+        """Count a scored chunk; ``reasons`` names, per text, the members that fired (with --detector)."""
         self.scored += len(chunk)
         self.flagged += int(flags.sum())
         self.skipped += len(getattr(chunk, "skipped_lines", []) or [])
         if len(scores):
             self.max_score = max(self.max_score, float(np.max(scores)))
-        for row_id, score in zip(np.asarray(chunk.ids, dtype=object)[flags], scores[flags]):
+        for index in np.flatnonzero(flags):
             if len(self.findings) >= MAX_FINDINGS:
                 break
-            self.findings.append(Finding("scan.flagged", f"text {row_id} flagged: PSIM score {score:.4f} > threshold {self.threshold:.4f}",
-                                         self.location, {"id": str(row_id), "psim_score": round(float(score), 6)}))
+            row_id, score = chunk.ids[index], scores[index]
+            fired = reasons[index] if reasons is not None else ["psim"]
+            why = (f"PSIM score {score:.4f} > threshold {self.threshold:.4f}" if "psim" in fired else f"PSIM score {score:.4f}")
+            others = [name for name in fired if name != "psim"]
+            self.findings.append(Finding("scan.flagged", f"text {row_id} flagged: {why}" + (f"; fired: {', '.join(others)}" if others else ""),
+                                         self.location, {"id": str(row_id), "psim_score": round(float(score), 6), "reasons": fired}))
 
     def row(self, fail_on_rate: float | None) -> TargetRow:
         if not self.scored:

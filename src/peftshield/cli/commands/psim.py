@@ -87,6 +87,9 @@ def scan(
     no_config: bool = typer.Option(False, "--no-config", help="Read no settings file: only flags and defaults."),
     skip_empty: bool = SkipEmptyOption,
     runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default), onnx or onnx-int8; see 'peftshield serve --help'."),
+    detector: Optional[list[Path]] = typer.Option(None, "--detector", help="A detector folder ('peftshield detector fit') beside the PSIM, each "
+                                                  "at its own threshold: a text is flagged when any member fires (repeatable; needs --model)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The classifier the detectors were fitted for (with --detector)."),
     progress: bool = ProgressOption,
 ) -> None:
     from peftshield.gate.formats import RENDERERS, render_text, report_files
@@ -103,6 +106,10 @@ def scan(
     }
     settings = gate_settings("scan", given, settings_file)
     warn_untrusted_settings("scan", settings_file, given)
+    if bool(detector) != (model is not None):
+        raise ConfigError("--detector and --model: the detectors score texts with the model they were fitted for; give both or neither")
+    if model is not None and not model.is_dir():
+        raise ConfigError(f"--model {model}: no such model directory")
     check_output_place(out, "file")
     summaries = report_files(out.with_name(out.stem + ".summary"), settings.format)
     for path in summaries.values():
@@ -112,28 +119,37 @@ def scan(
     if settings.batch_size:
         psim.score_batch_size = settings.batch_size
     tau = psim.threshold_ if settings.threshold is None else settings.threshold
+    detectors = _scan_detectors(model, detector or [], backbone)
     tally = ScanTally(data, split, tau)
     seconds = 0.0
     # Read, score and write in bounded chunks: peak memory does not grow with the input.
     with atomic_text_stream(out) as handle:
         writer = csv.writer(handle, lineterminator="\n") if out.suffix.lower() == ".csv" else None
+        names = [d.name for d in detectors]
         if writer:
-            writer.writerow(["id", "score", "flagged"])
+            writer.writerow(["id", "score", "flagged", *(f"{name}_score" for name in names), *(["reasons"] if names else [])])
         for chunk in iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty, require_labels=False):
             started = time.perf_counter()
             scores = psim.score(chunk.texts, progress=False)
+            member_scores = {d.name: d.score(chunk.texts) for d in detectors}
             seconds += time.perf_counter() - started
-            flags = scores > tau
+            fired = {"psim": scores > tau, **{d.name: member_scores[d.name] > d.threshold for d in detectors}}
+            flags = np.any(list(fired.values()), axis=0)
+            reasons = [[name for name, hits in fired.items() if hits[i]] for i in range(len(scores))]
             if writer:
-                writer.writerows((row_id, f"{score:.6f}", int(flag)) for row_id, score, flag in zip(chunk.ids, scores, flags))
+                writer.writerows((row_id, f"{score:.6f}", int(flag), *(f"{member_scores[n][i]:.6f}" for n in names), *([" ".join(reasons[i])] if names else []))
+                                 for i, (row_id, score, flag) in enumerate(zip(chunk.ids, scores, flags)))
             else:
-                handle.writelines(json.dumps({"id": i, "score": round(float(v), 6), "flagged": bool(f)}) + "\n"
-                                  for i, v, f in zip(chunk.ids, scores, flags))
-            tally.add(chunk, scores, flags)
+                handle.writelines(json.dumps({"id": row_id, "score": round(float(v), 6), "flagged": bool(f),
+                                              **({"detector_scores": {n: round(float(member_scores[n][i]), 6) for n in names},
+                                                  "reasons": reasons[i]} if names else {})}) + "\n"
+                                  for i, (row_id, v, f) in enumerate(zip(chunk.ids, scores, flags)))
+            tally.add(chunk, scores, flags, reasons)
             if progress:
                 info(f"scan: {tally.scored:,} texts scored, {tally.flagged:,} flagged")
     rate = tally.scored / seconds if seconds else 0.0
-    info(f"scanned {tally.scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {tally.flagged} flagged at threshold {tau:.4f} -> {out}")
+    members = "".join(f", {d.name} above {d.threshold:.4g}" for d in detectors)
+    info(f"scanned {tally.scored} texts in {seconds:.1f} s ({rate:.0f} texts/s): {tally.flagged} flagged at threshold {tau:.4f}{members} -> {out}")
     row = tally.row(settings.fail_on_rate)
     report = GateReport("scan", {"fail_on_rate": settings.fail_on_rate}, str(settings_file.path) if settings_file.path else None, [row],
                         time.perf_counter() - started_all, setting_sources("scan", given, settings_file))
@@ -143,3 +159,13 @@ def scan(
         typer.echo(render_text(report), nl=False)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
+
+
+def _scan_detectors(model: Path | None, folders: list[Path], backbone: str | None) -> list:
+    """The detectors in ``folders``, fitted for the classifier in ``model`` (refused, one line, for another)."""
+    if model is None:
+        return []
+    from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
+    from peftshield.guard.detectors import load_detectors, recorded_backbone
+
+    return load_detectors(folders, load_classifier(model, backbone=backbone), model_fingerprint(model), recorded_backbone(model, backbone))
