@@ -573,6 +573,44 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
     assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists() and not (tmp_path / "none.jsonl").exists()
 
 
+def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_applies_nothing(guarded: Guarded, tmp_path: Path) -> None:
+    """`serve --mode monitor --reservoir FILE`: the real service keeps every screened text's length
+    and scores (not the text), writes the calibration `peftshield calibrate` would make of them
+    once --reservoir-size texts were screened, and keeps serving with its own threshold."""
+    from peftshield.guard.calibration import GuardCalibration, load_guard_calibration
+    from peftshield.finetune.checkpoint import model_fingerprint
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    traffic = sentiment_data(300, np.random.default_rng(21), "watched").texts
+    proposal = tmp_path / "proposal.json"
+    service = start_service(guarded, tmp_path, "--mode", "monitor", "--reservoir", str(proposal), "--reservoir-size", "300")
+    try:
+        before = httpx.get(service.url + "/readyz").json()
+        for start in range(0, 300, 30):
+            assert httpx.post(service.url + "/v1/classify", json={"texts": traffic[start:start + 30]}, timeout=60).status_code == 200
+        deadline = time.time() + 30
+        while not proposal.is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        assert proposal.is_file(), service.output()
+        assert httpx.get(service.url + "/readyz").json()["threshold"] == before["threshold"]  # proposed, not applied
+    finally:
+        assert service.stop() == 0, service.output()
+    assert "recalibration proposed" in service.output() and not any(t in proposal.read_text() for t in traffic)  # scores, never texts
+    proposed = load_guard_calibration(proposal, model_fingerprint(guarded.psim), 32)
+    assert proposed.sample.texts == 300 and "300 screened" in proposed.sample.source
+    sample = tmp_path / "watched.jsonl"
+    sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in traffic))
+    done = subprocess.run([sys.executable, "-m", "peftshield", "calibrate", "--psim", str(guarded.psim), "--texts", str(sample),
+                           "--out", str(tmp_path / "offline.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    offline = GuardCalibration.model_validate_json((tmp_path / "offline.json").read_text())
+    assert [(b.min_tokens, b.texts) for b in proposed.buckets] == [(b.min_tokens, b.texts) for b in offline.buckets]
+    assert np.allclose([b.threshold for b in proposed.buckets], [b.threshold for b in offline.buckets], atol=2e-6)
+    done = subprocess.run([sys.executable, "-m", "peftshield", "serve", "--model", str(guarded.victim), "--psim", str(guarded.psim),
+                           "--reservoir", str(proposal), "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "--mode monitor" in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+
+
 def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Guarded, tmp_path: Path) -> None:
     """With DAN as a detector, the guard's victim pass also returns every layer's [CLS] state
     (torch, and the ONNX graph exported with a states output), and DAN scores from those: no pass

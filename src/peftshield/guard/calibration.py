@@ -370,9 +370,23 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
         lengths = np.concatenate([lengths, token_lengths(psim.tokenizer_, joined, psim.max_length)])
         scores = np.concatenate([scores, psim.score(joined)])
     texts = read + joined
-    members = {PSIM_MEMBER: scores, **detector_scores}
+    return calibrate_scores(lengths, {PSIM_MEMBER: scores, **detector_scores}, psim_fingerprint, psim.max_length, target_frr, confidence,
+                            CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read),
+                                              fill_seed=fill_seed if joined else None),
+                            dict(detector_manifests or {}), edges, needed, where=f"--texts {source}")
+
+
+def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_fingerprint: str, max_length: int, target_frr: float,
+                     confidence: float, sample: CalibrationSample, detector_manifests: dict[str, str],
+                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, needed: int | None = None, where: str = "the sample") -> GuardCalibration:
+    """The calibration of texts already scored: their lengths in tokens and each member's scores
+    (``psim`` and each detector), one per text. What :func:`calibrate_guard` and a serving
+    guard's reservoir (:class:`~peftshield.guard.reservoir.ScoreReservoir`) share."""
+    needed = needed or max(MIN_BUCKET_TEXTS, texts_needed(target_frr, confidence))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    members = {name: np.asarray(values, dtype=np.float64) for name, values in members.items()}
     for name, values in members.items():
-        if values.shape != (len(texts),) or not np.all(np.isfinite(values)):
+        if values.shape != lengths.shape or not np.all(np.isfinite(values)):
             raise ConfigError(f"calibrate: {name} did not give one finite score per text")
     bounds = [0, *merged_edges(lengths, edges, needed), None]
     buckets = []
@@ -387,16 +401,14 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
             raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {span} got no finite score from it, "
                               "so no threshold can keep them; it cannot be calibrated on this sample")
         if not thresholds[PSIM_MEMBER] < 1.0:
-            raise ConfigError(f"--texts {source}: too many of the clean texts of {span} score 1.0, so no threshold can keep them; "
+            raise ConfigError(f"{where}: too many of the clean texts of {span} score 1.0, so no threshold can keep them; "
                               "this PSIM cannot screen texts of that length")
         flagged = np.any([bucket_scores[name] > value for name, value in thresholds.items()], axis=0)
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
                                     sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
                                     clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}))
-    return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=psim.max_length, target_frr=target_frr, confidence=confidence,
-                            detectors=dict(detector_manifests or {}), buckets=buckets,
-                            sample=CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read),
-                                                  fill_seed=fill_seed if joined else None),
+    return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=max_length, target_frr=target_frr, confidence=confidence,
+                            detectors=detector_manifests, buckets=buckets, sample=sample,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 

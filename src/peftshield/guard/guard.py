@@ -41,6 +41,7 @@ class GuardResult:
     detector_scores: dict[str, float] = field(default_factory=dict)  # each detector's score (--detector)
     # Each member's p-value against its clean scores in the text's length bucket (a calibration made by this version).
     p_values: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0  # the text's length in tokens as the PSIM reads it (after its cut): its length bucket
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +158,8 @@ class Guard:
         scores = psim_probs.max(axis=1)
         member_scores = {PSIM_MEMBER: scores, **{detector.name: detector.score(texts, victim_states if detector.name in self.state_readers else None)
                                                    for detector in self.detectors}}
-        thresholds, buckets = self._thresholds(psim_encoded.lengths(), len(texts))
+        lengths = psim_encoded.lengths()
+        thresholds, buckets = self._thresholds(lengths, len(texts))
         results = []
         for index, probs in enumerate(victim_probs):
             reasons = [name for name, values in member_scores.items() if values[index] > thresholds[name][index]]
@@ -170,7 +172,7 @@ class Guard:
                 label=None if hidden else int(np.argmax(probs)), probabilities=None if hidden else [round(float(p), 6) for p in probs],
                 psim_score=round(float(scores[index]), 6), flagged=flagged, threshold=float(thresholds[PSIM_MEMBER][index]), reasons=reasons,
                 detector_scores={name: round(float(values[index]), 6) for name, values in member_scores.items() if name != PSIM_MEMBER},
-                p_values=p_values,
+                p_values=p_values, tokens=int(lengths[index]),
             ))
         return results
 

@@ -21,6 +21,7 @@ class TextResult(BaseModel):
     detector_scores: dict[str, float] = Field(description="each detector's score (empty without --detector)")
     p_values: dict[str, float] = Field({}, description="under a --calibration: each member's (psim, detectors) p-value, the share of the "
                                        "calibration's clean texts of this length that score at least as high (small: unlike clean traffic)")
+    tokens: int = Field(0, ge=0, description="the text's length in tokens as the PSIM reads it (after its cut): which length threshold applies")
 
 
 class ClassifyResponse(BaseModel):

@@ -60,15 +60,17 @@ from starlette.requests import ClientDisconnect
 
 from peftshield.data.records import check_encodable
 from peftshield.errors import ConfigError, DataError, first_issue
+from peftshield.io import check_output_place
 from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
 from peftshield.guard.drift import FlagRateMonitor
 from peftshield.finetune.checkpoint import model_fingerprint
-from peftshield.guard.calibration import check_calibrated_detectors, load_guard_calibration
+from peftshield.guard.calibration import DEFAULT_CONFIDENCE, PSIM_MEMBER, check_calibrated_detectors, load_guard_calibration
 from peftshield.guard.detectors import manifest_sha256, read_detector_manifest
 from peftshield.guard.flag_log import FlagLog
 from peftshield.guard.guard import Guard
 from peftshield.guard.keys import ApiError, api_key_file_warning, check_api_key, read_api_keys
 from peftshield.guard.metrics import ServiceMetrics
+from peftshield.guard.reservoir import reservoir_for, write_proposal
 from peftshield.guard.schemas import ClassifyRequest, ClassifyResponse, Health, Readiness, error_responses
 from peftshield.guard.settings import ServeSettings, check_guard_folders
 
@@ -125,6 +127,8 @@ def check_settings(settings: ServeSettings) -> None:
         check_calibrated_detectors(calibration, manifests, settings.calibration)
     if settings.api_key_file is not None:
         read_api_keys(settings.api_key_file)
+    if settings.reservoir is not None:
+        check_output_place(settings.reservoir, "file", "--reservoir")
     if settings.log_flagged is not None:
         try:
             settings.log_flagged.parent.mkdir(parents=True, exist_ok=True)
@@ -143,13 +147,18 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     start-up (``/readyz`` answers 503 until then)."""
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
     metrics = ServiceMetrics(settings.mode)
-    state: dict = {"guard": None, "load_error": None, "monitor": None}
+    state: dict = {"guard": None, "load_error": None, "monitor": None, "reservoir": None}
+    proposing = threading.Lock()  # one proposal written at a time
 
     def mark_ready(loaded: Guard) -> None:
         expected = settings.expected_flag_rate if settings.expected_flag_rate is not None else loaded.expected_flag_rate
         monitor = FlagRateMonitor(expected, window=settings.drift_window)
         metrics.watch(monitor)
         state["monitor"] = monitor
+        if settings.reservoir is not None:
+            state["reservoir"] = reservoir_for(loaded, settings.reservoir_size)
+            state["next_proposal"] = settings.reservoir_size
+            state["psim_fingerprint"] = model_fingerprint(settings.psim)
         state["guard"] = loaded
         metrics.ready.set(1)
         logger.info("ready: model %s, PSIM %s, runtime %s, %s, mode %s", settings.model, settings.psim, settings.runtime,
@@ -166,6 +175,27 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
 
     def classify(texts: list[str]) -> list:
         return state["guard"].classify(texts)
+
+    def propose_recalibration() -> None:
+        """Write the reservoir's proposal (never applied: an operator restarts with it)."""
+        reservoir, loaded = state["reservoir"], state["guard"]
+        if reservoir is None or not proposing.acquire(blocking=False):
+            return
+        try:
+            current = loaded.calibration
+            proposal = reservoir.propose(state["psim_fingerprint"], loaded.max_length, {d.name: d.manifest_sha256 for d in loaded.detectors},
+                                         current.target_frr if current else 0.01,
+                                         current.confidence if current and current.confidence else DEFAULT_CONFIDENCE)
+            if proposal is None:
+                logger.info("reservoir: %d texts kept, too few for a proposal yet", reservoir.kept)
+                return
+            write_proposal(settings.reservoir, proposal)
+            logger.info("recalibration proposed (not applied; review it, then restart with --calibration): %s", proposal.describe(),
+                        extra={"fields": {"event": "recalibration_proposed", "texts": reservoir.kept, "screened": reservoir.seen}})
+        except Exception as exc:  # a proposal that cannot be written never fails a request
+            logger.error("reservoir: cannot write the proposal: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        finally:
+            proposing.release()
 
     def dropped(reason: str, requests: int) -> None:
         metrics.dropped.labels(reason=reason).inc(requests)
@@ -185,6 +215,8 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         await batcher.stop()
         if flag_log is not None:
             flag_log.close()
+        if state["reservoir"] is not None:
+            propose_recalibration()
         logger.info("stopped: every request in flight answered")
 
     from peftshield import __version__
@@ -289,6 +321,13 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
                         extra={"fields": {"request_id": request_id, "status": exc.status, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}})
             return error(exc.status, exc.message, request_id, endpoint, exc.headers)
         metrics.record_results(results, state["monitor"])
+        reservoir = state["reservoir"]
+        if reservoir is not None:
+            reservoir.observe([r.tokens for r in results], {name: [r.psim_score if name == PSIM_MEMBER else r.detector_scores[name] for r in results]
+                                                            for name in reservoir.members})
+            if reservoir.seen >= state["next_proposal"]:
+                state["next_proposal"] = reservoir.seen + settings.reservoir_size
+                asyncio.get_running_loop().run_in_executor(None, propose_recalibration)
         if flag_log is not None:
             await asyncio.get_running_loop().run_in_executor(None, flag_log.write, request_id, texts, results)
         seconds = time.perf_counter() - started

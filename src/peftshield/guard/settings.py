@@ -102,3 +102,17 @@ class ServeSettings(GuardSettings):
                                                 "(of the connection's opening, for the first request), else the connection is closed: "
                                                 "slow or silent clients cannot hold connections.")
     max_connections: PositiveInt = Field(1000, description="Open connections (and requests in progress) at most, per worker; a request beyond gets 503.")
+    reservoir: Optional[Path] = Field(None, description="Monitor mode: keep a uniform random sample of the screened traffic (each text's "
+                                                        "length in tokens and every member's score, never the text) and write a proposed "
+                                                        "recalibration to this file after every --reservoir-size texts and at shutdown; it is "
+                                                        "only a proposal: review it, then restart with --calibration FILE.")
+    reservoir_size: PositiveInt = Field(5000, le=1_000_000, description="Texts the reservoir keeps (and the texts between two proposals).")
+
+    @field_validator("reservoir")
+    @classmethod
+    def _reservoir_in_monitor_mode(cls, reservoir: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if reservoir is not None and info.data.get("mode") != "monitor":
+            raise ValueError("a recalibration is proposed from traffic watched in monitor mode (every text answered): add --mode monitor")
+        if reservoir is not None and info.data.get("workers", 1) > 1:
+            raise ValueError("each worker would keep its own sample and overwrite the others' proposal: use --workers 1 to collect one")
+        return reservoir
