@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -101,6 +101,11 @@ bench-erase: $(STAMP)
 # (about 27 minutes): bench/cpu_small.md.
 bench-grid: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/cpu_small.py
+
+# peftshield screen's stage 1 timed on 2,000 copies of the demo's LoRA adapter (needs make demo;
+# about a minute): bench/screen_stage1.md. A speed figure only.
+bench-screen-stage1: $(STAMP)
+	$(PY) bench/screen_stage1.py
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.
