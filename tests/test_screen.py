@@ -147,3 +147,21 @@ def test_stage2_audits_the_most_unusual_and_a_sample_and_exits_as_audit_does(fle
     assert all(r["verdict"] in ("clean", "backdoored", "inconclusive") for r in audited.values()), audited
     assert done.returncode == 2 == report["exit_code"], done.stderr
     assert report["estimate"]["sampled"] == 1 and (out / "audits").is_dir()
+
+
+def test_stage1_on_a_local_ray_gives_what_one_process_gives(fleet: list[Path], tmp_path: Path) -> None:
+    """``--executor ray``: Ray Data over the targets, features from an actor pool; the same rows
+    and scores as in one process, an unreadable adapter still its own error row."""
+    pytest.importorskip("ray")
+    bad = write_adapter(tmp_path / "bad", np.random.default_rng(9))
+    (bad / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    targets = [str(p) for p in fleet] + [str(bad)]
+    reports = {}
+    for executor in ("local", "ray"):
+        extra = ["--executor", "ray", "--workers", "2"] if executor == "ray" else []
+        done = run_cli(*targets, "--stage1-only", "--out", str(tmp_path / executor), "--no-progress", *extra)
+        assert done.returncode == 2, done.stderr  # the unreadable adapter: incomplete
+        reports[executor] = json.loads((tmp_path / executor / "screen.json").read_text())["rows"]
+    assert [(r["target"], r["status"], r["rank"]) for r in reports["ray"]] == [(r["target"], r["status"], r["rank"]) for r in reports["local"]]
+    assert np.allclose([r["score"] for r in reports["ray"] if r["score"] is not None], [r["score"] for r in reports["local"] if r["score"] is not None])
+    assert "damaged" in reports["ray"][-1]["message"]

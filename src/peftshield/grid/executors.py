@@ -42,7 +42,8 @@ class RayExecutor:
         self.address = address
         self.cpus_per_task = cpus_per_task
 
-    def _ray(self):
+    def connect(self):
+        """The ``ray`` module, initialised: a local Ray with ``workers`` CPUs, or the cluster at ``address``."""
         try:
             import ray
         except ImportError:
@@ -55,6 +56,6 @@ class RayExecutor:
     def map(self, function: Callable, arguments: list[tuple]) -> list:
         if not arguments:
             return []
-        ray = self._ray()
+        ray = self.connect()
         remote = ray.remote(num_cpus=self.cpus_per_task)(function)
         return ray.get([remote.remote(*args) for args in arguments])

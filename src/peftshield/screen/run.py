@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -69,15 +69,25 @@ def adapter_folder(spec: str) -> Path:
     return folder
 
 
-def stage1(specs: list[str], screen: FleetScreen, progress: bool = False) -> tuple[list[ScreenRow], list[AdapterFeatures | None]]:
-    """Every adapter's features (an ``error`` row for one that cannot be read), then the fleet's scores."""
-    rows: list[ScreenRow] = []
-    features: list[AdapterFeatures | None] = []
+def local_features(specs: list[str], progress: bool = False) -> Iterator[tuple[str, AdapterFeatures | str]]:
+    """``(spec, features or error message)`` for every spec, in this process."""
     for spec in track(specs, "stage 1: weights", enabled=progress):
         try:
-            item = adapter_features(adapter_folder(spec))
+            yield spec, adapter_features(adapter_folder(spec))
         except PeftshieldError as exc:
-            rows.append(ScreenRow(spec, "error", message=str(exc)))
+            yield spec, str(exc)
+
+
+def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
+           source: Iterable[tuple[str, AdapterFeatures | str]] | None = None) -> tuple[list[ScreenRow], list[AdapterFeatures | None]]:
+    """Every adapter's features (an ``error`` row for one that cannot be read), from ``source``
+    (default :func:`local_features`; :func:`peftshield.screen.distributed.ray_features` on Ray),
+    then the fleet's scores."""
+    rows: list[ScreenRow] = []
+    features: list[AdapterFeatures | None] = []
+    for spec, item in (source if source is not None else local_features(specs, progress)):
+        if isinstance(item, str):
+            rows.append(ScreenRow(spec, "error", message=item))
             features.append(None)
             continue
         rows.append(ScreenRow(spec, "scored", cohort=cohort_id(item.cohort)))
@@ -97,11 +107,13 @@ def stage1(specs: list[str], screen: FleetScreen, progress: bool = False) -> tup
 
 
 def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sample: int, rng: np.random.Generator,
-               audit_settings=None, progress: bool = False, log: Callable[[str], None] = lambda m: None) -> ScreenReport:
-    """Stage 1 over ``specs``; with ``audit_settings`` (an :class:`~peftshield.gate.settings.AuditGateSettings`),
-    stage 2 audits the ``budget`` highest scores and ``sample`` of the rest. Writes ``out`` whole at the end."""
+               audit_settings=None, progress: bool = False, log: Callable[[str], None] = lambda m: None,
+               source: Iterable[tuple[str, AdapterFeatures | str]] | None = None) -> ScreenReport:
+    """Stage 1 over ``specs`` (features from ``source``, see :func:`stage1`); with ``audit_settings`` (an
+    :class:`~peftshield.gate.settings.AuditGateSettings`), stage 2 audits the ``budget`` highest
+    scores and ``sample`` of the rest. Writes ``out`` whole at the end."""
     started = time.perf_counter()
-    rows, _ = stage1(specs, screen, progress)
+    rows, _ = stage1(specs, screen, progress, source)
     stage1_seconds = time.perf_counter() - started
     scored = [i for i, r in enumerate(rows) if r.score is not None]
     top, drawn = select_for_audit(np.array([rows[i].score for i in scored]), min(budget, len(scored)), sample, rng)

@@ -31,6 +31,10 @@ def screen(
     texts: Optional[str] = typer.Option(None, "--texts", help="Clean texts for the audit (default: the packaged offline corpus)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model of the adapters, overriding their base_model_name_or_path (stage 2)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random sample and of the audits."),
+    executor: str = typer.Option("local", "--executor", help="Where stage 1 runs: local (this process) or ray (Ray Data, an actor pool)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: join this cluster (auto, or ray://HOST:PORT); "
+                                              "default a local Ray. Every node must see the adapters at the same paths."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --executor ray: feature actors (and local Ray's CPUs)."),
     progress: bool = ProgressOption,
 ) -> None:
     from peftshield.gate.settings import AuditGateSettings
@@ -40,6 +44,10 @@ def screen(
 
     if fail_on not in ("inconclusive", "backdoored"):
         raise ConfigError(f"--fail-on {fail_on}: give inconclusive or backdoored")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor}: give local or ray")
+    if executor != "ray" and (ray_address or workers):
+        raise ConfigError("--ray-address and --workers: only with --executor ray")
     specs = expand_specs(list(targets or []) + (list(read_manifest(manifest)) if manifest is not None else []))
     if not specs:
         raise ConfigError("screen: give adapter folders, globs or --manifest FILE")
@@ -47,8 +55,13 @@ def screen(
     budget = 0 if stage1_only else parse_budget(audit_budget, len(specs), "--audit-budget")
     sample = 0 if stage1_only else parse_budget(audit_sample, len(specs), "--audit-sample")
     settings = None if stage1_only else AuditGateSettings(fail_on=fail_on, texts=texts, base=base, seed=seed)
+    source = None
+    if executor == "ray":
+        from peftshield.screen.distributed import ray_features
+
+        source = ray_features(specs, ray_address, workers)
     report = run_screen(specs, out, FleetScreen(min_cohort=min_cohort), budget, sample, np.random.default_rng(seed), settings,
-                        progress=progress, log=info)
+                        progress=progress, log=info, source=source)
     errors = sum(r.status == "error" for r in report.rows)
     info(f"{len(report.rows)} adapters ({errors} unreadable), stage 1 {report.stage1_seconds:.1f} s, "
          f"{sum(bool(r.audited) for r in report.rows)} audited in {report.stage2_seconds:.0f} s -> {out}; exit {report.exit_code}")
