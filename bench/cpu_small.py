@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CONFIG = "configs/cpu-small.yaml"
 RUN = ROOT / "runs" / "cpu-small"
-PLOTS = ("asr_over_epochs.png", "confidence_sst-2_badnet-mn_lora_seed0.png")
+PLOTS = ("asr_over_epochs.png", "confidence_sst-2_badnet-mn_lora_seed0.png", "roc_cr_insent_lora_seed0.png")
 
 
 def timed(command: list[str]) -> tuple[float, int]:
@@ -57,7 +57,8 @@ def render(summary: dict) -> str:
         f"Run wall time {summary['run_seconds'] / 60:.1f} min ({summary['run_seconds']:.0f} s; cells found in the run folder are reused"
         f"{', and this time some were' if summary['reused_cells'] else ', none were this time'}), peak resident memory "
         f"{summary['peak_rss_kb'] / 2**20:.1f} GB, report {summary['report_seconds']:.1f} s. "
-        f"{summary['cells']} cells; mean ± std over seeds {summary['seeds']}. CA is on the test texts, ASR on their non-target rows with the trigger.",
+        f"{summary['cells']} cells; mean ± std over seeds {summary['seeds']}. CA is on the test texts, ASR on their non-target rows with the trigger."
+        + (f" Note: {summary['note']}" if summary.get("note") else ""),
         "",
     ]
     for table in summary["tables"]:
@@ -66,8 +67,21 @@ def render(summary: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+    import json
+
     from peftshield.grid.store import ResultStore
     from peftshield.io import atomic_write_json, atomic_write_text
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--note", default="", help="a remark recorded with the run (e.g. other jobs shared the cores)")
+    parser.add_argument("--render", action="store_true", help="re-render bench/cpu_small.md from its JSON (adding --note), running nothing")
+    args = parser.parse_args()
+    if args.render:
+        summary = {**json.loads((BENCH / "cpu_small.json").read_text()), **({"note": args.note} if args.note else {})}
+        atomic_write_json(BENCH / "cpu_small.json", summary)
+        atomic_write_text(BENCH / "cpu_small.md", render(summary))
+        return
 
     store_file = RUN / "results.sqlite"
     reused = len(ResultStore(store_file).cells()) if store_file.is_file() else 0
@@ -77,7 +91,7 @@ def main() -> None:
     report = RUN / "report"
     summary = {"date": time.strftime("%Y-%m-%d"), "config": CONFIG, "run_seconds": run_seconds, "reused_cells": reused,
                "peak_rss_kb": peak, "report_seconds": report_seconds, "cells": len(cells),
-               "seeds": sorted({c["seed"] for c in cells}), "tables": report_tables((report / "report.md").read_text())}
+               "seeds": sorted({c["seed"] for c in cells}), "tables": report_tables((report / "report.md").read_text()), "note": args.note}
     plots = ROOT / "docs" / "cpu-small"
     plots.mkdir(exist_ok=True)
     for name in PLOTS:
