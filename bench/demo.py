@@ -30,7 +30,7 @@ def render(summary: dict) -> str:
     lines = [
         f"# `make demo`{weaker}, measured",
         "",
-        f"Command: `make bench-demo` (= `.venv/bin/python bench/demo.py`: `{summary['command']}`), {summary['date']}, this machine "
+        f"Command: `make bench-{summary.get('name', 'demo').replace('_', '-')}` (= `.venv/bin/python bench/demo.py`: `{summary['command']}`), {summary['date']}, this machine "
         f"(2 CPU cores, no GPU), {summary['seconds']:.0f} s wall ({'every stage computed in this run' if summary['fresh'] else 'stages found in the run folder were reused'}). "
         f"Attacker data `{demo['attack_data']}`, victim data `{demo['victim_data']}`.",
         "",
@@ -92,7 +92,7 @@ def main() -> None:
     if done.returncode != 0:
         raise SystemExit(f"demo failed:\n{done.stderr[-3000:]}")
     shown = " ".join(["peftshield", *command[1:-1]])  # the command as run (without the path to the venv and --no-progress)
-    summary = summarize(out, time.perf_counter() - started, fresh, shown, args.attack_lr)
+    summary = {**summarize(out, time.perf_counter() - started, fresh, shown, args.attack_lr), "name": args.name}
     atomic_write_json(BENCH / f"{args.name}.json", summary)
     atomic_write_text(BENCH / f"{args.name}.md", render(summary))
     print(render(summary))

@@ -614,8 +614,9 @@ def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_appl
 def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Guarded, tmp_path: Path) -> None:
     """With DAN as a detector, the guard's victim pass also returns every layer's [CLS] state
     (torch, and the ONNX graph exported with a states output), and DAN scores from those: no pass
-    of its own. Its scores match DAN's own pass (torch and ONNX fp32 to float precision), its
-    flags agree under int8, and it still fires on the planted trigger."""
+    of its own. Its scores match DAN's own pass to float precision on every runtime (under
+    onnx-int8 the victim runs fp32 ONNX: int8 states wreck DAN's distances), and it still fires
+    on the planted trigger."""
     from peftshield.guard.guard import Guard
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -639,10 +640,9 @@ def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Gu
         results = guard.classify(texts)
         assert not calls, f"{runtime}: DAN made a pass of its own"
         shared = np.array([r.detector_scores["dan"] for r in results])
-        if runtime != "onnx-int8":
-            np.testing.assert_allclose(shared, own, rtol=1e-3, atol=1e-3 * np.abs(own).max(), err_msg=runtime)
+        assert guard.victim_runtime.name == ("onnx" if runtime == "onnx-int8" else runtime) and guard.psim_runtime.name == runtime
+        np.testing.assert_allclose(shared, own, rtol=1e-3, atol=1e-3 * np.abs(own).max(), err_msg=runtime)
         fired = shared > detector.threshold
-        assert (fired == (own > detector.threshold)).mean() >= 0.95, runtime
         assert fired[len(guarded.clean):].mean() >= 0.9, runtime
 
 

@@ -28,6 +28,10 @@ from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
 
+# The victim's runtime when a detector reads its layer states: one whose states are exact.
+STATES_RUNTIME = {"onnx-int8": "onnx"}
+
+
 @dataclass(frozen=True)
 class GuardResult:
     """One screened text. ``label`` is None when the text was flagged in block mode."""
@@ -104,9 +108,13 @@ class Guard:
         suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
         detectors = load_detectors(settings.detectors, victim, fingerprint, suspect)
         # DAN reads the victim's layer states from the guard's own pass (no pass of its own); a
-        # decoder's ONNX graph has no states output, so there DAN makes its pass.
+        # decoder's ONNX graph has no states output, so there DAN makes its pass. The states must be
+        # exact: int8 activations move DAN's Mahalanobis distances by orders of magnitude (every
+        # clean text flagged, measured on MiniLM), so under onnx-int8 the victim then runs fp32 ONNX
+        # (the PSIM stays int8).
         states = any(d.reads_victim_states for d in detectors) and (settings.runtime == "torch" or not is_decoder_classifier(victim.model))
-        victim_runtime = make_runtime(victim.model, settings.runtime, settings.model, fingerprint, states=states)
+        victim_runtime = make_runtime(victim.model, STATES_RUNTIME.get(settings.runtime, settings.runtime) if states else settings.runtime,
+                                      settings.model, fingerprint, states=states)
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)
 
     @property
