@@ -77,7 +77,7 @@ class Guard:
         # the guard's own cut of each text; any other detector makes its own pass.
         self.state_readers = {d.name for d in self.detectors if d.reads_victim_states and getattr(d.defense, "max_length", None) == self.max_length}
         self.reads_victim_states = bool(self.state_readers) and callable(getattr(victim_runtime, "logits_and_states", None)) \
-            and _exports_states(victim_runtime)
+            and _exports_states(victim_runtime) and getattr(victim_runtime, "name", "") not in STATES_RUNTIME  # never int8 states
 
     @classmethod
     def load(cls, model_dir: str | Path, psim_dir: str | Path, runtime: str | None = None, threshold: float | None = None, mode: str | None = None,
