@@ -290,3 +290,45 @@ def test_an_edited_psim_threshold_is_refused_in_a_calibration_of_the_psim_alone(
         path.write_text(json.dumps(_edited(payload, 0, threshold=value)))
         with pytest.raises(ConfigError, match=r"bucket 0\+ tokens: psim.s threshold"):
             load_guard_calibration(path, "psim-a", 128)
+
+
+def test_a_calibration_forged_around_the_threshold_check_is_refused(tmp_path) -> None:
+    """The ways round the check a review found: no confidence (skipping every check), a /1 file
+    with detectors, kept scores cut short (a wide window), texts inflated (a negative lower
+    bound), a threshold above every clean score of a large bucket, and a bucket so large its
+    bound would take gigabytes: each refused with one line."""
+    rng = np.random.default_rng(11)
+    scorer = LengthDriftingScorer(rng)
+    sample = traffic(rng, 9000)
+    calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": rng.normal(0, 1, len(sample))},
+                                  detector_manifests={"dan": "a" * 64})
+    payload = json.loads(calibration.model_dump_json())
+    large = max(range(len(payload["buckets"])), key=lambda i: payload["buckets"][i]["texts"])
+    bucket = payload["buckets"][large]
+    assert bucket["texts"] > 2000
+    top = max(bucket["clean_scores"]["dan"])
+    forged = [
+        {**payload, "confidence": None},
+        {**payload, "format": "peftshield-guard-calibration/1", "confidence": None},
+        _edited(payload, large, dan=1e300, clean_scores={"psim": bucket["clean_scores"]["psim"][:2], "dan": [0.0, 1e300]}),
+        {**_edited(payload, large, dan=top * 10, texts=bucket["texts"] + 400), "target_frr": 0.001},
+        _edited(payload, large, dan=top + 1.0),
+        _edited(payload, large, texts=10**12),
+    ]
+    path = tmp_path / "calibration.json"
+    for edit in forged:
+        path.write_text(json.dumps(edit))
+        with pytest.raises(ConfigError, match="not a guard calibration") as raised:
+            load_guard_calibration(path, "psim-a", 128)
+        assert "\n" not in str(raised.value)
+
+
+def test_ties_at_the_threshold_of_a_large_bucket_are_not_refused() -> None:
+    """5,000 clean texts whose top 50 tie at one score: the honest threshold has none above it,
+    and the calibration still passes its own check (quantiles kept, ties counted either way)."""
+    rng = np.random.default_rng(12)
+    texts = ["a few words"] * 5000
+    scores = rng.uniform(0.5, 0.98, 5000)
+    scores[:50] = 0.99
+    calibration = calibrate_guard(UniformScorer(rng), "f", texts, 0.01, "s", scores=scores)
+    assert calibration.buckets[0].threshold == 0.99 and calibration.buckets[0].texts == 5000

@@ -57,6 +57,7 @@ DEFAULT_CONFIDENCE = 0.9
 # Clean scores kept per member and bucket for p-values: all of them up to this, else as many evenly spaced quantiles.
 MAX_KEPT_SCORES = 2000
 PSIM_MEMBER = "psim"
+MAX_SAMPLE_TEXTS = 100_000_000  # a calibration sample larger than this is not one anybody scored
 # --fill-lengths fills a bucket to this many times the texts the bound needs: a bucket at exactly
 # the least size has its threshold at the sample's highest score, the noisiest choice.
 FILL_FACTOR = 3
@@ -71,7 +72,7 @@ class LengthBucket(BaseModel):
     min_tokens: NonNegativeInt = Field(le=MAX_TOKENS)
     max_tokens: Optional[PositiveInt] = Field(None, le=MAX_TOKENS)
     threshold: float = Field(gt=0, lt=1, description="A PSIM confidence; 1.0 would never flag, so it is refused.")
-    texts: PositiveInt = Field(description="Clean sample texts in this bucket.")
+    texts: PositiveInt = Field(le=MAX_SAMPLE_TEXTS, description="Clean sample texts in this bucket.")
     sample_flag_rate: float = Field(ge=0, le=1, description="Share of them flagged (by any member; in-sample).")
     detector_thresholds: dict[str, float] = Field({}, max_length=16, description="Each detector's threshold in this bucket (--detector).")
     clean_scores: dict[str, list[float]] = Field({}, max_length=17, description="Each member's clean scores in this bucket, ascending "
@@ -109,7 +110,7 @@ class CalibrationSample(BaseModel):
 
     source: str = Field(description="Where the sample was read (as given).")
     texts: PositiveInt
-    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hash of the texts, in order, each followed by a newline.")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hash of the texts, in order, each followed by a newline (a serving reservoir: of the lengths and scores it kept).")
     joined: NonNegativeInt = Field(0, description="Texts joined from the sample's own to fill length buckets it had too few of "
                                    "('calibrate --fill-lengths'); counted in the buckets, not in texts.")
     fill_seed: Optional[int] = Field(None, description="The seed that drew the joined texts (--seed), so the calibration can be made again.")
@@ -142,6 +143,12 @@ class GuardCalibration(BaseModel):
         for bucket in self.buckets:
             if set(bucket.detector_thresholds) != set(self.detectors) or not set(bucket.clean_scores) <= {PSIM_MEMBER, *self.detectors}:
                 raise ValueError("every bucket must hold a threshold for each calibrated detector, and scores only of members")
+        if self.format == CALIBRATION_FORMAT and self.confidence is None:
+            raise ValueError("a format /2 calibration states its confidence")
+        if self.format != CALIBRATION_FORMAT and (self.detectors or self.confidence is not None):
+            raise ValueError("a format /1 calibration is of the PSIM alone, without a confidence")
+        if sum(bucket.texts for bucket in self.buckets) != self.sample.texts + self.sample.joined:
+            raise ValueError("the buckets' texts do not add up to the sample's")
         if self.confidence is not None:  # format /2: every threshold must be the one its bucket's own clean scores give
             for bucket in self.buckets:
                 problem = threshold_problem(bucket, self.target_frr, self.confidence)
@@ -201,8 +208,13 @@ def allowed_above(texts: int, target_frr: float, confidence: float) -> int:
     P(Binomial(texts, target_frr) <= k) <= 1 - confidence (-1 when even k = 0 is too many)."""
     from scipy.stats import binom
 
-    cumulative = binom.cdf(np.arange(texts + 1), texts, target_frr)
-    return int(np.count_nonzero(cumulative <= 1 - confidence)) - 1
+    level = 1 - confidence
+    k = int(binom.ppf(level, texts, target_frr))  # the smallest k with CDF(k) >= level: the answer is k or k - 1
+    while k >= 0 and binom.cdf(k, texts, target_frr) > level:
+        k -= 1
+    while k + 1 <= texts and binom.cdf(k + 1, texts, target_frr) <= level:
+        k += 1
+    return k
 
 
 def common_rank(member_scores: list[np.ndarray], allowed: int) -> int:
@@ -240,17 +252,27 @@ def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float
     if missing:
         return f"no clean scores kept for {missing[0]}, so its threshold cannot be checked"
     kept = {name: np.asarray(bucket.clean_scores[name], dtype=np.float64) for name in members}  # not kept_arrays: a cached property would join the model's equality
+    expected_size = min(bucket.texts, MAX_KEPT_SCORES)
+    short = [name for name in members if kept[name].size != expected_size]
+    if short:
+        return f"{short[0]} keeps {kept[short[0]].size} clean scores, not the {expected_size} its {bucket.texts} texts give"
     allowed = allowed_above(bucket.texts, target_frr, confidence)
     if allowed < 0:
         return f"{bucket.texts} texts are too few for a {target_frr:.1%} bound at {confidence:.0%} confidence"
-    if all(kept[name].size == bucket.texts for name in members):
+    if bucket.texts <= MAX_KEPT_SCORES:
         return _exact_rank_problem(bucket, kept, allowed)
-    step = 1.0 / max(1, min(kept[name].size for name in members) - 1)
+    # Evenly spaced quantiles of a larger sample (its lowest and highest scores among them).
+    step = 1.0 / (MAX_KEPT_SCORES - 1)
     lowest_rank, highest_rank = max(0, allowed // len(members) - 1), allowed + 1
     for name in members:
-        above = float(np.count_nonzero(kept[name] > bucket.member_threshold(name))) / kept[name].size
-        if not lowest_rank / bucket.texts - 2 * step <= above <= highest_rank / bucket.texts + 2 * step:
-            return (f"{name}'s threshold {bucket.member_threshold(name):.6g} puts {above:.2%} of its clean scores above it, "
+        threshold = bucket.member_threshold(name)
+        if threshold > kept[name][-1]:
+            return f"{name}'s threshold {threshold:.6g} is above every clean score ({kept[name][-1]:.6g}): it would never fire on clean-like text"
+        above = float(np.count_nonzero(kept[name] > threshold)) / kept[name].size
+        at_or_above = float(np.count_nonzero(kept[name] >= threshold)) / kept[name].size  # ties at the threshold count either way
+        low, high = lowest_rank / bucket.texts - 2 * step, highest_rank / bucket.texts + 2 * step
+        if at_or_above < low or above > high:
+            return (f"{name}'s threshold {threshold:.6g} puts {above:.2%} of its clean scores above it, "
                     f"not the {lowest_rank / bucket.texts:.2%}-{highest_rank / bucket.texts:.2%} the bound allows")
     return None
 
@@ -407,9 +429,12 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
                                     sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
                                     clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}))
-    return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=max_length, target_frr=target_frr, confidence=confidence,
-                            detectors=detector_manifests, buckets=buckets, sample=sample,
-                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    try:
+        return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=max_length, target_frr=target_frr, confidence=confidence,
+                                detectors=detector_manifests, buckets=buckets, sample=sample,
+                                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except ValidationError as error:  # a bug, were it to happen: the check refused what calibration made
+        raise ConfigError(f"calibrate: {where}: the calibration made does not pass its own check ({first_issue(error).message})") from None
 
 
 MAX_CALIBRATION_BYTES = 8_000_000  # four buckets of three members with all 2000 kept scores each take about 0.5 MB

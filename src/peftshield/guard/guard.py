@@ -112,7 +112,9 @@ class Guard:
         # exact: int8 activations move DAN's Mahalanobis distances by orders of magnitude (every
         # clean text flagged, measured on MiniLM), so under onnx-int8 the victim then runs fp32 ONNX
         # (the PSIM stays int8).
-        states = any(d.reads_victim_states for d in detectors) and (settings.runtime == "torch" or not is_decoder_classifier(victim.model))
+        cut = int(settings.max_length or psim.max_length)
+        states = any(d.reads_victim_states and getattr(d.defense, "max_length", None) == cut for d in detectors) \
+            and (settings.runtime == "torch" or not is_decoder_classifier(victim.model))
         victim_runtime = make_runtime(victim.model, STATES_RUNTIME.get(settings.runtime, settings.runtime) if states else settings.runtime,
                                       settings.model, fingerprint, states=states)
         return cls(victim.model, victim.tokenizer, psim, victim_runtime, settings, calibration, detectors)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from peftshield.errors import ConfigError
 from peftshield.guard.calibration import (DEFAULT_CONFIDENCE, MIN_BUCKET_TEXTS, PSIM_MEMBER, CalibrationSample, GuardCalibration,
                                           calibrate_scores, texts_needed)
 from peftshield.io import atomic_write_text
@@ -69,18 +68,16 @@ class ScoreReservoir:
 
     def propose(self, psim_fingerprint: str, max_length: int, detector_manifests: dict[str, str], target_frr: float,
                 confidence: float = DEFAULT_CONFIDENCE) -> GuardCalibration | None:
-        """The calibration of the sample, or None while it holds fewer texts than the bound needs."""
+        """The calibration of the sample, or None while it holds fewer texts than the bound needs; a
+        one-line :class:`ConfigError` when the sample cannot be calibrated."""
         lengths, members, seen = self.snapshot()
         if len(lengths) < max(MIN_BUCKET_TEXTS, texts_needed(target_frr, confidence)):
             return None
         digest = hashlib.sha256(lengths.tobytes() + b"".join(members[name].tobytes() for name in self.members)).hexdigest()
         sample = CalibrationSample(source=f"serve reservoir: {len(lengths)} texts kept of {seen} screened (monitor mode)",
                                    texts=len(lengths), sha256=digest)
-        try:
-            return calibrate_scores(lengths, members, psim_fingerprint, max_length, target_frr, confidence, sample, detector_manifests,
-                                    where="the reservoir")
-        except ConfigError:
-            return None  # e.g. a length where clean traffic scores 1.0: nothing to propose
+        return calibrate_scores(lengths, members, psim_fingerprint, max_length, target_frr, confidence, sample, detector_manifests,
+                                where="the reservoir")  # a ConfigError (e.g. a length where traffic scores 1.0) says why there is none
 
 
 def write_proposal(path: Path, calibration: GuardCalibration) -> None:

@@ -176,10 +176,11 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     def classify(texts: list[str]) -> list:
         return state["guard"].classify(texts)
 
-    def propose_recalibration() -> None:
-        """Write the reservoir's proposal (never applied: an operator restarts with it)."""
+    def propose_recalibration(wait: bool = False) -> None:
+        """Write the reservoir's proposal (never applied: an operator restarts with it). A periodic
+        proposal is skipped while another is being written; the one at shutdown waits for it."""
         reservoir, loaded = state["reservoir"], state["guard"]
-        if reservoir is None or not proposing.acquire(blocking=False):
+        if reservoir is None or not proposing.acquire(blocking=wait):
             return
         try:
             current = loaded.calibration
@@ -192,8 +193,8 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
             write_proposal(settings.reservoir, proposal)
             logger.info("recalibration proposed (not applied; review it, then restart with --calibration): %s", proposal.describe(),
                         extra={"fields": {"event": "recalibration_proposed", "texts": reservoir.kept, "screened": reservoir.seen}})
-        except Exception as exc:  # a proposal that cannot be written never fails a request
-            logger.error("reservoir: cannot write the proposal: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:  # a proposal that cannot be made or written never fails a request
+            logger.error("reservoir: no proposal: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         finally:
             proposing.release()
 
@@ -216,7 +217,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         if flag_log is not None:
             flag_log.close()
         if state["reservoir"] is not None:
-            propose_recalibration()
+            propose_recalibration(wait=True)
         logger.info("stopped: every request in flight answered")
 
     from peftshield import __version__
