@@ -82,7 +82,8 @@ def test_the_adapter_unlike_its_peers_ranks_first_and_a_lone_cohort_goes_to_the_
     assert by_name["odd"].score > 2 * max(r.score for n, r in by_name.items() if n not in ("odd", "lone"))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no-rank", "link", "pickle-only", "not-json"])
+@pytest.mark.parametrize("damage", ["truncated", "no-rank", "link", "pickle-only", "not-json", "nan", "deep-json", "extra-tensor",
+                                    "alpha-pattern", "wrong-rank"])
 def test_a_damaged_adapter_is_an_error_row_never_clean(fleet: list[Path], tmp_path: Path, damage: str) -> None:
     bad = write_adapter(tmp_path / "bad", np.random.default_rng(9))
     weights, config = bad / "adapter_model.safetensors", bad / "adapter_config.json"
@@ -96,13 +97,47 @@ def test_a_damaged_adapter_is_an_error_row_never_clean(fleet: list[Path], tmp_pa
     elif damage == "pickle-only":
         weights.unlink()
         (bad / "adapter_model.bin").write_bytes(b"\x80\x04 not loaded")
+    elif damage in ("nan", "extra-tensor", "wrong-rank"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(weights))
+        if damage == "nan":
+            tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"][0, 0] = np.nan
+        elif damage == "extra-tensor":  # trained weights stage 1 does not model (PEFT would load them)
+            tensors["base_model.model.aaa_classifier.weight"] = np.ones((2, HIDDEN), dtype=np.float32)
+        else:
+            tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"] = np.ones((6, HIDDEN), dtype=np.float32)
+            tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"] = np.ones((HIDDEN, 6), dtype=np.float32)
+        save_file(tensors, str(weights))
+    elif damage == "deep-json":
+        config.write_text("[" * 100_000 + "]" * 100_000)
+    elif damage == "alpha-pattern":  # a per-module alpha changes the weight change stage 1 computes
+        config.write_text(json.dumps({**json.loads(config.read_text()), "alpha_pattern": {"value": 64}}))
     else:
         config.write_text("{not json")
-    with pytest.raises(DataError) as raised:
-        adapter_features(bad)
-    assert "\n" not in str(raised.value) and str(bad) in str(raised.value)
+    from peftshield.screen.run import features_or_error
+
+    message = features_or_error(str(bad))
+    assert isinstance(message, str) and "\n" not in message and str(bad) in message, message
     rows, _ = stage1([str(p) for p in fleet] + [str(bad)], FleetScreen(min_cohort=8))
     assert rows[-1].status == "error" and rows[-1].score is None and all(r.status == "scored" for r in rows[:-1])
+
+
+def test_copies_of_one_adapter_do_not_vouch_for_it(fleet: list[Path], tmp_path: Path) -> None:
+    """Eight copies of one adapter (or one adapter under eight spellings) are one peer, not a
+    cohort: they score no-peers and go to the audit first."""
+    import shutil
+
+    from peftshield.screen.run import unique_targets
+
+    copies = []
+    for index in range(8):
+        shutil.copytree(fleet[-1], tmp_path / f"copy{index}")
+        copies.append(str(tmp_path / f"copy{index}"))
+    rows, _ = stage1(copies, FleetScreen(min_cohort=8))
+    assert {r.status for r in rows} == {"no-peers"}
+    spellings = [str(fleet[0]), str(fleet[0]) + "/", str(fleet[0].parent / "." / fleet[0].name), str(fleet[0].parent / ".." / fleet[0].parent.name / fleet[0].name)]
+    assert unique_targets(spellings) == [str(fleet[0])]
 
 
 def test_the_budget_takes_the_most_unusual_and_a_seeded_sample_of_the_rest() -> None:
@@ -127,8 +162,9 @@ def test_screen_command_stage1_from_a_manifest_and_one_line_errors(fleet: list[P
     report = json.loads((out / "screen.json").read_text())
     assert report["adapters"] == 13 and report["exit_code"] == 0 and {r["status"] for r in report["rows"]} == {"scored"}
     assert min(report["rows"], key=lambda r: r["rank"])["target"].endswith("odd") and "| 1 |" in (out / "screen.md").read_text()
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9/adapter\n")
     for args, message in ((["--manifest", str(tmp_path / "missing.txt")], "--manifest"), ([str(fleet[0]), "--audit-budget", "ten"], "--audit-budget"),
-                          ([], "give adapter folders")):
+                          ([], "give adapter folders"), (["--manifest", str(tmp_path / "latin1.txt")], "line 1 is not UTF-8")):
         done = run_cli(*args, "--out", str(tmp_path / "never"))
         assert done.returncode == 2 and message in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
     assert not (tmp_path / "never").exists()

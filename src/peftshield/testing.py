@@ -62,8 +62,16 @@ def check_non_defaults_cover_every_parameter(cls, non_defaults: NonDefaults) -> 
     for name, parameter in constructor_parameters(cls).items():
         values = [options[name] for options in sets if name in options]
         assert values, f"give a value other than the default for '{name}' (non_defaults covers {sorted({k for o in sets for k in o})})"
-        assert any(value is not parameter.default and value != parameter.default for value in values), \
-            f"'{name}' is given only its default ({parameter.default!r}); give another value"
+        assert any(_differs(value, parameter.default) for value in values), f"'{name}' is given only its default ({parameter.default!r}); give another value"
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):  # an array compares element by element: not the default object, so different
+        return True
 
 
 def check_constructor_only_stores(cls) -> None:

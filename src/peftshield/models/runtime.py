@@ -216,6 +216,8 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
     folder = Path(folder)
     cache = folder / ONNX_DIR
     try:
+        if cache.is_symlink():  # never follow a link out of the model's folder
+            raise OSError("a link")
         cache.mkdir(exist_ok=True)
         probe = cache / ".write-test"
         probe.touch()
@@ -227,7 +229,12 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
         cache.mkdir(parents=True, exist_ok=True)
     stem = "model.states" if states else "model"
     stamp = cache / f"{stem.replace('model', 'export')}.json"
-    recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    try:  # a stamp that is not what this function wrote means a fresh export, never a traceback
+        recorded = json.loads(stamp.read_text()) if stamp.is_file() and not stamp.is_symlink() and stamp.stat().st_size < 10_000 else {}
+    except (OSError, ValueError):
+        recorded = {}
+    if not isinstance(recorded, dict) or any(path.is_symlink() for path in cache.glob("*.onnx")):
+        recorded = {}
     fp32, int8 = cache / f"{stem}.onnx", cache / f"{stem}.int8.onnx"
     if recorded.get("fingerprint") != fingerprint or not fp32.is_file():
         for stale in (fp32, int8):

@@ -14,8 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from peftshield.errors import PeftshieldError
-from peftshield.screen.weights import AdapterFeatures, adapter_features
+from peftshield.screen.weights import AdapterFeatures
 
 BATCH = 64  # adapters per actor call
 
@@ -24,20 +23,18 @@ class FeatureActor:
     """One Ray Data actor: the stage-1 features of a batch of targets (an error message for an unreadable one)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from peftshield.screen.run import adapter_folder
+        from peftshield.screen.run import features_or_error
 
         out: dict[str, list] = {"spec": [], "error": [], "features": []}
         for spec in batch["spec"]:
             spec = str(spec)
-            try:
-                item = adapter_features(adapter_folder(spec))
+            item = features_or_error(spec)
+            if isinstance(item, str):
+                payload, error = "", item
+            else:
                 payload = json.dumps({"folder": item.folder, "cohort": item.cohort, "names": item.names, "values": item.values.tolist(),
                                       "modules": item.modules})
                 error = ""
-            except PeftshieldError as exc:
-                payload, error = "", str(exc)
-            except Exception as exc:  # one adapter's surprise is its row's error, never the fleet's
-                payload, error = "", f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             out["spec"].append(spec)
             out["error"].append(error)
             out["features"].append(payload)

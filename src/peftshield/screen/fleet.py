@@ -6,7 +6,8 @@ learns each cohort's centre and spread from the fleet itself (median and MAD of 
 no labels, and robust to the few poisoned adapters the fleet may hold), :meth:`FleetScreen.score`
 gives each adapter the root mean square of its robust z-scores (each clipped at
 ``clip``) against its cohort. A cohort of fewer than ``min_cohort`` adapters has no peers to be
-compared with: its adapters score +inf, so they go to the audit first.
+compared with (copies of one adapter count once): its adapters score +inf, so they go to the
+audit first.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class FleetScreen:
         self.centres_: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
         for cohort, members in grouped.items():
             names = members[0].names
-            if len(members) < self.min_cohort or any(m.names != names for m in members):
-                continue  # too few peers (or features that do not line up): scored +inf
-            table = np.stack([m.values for m in members])
+            table = np.stack([m.values for m in members]) if all(m.names == names for m in members) else None
+            # Peers are distinct adapters: copies of one adapter (or one adapter listed under several
+            # names) must not make a cohort that vouches for itself.
+            if table is None or len(np.unique(table, axis=0)) < self.min_cohort:
+                continue  # too few distinct peers: scored +inf, audited first
             centre = np.median(table, axis=0)
             spread = MAD_TO_STD * np.median(np.abs(table - centre), axis=0)
             floor = 1e-6 + 1e-3 * np.abs(centre)  # a feature every peer shares exactly must not divide by zero

@@ -47,16 +47,50 @@ class ScreenReport:
 
 
 def read_manifest(path: Path) -> Iterator[str]:
-    """Targets, one per line (blank lines and ``#`` comments skipped), read lazily: a fleet of any size streams."""
+    """Targets, one per line (blank lines and ``#`` comments skipped), read line by line, each
+    taken as written (no pattern in a manifest is expanded). A line longer than
+    ``MAX_MANIFEST_LINE`` bytes or not UTF-8 is a one-line error naming it."""
     if not path.is_file():
         raise ConfigError(f"--manifest {path}: no such file")
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        for number, line in enumerate(handle, 1):
-            if len(line) > MAX_MANIFEST_LINE:
-                raise ConfigError(f"--manifest {path}: line {number} is longer than {MAX_MANIFEST_LINE} characters")
-            text = line.strip()
+    with open(path, "rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_MANIFEST_LINE + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_MANIFEST_LINE and not raw.endswith(b"\n"):
+                raise ConfigError(f"--manifest {path}: line {number} is longer than {MAX_MANIFEST_LINE} bytes")
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConfigError(f"--manifest {path}: line {number} is not UTF-8 text") from None
             if text and not text.startswith("#"):
                 yield text
+
+
+def unique_targets(specs: list[str]) -> list[str]:
+    """``specs`` without a second spelling of one folder (``./a``, ``a/``, a link to it): each
+    adapter is one row, and cannot be its own peer."""
+    seen: set[str] = set()
+    out = []
+    for spec in specs:
+        key = spec if spec.startswith("hf://") else str(Path(spec).resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def features_or_error(spec: str) -> AdapterFeatures | str:
+    """One adapter's stage-1 features, or why it has none: whatever goes wrong with one adapter
+    is its own row (the same on every executor), never the fleet's."""
+    try:
+        return adapter_features(adapter_folder(spec))
+    except PeftshieldError as exc:
+        return str(exc)
+    except Exception as exc:  # a hostile file may raise anything (RecursionError, LinAlgError, ...)
+        return f"{spec}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
 
 
 def adapter_folder(spec: str) -> Path:
@@ -72,10 +106,7 @@ def adapter_folder(spec: str) -> Path:
 def local_features(specs: list[str], progress: bool = False) -> Iterator[tuple[str, AdapterFeatures | str]]:
     """``(spec, features or error message)`` for every spec, in this process."""
     for spec in track(specs, "stage 1: weights", enabled=progress):
-        try:
-            yield spec, adapter_features(adapter_folder(spec))
-        except PeftshieldError as exc:
-            yield spec, str(exc)
+        yield spec, features_or_error(spec)
 
 
 def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
@@ -152,12 +183,14 @@ def missed_estimate(rows: list[ScreenRow]) -> dict:
     sampled = [r for r in rows if r.audited == "sample"]
     unaudited = sum(1 for r in rows if r.score is not None and not r.audited)
     found = sum(r.verdict == "backdoored" for r in sampled)
+    unresolved = sum(r.verdict not in ("backdoored", "clean") for r in sampled)  # inconclusive or error: counted as found for the bound
     if not sampled:
         return {"sampled": 0, "unaudited": unaudited}
     n, share, z = len(sampled), found / len(sampled), 1.96
-    upper = (share + z * z / (2 * n) + z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-    return {"sampled": n, "backdoored_in_sample": found, "unaudited": unaudited, "estimated_missed": share * (unaudited + n),
-            "estimated_missed_upper_95": upper * (unaudited + n)}
+    worst = (found + unresolved) / n
+    upper = (worst + z * z / (2 * n) + z * math.sqrt(worst * (1 - worst) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return {"sampled": n, "backdoored_in_sample": found, "unresolved_in_sample": unresolved, "unaudited": unaudited,
+            "estimated_missed": share * unaudited, "estimated_missed_upper_95": upper * unaudited}
 
 
 def render_markdown(report: ScreenReport) -> str:
@@ -172,8 +205,9 @@ def render_markdown(report: ScreenReport) -> str:
     ]
     if report.estimate.get("sampled"):
         e = report.estimate
-        lines += [f"Missed by stage 1 (from the random sample): {e['backdoored_in_sample']} of {e['sampled']} sampled adapters backdoored; "
-                  f"about {e['estimated_missed']:.1f} in the unaudited rest (95% upper bound {e['estimated_missed_upper_95']:.1f}).", ""]
+        lines += [f"Missed by stage 1 (from the random sample): {e['backdoored_in_sample']} of {e['sampled']} sampled adapters backdoored "
+                  f"({e['unresolved_in_sample']} unresolved); about {e['estimated_missed']:.1f} in the {e['unaudited']} unaudited "
+                  f"(95% upper bound {e['estimated_missed_upper_95']:.1f}, counting the unresolved as backdoored).", ""]
     lines += ["| rank | adapter | cohort | stage-1 score | audited | verdict | note |", "|---|---|---|---|---|---|---|"]
     for row in sorted(report.rows, key=lambda r: (r.rank is None, r.rank or 0)):
         score = "-" if row.score is None else ("no peers" if not math.isfinite(row.score) else f"{row.score:.2f}")

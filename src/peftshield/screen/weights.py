@@ -37,8 +37,12 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight
 LAYER = re.compile(r"\.(\d+)\.")
 
 
+MAX_WIDTH = 65_536  # a module wider than this is no language model's
+
+
 class AdapterConfig(BaseModel):
-    """The part of ``adapter_config.json`` stage 1 reads (other keys are ignored, not trusted)."""
+    """The part of ``adapter_config.json`` stage 1 reads. Keys that change the weight change it
+    does not model (per-module ranks or alphas, DoRA) make the adapter unscreenable."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -48,6 +52,19 @@ class AdapterConfig(BaseModel):
     lora_alpha: float = Field(gt=0, le=1e6)
     use_rslora: bool = False
     target_modules: Optional[list[str] | str] = None
+    alpha_pattern: dict = Field(default_factory=dict)
+    rank_pattern: dict = Field(default_factory=dict)
+    use_dora: bool = False
+
+    def unmodeled(self) -> str | None:
+        """What in this config stage 1 does not model, if anything."""
+        if self.peft_type.upper() != "LORA":
+            return f"peft_type {self.peft_type[:40]} (stage 1 reads LoRA adapters)"
+        if self.alpha_pattern or self.rank_pattern:
+            return "per-module alpha_pattern or rank_pattern"
+        if self.use_dora:
+            return "DoRA magnitudes (use_dora)"
+        return None
 
 
 @dataclass
@@ -97,8 +114,8 @@ def read_adapter_config(folder: Path) -> tuple[AdapterConfig, Path]:
             return AdapterConfig.model_validate(_read_json(peft, "an adapter config")), folder / ADAPTER_WEIGHTS
         if ours.is_file():
             run = FinetuneLora.model_validate(_read_json(ours, "a finetune manifest"))
-            if run.method not in ("lora", "adalora"):
-                raise DataError(f"{ours}: method {run.method}: stage 1 reads LoRA adapters only")
+            if run.method != "lora":
+                raise DataError(f"{ours}: method {run.method[:40]}: stage 1 reads LoRA adapters only; audit it on its own")
             options = run.options
             config = AdapterConfig(peft_type=run.method.upper(), base_model_name_or_path=run.backbone, r=options.get("r", 8),
                                    lora_alpha=options.get("alpha", 16), use_rslora=bool(options.get("rslora", False)))
@@ -141,10 +158,22 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
                 tensor = weights.get_tensor(key)
                 if tensor.ndim > 2:
                     continue
+                if any(size > MAX_WIDTH for size in tensor.shape):
+                    raise DataError(f"{path}: tensor {key[:120]} of shape {tuple(tensor.shape)} is wider than any model's ({MAX_WIDTH})")
                 out[key] = tensor.float().numpy()
+    except DataError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise DataError(f"{path}: damaged file ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    bad = next((key for key, value in out.items() if not np.all(np.isfinite(value))), None)
+    if bad is not None:
+        raise DataError(f"{path}: tensor {bad[:120]} holds values that are not finite numbers")
     return out
+
+
+def _is_head(key: str, value: np.ndarray) -> bool:
+    """A classification head saved with the adapter (``classifier`` or ``score``, a few rows)."""
+    return "lora_" not in key and any(part in ("classifier", "score") for part in key.split(".")) and value.ndim in (1, 2) and value.shape[0] <= 64
 
 
 def _head_statistics(tensors: dict[str, np.ndarray], modules: set[str]) -> dict[str, float]:
@@ -167,17 +196,28 @@ def adapter_features(folder: str | Path) -> AdapterFeatures:
     the file for anything that is not a whole LoRA adapter (the fleet report's ``error`` row)."""
     folder = Path(folder)
     config, weights_file = read_adapter_config(folder)
-    if config.peft_type.upper() not in ("LORA", "ADALORA"):
-        raise DataError(f"{folder / ADAPTER_CONFIG}: peft_type {config.peft_type}: stage 1 reads LoRA adapters only")
+    unmodeled = config.unmodeled()
+    if unmodeled:
+        raise DataError(f"{folder}: stage 1 does not model {unmodeled}; audit it on its own")
     tensors = _load_tensors(weights_file)
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    others = []
     for key, value in tensors.items():
         match = LORA_KEY.match(key)
         if match and value.ndim == 2:
             pairs.setdefault(match["module"], {})[match["side"]] = value
-    pairs = {module: sides for module, sides in pairs.items() if set(sides) == {"A", "B"}}
+        elif not _is_head(key, value):
+            others.append(key)
+    if others:  # trained weights stage 1 does not model (embedding LoRA, DoRA magnitudes, other modules): never scored as ordinary
+        raise DataError(f"{weights_file}: stage 1 does not model {others[0][:120]} ({len(others)} such tensors); audit it on its own")
+    unpaired = sorted(module for module, sides in pairs.items() if set(sides) != {"A", "B"})
+    if unpaired:
+        raise DataError(f"{weights_file}: {unpaired[0][:120]} has lora_A or lora_B without the other")
     if not pairs:
         raise DataError(f"{weights_file}: no LoRA weight pairs (lora_A, lora_B)")
+    wrong_rank = next((m for m, sides in pairs.items() if sides["A"].shape[0] != config.r or sides["B"].shape[1] != config.r), None)
+    if wrong_rank is not None:
+        raise DataError(f"{weights_file}: {wrong_rank[:120]} is not of the config's rank {config.r}")
     scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     names: list[str] = []
     values: list[float] = []
@@ -199,8 +239,10 @@ def adapter_features(folder: str | Path) -> AdapterFeatures:
         names.append(name)
         values.append(value)
     ranks = sorted({int(p["A"].shape[0]) for p in pairs.values()})
+    # The cohort's key holds the feature names too: adapters are compared feature by feature, so
+    # one whose features differ (another head, say) is in a cohort of its own, not a misfit in the others'.
     cohort = json.dumps({"base": config.base_model_name_or_path or "", "peft_type": config.peft_type.upper(), "ranks": ranks,
-                         "modules": sorted(_short_name(m) for m in pairs)}, sort_keys=True)
+                         "modules": sorted(_short_name(m) for m in pairs), "features": names}, sort_keys=True)
     return AdapterFeatures(str(folder), cohort, names, np.asarray(values, dtype=np.float64), len(pairs),
                            {"base": config.base_model_name_or_path, "rank": ranks, "scale": scale})
 

@@ -21,7 +21,7 @@ from peftshield.io import check_output_place
                   "2 an adapter could not be read or audited.")
 def screen(
     targets: Optional[list[str]] = typer.Argument(None, help="Adapter folders, hf://ORG/NAME (from the local HF cache) or globs."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="A file with one target per line (read as a stream; # comments)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="A file with one target per line, each taken as written (no patterns; # comments)."),
     out: Path = typer.Option(Path("screen"), "--out", help="Output folder (replaced whole at the end)."),
     audit_budget: str = typer.Option("10%", "--audit-budget", help="Adapters to audit in stage 2, most unusual first: a share of the fleet (10%) or a count."),
     audit_sample: str = typer.Option("2%", "--audit-sample", help="Further adapters drawn at random from the rest and audited, to estimate what stage 1 missed."),
@@ -40,7 +40,7 @@ def screen(
     from peftshield.gate.settings import AuditGateSettings
     from peftshield.gate.targets import expand_specs
     from peftshield.screen.fleet import FleetScreen, parse_budget
-    from peftshield.screen.run import read_manifest, run_screen
+    from peftshield.screen.run import read_manifest, run_screen, unique_targets
 
     if fail_on not in ("inconclusive", "backdoored"):
         raise ConfigError(f"--fail-on {fail_on}: give inconclusive or backdoored")
@@ -48,7 +48,7 @@ def screen(
         raise ConfigError(f"--executor {executor}: give local or ray")
     if executor != "ray" and (ray_address or workers):
         raise ConfigError("--ray-address and --workers: only with --executor ray")
-    specs = expand_specs(list(targets or []) + (list(read_manifest(manifest)) if manifest is not None else []))
+    specs = unique_targets(expand_specs(list(targets or [])) + (list(read_manifest(manifest)) if manifest is not None else []))
     if not specs:
         raise ConfigError("screen: give adapter folders, globs or --manifest FILE")
     check_output_place(out, "dir")
