@@ -290,7 +290,8 @@ def test_every_endpoint_answers(service: Service, guarded: Guarded) -> None:
     body = response.json()
     assert body["request_id"] == "req-42" == response.headers["x-request-id"] and body["mode"] == "block"
     results = body["results"]
-    assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold", "reasons", "detector_scores", "p_values"}
+    assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold", "reasons", "detector_scores", "p_values", "tokens"}
+    assert all(2 <= r["tokens"] <= 32 for r in results)  # the PSIM's cut of each text, [CLS] and [SEP] included
     assert all(r["reasons"] == (["psim"] if r["flagged"] else []) and r["detector_scores"] == {} for r in results)  # the PSIM alone
     assert sum(r["flagged"] for r in results[8:]) >= 7 and sum(r["flagged"] for r in results[:8]) <= 3
     assert all((r["label"] is None) == r["flagged"] for r in results)
