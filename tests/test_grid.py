@@ -259,21 +259,22 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_wait_waits(tmp_path: P
 
 
 def test_two_grid_runs_on_one_folder_the_second_is_refused_in_one_line(tmp_path: Path, shared_data: Path) -> None:
+    """The folder held by one process (this test, through the runner's own lock: no race with a
+    run that might finish first), a ``peftshield run`` on it is refused in one line naming the
+    holder; once released, the same command runs."""
+    import os
+
+    from peftshield.experiments.cache import run_lock
+
     config_path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora",), defenses=("psim",))
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "peftshield", "run", str(config_path), "--out", str(run_dir), "--no-progress"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (run_dir / ".run.lock.owner").is_file():
-            time.sleep(0.05)
+    with run_lock(run_dir):
         second = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0], second.stderr
-    finally:
-        first.wait(timeout=300)
-    assert first.returncode == 0
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by process {os.getpid()}" in lines[0], second.stderr
+    assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
 
 
 def test_a_stage_whose_files_do_not_match_its_record_is_rebuilt(tmp_path: Path) -> None:
