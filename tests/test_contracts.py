@@ -25,9 +25,8 @@ from peftshield.testing import (check_constructor_only_stores, check_created_wit
                                 check_defense_constructor_only_stores, check_defense_fit_returns_self_and_sets_a_threshold,
                                 check_defense_params_match_constructor, check_defense_save_load_same_scores, check_defense_same_seed_same_scores,
                                 check_defense_score_independent_of_batch, check_method_constructor_only_stores, check_method_params_match_constructor,
-                                check_method_same_seed_same_trained_weights, check_non_defaults_cover_every_parameter,
-                                check_params_are_the_constructor_parameters, check_poisoner,
-                                check_poisoner_same_seed_same_poisoned_texts, check_spec_rebuilds_the_component, constructor_parameters)
+                                check_method_same_seed_same_trained_weights, check_params_round_trip, check_poisoner,
+                                check_poisoner_same_seed_same_poisoned_texts, constructor_parameters)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,10 +69,7 @@ def poisoner_non_defaults(name: str, paraphrase_file: Path) -> list[dict]:
 
 
 def poisoner_params_match_constructor(name: str, paraphrase_file: Path) -> None:
-    check_non_defaults_cover_every_parameter(POISONERS.get(name), poisoner_non_defaults(name, paraphrase_file))
-    for given in poisoner_non_defaults(name, paraphrase_file):
-        check_params_are_the_constructor_parameters(POISONERS.get(name), given)
-        check_spec_rebuilds_the_component(POISONERS, name, given)
+    check_params_round_trip(POISONERS, name, poisoner_non_defaults(name, paraphrase_file))
 
 
 def poisoner_constructor_only_stores(name: str, paraphrase_file: Path) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from peftshield.errors import DataError
 from peftshield.screen import FleetScreen, adapter_features, select_for_audit
 from peftshield.screen.fleet import parse_budget
 from peftshield.screen.run import stage1
@@ -75,7 +74,7 @@ def test_features_read_peft_and_peftshield_folders_alike(fleet: list[Path], tmp_
 
 def test_the_adapter_unlike_its_peers_ranks_first_and_a_lone_cohort_goes_to_the_audit(fleet: list[Path], tmp_path: Path) -> None:
     lone = write_adapter(tmp_path / "lone", np.random.default_rng(5), rank=16)  # the only rank-16 adapter: no peers
-    rows, _ = stage1([str(p) for p in [*fleet, lone]], FleetScreen(min_cohort=8))
+    rows = stage1([str(p) for p in [*fleet, lone]], FleetScreen(min_cohort=8))
     by_name = {Path(r.target).name: r for r in rows}
     assert by_name["lone"].status == "no-peers" and by_name["lone"].rank == 1
     assert by_name["odd"].rank == 2, sorted((r.rank, Path(r.target).name, r.score) for r in rows)
@@ -119,7 +118,7 @@ def test_a_damaged_adapter_is_an_error_row_never_clean(fleet: list[Path], tmp_pa
 
     message = features_or_error(str(bad))
     assert isinstance(message, str) and "\n" not in message and str(bad) in message, message
-    rows, _ = stage1([str(p) for p in fleet] + [str(bad)], FleetScreen(min_cohort=8))
+    rows = stage1([str(p) for p in fleet] + [str(bad)], FleetScreen(min_cohort=8))
     assert rows[-1].status == "error" and rows[-1].score is None and all(r.status == "scored" for r in rows[:-1])
 
 
@@ -134,7 +133,7 @@ def test_copies_of_one_adapter_do_not_vouch_for_it(fleet: list[Path], tmp_path: 
     for index in range(8):
         shutil.copytree(fleet[-1], tmp_path / f"copy{index}")
         copies.append(str(tmp_path / f"copy{index}"))
-    rows, _ = stage1(copies, FleetScreen(min_cohort=8))
+    rows = stage1(copies, FleetScreen(min_cohort=8))
     assert {r.status for r in rows} == {"no-peers"}
     spellings = [str(fleet[0]), str(fleet[0]) + "/", str(fleet[0].parent / "." / fleet[0].name), str(fleet[0].parent / ".." / fleet[0].parent.name / fleet[0].name)]
     assert unique_targets(spellings) == [str(fleet[0])]

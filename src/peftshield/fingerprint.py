@@ -39,12 +39,16 @@ def file_sha256(path: str | Path) -> str:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def _read_into(digest, path: str) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK), b""):
+            digest.update(block)
+
+
 @functools.lru_cache(maxsize=256)
 def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with open(resolved, "rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
+    _read_into(digest, resolved)
     return digest.hexdigest()
 
 
@@ -61,9 +65,9 @@ def short_content_sha256(files: Iterable[Path]) -> str:
     """16 hex digits of SHA-256 over each file's name, a NUL byte and its bytes, in the order given."""
     try:
         stats = tuple((str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files)
+        return _short_content_sha256(stats)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from None
-    return _short_content_sha256(stats)
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,7 +75,5 @@ def _short_content_sha256(stats: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
     for resolved, _, _ in stats:
         digest.update(Path(resolved).name.encode("utf-8") + b"\0")
-        with open(resolved, "rb") as handle:
-            for block in iter(lambda: handle.read(BLOCK), b""):
-                digest.update(block)
+        _read_into(digest, resolved)
     return digest.hexdigest()[:16]

@@ -65,6 +65,16 @@ def check_non_defaults_cover_every_parameter(cls, non_defaults: NonDefaults) -> 
         assert any(_differs(value, parameter.default) for value in values), f"'{name}' is given only its default ({parameter.default!r}); give another value"
 
 
+def check_params_round_trip(registry, name: str, non_defaults: NonDefaults) -> None:
+    """params() and spec() round trips of the registered ``name``, with a value other than the
+    default for every constructor parameter (:func:`check_non_defaults_cover_every_parameter`)."""
+    sets = non_default_sets(non_defaults)
+    check_non_defaults_cover_every_parameter(registry.get(name), sets)
+    for given in sets:
+        check_params_are_the_constructor_parameters(registry.get(name), given)
+        check_spec_rebuilds_the_component(registry, name, given)
+
+
 def _differs(value: Any, default: Any) -> bool:
     if value is default:
         return False
@@ -135,11 +145,7 @@ def check_poisoner(name: str, options: Mapping[str, Any], texts: list[str], non_
 
     assert len(texts) >= 2, "give at least two texts: one text cannot show that the same seed poisons a list the same way"
     cls = POISONERS.get(name)
-    sets = non_default_sets(non_defaults if non_defaults is not None else options)
-    check_non_defaults_cover_every_parameter(cls, sets)
-    for given in sets:
-        check_params_are_the_constructor_parameters(cls, given)
-        check_spec_rebuilds_the_component(POISONERS, name, given)
+    check_params_round_trip(POISONERS, name, non_defaults if non_defaults is not None else options)
     check_constructor_only_stores(cls)
     check_created_with_defaults_fast_and_unloaded(POISONERS, name, options)
     check_poisoner_same_seed_same_poisoned_texts(name, options, texts)
@@ -166,11 +172,7 @@ def check_defense_params_match_constructor(name: str, non_defaults: NonDefaults)
     """params() and spec() round trips with a value other than the default for every parameter."""
     from peftshield.defenses import DEFENSES
 
-    sets = non_default_sets(non_defaults)
-    check_non_defaults_cover_every_parameter(DEFENSES.get(name), sets)
-    for given in sets:
-        check_params_are_the_constructor_parameters(DEFENSES.get(name), given)
-        check_spec_rebuilds_the_component(DEFENSES, name, given)
+    check_params_round_trip(DEFENSES, name, non_defaults)
 
 
 def check_defense_constructor_only_stores(name: str) -> None:

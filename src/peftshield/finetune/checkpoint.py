@@ -28,7 +28,6 @@ from peftshield.finetune.base import METHODS
 from peftshield.io import atomic_directory, atomic_write_json, check_safetensors, read_json
 from peftshield.models.backbone import BACKBONE_ALIASES, PACKAGED_BACKBONES, RANDOM_BACKBONES, Backbone, load_backbone, resolve_backbone
 
-WEIGHTS_FILE = TRAINABLE_WEIGHTS
 BACKBONE_COPY = "backbone"
 LOCATION_KEY = "backbone_location"
 REQUIRED_KEYS = ("method", "backbone", "num_labels")
@@ -105,7 +104,7 @@ def save_finetuned(model, tokenizer, out_dir: str | Path, manifest: dict, self_c
         warnings.warn(f"{out_dir}: backbone '{given}' is a hub name; it is recorded by name, not copied into the folder", PeftshieldWarning, stacklevel=2)
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_file(tensors, str(tmp / TRAINABLE_WEIGHTS))
         tokenizer.save_pretrained(tmp)
         if copy_from is not None:
             _copy_backbone(copy_from, tmp / BACKBONE_COPY)
@@ -193,7 +192,7 @@ def load_finetuned(directory: str | Path, backbone: str | None = None) -> tuple[
     manifest = read_manifest(directory)
     manifest_path = directory / FINETUNE_MANIFEST
     source, _ = resolve_recorded_backbone(directory, manifest, backbone)
-    weights = check_safetensors(directory / WEIGHTS_FILE)
+    weights = check_safetensors(directory / TRAINABLE_WEIGHTS)
     try:
         num_labels = int(manifest["num_labels"])
     except (TypeError, ValueError):

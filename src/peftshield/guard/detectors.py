@@ -157,6 +157,18 @@ def state_hashes(directory: Path) -> dict[str, str]:
             if path.name != DETECTOR_MANIFEST and path.is_file() and not path.is_symlink()}
 
 
+def detectors_for(model_dir: str | Path | None, folders: list[str | Path], backbone: str | None = None, victim=None) -> list[Detector]:
+    """The detectors in ``folders`` (:func:`load_detectors`), fitted for the classifier in
+    ``model_dir``, which is loaded here unless ``victim`` (its loaded classifier) is given; none
+    without folders."""
+    if not folders:
+        return []
+    from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
+
+    victim = victim if victim is not None else load_classifier(model_dir, backbone=backbone)
+    return load_detectors(folders, victim, model_fingerprint(model_dir), recorded_backbone(model_dir, backbone))
+
+
 def recorded_backbone(model_dir: str | Path, backbone: str | None = None) -> str:
     """The backbone a model was fine-tuned from (a plain classifier folder is its own)."""
     from peftshield.files import FINETUNE_MANIFEST

@@ -23,7 +23,7 @@ from peftshield.models.batching import encode_texts
 from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.inference import encoded_proba, encoded_proba_and_states
 from peftshield.guard.calibration import PSIM_MEMBER, GuardCalibration, check_calibrated_detectors, load_guard_calibration
-from peftshield.guard.detectors import Detector, load_detectors, recorded_backbone
+from peftshield.guard.detectors import Detector, detectors_for
 from peftshield.guard.settings import GuardSettings, check_guard_folders
 from peftshield.models.runtime import make_runtime
 
@@ -75,7 +75,7 @@ class Guard:
         self.psim_runtime = psim.scoring_runtime()
         # The victim's pass also gives its layer states, for the detectors that read them (DAN) at
         # the guard's own cut of each text; any other detector makes its own pass.
-        self.state_readers = {d.name for d in self.detectors if d.reads_victim_states and getattr(d.defense, "max_length", None) == self.max_length}
+        self.state_readers = state_readers(self.detectors, self.max_length)
         self.reads_victim_states = bool(self.state_readers) and callable(getattr(victim_runtime, "logits_and_states", None)) \
             and _exports_states(victim_runtime) and getattr(victim_runtime, "name", "") not in STATES_RUNTIME  # never int8 states
 
@@ -105,15 +105,13 @@ class Guard:
             calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), int(settings.max_length or psim.max_length))
         victim = load_classifier(settings.model, backbone=settings.backbone)
         fingerprint = model_fingerprint(settings.model)
-        suspect = recorded_backbone(settings.model, settings.backbone) if settings.detectors else ""
-        detectors = load_detectors(settings.detectors, victim, fingerprint, suspect)
+        detectors = detectors_for(settings.model, settings.detectors, settings.backbone, victim=victim)
         # DAN reads the victim's layer states from the guard's own pass (no pass of its own); a
         # decoder's ONNX graph has no states output, so there DAN makes its pass. The states must be
         # exact: int8 activations move DAN's Mahalanobis distances by orders of magnitude (every
         # clean text flagged, measured on MiniLM), so under onnx-int8 the victim then runs fp32 ONNX
         # (the PSIM stays int8).
-        cut = int(settings.max_length or psim.max_length)
-        states = any(d.reads_victim_states and getattr(d.defense, "max_length", None) == cut for d in detectors) \
+        states = bool(state_readers(detectors, int(settings.max_length or psim.max_length))) \
             and (settings.runtime == "torch" or not is_decoder_classifier(victim.model))
         victim_runtime = make_runtime(victim.model, STATES_RUNTIME.get(settings.runtime, settings.runtime) if states else settings.runtime,
                                       settings.model, fingerprint, states=states)
@@ -155,16 +153,14 @@ class Guard:
         if not texts:
             return []
         psim_encoded = encode_texts(self.psim.tokenizer_, texts, self.max_length)
-        victim_encoded = psim_encoded if self.shared_tokenizer else encode_texts(self.victim_tokenizer, texts, self.max_length)
-        victim_states = None
-        if self.reads_victim_states:
-            victim_probs, victim_states = encoded_proba_and_states(self.victim_runtime, victim_encoded, self.batch_size)
-            (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
-        elif self.shared_tokenizer:
-            victim_probs, psim_probs = encoded_proba([self.victim_runtime, self.psim_runtime], psim_encoded, self.batch_size)
+        states_from = 0 if self.reads_victim_states else None  # the victim's pass also gives its layer states (DAN)
+        if self.shared_tokenizer:
+            (victim_probs, psim_probs), victim_states = encoded_proba_and_states([self.victim_runtime, self.psim_runtime], psim_encoded,
+                                                                                 self.batch_size, states_from)
         else:
             (psim_probs,) = encoded_proba([self.psim_runtime], psim_encoded, self.batch_size)
-            (victim_probs,) = encoded_proba([self.victim_runtime], victim_encoded, self.batch_size)
+            (victim_probs,), victim_states = encoded_proba_and_states([self.victim_runtime], encode_texts(self.victim_tokenizer, texts, self.max_length),
+                                                                      self.batch_size, states_from)
         scores = psim_probs.max(axis=1)
         member_scores = {PSIM_MEMBER: scores, **{detector.name: detector.score(texts, victim_states if detector.name in self.state_readers else None)
                                                    for detector in self.detectors}}
@@ -195,6 +191,12 @@ class Guard:
         if self.calibration.detectors:
             own = {name: np.array([bucket.member_threshold(name) for bucket in buckets]) for name in own}
         return {PSIM_MEMBER: np.array([bucket.threshold for bucket in buckets]), **own}, buckets
+
+
+def state_readers(detectors: list[Detector], max_length: int) -> set[str]:
+    """The detectors that can score from the victim's layer states of the guard's own pass: those
+    that read states (DAN) at the guard's own cut of each text."""
+    return {d.name for d in detectors if d.reads_victim_states and getattr(d.defense, "max_length", None) == max_length}
 
 
 def _exports_states(runtime) -> bool:

@@ -67,27 +67,28 @@ def runtime_proba(
 def encoded_proba(runtimes: list, encoded: EncodedTexts, batch_size: int, progress: bool = False, description: str = "predict") -> list[np.ndarray]:
     """Class probabilities of already tokenised texts under each of ``runtimes`` (models that share
     a tokenizer: padded once per batch, run by each)."""
+    return encoded_proba_and_states(runtimes, encoded, batch_size, None, progress, description)[0]
+
+
+def encoded_proba_and_states(runtimes: list, encoded: EncodedTexts, batch_size: int, states_from: int | None = 0, progress: bool = False,
+                             description: str = "predict") -> tuple[list[np.ndarray], np.ndarray | None]:
+    """:func:`encoded_proba`, and every layer's summary state, (layers, texts, hidden), from the
+    same pass of ``runtimes[states_from]`` (a :class:`~peftshield.models.runtime.StatesRuntime`);
+    None when ``states_from`` is None."""
     out = [np.zeros((len(encoded), r.num_labels), dtype=np.float32) for r in runtimes]
+    states: np.ndarray | None = None if states_from is None else np.zeros((0, len(encoded), 0), dtype=np.float32)
     for indices in track(sorted_batches(encoded.lengths(), batch_size), description, enabled=progress):
         input_ids, attention = pad_rows(encoded, indices)
-        for runtime, probs in zip(runtimes, out):
-            probs[indices] = softmax(runtime.logits(input_ids, attention))
-    return out
-
-
-def encoded_proba_and_states(runtime, encoded: EncodedTexts, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and every layer's summary state, (layers, texts, hidden), of already
-    tokenised texts under ``runtime`` (a :class:`~peftshield.models.runtime.StatesRuntime`), from one pass."""
-    probs = np.zeros((len(encoded), runtime.num_labels), dtype=np.float32)
-    states: np.ndarray | None = None
-    for indices in sorted_batches(encoded.lengths(), batch_size):
-        input_ids, attention = pad_rows(encoded, indices)
-        logits, batch_states = runtime.logits_and_states(input_ids, attention)
-        probs[indices] = softmax(logits)
-        if states is None:
-            states = np.zeros((batch_states.shape[0], len(encoded), batch_states.shape[-1]), dtype=np.float32)
-        states[:, indices] = batch_states
-    return probs, states if states is not None else np.zeros((0, 0, 0), dtype=np.float32)
+        for position, (runtime, probs) in enumerate(zip(runtimes, out)):
+            if position == states_from:
+                logits, batch_states = runtime.logits_and_states(input_ids, attention)
+                if not states.shape[0]:
+                    states = np.zeros((batch_states.shape[0], len(encoded), batch_states.shape[-1]), dtype=np.float32)
+                states[:, indices] = batch_states
+            else:
+                logits = runtime.logits(input_ids, attention)
+            probs[indices] = softmax(logits)
+    return out, states
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

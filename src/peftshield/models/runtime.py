@@ -233,9 +233,9 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
         recorded = json.loads(stamp.read_text()) if stamp.is_file() and not stamp.is_symlink() and stamp.stat().st_size < 10_000 else {}
     except (OSError, ValueError):
         recorded = {}
-    if not isinstance(recorded, dict) or any(path.is_symlink() for path in cache.glob("*.onnx")):
-        recorded = {}
     fp32, int8 = cache / f"{stem}.onnx", cache / f"{stem}.int8.onnx"
+    if not isinstance(recorded, dict) or fp32.is_symlink() or int8.is_symlink():
+        recorded = {}
     if recorded.get("fingerprint") != fingerprint or not fp32.is_file():
         for stale in (fp32, int8):
             stale.unlink(missing_ok=True)

@@ -110,7 +110,7 @@ def local_features(specs: list[str], progress: bool = False) -> Iterator[tuple[s
 
 
 def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
-           source: Iterable[tuple[str, AdapterFeatures | str]] | None = None) -> tuple[list[ScreenRow], list[AdapterFeatures | None]]:
+           source: Iterable[tuple[str, AdapterFeatures | str]] | None = None) -> list[ScreenRow]:
     """Every adapter's features (an ``error`` row for one that cannot be read), from ``source``
     (default :func:`local_features`; :func:`peftshield.screen.distributed.ray_features` on Ray),
     then the fleet's scores."""
@@ -130,11 +130,11 @@ def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
         if item is not None:
             row.score = float(next(by_index))
             if not math.isfinite(row.score):
-                row.status, row.message = "no-peers", f"fewer than {screen.min_cohort} adapters share its base, rank and modules: audited first"
+                row.status, row.message = "no-peers", f"fewer than {screen.min_cohort} distinct adapters share its base, rank, modules and features: audited first"
     ranked = sorted((i for i, r in enumerate(rows) if r.score is not None), key=lambda i: (-rows[i].score, i))
     for position, index in enumerate(ranked, 1):
         rows[index].rank = position
-    return rows, features
+    return rows
 
 
 def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sample: int, rng: np.random.Generator,
@@ -144,7 +144,7 @@ def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sa
     :class:`~peftshield.gate.settings.AuditGateSettings`), stage 2 audits the ``budget`` highest
     scores and ``sample`` of the rest. Writes ``out`` whole at the end."""
     started = time.perf_counter()
-    rows, _ = stage1(specs, screen, progress, source)
+    rows = stage1(specs, screen, progress, source)
     stage1_seconds = time.perf_counter() - started
     scored = [i for i, r in enumerate(rows) if r.score is not None]
     top, drawn = select_for_audit(np.array([rows[i].score for i in scored]), min(budget, len(scored)), sample, rng)

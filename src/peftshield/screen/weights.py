@@ -176,16 +176,14 @@ def _is_head(key: str, value: np.ndarray) -> bool:
     return "lora_" not in key and any(part in ("classifier", "score") for part in key.split(".")) and value.ndim in (1, 2) and value.shape[0] <= 64
 
 
-def _head_statistics(tensors: dict[str, np.ndarray], modules: set[str]) -> dict[str, float]:
-    """Spread of a saved classification head's row norms and bias (modules_to_save), if any."""
-    weight = next((v for k, v in sorted(tensors.items()) if k.endswith(".weight") and v.ndim == 2 and v.shape[0] <= 64
-                   and not any(k.startswith(m + ".") for m in modules) and "lora_" not in k and ("classifier" in k or "score" in k)), None)
+def _head_statistics(head: dict[str, np.ndarray]) -> dict[str, float]:
+    """Spread of a saved classification head's row norms and bias (``head``: its tensors, :func:`_is_head`), if any."""
+    weight = next((v for k, v in sorted(head.items()) if k.endswith(".weight") and v.ndim == 2), None)
     if weight is None:
         return {}
     norms = np.linalg.norm(weight, axis=1)
     stats = {"head.row_norm_ratio": float(norms.max() / max(norms.mean(), 1e-12))}
-    bias = next((v for k, v in sorted(tensors.items()) if k.endswith(".bias") and v.ndim == 1 and v.shape[0] == weight.shape[0]
-                 and ("classifier" in k or "score" in k) and "lora_" not in k), None)
+    bias = next((v for k, v in sorted(head.items()) if k.endswith(".bias") and v.ndim == 1 and v.shape[0] == weight.shape[0]), None)
     if bias is not None:
         stats["head.bias_range"] = float(bias.max() - bias.min())
     return stats
@@ -201,12 +199,15 @@ def adapter_features(folder: str | Path) -> AdapterFeatures:
         raise DataError(f"{folder}: stage 1 does not model {unmodeled}; audit it on its own")
     tensors = _load_tensors(weights_file)
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    head: dict[str, np.ndarray] = {}
     others = []
     for key, value in tensors.items():
         match = LORA_KEY.match(key)
         if match and value.ndim == 2:
             pairs.setdefault(match["module"], {})[match["side"]] = value
-        elif not _is_head(key, value):
+        elif _is_head(key, value):
+            head[key] = value
+        else:
             others.append(key)
     if others:  # trained weights stage 1 does not model (embedding LoRA, DoRA magnitudes, other modules): never scored as ordinary
         raise DataError(f"{weights_file}: stage 1 does not model {others[0][:120]} ({len(others)} such tensors); audit it on its own")
@@ -235,7 +236,7 @@ def adapter_features(folder: str | Path) -> AdapterFeatures:
     for index, statistic in enumerate(MODULE_STATISTICS):  # summaries that survive a different module count
         names += [f"all.{statistic}.max", f"all.{statistic}.mean"]
         values += [float(table[:, index].max()), float(table[:, index].mean())]
-    for name, value in _head_statistics(tensors, set(pairs)).items():
+    for name, value in _head_statistics(head).items():
         names.append(name)
         values.append(value)
     ranks = sorted({int(p["A"].shape[0]) for p in pairs.values()})

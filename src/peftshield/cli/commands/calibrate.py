@@ -59,6 +59,7 @@ def calibrate(
     from peftshield.defenses import PSIM
     from peftshield.finetune.checkpoint import model_fingerprint
     from peftshield.guard.calibration import calibrate_guard
+    from peftshield.guard.detectors import detectors_for
 
     edges = parse_edges(length_edges)
     check_target_frr(target_frr)
@@ -74,7 +75,7 @@ def calibrate(
     if out.suffix.lower() != ".json":
         raise ConfigError(f"--out {out}: use a .json file name")
     check_output_place(out, "file")
-    detectors = load_detectors(model, detector or [], backbone) if model is not None else []
+    detectors = detectors_for(model, detector or [], backbone)  # none without --detector (and then --model is refused above)
     sample = load_texts(texts, "test", skip_empty=skip_empty, require_labels=False)
     psim = PSIM.load(psim_dir, backbone=backbone)
     scores = psim.score(list(sample.texts), progress=progress)
@@ -84,11 +85,3 @@ def calibrate(
                                   fill_seed=seed if fill_lengths else None)
     atomic_write_text(out, calibration.model_dump_json(indent=2) + "\n")
     info(f"calibration -> {out}: {calibration.describe()}")
-
-
-def load_detectors(model: Path, folders: list[Path], backbone: str | None) -> list:
-    """The detectors in ``folders``, fitted for the classifier in ``model``."""
-    from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
-    from peftshield.guard.detectors import load_detectors as load_for, recorded_backbone
-
-    return load_for(folders, load_classifier(model, backbone=backbone), model_fingerprint(model), recorded_backbone(model, backbone))

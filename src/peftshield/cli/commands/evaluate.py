@@ -66,12 +66,9 @@ def evaluate(
         raise ConfigError(f"--poisoned-test: the '{trigger_name}' trigger draws ready-made texts from a pool, which may hold "
                           "texts the attacker trained on; give a triggered test file")
     loaded = load_classifier(model, splits.num_labels, backbone)
-    detectors = []
-    if detector:  # loaded (and refused, one line) before the victim is evaluated
-        from peftshield.finetune.checkpoint import model_fingerprint
-        from peftshield.guard.detectors import load_detectors, recorded_backbone
+    from peftshield.guard.detectors import detectors_for
 
-        detectors = load_detectors(detector, loaded, model_fingerprint(model), recorded_backbone(model, backbone))
+    detectors = detectors_for(model, detector or [], backbone, victim=loaded)  # loaded (and refused, one line) before the victim is evaluated
     rng = np.random.default_rng(seed)
     test = splits[split]
     asr_set = load_poisoned_test(poisoned_test, target_label, skip_empty) if poisoned_test is not None else build_asr_set(test, poisoner, target_label, rng)

@@ -95,6 +95,7 @@ def scan(
     from peftshield.gate.formats import RENDERERS, render_text, report_files
     from peftshield.gate.report import GateReport
     from peftshield.gate.scan_gate import ScanTally
+    from peftshield.guard.detectors import detectors_for
     from peftshield.gate.settings import find_settings_file, gate_settings, parse_formats, setting_sources
 
     if out.suffix.lower() not in (".jsonl", ".csv"):
@@ -119,7 +120,7 @@ def scan(
     if settings.batch_size:
         psim.score_batch_size = settings.batch_size
     tau = psim.threshold_ if settings.threshold is None else settings.threshold
-    detectors = _scan_detectors(model, detector or [], backbone)
+    detectors = detectors_for(model, detector or [], backbone)  # none without --detector (and then --model is refused above)
     tally = ScanTally(data, split, tau)
     seconds = 0.0
     # Read, score and write in bounded chunks: peak memory does not grow with the input.
@@ -159,13 +160,3 @@ def scan(
         typer.echo(render_text(report), nl=False)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
-
-
-def _scan_detectors(model: Path | None, folders: list[Path], backbone: str | None) -> list:
-    """The detectors in ``folders``, fitted for the classifier in ``model`` (refused, one line, for another)."""
-    if model is None:
-        return []
-    from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
-    from peftshield.guard.detectors import load_detectors, recorded_backbone
-
-    return load_detectors(folders, load_classifier(model, backbone=backbone), model_fingerprint(model), recorded_backbone(model, backbone))
