@@ -299,6 +299,25 @@ def test_a_stage_whose_files_do_not_match_its_record_is_rebuilt(tmp_path: Path) 
     assert not list((tmp_path / "stages").glob(".*.tmp"))
 
 
+def test_a_ctrl_c_landing_as_the_stage_folder_is_made_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython runs a pending signal handler as a C call returns, so Ctrl-C can land just after
+    mkdir made the temporary folder and before any build ran (a CI run under load did this)."""
+    from peftshield.experiments.cache import StageCache
+
+    cache = StageCache(tmp_path / "stages")
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupted(self: Path, *args, **kwargs) -> None:
+        real_mkdir(self, *args, **kwargs)
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.compute("victim-1", {}, lambda d: {})
+    assert cache.root.is_dir() and not list(cache.root.glob(".*.tmp"))
+
+
 def test_a_live_processs_temporary_stage_is_not_removed_a_dead_ones_is(tmp_path: Path) -> None:
     import socket
 

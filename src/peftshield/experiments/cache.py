@@ -108,8 +108,8 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_dead_leftovers(key)
         tmp = self.root / f".{key}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        tmp.mkdir()
-        try:
+        try:  # mkdir inside: a Ctrl-C that lands as mkdir returns must remove the folder too
+            tmp.mkdir()
             record = build(tmp)
             stage = {"key": key, "inputs": inputs, "record": record, "files": _file_sizes(tmp)}
             (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2, default=str) + "\n", encoding="utf-8")
