@@ -182,6 +182,45 @@ def test_stage2_audits_the_most_unusual_and_a_sample_and_exits_as_audit_does(fle
     assert all(r["verdict"] in ("clean", "backdoored", "inconclusive") for r in audited.values()), audited
     assert done.returncode == 2 == report["exit_code"], done.stderr
     assert report["estimate"]["sampled"] == 1 and (out / "audits").is_dir()
+    check_report_files(out, report)
+    sarif_targets = {result["properties"]["target"] for result in json.loads((out / "screen.sarif").read_text())["runs"][0]["results"]}
+    assert str(bad) in sarif_targets  # the unreadable adapter is a finding, never a silent pass
+
+
+def check_report_files(out: Path, report: dict) -> None:
+    """screen.json against its shipped schema; SARIF 2.1.0 with a result for each finding; the HTML
+    page with its plots embedded as PNG data and no fleet text unescaped."""
+    import html
+
+    import jsonschema
+
+    from peftshield.screen.formats import screen_schema
+
+    jsonschema.Draft202012Validator(screen_schema()).validate(report)
+    sarif = json.loads((out / "screen.sarif").read_text())
+    jsonschema.Draft4Validator(json.loads((Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json").read_text())).validate(sarif)
+    expected = sorted(r["target"] for r in report["rows"] if r["status"] == "error" or r["verdict"] in ("backdoored", "inconclusive", "error"))
+    assert sorted(r["properties"]["target"] for r in sarif["runs"][0]["results"]) == expected
+    assert sarif["runs"][0]["invocations"][0]["exitCode"] == report["exit_code"]
+    page = (out / "screen.html").read_text()
+    assert page.count("<img alt=") == (2 if any(r["audited"] for r in report["rows"]) else 1) and "src='data:image/png;base64," in page
+    for row in report["rows"]:
+        assert f"<code>{html.escape(row['target'])}</code>" in page
+    assert "<script" not in page.lower()
+
+
+def test_a_hostile_adapter_name_and_base_model_stay_text_in_every_report(fleet: list[Path], tmp_path: Path) -> None:
+    odd = tmp_path / "<img src=x onerror=alert(1)>|`"
+    write_adapter(odd, np.random.default_rng(5), base="<script>alert(1)</script>")
+    out = tmp_path / "out"
+    done = run_cli(*[str(p) for p in fleet], str(odd), "--stage1-only", "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "screen.json").read_text())
+    page = (out / "screen.html").read_text()
+    assert "<script>" not in page and "<img src=x" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    row = next(r for r in report["rows"] if r["base"].startswith("<script>"))
+    assert row["status"] == "no-peers"  # its own cohort (another base model): audited first
+    check_report_files(out, report)
 
 
 def test_stage1_on_a_local_ray_gives_what_one_process_gives(fleet: list[Path], tmp_path: Path) -> None:
@@ -200,3 +239,50 @@ def test_stage1_on_a_local_ray_gives_what_one_process_gives(fleet: list[Path], t
     assert [(r["target"], r["status"], r["rank"]) for r in reports["ray"]] == [(r["target"], r["status"], r["rank"]) for r in reports["local"]]
     assert np.allclose([r["score"] for r in reports["ray"] if r["score"] is not None], [r["score"] for r in reports["local"] if r["score"] is not None])
     assert "damaged" in reports["ray"][-1]["message"]
+
+
+def write_decoder_adapter(folder: Path, seed: int, task_type: str, boost: float = 0.0) -> Path:
+    """A real PEFT LoRA adapter of the tiny Llama (q_proj and v_proj), saved by ``save_pretrained``:
+    a sequence classifier (with its ``score`` head) or a causal LM (no head)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from peftshield.models import load_backbone
+
+    torch.manual_seed(seed)
+    model = load_backbone("tiny-llama", 2).model
+    if task_type == "CAUSAL_LM":
+        model = LlamaForCausalLM(model.config)
+    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # as if trained: PEFT starts B at zero
+                parameter.normal_(0, 0.02)
+                if boost and ".layers.1." in name and "v_proj" in name:
+                    parameter[:, 0] += boost * torch.randn(parameter.shape[0])
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "CAUSAL_LM"])
+def test_decoder_adapters_are_screened_in_their_own_cohort(task_type: str, fleet: list[Path], tmp_path: Path) -> None:
+    decoders = [write_decoder_adapter(tmp_path / f"d{i}", i, task_type) for i in range(9)] + [write_decoder_adapter(tmp_path / "odd", 99, task_type, boost=0.5)]
+    features = adapter_features(decoders[0])
+    assert {"0.q_proj.log_norm", "1.v_proj.top_share"} <= set(features.names) and features.modules == 4
+    assert ("head.row_norm_ratio" in features.names) == (task_type == "SEQ_CLS")  # the score head is saved with a classifier
+    assert features.cohort != adapter_features(fleet[0]).cohort
+    rows = stage1([str(p) for p in decoders + fleet], FleetScreen(min_cohort=8))
+    assert {r.status for r in rows} == {"scored"}
+    assert min(rows[:10], key=lambda r: r.rank).target.endswith("odd") and min(rows[10:], key=lambda r: r.rank).target.endswith("odd")
+
+
+def test_stage2_audits_a_decoder_classifier_and_says_why_a_causal_lm_adapter_is_not(tmp_path: Path) -> None:
+    classifier = write_decoder_adapter(tmp_path / "classifier", 1, "SEQ_CLS")
+    causal = write_decoder_adapter(tmp_path / "causal", 2, "CAUSAL_LM")
+    out = tmp_path / "out"
+    done = run_cli(str(classifier), str(causal), "--audit-budget", "2", "--base", "tiny-llama", "--out", str(out), "--no-progress")
+    rows = {Path(r["target"]).name: r for r in json.loads((out / "screen.json").read_text())["rows"]}
+    assert rows["classifier"]["verdict"] in ("clean", "backdoored", "inconclusive"), rows["classifier"]
+    assert rows["causal"]["verdict"] == "error" and "the audit judges classifiers" in rows["causal"]["message"], rows["causal"]
+    assert done.returncode == 2, done.stderr  # an adapter the audit could not judge: incomplete, never clean

@@ -134,6 +134,17 @@ def head_input_hook(model, num_labels: int):
     return captured, lambda: [h.remove() for h in hooks]
 
 
+def head_rows(captured: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One row per text of what the head read: an encoder's head gets one pooled vector per
+    text; a decoder's head is applied at every position and its prediction read at the text's
+    last real token (the last 1 of ``mask``), so that position's input is the text's row."""
+    if captured.ndim == 3:
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.to(positions.device) * positions).argmax(dim=1)
+        return captured[torch.arange(len(captured), device=captured.device), last.to(captured.device)]
+    return captured.reshape(len(captured), -1)
+
+
 def alignment(vectors: np.ndarray) -> float:
     """Squared norm of the mean unit vector: 1 when all vectors point the same way, near 0 when spread."""
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -206,7 +217,7 @@ def _scored_rows(model, rows: list[list[int]], pad_id: int, batch_rows: int, dev
             probs = np.empty((len(rows), out.shape[1]), dtype=out.dtype)
         probs[picked] = out
         if captured is not None and captured:
-            rep = captured[-1].float().reshape(len(picked), -1).cpu().numpy()
+            rep = head_rows(captured[-1], mask).float().cpu().numpy()
             if reps is None:
                 reps = np.empty((len(rows), rep.shape[1]), dtype=rep.dtype)
             reps[picked] = rep
@@ -266,7 +277,7 @@ def objective_loss(model, embeds: torch.Tensor, mask: torch.Tensor, target: int,
         for hook in hooks:
             hook.remove()
     if objective == "collapse":
-        unit = torch.nn.functional.normalize(captured[-1].float().reshape(len(embeds), -1), dim=-1)
+        unit = torch.nn.functional.normalize(head_rows(captured[-1], mask).float(), dim=-1)
         return -(unit.mean(dim=0) ** 2).sum()
     return -torch.log_softmax(logits, dim=-1)[:, target].mean()
 

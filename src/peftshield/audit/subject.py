@@ -92,6 +92,21 @@ def adapter_num_labels(adapter: Path) -> int:
     return 2
 
 
+def adapter_task_type(adapter: Path) -> str | None:
+    """The ``task_type`` an adapter's config names (None when it names none), read bounded."""
+    import json
+
+    path = adapter / ADAPTER_CONFIG
+    if path.is_symlink() or path.stat().st_size > 1_000_000:
+        raise ConfigError(f"{path}: a link or larger than 1 MB; not an adapter config")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: damaged file (not JSON)") from None
+    task_type = config.get("task_type") if isinstance(config, dict) else None
+    return str(task_type).upper() if task_type is not None else None
+
+
 def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim: bool = False) -> AuditSubject:
     """Load what is audited. Raises one-line errors for a folder that is not a checkpoint
     or an adapter."""
@@ -113,11 +128,14 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
     if (adapter / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
+        task_type = adapter_task_type(adapter)
+        if task_type not in (None, "SEQ_CLS"):
+            raise ConfigError(f"--adapter {adapter}: a {task_type[:40]} adapter; the audit judges classifiers (task_type SEQ_CLS)")
         num_labels = adapter_num_labels(adapter)
         base = load_backbone(checkpoint, num_labels)
         try:
             model = PeftModel.from_pretrained(base.model, str(adapter))
-        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        except (ValueError, OSError, KeyError, RuntimeError, AttributeError, TypeError) as exc:
             raise ConfigError(f"--adapter {adapter}: cannot load on {checkpoint} ({str(exc).splitlines()[0][:160]})") from None
         from peftshield.finetune.trainer import pad_for
 

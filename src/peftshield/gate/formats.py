@@ -44,7 +44,10 @@ def render_json(report: GateReport) -> str:
     return json.dumps(report.to_dict(), indent=1) + "\n"
 
 
-def _uri(location: str) -> str:
+def artifact_uri(location: str) -> str:
+    """A SARIF artifact URI: relative to the working folder when inside it, else a file URI; an ``hf://`` target as written."""
+    if location.startswith("hf://"):
+        return location
     path = Path(location)
     if not path.is_absolute():
         return path.as_posix()
@@ -67,7 +70,7 @@ def render_sarif(report: GateReport) -> str:
         for finding in row.findings:
             result = {
                 "ruleId": finding.rule, "ruleIndex": index[finding.rule], "level": finding.level, "message": {"text": finding.message},
-                "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(finding.location)}}}],
+                "locations": [{"physicalLocation": {"artifactLocation": {"uri": artifact_uri(finding.location)}}}],
                 "properties": {"target": row.target, **finding.properties},
             }
             if "line" in finding.properties:

@@ -31,6 +31,7 @@ class ScreenRow:
     target: str
     status: str  # stage 1: scored | no-peers | error; after stage 2, the audit's verdict when audited
     cohort: str = ""  # short id of its cohort (same base, method, ranks and modules)
+    base: str = ""  # the base model its config names (as written there: fleet text, never trusted)
     score: Optional[float] = None  # stage-1 outlier score (None: error; inf: no peers)
     rank: Optional[int] = None  # 1 = most unusual
     audited: str = ""  # "top" (within the budget), "sample" (the random sample), "" (not audited)

@@ -14,7 +14,6 @@ import numpy as np
 from peftshield.errors import ConfigError, DataError, PeftshieldError
 from peftshield.gate.report import EXIT_CLEAN, EXIT_FINDINGS, EXIT_INCOMPLETE, audit_exit_code
 from peftshield.io import atomic_directory
-from peftshield.markdown import md_code, md_text
 from peftshield.progress import track
 from peftshield.screen.fleet import FleetScreen, ScreenRow, cohort_id, select_for_audit
 from peftshield.screen.weights import AdapterFeatures, adapter_features
@@ -121,7 +120,7 @@ def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
             rows.append(ScreenRow(spec, "error", message=item))
             features.append(None)
             continue
-        rows.append(ScreenRow(spec, "scored", cohort=cohort_id(item.cohort)))
+        rows.append(ScreenRow(spec, "scored", cohort=cohort_id(item.cohort), base=str(item.details.get("base") or "")))
         features.append(item)
     good = [f for f in features if f is not None]
     scores = screen.fit(good).score(good) if good else np.zeros(0)
@@ -160,8 +159,7 @@ def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sa
             report.stage2_seconds = time.perf_counter() - started
             report.fail_on = audit_settings.fail_on
             report.estimate = missed_estimate(rows)
-        (tmp / "screen.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "screen.md").write_text(render_markdown(report), encoding="utf-8")
+        write_reports(report, tmp)
     return report
 
 
@@ -193,24 +191,14 @@ def missed_estimate(rows: list[ScreenRow]) -> dict:
             "estimated_missed": share * unaudited, "estimated_missed_upper_95": upper * unaudited}
 
 
-def render_markdown(report: ScreenReport) -> str:
-    counts = {status: sum(r.status == status for r in report.rows) for status in ("scored", "no-peers", "error")}
-    audited = [r for r in report.rows if r.audited]
-    lines = [
-        "# peftshield screen", "",
-        f"{len(report.rows)} adapters: {counts['scored']} scored against their cohort, {counts['no-peers']} without peers, "
-        f"{counts['error']} unreadable. Stage 1 {report.stage1_seconds:.1f} s; stage 2 audited {len(audited)} "
-        f"({sum(r.audited == 'top' for r in audited)} most unusual, {sum(r.audited == 'sample' for r in audited)} drawn at random) "
-        f"in {report.stage2_seconds:.1f} s. Exit code {report.exit_code}.", "",
-    ]
-    if report.estimate.get("sampled"):
-        e = report.estimate
-        lines += [f"Missed by stage 1 (from the random sample): {e['backdoored_in_sample']} of {e['sampled']} sampled adapters backdoored "
-                  f"({e['unresolved_in_sample']} unresolved); about {e['estimated_missed']:.1f} in the {e['unaudited']} unaudited "
-                  f"(95% upper bound {e['estimated_missed_upper_95']:.1f}, counting the unresolved as backdoored).", ""]
-    lines += ["| rank | adapter | cohort | stage-1 score | audited | verdict | note |", "|---|---|---|---|---|---|---|"]
-    for row in sorted(report.rows, key=lambda r: (r.rank is None, r.rank or 0)):
-        score = "-" if row.score is None else ("no peers" if not math.isfinite(row.score) else f"{row.score:.2f}")
-        lines.append(f"| {row.rank or '-'} | {md_code(row.target)} | {row.cohort or '-'} | {score} | {row.audited or '-'} | "
-                     f"{row.verdict or ('error' if row.status == 'error' else '-')} | {md_text(row.message)} |")
-    return "\n".join(lines) + "\n"
+REPORT_FILES = {"screen.json": "json", "screen.sarif": "sarif", "screen.md": "markdown", "screen.html": "html"}
+
+
+def write_reports(report: ScreenReport, folder: Path) -> None:
+    """The fleet report in every format (:data:`REPORT_FILES`) into ``folder``."""
+    from peftshield.screen import formats
+
+    renderers = {"json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "sarif": formats.render_sarif,
+                 "markdown": formats.render_markdown, "html": formats.render_html}
+    for name, kind in REPORT_FILES.items():
+        (folder / name).write_text(renderers[kind](report), encoding="utf-8")

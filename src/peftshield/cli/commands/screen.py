@@ -16,7 +16,7 @@ from peftshield.io import check_output_place
 @app.command(help="Screen a fleet of LoRA adapters. Stage 1 reads every adapter's weights (never runs it) and scores how unusual the "
                   "spectrum of its weight change is against the fleet's other adapters of the same base model, rank and modules (no "
                   "labels needed). Stage 2 audits the most unusual within --audit-budget, and --audit-sample of the rest drawn at random, "
-                  "so the report estimates what stage 1 missed. Writes OUT/screen.json and screen.md (and the audits in OUT/audits). "
+                  "so the report estimates what stage 1 missed. Writes OUT/screen.json (schema shipped), screen.sarif, screen.md and screen.html (and the audits in OUT/audits). "
                   "Exit code as 'audit': 0 nothing found, 1 an audited adapter was found backdoored (or inconclusive, see --fail-on), "
                   "2 an adapter could not be read or audited.")
 def screen(
