@@ -59,11 +59,8 @@ def artifact_uri(location: str) -> str:
 
 def render_sarif(report: GateReport) -> str:
     """SARIF 2.1.0: one result per finding, the rule id its kind, the location its file."""
-    from peftshield import __version__
-
     used = sorted({f.rule for row in report.rows for f in row.findings} | ({"backdoor.trigger", "backdoor.inconclusive"} if report.command == "audit" else {"scan.flagged"}))
-    rules = [{"id": rule, "name": rule.replace(".", "-"), "shortDescription": {"text": RULES[rule]},
-              "defaultConfiguration": {"level": LEVELS[rule]}} for rule in used]
+    rules = [sarif_rule(rule, RULES[rule], LEVELS[rule]) for rule in used]
     index = {rule: i for i, rule in enumerate(used)}
     results = []
     for row in report.rows:
@@ -76,13 +73,24 @@ def render_sarif(report: GateReport) -> str:
             if "line" in finding.properties:
                 result["locations"][0]["physicalLocation"]["region"] = {"startLine": int(finding.properties["line"])}
             results.append(result)
+    return sarif_log(rules, results, report.exit_code, {"command": report.command, "policy": report.policy})
+
+
+def sarif_rule(rule: str, text: str, level: str) -> dict:
+    return {"id": rule, "name": rule.replace(".", "-"), "shortDescription": {"text": text}, "defaultConfiguration": {"level": level}}
+
+
+def sarif_log(rules: list[dict], results: list[dict], exit_code: int, properties: dict) -> str:
+    """A SARIF 2.1.0 log of one peftshield run (exit code 2: the run did not finish its work)."""
+    from peftshield import __version__
+
     log = {
         "$schema": SARIF_SCHEMA_URI, "version": "2.1.0",
         "runs": [{
             "tool": {"driver": {"name": "peftshield", "version": __version__, "informationUri": INFORMATION_URI, "rules": rules}},
-            "invocations": [{"executionSuccessful": report.exit_code != 2, "exitCode": report.exit_code}],
+            "invocations": [{"executionSuccessful": exit_code != 2, "exitCode": exit_code}],
             "results": results,
-            "properties": {"command": report.command, "policy": report.policy},
+            "properties": properties,
         }],
     }
     return json.dumps(log, indent=1) + "\n"

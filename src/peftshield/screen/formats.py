@@ -44,12 +44,9 @@ def _finding_rule(row) -> str | None:
 
 def render_sarif(report: "ScreenReport") -> str:
     """SARIF 2.1.0: one result per adapter the audit found backdoored or inconclusive, or that could not be read or audited."""
-    from peftshield import __version__
-    from peftshield.gate.formats import INFORMATION_URI, SARIF_SCHEMA_URI, artifact_uri
+    from peftshield.gate.formats import artifact_uri, sarif_log, sarif_rule
 
     used = list(SCREEN_RULES)
-    rules = [{"id": rule, "name": rule.replace(".", "-"), "shortDescription": {"text": text}, "defaultConfiguration": {"level": level}}
-             for rule, (level, text) in SCREEN_RULES.items()]
     results = []
     for row in report.rows:
         rule = _finding_rule(row)
@@ -61,16 +58,8 @@ def render_sarif(report: "ScreenReport") -> str:
             "locations": [{"physicalLocation": {"artifactLocation": {"uri": artifact_uri(row.target)}}}],
             "properties": {"target": row.target, "stage1_rank": row.rank, "stage1_score": _json_score(row.score), "audited": row.audited},
         })
-    log = {
-        "$schema": SARIF_SCHEMA_URI, "version": "2.1.0",
-        "runs": [{
-            "tool": {"driver": {"name": "peftshield", "version": __version__, "informationUri": INFORMATION_URI, "rules": rules}},
-            "invocations": [{"executionSuccessful": report.exit_code != 2, "exitCode": report.exit_code}],
-            "results": results,
-            "properties": {"command": "screen", "fail_on": report.fail_on, "audit_budget": report.budget, "audit_sample": report.sample},
-        }],
-    }
-    return json.dumps(log, indent=1) + "\n"
+    return sarif_log([sarif_rule(rule, text, level) for rule, (level, text) in SCREEN_RULES.items()], results, report.exit_code,
+                     {"command": "screen", "fail_on": report.fail_on, "audit_budget": report.budget, "audit_sample": report.sample})
 
 
 def _json_score(score):
