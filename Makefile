@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -106,6 +106,11 @@ bench-grid: $(STAMP)
 # about a minute): bench/screen_stage1.md. A speed figure only.
 bench-screen-stage1: $(STAMP)
 	$(PY) bench/screen_stage1.py
+
+# The screen on the labelled zoo v2 test half (build it first: bench/zoo/build.py --split test),
+# then 200 adapters through a local Ray and a two-node Ray cluster: bench/screen.{json,md}.
+bench-screen: $(STAMP)
+	$(PY) bench/screen.py
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.

@@ -241,6 +241,27 @@ def test_stage1_on_a_local_ray_gives_what_one_process_gives(fleet: list[Path], t
     assert "damaged" in reports["ray"][-1]["message"]
 
 
+def test_stage2_on_a_local_ray_audits_each_chosen_adapter_as_a_task(fleet: list[Path], tmp_path: Path) -> None:
+    """Stage 2 as Ray tasks: the chosen adapters get the verdicts the one-process audit gives, and
+    their audits are in the report's folder; the report says where it ran."""
+    pytest.importorskip("ray")
+    bad = write_adapter(tmp_path / "bad", np.random.default_rng(9))
+    (bad / "adapter_config.json").write_text("{")  # unreadable: an error row from stage 1, never audited
+    args = [*[str(p) for p in fleet], str(bad), "--audit-budget", "2", "--audit-sample", "0", "--no-progress"]
+    reports = {}
+    for executor in ("local", "ray"):
+        extra = ["--executor", "ray", "--workers", "2"] if executor == "ray" else []
+        done = run_cli(*args, "--out", str(tmp_path / executor), *extra)
+        assert done.returncode == 2, done.stderr
+        reports[executor] = json.loads((tmp_path / executor / "screen.json").read_text())
+    audited = {executor: sorted((r["target"], r["verdict"]) for r in report["rows"] if r["audited"]) for executor, report in reports.items()}
+    assert audited["ray"] == audited["local"] and len(audited["ray"]) == 2, audited
+    assert all(verdict in ("clean", "backdoored", "inconclusive") for _, verdict in audited["ray"])
+    assert reports["ray"]["executor"]["name"] == "ray" and reports["ray"]["executor"]["nodes"] >= 1
+    assert len([p for p in (tmp_path / "ray" / "audits").iterdir() if p.is_dir()]) == 2
+    check_report_files(tmp_path / "ray", reports["ray"])
+
+
 def write_decoder_adapter(folder: Path, seed: int, task_type: str, boost: float = 0.0) -> Path:
     """A real PEFT LoRA adapter of the tiny Llama (q_proj and v_proj), saved by ``save_pretrained``:
     a sequence classifier (with its ``score`` head) or a causal LM (no head)."""

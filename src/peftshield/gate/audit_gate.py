@@ -116,7 +116,7 @@ def wall_clock_limit(seconds: float, what: str):
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _slug(index: int, spec: str) -> str:
+def audit_folder_name(index: int, spec: str) -> str:
     return f"{index:02d}-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip("/"))[-60:] or "target")
 
 
@@ -174,7 +174,7 @@ def run_audit_gate(
                     rows.append(error_row(spec, kind_of_spec(spec), spec, str(target)))
                     log(f"{spec}: error: {target}")
                     continue
-                folder = tmp if single else tmp / _slug(index, spec)
+                folder = tmp if single else tmp / audit_folder_name(index, spec)
                 folder.mkdir(exist_ok=True)
                 try:
                     row, subject = _audit_one(target, settings, calibration, corpus, texts_name, key_settings, cache, folder,

@@ -49,8 +49,13 @@ class RayExecutor:
         except ImportError:
             raise ConfigError("--executor ray needs the 'ray' package: pip install 'peftshield[ray]'") from None
         if not ray.is_initialized():
-            ray.init(address=self.address, num_cpus=None if self.address else self.workers, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+            # Without --ray-address, a Ray of its own ("local"): never a cluster that happens to run on this machine.
+            try:
+                ray.init(address=self.address or "local", num_cpus=None if self.address else self.workers, include_dashboard=False,
+                         log_to_driver=True, configure_logging=False)
+            except Exception as exc:  # ConnectionError, an authentication error, a version mismatch, ...
+                where = f"--ray-address {self.address}: cannot join" if self.address else "a local Ray: cannot start"
+                raise ConfigError(f"{where} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
         return ray
 
     def map(self, function: Callable, arguments: list[tuple]) -> list:

@@ -1,6 +1,8 @@
-"""Stage 1 on Ray, for fleets that outgrow one machine: Ray Data over the fleet's targets, the
-features computed by a pool of actors (``map_batches`` with a callable class), the results
-streamed back to the driver, which scores the fleet as :func:`peftshield.screen.run.stage1` does.
+"""Both stages on Ray, for fleets that outgrow one machine. Stage 1: Ray Data over the fleet's
+targets, the features computed by a pool of actors (``map_batches`` with a callable class), the
+results streamed back to the driver, which scores the fleet as
+:func:`peftshield.screen.run.stage1` does. Stage 2: one Ray task per chosen adapter, each
+holding one model in memory, writing its audit into the report's folder (the nodes share it).
 
 ``--executor ray`` starts a local Ray with ``--workers`` CPUs; ``--ray-address auto`` (or
 ``ray://HOST:PORT``) joins a running cluster, whose nodes must see the adapters at the same
@@ -16,6 +18,8 @@ import numpy as np
 
 from peftshield.screen.weights import AdapterFeatures
 
+NODE_KEY = "node"  # each stage-1 row records the Ray node that read it
+
 BATCH = 64  # adapters per actor call
 
 
@@ -25,7 +29,10 @@ class FeatureActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from peftshield.screen.run import features_or_error
 
-        out: dict[str, list] = {"spec": [], "error": [], "features": []}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        out: dict[str, list] = {"spec": [], "error": [], "features": [], NODE_KEY: []}
         for spec in batch["spec"]:
             spec = str(spec)
             item = features_or_error(spec)
@@ -38,18 +45,27 @@ class FeatureActor:
             out["spec"].append(spec)
             out["error"].append(error)
             out["features"].append(payload)
+            out[NODE_KEY].append(node)
         return {key: np.array(values, dtype=object) for key, values in out.items()}
 
 
-def ray_features(specs: list[str], address: str | None = None, workers: int | None = None) -> Iterator[tuple[str, AdapterFeatures | str]]:
-    """``(spec, features or error message)`` for every spec, computed on Ray, in the order given."""
+def ray_features(specs: list[str], address: str | None = None, workers: int | None = None,
+                 nodes: set[str] | None = None) -> Iterator[tuple[str, AdapterFeatures | str]]:
+    """``(spec, features or error message)`` for every spec, computed on Ray, in the order given;
+    ``nodes`` (when given) collects the ids of the Ray nodes that read them."""
     from peftshield.grid.executors import RayExecutor
 
     ray = RayExecutor(workers=workers, address=address).connect()
-    dataset = ray.data.from_items([{"spec": spec} for spec in specs])
-    dataset = dataset.map_batches(FeatureActor, batch_size=BATCH, concurrency=max(1, workers or 2), batch_format="numpy", num_cpus=1)
+    actors = max(1, workers or 2)
+    batch = max(1, min(BATCH, -(-len(specs) // actors)))  # a small fleet still reaches every actor (and node)
+    blocks = max(1, -(-len(specs) // batch))
+    dataset = ray.data.from_items([{"spec": spec} for spec in specs], override_num_blocks=blocks)
+    # A fixed pool (``concurrency`` is deprecated in Ray 2.60; the default pool autoscales from one actor).
+    dataset = dataset.map_batches(FeatureActor, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", num_cpus=1)
     found: dict[str, AdapterFeatures | str] = {}
     for row in dataset.iter_rows():
+        if nodes is not None:
+            nodes.add(str(row[NODE_KEY]))
         if row["error"]:
             found[row["spec"]] = row["error"]
         else:
@@ -58,3 +74,40 @@ def ray_features(specs: list[str], address: str | None = None, workers: int | No
                                                  payload["modules"])
     for spec in specs:
         yield spec, found.get(spec, "not returned by the Ray workers")
+
+
+def audit_one(spec: str, settings, folder: str) -> dict:
+    """One adapter's audit (a Ray task): its status and message; whatever goes wrong is its own
+    ``error`` row, never the fleet's."""
+    from pathlib import Path
+
+    from peftshield.errors import PeftshieldError
+    from peftshield.gate.audit_gate import run_audit_gate
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        row = run_audit_gate([spec], settings, Path(folder)).report.rows[0]
+        return {"status": row.status, "message": row.message, NODE_KEY: node}
+    except PeftshieldError as exc:
+        return {"status": "error", "message": str(exc), NODE_KEY: node}
+    except Exception as exc:  # a hostile adapter may raise anything; the other audits go on
+        return {"status": "error", "message": f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", NODE_KEY: node}
+
+
+def ray_audits(specs: list[str], settings, out, address: str | None = None, workers: int | None = None,
+               nodes: set[str] | None = None) -> dict[str, dict]:
+    """Each spec's audit as a Ray task (one CPU, one model in memory), written into ``out``/NN-name;
+    ``{spec: {"status", "message"}}``; ``nodes`` (when given) collects the nodes that ran them."""
+    from peftshield.gate.audit_gate import audit_folder_name
+    from peftshield.grid.executors import RayExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    ray = RayExecutor(workers=workers, address=address).connect()
+    task = ray.remote(num_cpus=1, max_retries=1)(audit_one)  # a lost worker's audit runs again (its content cache makes that cheap)
+    pending = [task.remote(spec, settings, str(out / audit_folder_name(index, spec))) for index, spec in enumerate(specs, 1)]
+    results = ray.get(pending)
+    if nodes is not None:
+        nodes.update(str(r[NODE_KEY]) for r in results)
+    return dict(zip(specs, results))

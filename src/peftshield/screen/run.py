@@ -23,6 +23,15 @@ MAX_MANIFEST_LINE = 4096
 
 
 @dataclass
+class RayPlace:
+    """Where the Ray stages run: ``address`` None for a local Ray of ``workers`` CPUs."""
+
+    address: str | None = None
+    workers: int | None = None
+    nodes: set[str] = field(default_factory=set)  # the Ray nodes that did the work, filled as it is done
+
+
+@dataclass
 class ScreenReport:
     rows: list[ScreenRow]
     stage1_seconds: float
@@ -31,6 +40,7 @@ class ScreenReport:
     sample: int
     estimate: dict = field(default_factory=dict)
     fail_on: str = "inconclusive"  # the audit's --fail-on
+    executor: dict = field(default_factory=lambda: {"name": "local"})
 
     @property
     def exit_code(self) -> int:
@@ -42,7 +52,7 @@ class ScreenReport:
     def to_dict(self) -> dict:
         return {"format": REPORT_FORMAT, "exit_code": self.exit_code, "fail_on": self.fail_on, "adapters": len(self.rows),
                 "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "audit_budget": self.budget,
-                "audit_sample": self.sample, "estimate": self.estimate, "rows": [r.to_dict() for r in self.rows]}
+                "audit_sample": self.sample, "estimate": self.estimate, "executor": self.executor, "rows": [r.to_dict() for r in self.rows]}
 
 
 def read_manifest(path: Path) -> Iterator[str]:
@@ -138,10 +148,10 @@ def stage1(specs: list[str], screen: FleetScreen, progress: bool = False,
 
 def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sample: int, rng: np.random.Generator,
                audit_settings=None, progress: bool = False, log: Callable[[str], None] = lambda m: None,
-               source: Iterable[tuple[str, AdapterFeatures | str]] | None = None) -> ScreenReport:
+               source: Iterable[tuple[str, AdapterFeatures | str]] | None = None, ray: RayPlace | None = None) -> ScreenReport:
     """Stage 1 over ``specs`` (features from ``source``, see :func:`stage1`); with ``audit_settings`` (an
     :class:`~peftshield.gate.settings.AuditGateSettings`), stage 2 audits the ``budget`` highest
-    scores and ``sample`` of the rest. Writes ``out`` whole at the end."""
+    scores and ``sample`` of the rest (as Ray tasks with ``ray``). Writes ``out`` whole at the end."""
     started = time.perf_counter()
     rows = stage1(specs, screen, progress, source)
     stage1_seconds = time.perf_counter() - started
@@ -155,24 +165,31 @@ def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sa
     with atomic_directory(out) as tmp:
         if audit_settings is not None and (top or drawn):
             started = time.perf_counter()
-            _stage2(rows, tmp / "audits", audit_settings, progress, log)
+            _stage2(rows, tmp / "audits", audit_settings, progress, log, ray)
             report.stage2_seconds = time.perf_counter() - started
             report.fail_on = audit_settings.fail_on
             report.estimate = missed_estimate(rows)
+        if ray is not None:
+            report.executor = {"name": "ray", "nodes": len(ray.nodes)}
         write_reports(report, tmp)
     return report
 
 
-def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log) -> None:
-    from peftshield.gate.audit_gate import run_audit_gate
-
+def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log, ray: RayPlace | None = None) -> None:
     chosen = [r for r in rows if r.audited]
-    run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
-    verdicts = {row.target: row for row in run.report.rows}
+    if ray is not None:
+        from peftshield.screen.distributed import ray_audits
+
+        verdicts = ray_audits([r.target for r in chosen], settings, out, ray.address, ray.workers, ray.nodes)
+    else:
+        from peftshield.gate.audit_gate import run_audit_gate
+
+        run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
+        verdicts = {row.target: {"status": row.status, "message": row.message} for row in run.report.rows}
     for row in chosen:
         audited = verdicts.get(row.target)
-        row.verdict = audited.status if audited else "error"
-        row.message = audited.message if audited else "not audited"
+        row.verdict = audited["status"] if audited else "error"
+        row.message = audited["message"] if audited else "not audited"
 
 
 def missed_estimate(rows: list[ScreenRow]) -> dict:

@@ -31,7 +31,8 @@ def screen(
     texts: Optional[str] = typer.Option(None, "--texts", help="Clean texts for the audit (default: the packaged offline corpus)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model of the adapters, overriding their base_model_name_or_path (stage 2)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random sample and of the audits."),
-    executor: str = typer.Option("local", "--executor", help="Where stage 1 runs: local (this process) or ray (Ray Data, an actor pool)."),
+    executor: str = typer.Option("local", "--executor", help="Where the stages run: local (this process) or ray (stage 1 as Ray Data "
+                                 "with an actor pool, stage 2 as one Ray task per audit)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: join this cluster (auto, or ray://HOST:PORT); "
                                               "default a local Ray. Every node must see the adapters at the same paths."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --executor ray: feature actors (and local Ray's CPUs)."),
@@ -55,15 +56,18 @@ def screen(
     budget = 0 if stage1_only else parse_budget(audit_budget, len(specs), "--audit-budget")
     sample = 0 if stage1_only else parse_budget(audit_sample, len(specs), "--audit-sample")
     settings = None if stage1_only else AuditGateSettings(fail_on=fail_on, texts=texts, base=base, seed=seed)
-    source = None
+    source, place = None, None
     if executor == "ray":
         from peftshield.screen.distributed import ray_features
+        from peftshield.screen.run import RayPlace
 
-        source = ray_features(specs, ray_address, workers)
+        place = RayPlace(ray_address, workers)
+        source = ray_features(specs, place.address, place.workers, place.nodes)
     report = run_screen(specs, out, FleetScreen(min_cohort=min_cohort), budget, sample, np.random.default_rng(seed), settings,
-                        progress=progress, log=info, source=source)
+                        progress=progress, log=info, source=source, ray=place)
     errors = sum(r.status == "error" for r in report.rows)
-    info(f"{len(report.rows)} adapters ({errors} unreadable), stage 1 {report.stage1_seconds:.1f} s, "
+    where = f" on {len(place.nodes)} Ray node(s)" if place is not None else ""
+    info(f"{len(report.rows)} adapters ({errors} unreadable), stage 1 {report.stage1_seconds:.1f} s{where}, "
          f"{sum(bool(r.audited) for r in report.rows)} audited in {report.stage2_seconds:.0f} s -> {out}; exit {report.exit_code}")
     if report.exit_code:
         raise typer.Exit(report.exit_code)
