@@ -115,6 +115,13 @@ def test_onnx_runtime_agrees_with_pytorch_and_is_exported_once(guarded: Guarded,
     assert exported.stat().st_mtime_ns == stamp, "an unchanged model is not exported again"
     int8 = PSIM.load(psim_dir, runtime="onnx-int8").score(texts)
     assert (psim_dir / "onnx" / "model.int8.onnx").is_file() and np.abs(int8 - reference).max() < 0.05
+    # A graph shipped in the folder with a stamp naming the right fingerprint is not run: the int8
+    # graph forged in place of the fp32 one (a valid ONNX file that is not what the weights give)
+    # is exported again from the weights, and the scores are the weights' own.
+    forged = (psim_dir / "onnx" / "model.int8.onnx").read_bytes()
+    exported.write_bytes(forged)
+    assert np.abs(PSIM.load(psim_dir, runtime="onnx").score(texts) - reference).max() < 1e-4
+    assert exported.read_bytes() != forged
     # the guard on the ONNX path: the same flags and labels as on PyTorch
     victim_dir = tmp_path / "victim"
     shutil.copytree(guarded.victim, victim_dir)

@@ -6,8 +6,10 @@ guard that runs a victim and a PSIM on one backbone tokenises once for both.
 
 The ONNX file is exported once per model folder with the dynamo exporter (shapes dynamic in
 batch and length; it handles every method's wrapper, P-tuning's prompt encoder included) and
-cached in ``<folder>/onnx/``, keyed by the weights' fingerprint; int8 is ONNX Runtime's dynamic
-quantisation of the fp32 file.
+cached in ``<folder>/onnx/``, keyed by the weights' fingerprint, and run only when its content
+is one this user's peftshield exported (a graph shipped in a model's onnx/ folder is not
+trusted: it is exported again from the weights); int8 is ONNX Runtime's dynamic quantisation
+of the fp32 file.
 """
 
 from __future__ import annotations
@@ -236,16 +238,53 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
     fp32, int8 = cache / f"{stem}.onnx", cache / f"{stem}.int8.onnx"
     if not isinstance(recorded, dict) or fp32.is_symlink() or int8.is_symlink():
         recorded = {}
-    if recorded.get("fingerprint") != fingerprint or not fp32.is_file():
+    if recorded.get("fingerprint") != fingerprint or not fp32.is_file() or not exported_here(fp32, fingerprint):
         for stale in (fp32, int8):
             stale.unlink(missing_ok=True)
         export_onnx(model, fp32, states)
+        record_export(fp32, fingerprint)
         atomic_write_json(stamp, {"fingerprint": fingerprint, "source": str(folder)})
     if runtime == "onnx":
         return fp32
-    if not int8.is_file():
+    if not int8.is_file() or not exported_here(int8, fingerprint):
+        int8.unlink(missing_ok=True)
         quantize_int8(fp32, int8)
+        record_export(int8, fingerprint)
     return int8
+
+
+def _exports_record() -> Path:
+    """Where this user records the ONNX files peftshield wrote: in the user's cache, never in a model folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx-exports"
+
+
+def _export_marker(path: Path, fingerprint: str) -> Path:
+    """The marker of ``path``'s content as the ``path.name`` graph of the weights ``fingerprint``
+    names: a graph of other weights, or of another role (the int8 graph put in the fp32 one's
+    place), has another marker."""
+    import hashlib
+
+    from peftshield.fingerprint import file_sha256
+
+    return _exports_record() / hashlib.sha256(f"{fingerprint}\0{path.name}\0{file_sha256(path)}".encode()).hexdigest()
+
+
+def record_export(path: Path, fingerprint: str) -> None:
+    """Record ``path`` as a graph this user's peftshield exported from the weights ``fingerprint`` names."""
+    marker = _export_marker(path, fingerprint)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def exported_here(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` holds the graph this user's peftshield exported from these weights. The
+    onnx/ folder ships with a model and its stamp names the weights' fingerprint, which anyone who
+    has the weights can write: a graph found there is run only when :func:`record_export`
+    recorded its content for these weights and this role, else it is exported again."""
+    try:
+        return path.is_file() and not path.is_symlink() and _export_marker(path, fingerprint).is_file()
+    except OSError:
+        return False
 
 
 def make_runtime(model, runtime: str = DEFAULT_RUNTIME, folder: str | Path | None = None, fingerprint: str = "",

@@ -33,7 +33,7 @@ def screen(
     seed: int = typer.Option(0, "--seed", help="Seed of the random sample and of the audits."),
     executor: str = typer.Option("local", "--executor", help="Where the stages run: local (this process) or ray (stage 1 as Ray Data "
                                  "with an actor pool, stage 2 as one Ray task per audit)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: join this cluster (auto, or ray://HOST:PORT); "
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: join this cluster (auto, HOST:PORT or ray://HOST:PORT; a token-authenticated cluster needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH); "
                                               "default a local Ray. Every node must see the adapters at the same paths."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --executor ray: feature actors (and local Ray's CPUs)."),
     progress: bool = ProgressOption,
