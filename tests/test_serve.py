@@ -589,13 +589,16 @@ def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_appl
     from peftshield.finetune.checkpoint import model_fingerprint
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    traffic = sentiment_data(300, np.random.default_rng(21), "watched").texts
+    traffic = sentiment_data(280, np.random.default_rng(21), "watched").texts + guarded.triggered[:20]  # some traffic the guard flags
     proposal = tmp_path / "proposal.json"
     service = start_service(guarded, tmp_path, "--mode", "monitor", "--reservoir", str(proposal), "--reservoir-size", "300")
     try:
         before = httpx.get(service.url + "/readyz").json()
+        served_flagged = 0
         for start in range(0, 300, 30):
-            assert httpx.post(service.url + "/v1/classify", json={"texts": traffic[start:start + 30]}, timeout=60).status_code == 200
+            response = httpx.post(service.url + "/v1/classify", json={"texts": traffic[start:start + 30]}, timeout=60)
+            assert response.status_code == 200
+            served_flagged += sum(r["flagged"] for r in response.json()["results"])
         deadline = time.time() + 30
         while not proposal.is_file() and time.time() < deadline:
             time.sleep(0.2)
@@ -606,6 +609,7 @@ def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_appl
     assert "recalibration proposed" in service.output() and not any(t in proposal.read_text() for t in traffic)  # scores, never texts
     proposed = load_guard_calibration(proposal, model_fingerprint(guarded.psim), 32)
     assert proposed.sample.texts == 300 and "300 screened" in proposed.sample.source
+    assert served_flagged >= 10 and proposed.sample.flagged_share == pytest.approx(served_flagged / 300)  # the sample is all 300
     sample = tmp_path / "watched.jsonl"
     sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in traffic))
     done = subprocess.run([sys.executable, "-m", "peftshield", "calibrate", "--psim", str(guarded.psim), "--texts", str(sample),

@@ -114,6 +114,9 @@ class CalibrationSample(BaseModel):
     joined: NonNegativeInt = Field(0, description="Texts joined from the sample's own to fill length buckets it had too few of "
                                    "('calibrate --fill-lengths'); counted in the buckets, not in texts.")
     fill_seed: Optional[int] = Field(None, description="The seed that drew the joined texts (--seed), so the calibration can be made again.")
+    flagged_share: Optional[float] = Field(None, ge=0, le=1, description="A serving reservoir's proposal: the share of the kept texts "
+                                           "the guard flagged under the thresholds it served with. Triggered traffic in the sample raises "
+                                           "the proposed thresholds: review this share before accepting the proposal.")
 
 
 class GuardCalibration(BaseModel):

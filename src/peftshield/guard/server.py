@@ -192,7 +192,8 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
                 return
             write_proposal(settings.reservoir, proposal)
             logger.info("recalibration proposed (not applied; review it, then restart with --calibration): %s", proposal.describe(),
-                        extra={"fields": {"event": "recalibration_proposed", "texts": reservoir.kept, "screened": reservoir.seen}})
+                        extra={"fields": {"event": "recalibration_proposed", "texts": reservoir.kept, "screened": reservoir.seen,
+                                         "flagged_share_in_sample": proposal.sample.flagged_share}})
         except Exception as exc:  # a proposal that cannot be made or written never fails a request
             logger.error("reservoir: no proposal: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         finally:
@@ -325,7 +326,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         reservoir = state["reservoir"]
         if reservoir is not None:
             reservoir.observe([r.tokens for r in results], {name: [r.psim_score if name == PSIM_MEMBER else r.detector_scores[name] for r in results]
-                                                            for name in reservoir.members})
+                                                            for name in reservoir.members}, [r.flagged for r in results])
             if reservoir.seen >= state["next_proposal"]:
                 state["next_proposal"] = reservoir.seen + settings.reservoir_size
                 asyncio.get_running_loop().run_in_executor(None, propose_recalibration)
