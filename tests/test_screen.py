@@ -147,8 +147,8 @@ def test_the_budget_takes_the_most_unusual_and_a_seeded_sample_of_the_rest() -> 
     assert parse_budget("10%", 205, "--audit-budget") == 21 and parse_budget("7", 5, "--audit-budget") == 5
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **({"PEFTSHIELD_CACHE_DIR": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-m", "peftshield", "screen", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -251,11 +251,14 @@ def test_stage2_on_a_local_ray_audits_each_chosen_adapter_as_a_task(fleet: list[
     reports = {}
     for executor in ("local", "ray"):
         extra = ["--executor", "ray", "--workers", "2"] if executor == "ray" else []
-        done = run_cli(*args, "--out", str(tmp_path / executor), *extra)
+        done = run_cli(*args, "--out", str(tmp_path / executor), *extra, cache=tmp_path / "audit-cache")
         assert done.returncode == 2, done.stderr
         reports[executor] = json.loads((tmp_path / executor / "screen.json").read_text())
     audited = {executor: sorted((r["target"], r["verdict"]) for r in report["rows"] if r["audited"]) for executor, report in reports.items()}
     assert audited["ray"] == audited["local"] and len(audited["ray"]) == 2, audited
+    # The second run found the first's audits in the content cache: a re-screen (or one resumed
+    # after Ctrl-C or a lost worker) audits only what changed or was not finished.
+    assert all(r["cached"] for r in reports["ray"]["rows"] if r["audited"]) and not any(r["cached"] for r in reports["local"]["rows"])
     assert all(verdict in ("clean", "backdoored", "inconclusive") for _, verdict in audited["ray"])
     assert reports["ray"]["executor"]["name"] == "ray" and reports["ray"]["executor"]["nodes"] >= 1
     assert len([p for p in (tmp_path / "ray" / "audits").iterdir() if p.is_dir()]) == 2

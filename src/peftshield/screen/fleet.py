@@ -36,6 +36,7 @@ class ScreenRow:
     rank: Optional[int] = None  # 1 = most unusual
     audited: str = ""  # "top" (within the budget), "sample" (the random sample), "" (not audited)
     verdict: str = ""  # the audit's: clean | backdoored | inconclusive | error
+    cached: bool = False  # the verdict came from the audit's content cache (unchanged weights and settings)
     message: str = ""
 
     def to_dict(self) -> dict:

@@ -91,6 +91,11 @@ def _summary(report: "ScreenReport") -> list[str]:
     return lines
 
 
+def _verdict_text(row) -> str:
+    verdict = row.verdict or ("error" if row.status == "error" else "-")
+    return verdict + (" (cached)" if row.cached else "")
+
+
 def _ranked(report: "ScreenReport"):
     return sorted(report.rows, key=lambda r: (r.rank is None, r.rank or 0))
 
@@ -102,7 +107,7 @@ def render_markdown(report: "ScreenReport") -> str:
     lines += ["| rank | adapter | base model | cohort | stage-1 score | audited | verdict | note |", "|---|---|---|---|---|---|---|---|"]
     for row in _ranked(report):
         lines.append(f"| {row.rank or '-'} | {md_code(row.target)} | {md_code(row.base) if row.base else '-'} | {row.cohort or '-'} | "
-                     f"{_score_text(row.score)} | {row.audited or '-'} | {row.verdict or ('error' if row.status == 'error' else '-')} | "
+                     f"{_score_text(row.score)} | {row.audited or '-'} | {_verdict_text(row)} | "
                      f"{md_text(row.message)} |")
     return "\n".join(lines) + "\n"
 
@@ -181,7 +186,7 @@ def render_html(report: "ScreenReport") -> str:
     rows = "".join(
         f"<tr class='{html.escape(row.verdict or row.status)}'><td>{row.rank or '-'}</td><td><code>{html.escape(row.target)}</code></td>"
         f"<td><code>{html.escape(row.base or '-')}</code></td><td>{html.escape(row.cohort or '-')}</td><td>{_score_text(row.score)}</td><td>{html.escape(row.audited or '-')}</td>"
-        f"<td><b>{html.escape(row.verdict or ('error' if row.status == 'error' else '-'))}</b></td><td>{html.escape(row.message)}</td></tr>"
+        f"<td><b>{html.escape(_verdict_text(row))}</b></td><td>{html.escape(row.message)}</td></tr>"
         for row in _ranked(report)
     )
     summary = "".join(f"<p>{html.escape(line)}</p>" for line in _summary(report))

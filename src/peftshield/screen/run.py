@@ -185,11 +185,12 @@ def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log, ray
         from peftshield.gate.audit_gate import run_audit_gate
 
         run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
-        verdicts = {row.target: {"status": row.status, "message": row.message} for row in run.report.rows}
+        verdicts = {row.target: {"status": row.status, "message": row.message, "cached": row.cached} for row in run.report.rows}
     for row in chosen:
         audited = verdicts.get(row.target)
         row.verdict = audited["status"] if audited else "error"
         row.message = audited["message"] if audited else "not audited"
+        row.cached = bool(audited and audited.get("cached"))
 
 
 def missed_estimate(rows: list[ScreenRow]) -> dict:
