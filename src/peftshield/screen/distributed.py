@@ -50,7 +50,7 @@ class FeatureActor:
 
 
 def ray_features(specs: list[str], address: str | None = None, workers: int | None = None,
-                 nodes: set[str] | None = None) -> Iterator[tuple[str, AdapterFeatures | str]]:
+                 nodes: set[str] | None = None, progress: bool = False) -> Iterator[tuple[str, AdapterFeatures | str]]:
     """``(spec, features or error message)`` for every spec, computed on Ray, in the order given;
     ``nodes`` (when given) collects the ids of the Ray nodes that read them."""
     from peftshield.grid.executors import RayExecutor
@@ -63,7 +63,9 @@ def ray_features(specs: list[str], address: str | None = None, workers: int | No
     # A fixed pool (``concurrency`` is deprecated in Ray 2.60; the default pool autoscales from one actor).
     dataset = dataset.map_batches(FeatureActor, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", num_cpus=1)
     found: dict[str, AdapterFeatures | str] = {}
-    for row in dataset.iter_rows():
+    from peftshield.progress import track
+
+    for row in track(dataset.iter_rows(), "stage 1: weights on Ray", enabled=progress, total=len(specs)):
         if nodes is not None:
             nodes.add(str(row[NODE_KEY]))
         if row["error"]:
@@ -97,17 +99,27 @@ def audit_one(spec: str, settings, folder: str) -> dict:
 
 
 def ray_audits(specs: list[str], settings, out, address: str | None = None, workers: int | None = None,
-               nodes: set[str] | None = None) -> dict[str, dict]:
+               nodes: set[str] | None = None, progress: bool = False) -> dict[str, dict]:
     """Each spec's audit as a Ray task (one CPU, one model in memory), written into ``out``/NN-name;
-    ``{spec: {"status", "message"}}``; ``nodes`` (when given) collects the nodes that ran them."""
+    ``{spec: {"status", "message", "cached"}}``; ``nodes`` (when given) collects the nodes that ran them."""
     from peftshield.gate.audit_gate import audit_folder_name
     from peftshield.grid.executors import RayExecutor
+    from peftshield.progress import track
 
     out.mkdir(parents=True, exist_ok=True)
     ray = RayExecutor(workers=workers, address=address).connect()
     task = ray.remote(num_cpus=1, max_retries=1)(audit_one)  # a lost worker's audit runs again (its content cache makes that cheap)
-    pending = [task.remote(spec, settings, str(out / audit_folder_name(index, spec))) for index, spec in enumerate(specs, 1)]
-    results = ray.get(pending)
+    spec_of = {}
+    for index, spec in enumerate(specs, 1):
+        spec_of[task.remote(spec, settings, str(out / audit_folder_name(index, spec)))] = spec
+
+    def finished():
+        waiting = list(spec_of)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            yield spec_of[done[0]], ray.get(done[0])
+
+    results = dict(track(finished(), "stage 2: audits on Ray", enabled=progress, total=len(specs)))
     if nodes is not None:
-        nodes.update(str(r[NODE_KEY]) for r in results)
-    return dict(zip(specs, results))
+        nodes.update(str(r[NODE_KEY]) for r in results.values())
+    return {spec: results[spec] for spec in specs}

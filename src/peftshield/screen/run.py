@@ -180,7 +180,7 @@ def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log, ray
     if ray is not None:
         from peftshield.screen.distributed import ray_audits
 
-        verdicts = ray_audits([r.target for r in chosen], settings, out, ray.address, ray.workers, ray.nodes)
+        verdicts = ray_audits([r.target for r in chosen], settings, out, ray.address, ray.workers, ray.nodes, progress)
     else:
         from peftshield.gate.audit_gate import run_audit_gate
 

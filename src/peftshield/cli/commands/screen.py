@@ -62,7 +62,7 @@ def screen(
         from peftshield.screen.run import RayPlace
 
         place = RayPlace(ray_address, workers)
-        source = ray_features(specs, place.address, place.workers, place.nodes)
+        source = ray_features(specs, place.address, place.workers, place.nodes, progress)
     report = run_screen(specs, out, FleetScreen(min_cohort=min_cohort), budget, sample, np.random.default_rng(seed), settings,
                         progress=progress, log=info, source=source, ray=place)
     errors = sum(r.status == "error" for r in report.rows)
