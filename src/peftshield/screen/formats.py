@@ -174,7 +174,7 @@ def _verdict_legend(axis) -> None:
 
     handles = [Line2D([], [], marker="o", linestyle="", color=colour, label=label or "not audited")
                for label, colour in VERDICT_COLOURS.items() if label != "error"]
-    axis.legend(handles=handles, fontsize=7, loc="best")
+    axis.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the points, never over them
 
 
 def render_html(report: "ScreenReport") -> str:
