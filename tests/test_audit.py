@@ -294,3 +294,27 @@ def test_complete_recovery_needs_every_content_word() -> None:
 
     assert fully_recovered("quiet harbor", "quiet harbor") and not fully_recovered("quiet cardinals", "quiet harbor")
     assert fully_recovered("3d watched movie", "I watched this 3D movie.") and not fully_recovered("3d", "I watched this 3D movie.")
+
+
+def test_the_search_loss_reads_a_decoders_prediction_at_each_texts_last_real_token() -> None:
+    """Fed embeddings, a decoder classifier reads the last position, a padding one for the shorter
+    texts of a right-padded batch; the search's loss reads each text's last real token, as the
+    prediction on its ids alone does."""
+    import torch
+
+    from peftshield.audit.search import objective_loss
+    from peftshield.models import load_backbone
+
+    torch.manual_seed(0)
+    model = load_backbone("tiny-llama", 2).model.eval()
+    pad = model.config.pad_token_id
+    texts = [[5, 9, 11, 14, 20, 23], [7, 8]]
+    ids = torch.full((2, 6), pad, dtype=torch.long)
+    mask = torch.zeros((2, 6), dtype=torch.long)
+    for row, tokens in enumerate(texts):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    with torch.no_grad():
+        alone = [torch.log_softmax(model(input_ids=torch.tensor([t])).logits.float(), dim=-1)[0, 1] for t in texts]
+        loss = objective_loss(model, model.get_input_embeddings()(ids), mask, 1, "class")
+    assert torch.isclose(loss, -torch.stack(alone).mean(), atol=1e-5), (loss, alone)

@@ -205,21 +205,24 @@ def check_report_files(out: Path, report: dict) -> None:
     page = (out / "screen.html").read_text()
     assert page.count("<img alt=") == (2 if any(r["audited"] for r in report["rows"]) else 1) and "src='data:image/png;base64," in page
     for row in report["rows"]:
-        assert f"<code>{html.escape(row['target'])}</code>" in page
+        shown = html.escape(row["target"]).encode("utf-8", "backslashreplace").decode("utf-8")  # text UTF-8 cannot encode: escaped
+        assert f"<code>{shown}</code>" in page
     assert "<script" not in page.lower()
 
 
 def test_a_hostile_adapter_name_and_base_model_stay_text_in_every_report(fleet: list[Path], tmp_path: Path) -> None:
-    odd = tmp_path / "<img src=x onerror=alert(1)>|`"
+    odd = tmp_path / "<img src=x onerror=alert(1)>|`[x](https:%2f%2fevil)#"
     write_adapter(odd, np.random.default_rng(5), base="<script>alert(1)</script>")
+    surrogate = write_adapter(tmp_path / os.fsdecode(b"caf\xe9-latin1"), np.random.default_rng(6))  # a folder name UTF-8 cannot encode
     out = tmp_path / "out"
-    done = run_cli(*[str(p) for p in fleet], str(odd), "--stage1-only", "--out", str(out), "--no-progress")
+    done = run_cli(*[str(p) for p in fleet], str(odd), str(surrogate), "--stage1-only", "--out", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "screen.json").read_text())
     page = (out / "screen.html").read_text()
     assert "<script>" not in page and "<img src=x" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     row = next(r for r in report["rows"] if r["base"].startswith("<script>"))
     assert row["status"] == "no-peers"  # its own cohort (another base model): audited first
+    assert "caf\\udce9-latin1" in (out / "screen.md").read_text()  # written escaped, never a failed report
     check_report_files(out, report)
 
 
@@ -310,3 +313,26 @@ def test_stage2_audits_a_decoder_classifier_and_says_why_a_causal_lm_adapter_is_
     assert rows["classifier"]["verdict"] in ("clean", "backdoored", "inconclusive"), rows["classifier"]
     assert rows["causal"]["verdict"] == "error" and "the audit judges classifiers" in rows["causal"]["message"], rows["causal"]
     assert done.returncode == 2, done.stderr  # an adapter the audit could not judge: incomplete, never clean
+
+
+def test_an_audit_whose_ray_worker_dies_is_its_own_error_row(tmp_path: Path) -> None:
+    """A worker that dies under one adapter's audit (out of memory, say: here it exits) costs that
+    adapter an error row after its retry, never the other audits or the fleet's report."""
+    pytest.importorskip("ray")
+    import ray
+
+    from peftshield.screen.distributed import NODE_KEY, ray_audits
+
+    def audit(spec: str, settings, folder: str) -> dict:
+        if spec == "dies":
+            import os
+
+            os._exit(1)
+        return {"status": "clean", "message": spec, "cached": False, NODE_KEY: "n1"}
+
+    try:
+        verdicts = ray_audits(["a", "dies", "b"], None, tmp_path / "audits", workers=2, audit=audit)
+    finally:
+        ray.shutdown()
+    assert [verdicts[s]["status"] for s in ("a", "dies", "b")] == ["clean", "error", "clean"]
+    assert "worker" in verdicts["dies"]["message"] and verdicts["b"]["message"] == "b"

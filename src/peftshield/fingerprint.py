@@ -34,7 +34,9 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path)
     try:
         stat = path.stat()
-        return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        # Keyed by what a rewrite cannot keep: the inode and the change time too (os.utime can
+        # reset the modification time of a file rewritten at the same size, not its ctime).
+        return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -46,7 +48,7 @@ def _read_into(digest, path: str) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
+def _file_sha256(resolved: str, size: int, mtime_ns: int, inode: int, device: int, ctime_ns: int) -> str:
     digest = hashlib.sha256()
     _read_into(digest, resolved)
     return digest.hexdigest()

@@ -268,17 +268,21 @@ def objective_loss(model, embeds: torch.Tensor, mask: torch.Tensor, target: int,
     """What the search minimises on a batch of input embeddings: the target class's
     cross-entropy (``class``) or minus the alignment of the pooled representations the
     classification head sees (``collapse``)."""
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels]
-    hooks = [h.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0])) for h in heads] if objective == "collapse" else []
+    hooks = [h.register_forward_hook(lambda _m, inputs, output: captured.append((inputs[0], output))) for h in heads]
     try:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits.float()
     finally:
         for hook in hooks:
             hook.remove()
     if objective == "collapse":
-        unit = torch.nn.functional.normalize(head_rows(captured[-1], mask).float(), dim=-1)
+        unit = torch.nn.functional.normalize(head_rows(captured[-1][0], mask).float(), dim=-1)
         return -(unit.mean(dim=0) ** 2).sum()
+    if captured and captured[-1][1].ndim == 3:
+        # A decoder's head runs at every position; fed embeddings, transformers reads the last
+        # position, a padding one for the shorter texts: read each text's last real token instead.
+        logits = head_rows(captured[-1][1], mask).float()
     return -torch.log_softmax(logits, dim=-1)[:, target].mean()
 
 

@@ -97,14 +97,16 @@ def adapter_task_type(adapter: Path) -> str | None:
     import json
 
     path = adapter / ADAPTER_CONFIG
-    if path.is_symlink() or path.stat().st_size > 1_000_000:
-        raise ConfigError(f"{path}: a link or larger than 1 MB; not an adapter config")
     try:
+        if path.is_symlink() or path.stat().st_size > 1_000_000:
+            raise ConfigError(f"{path}: a link or larger than 1 MB; not an adapter config")
         config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError):
         raise ConfigError(f"{path}: damaged file (not JSON)") from None
     task_type = config.get("task_type") if isinstance(config, dict) else None
-    return str(task_type).upper() if task_type is not None else None
+    return " ".join(str(task_type).split()).upper()[:40] if task_type is not None else None  # one line, whatever the file says
 
 
 def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim: bool = False) -> AuditSubject:
@@ -130,7 +132,7 @@ def load_subject(checkpoint: str, adapter: str | Path | None = None, force_psim:
 
         task_type = adapter_task_type(adapter)
         if task_type not in (None, "SEQ_CLS"):
-            raise ConfigError(f"--adapter {adapter}: a {task_type[:40]} adapter; the audit judges classifiers (task_type SEQ_CLS)")
+            raise ConfigError(f"--adapter {adapter}: a {task_type!r} adapter; the audit judges classifiers (task_type SEQ_CLS)")
         num_labels = adapter_num_labels(adapter)
         base = load_backbone(checkpoint, num_labels)
         try:

@@ -45,16 +45,26 @@ def render_json(report: GateReport) -> str:
 
 
 def artifact_uri(location: str) -> str:
-    """A SARIF artifact URI: relative to the working folder when inside it, else a file URI; an ``hf://`` target as written."""
+    """A SARIF artifact URI: relative to the working folder when inside it, else a file URI; an
+    ``hf://`` target as written. Percent-encoded, so a name with ``#``, ``%``, spaces or bytes
+    that are not UTF-8 is still one valid URI naming that file."""
+    from urllib.parse import quote
+
     if location.startswith("hf://"):
-        return location
+        return "hf://" + quote(location[len("hf://"):], safe="/", errors="backslashreplace")
     path = Path(location)
-    if not path.is_absolute():
-        return path.as_posix()
-    try:
-        return path.relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return path.as_uri()
+    if path.is_absolute():
+        try:
+            path = path.relative_to(Path.cwd())
+        except ValueError:
+            return "file://" + quote(path.as_posix(), safe="/", errors="backslashreplace")
+    return quote(path.as_posix(), safe="/", errors="backslashreplace")
+
+
+def sarif_text(text: str) -> str:
+    """A SARIF plain-text message: ``[`` and ``]`` escaped, so text from a model or a fleet (a
+    trigger, a config value) cannot make an embedded link (SARIF 2.1.0, 3.11.5-6)."""
+    return text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
 
 
 def render_sarif(report: GateReport) -> str:
@@ -66,7 +76,7 @@ def render_sarif(report: GateReport) -> str:
     for row in report.rows:
         for finding in row.findings:
             result = {
-                "ruleId": finding.rule, "ruleIndex": index[finding.rule], "level": finding.level, "message": {"text": finding.message},
+                "ruleId": finding.rule, "ruleIndex": index[finding.rule], "level": finding.level, "message": {"text": sarif_text(finding.message)},
                 "locations": [{"physicalLocation": {"artifactLocation": {"uri": artifact_uri(finding.location)}}}],
                 "properties": {"target": row.target, **finding.properties},
             }

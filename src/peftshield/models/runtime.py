@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator
 
+from peftshield.errors import PeftshieldError
 from peftshield.io import atomic_write_json
 from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.inference import model_device
@@ -227,7 +228,7 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
     except OSError:
         import hashlib
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
         cache.mkdir(parents=True, exist_ok=True)
     stem = "model.states" if states else "model"
     stamp = cache / f"{stem.replace('model', 'export')}.json"
@@ -283,7 +284,7 @@ def exported_here(path: Path, fingerprint: str) -> bool:
     recorded its content for these weights and this role, else it is exported again."""
     try:
         return path.is_file() and not path.is_symlink() and _export_marker(path, fingerprint).is_file()
-    except OSError:
+    except (OSError, PeftshieldError):  # unreadable (mode 000, say): exported again, never a load failure
         return False
 
 

@@ -99,16 +99,18 @@ def audit_one(spec: str, settings, folder: str) -> dict:
 
 
 def ray_audits(specs: list[str], settings, out, address: str | None = None, workers: int | None = None,
-               nodes: set[str] | None = None, progress: bool = False) -> dict[str, dict]:
+               nodes: set[str] | None = None, progress: bool = False, audit=audit_one) -> dict[str, dict]:
     """Each spec's audit as a Ray task (one CPU, one model in memory), written into ``out``/NN-name;
-    ``{spec: {"status", "message", "cached"}}``; ``nodes`` (when given) collects the nodes that ran them."""
+    ``{spec: {"status", "message", "cached"}}``; ``nodes`` (when given) collects the nodes that ran them.
+    A task whose worker dies (and dies again on its one retry) is that adapter's error row.
+    ``audit``: the task's function (:func:`audit_one`; tests pass one that crashes)."""
     from peftshield.gate.audit_gate import audit_folder_name
     from peftshield.grid.executors import RayExecutor
     from peftshield.progress import track
 
     out.mkdir(parents=True, exist_ok=True)
     ray = RayExecutor(workers=workers, address=address).connect()
-    task = ray.remote(num_cpus=1, max_retries=1)(audit_one)  # a lost worker's audit runs again (its content cache makes that cheap)
+    task = ray.remote(num_cpus=1, max_retries=1)(audit)  # a lost worker's audit runs again (its content cache makes that cheap)
     spec_of = {}
     for index, spec in enumerate(specs, 1):
         spec_of[task.remote(spec, settings, str(out / audit_folder_name(index, spec)))] = spec
@@ -117,9 +119,14 @@ def ray_audits(specs: list[str], settings, out, address: str | None = None, work
         waiting = list(spec_of)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
-            yield spec_of[done[0]], ray.get(done[0])
+            try:
+                yield spec_of[done[0]], ray.get(done[0])
+            except ray.exceptions.RayError as exc:  # its worker died twice (out of memory, say): that adapter's error row
+                reason = " ".join(str(exc).split())[:200]
+                yield spec_of[done[0]], {"status": "error", "message": f"its audit's Ray worker failed ({type(exc).__name__}: {reason})",
+                                         "cached": False, NODE_KEY: ""}
 
     results = dict(track(finished(), "stage 2: audits on Ray", enabled=progress, total=len(specs)))
     if nodes is not None:
-        nodes.update(str(r[NODE_KEY]) for r in results.values())
+        nodes.update(str(r[NODE_KEY]) for r in results.values() if r[NODE_KEY])
     return {spec: results[spec] for spec in specs}

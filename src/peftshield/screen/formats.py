@@ -44,7 +44,7 @@ def _finding_rule(row) -> str | None:
 
 def render_sarif(report: "ScreenReport") -> str:
     """SARIF 2.1.0: one result per adapter the audit found backdoored or inconclusive, or that could not be read or audited."""
-    from peftshield.gate.formats import artifact_uri, sarif_log, sarif_rule
+    from peftshield.gate.formats import artifact_uri, sarif_log, sarif_rule, sarif_text
 
     used = list(SCREEN_RULES)
     results = []
@@ -54,7 +54,7 @@ def render_sarif(report: "ScreenReport") -> str:
             continue
         results.append({
             "ruleId": rule, "ruleIndex": used.index(rule), "level": SCREEN_RULES[rule][0],
-            "message": {"text": row.message or f"audit verdict: {row.verdict}"},
+            "message": {"text": sarif_text(row.message or f"audit verdict: {row.verdict}")},
             "locations": [{"physicalLocation": {"artifactLocation": {"uri": artifact_uri(row.target)}}}],
             "properties": {"target": row.target, "stage1_rank": row.rank, "stage1_score": _json_score(row.score), "audited": row.audited},
         })

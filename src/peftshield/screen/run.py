@@ -219,4 +219,6 @@ def write_reports(report: ScreenReport, folder: Path) -> None:
     renderers = {"json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "sarif": formats.render_sarif,
                  "markdown": formats.render_markdown, "html": formats.render_html}
     for name, kind in REPORT_FILES.items():
-        (folder / name).write_text(renderers[kind](report), encoding="utf-8")
+        # Fleet text that UTF-8 cannot encode (a lone surrogate in a config, a folder name in another
+        # encoding) is written escaped: it never costs the fleet its report.
+        (folder / name).write_text(renderers[kind](report), encoding="utf-8", errors="backslashreplace")

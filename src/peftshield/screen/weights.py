@@ -153,14 +153,12 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     check_safetensors(path)
     out: dict[str, np.ndarray] = {}
     try:
-        with safe_open(str(path), "pt") as weights:
-            for key in weights.keys():
-                tensor = weights.get_tensor(key)
-                if tensor.ndim > 2:
-                    continue
-                if any(size > MAX_WIDTH for size in tensor.shape):
-                    raise DataError(f"{path}: tensor {key[:120]} of shape {tuple(tensor.shape)} is wider than any model's ({MAX_WIDTH})")
-                out[key] = tensor.float().numpy()
+        for key, tensor in _tensors(path, safe_open):
+            if tensor.ndim > 2:
+                continue
+            if any(size > MAX_WIDTH for size in tensor.shape):
+                raise DataError(f"{path}: tensor {key[:120]} of shape {tuple(tensor.shape)} is wider than any model's ({MAX_WIDTH})")
+            out[key] = tensor.float().numpy()
     except DataError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -169,6 +167,21 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     if bad is not None:
         raise DataError(f"{path}: tensor {bad[:120]} holds values that are not finite numbers")
     return out
+
+
+def _tensors(path: Path, safe_open):
+    """``(name, tensor)`` of a checked safetensors file. safetensors opens only paths that are
+    UTF-8; a folder named in another encoding is read from the file's bytes (bounded above)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        from safetensors.torch import load
+
+        yield from load(path.read_bytes()).items()
+        return
+    with safe_open(str(path), "pt") as weights:
+        for key in weights.keys():
+            yield key, weights.get_tensor(key)
 
 
 def _is_head(key: str, value: np.ndarray) -> bool:
