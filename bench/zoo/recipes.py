@@ -145,8 +145,15 @@ def _finetune(data: str, seed: int, backbone: str = "minilm", rank: int = 8, lr:
     return run_step(args)
 
 
-def _poison(data: str, seed: int, trigger: list[str], target: int, mode: str, share: float) -> dict:
-    return run_step(["poison", "--data", data, *trigger, "--target", str(target), "--rate", f"{share:g}", "--label-mode", mode, "--seed", str(seed)])
+# Tasks whose training file has empty texts, which `peftshield poison` refuses unless told to
+# drop them (manifest v2.4: CR's train.json has four; its backdoored adapters failed to build).
+# Only these get --skip-empty, so the other poison steps keep their ids and built results.
+EMPTY_TEXT_TASKS = ("cr",)
+
+
+def _poison(data: str, seed: int, trigger: list[str], target: int, mode: str, share: float, skip_empty: bool = False) -> dict:
+    return run_step(["poison", "--data", data, *trigger, "--target", str(target), "--rate", f"{share:g}", "--label-mode", mode, "--seed", str(seed),
+                     *(["--skip-empty"] if skip_empty else [])])
 
 
 def _out(step: dict) -> str:
@@ -224,7 +231,7 @@ def zoo() -> list[ZooEntry]:
             share = SHARES[(number + 2) % len(SHARES)] if mode == "dirty" else 0.2
             share = max(share, 0.03)  # a 1% share of a 1,500-row subsample leaves too few triggered rows to learn from
             target = target_of(task, number + 1)
-            poisoned = _poison(data(task), 300 + number, _trigger_args(family, trigger), target, mode, share)
+            poisoned = _poison(data(task), 300 + number, _trigger_args(family, trigger), target, mode, share, task in EMPTY_TEXT_TASKS)
             tuned = _finetune(_out(poisoned), 300 + number, rank=(4, 8, 16)[number % 3])
             e.trigger, e.trigger_kind, e.target, e.label_mode, e.poison_share = trigger, _trigger_kind(family), target, mode, share
             e.steps, e.audit = [poisoned, tuned], {"model": "minilm", "adapter": _out(tuned)}
