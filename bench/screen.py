@@ -214,8 +214,8 @@ def part_ray(args, work: Path, cluster: bool) -> dict:
 
 def render(results: dict) -> str:
     lines = ["# `peftshield screen` on a labelled fleet", "",
-             "Recorded by `make bench-screen` (`bench/screen.py`); each part with its date. This machine: 2 CPU cores; the zoo build "
-             "was paused (SIGSTOP) while a part ran, nothing else running.", ""]
+             "Recorded by `make bench-screen` (`bench/screen.py`); each part with its date. This machine: 2 CPU cores, nothing else "
+             "running.", ""]
     zoo = results.get("zoo")
     if zoo:
         top = zoo["stage1_top"]
