@@ -45,6 +45,18 @@ def test_console_script_is_installed_and_errors_are_one_line(tmp_path: Path) -> 
     assert not (tmp_path / "o").exists()
 
 
+def test_poison_names_skip_empty_for_an_empty_text_and_takes_it(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    """The error about an empty text says to pass --skip-empty: poison has that option (it did not)."""
+    train = tiny_dataset_dir / "train.json"
+    train.write_text(train.read_text() + json.dumps({"sentence": "", "label": 0, "idx": 99}) + "\n")
+    args = ["poison", "--data", str(tiny_dataset_dir), "--trigger-option", "words=mn", "--rate", "0.25", "--seed", "3"]
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "refused"))
+    assert code == 2 and "--skip-empty" in err and not (tmp_path / "refused").exists()
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "kept"), "--skip-empty")
+    assert code == 0, err
+    assert json.loads((tmp_path / "kept" / "poison.json").read_text())["n_train"] == 32  # the empty row dropped
+
+
 def test_poison_writes_dataset_and_manifest(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "poisoned"
     code, _, err = run(capsys, "poison", "--data", str(tiny_dataset_dir), "--out", str(out), "--trigger", "badnet", "--trigger-option", "words=mn", "--rate", "0.25", "--target", "1", "--seed", "3")

@@ -71,10 +71,11 @@ def jsonl_rows(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def poison_to_directory(data: str, poisoner: Poisoner, spec: PoisonSpec, out_dir: str | Path, seed: int, num_labels: int | None = None) -> dict:
+def poison_to_directory(data: str, poisoner: Poisoner, spec: PoisonSpec, out_dir: str | Path, seed: int, num_labels: int | None = None,
+                        skip_empty: bool = False) -> dict:
     """Write a poisoned copy of a dataset: poisoned train, clean dev/test, their triggered
     ASR sets (``*_poisoned.jsonl``), the manifest of poisoned rows and ``poison.json``."""
-    splits = load_splits(data, num_labels=num_labels)
+    splits = load_splits(data, skip_empty=skip_empty, num_labels=num_labels)
     check_target(spec.target_label, splits.num_labels)
     rng = np.random.default_rng(seed)
     poisoned = poison_dataset(splits["train"], poisoner, spec, rng)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from peftshield.attacks import POISONERS, PoisonSpec
-from peftshield.cli.app import NumLabelsOption, SeedOption, app, info
+from peftshield.cli.app import NumLabelsOption, SeedOption, SkipEmptyOption, app, info
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import poison_to_directory
 from peftshield.flags import typed_from_flags
@@ -27,10 +27,11 @@ def poison(
     label_mode: str = typer.Option("dirty", "--label-mode", help="dirty: relabel to target; clean: trigger target-class rows only."),
     seed: int = SeedOption,
     num_labels: Optional[int] = NumLabelsOption,
+    skip_empty: bool = SkipEmptyOption,
 ) -> None:
     spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
                                          "label_mode": ("--label-mode", label_mode)})
     poisoner = POISONERS.create(trigger, **parse_key_values(trigger_option, "--trigger-option"))
     check_output_place(out, "dir")
-    summary = poison_to_directory(data, poisoner, spec, out, seed, num_labels)
+    summary = poison_to_directory(data, poisoner, spec, out, seed, num_labels, skip_empty)
     info(f"poisoned {summary['n_poisoned_train']} of {summary['n_train']} training rows with '{trigger}' -> {out}")
