@@ -270,10 +270,7 @@ def main() -> None:
     from peftshield.io import atomic_write_json, atomic_write_text
 
     work = ROOT / args.work
-    if work.exists():
-        for name in ("zoo", "local", "cluster"):
-            shutil.rmtree(work / name, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)  # each part's report folder is replaced whole by the screen it runs
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for part in args.parts.split(","):
         if part == "zoo":
