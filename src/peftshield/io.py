@@ -218,6 +218,29 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: damaged file (not UTF-8 text); re-create it") from None
 
 
+MAX_CONFIG_BYTES = 1_000_000  # no model or adapter config is larger
+
+
+def read_config_json(path: str | Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A small JSON object from a folder nobody vouches for (an adapter's config, a finetune
+    manifest): never through a link, at most ``max_bytes``; a one-line :class:`DataError` naming
+    the file otherwise, or when it is not ``what`` (a JSON object)."""
+    path = Path(path)
+    try:
+        if path.is_symlink():
+            raise DataError(f"{path}: a link; only files inside the folder are read")
+        if path.stat().st_size > max_bytes:
+            raise DataError(f"{path}: larger than {max_bytes} bytes; not {what}")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: damaged file ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: not {what}")
+    return payload
+
+
 def check_safetensors(path: str | Path) -> Path:
     """Check that a safetensors file is whole: a readable header and every tensor's bytes present.
 

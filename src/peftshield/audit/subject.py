@@ -94,18 +94,9 @@ def adapter_num_labels(adapter: Path) -> int:
 
 def adapter_task_type(adapter: Path) -> str | None:
     """The ``task_type`` an adapter's config names (None when it names none), read bounded."""
-    import json
+    from peftshield.io import read_config_json
 
-    path = adapter / ADAPTER_CONFIG
-    try:
-        if path.is_symlink() or path.stat().st_size > 1_000_000:
-            raise ConfigError(f"{path}: a link or larger than 1 MB; not an adapter config")
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{path}: damaged file (not JSON)") from None
-    task_type = config.get("task_type") if isinstance(config, dict) else None
+    task_type = read_config_json(adapter / ADAPTER_CONFIG, "an adapter config").get("task_type")
     return " ".join(str(task_type).split()).upper()[:40] if task_type is not None else None  # one line, whatever the file says
 
 

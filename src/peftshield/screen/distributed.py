@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from peftshield.screen.fleet import audit_record
 from peftshield.screen.weights import AdapterFeatures
 
 NODE_KEY = "node"  # each stage-1 row records the Ray node that read it
@@ -91,7 +92,7 @@ def audit_one(spec: str, settings, folder: str) -> dict:
     node = ray.get_runtime_context().get_node_id()
     try:
         row = run_audit_gate([spec], settings, Path(folder)).report.rows[0]
-        return {"status": row.status, "message": row.message, "cached": row.cached, NODE_KEY: node}
+        return {**audit_record(row), NODE_KEY: node}
     except PeftshieldError as exc:
         return {"status": "error", "message": str(exc), NODE_KEY: node}
     except Exception as exc:  # a hostile adapter may raise anything; the other audits go on

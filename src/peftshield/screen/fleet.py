@@ -45,6 +45,11 @@ class ScreenRow:
         return out
 
 
+def audit_record(row) -> dict:
+    """What stage 2 keeps of an audit's row (a :class:`~peftshield.gate.report.TargetRow`), on every executor."""
+    return {"status": row.status, "message": row.message, "cached": row.cached}
+
+
 def cohort_id(cohort: str) -> str:
     return hashlib.sha256(cohort.encode()).hexdigest()[:8]
 

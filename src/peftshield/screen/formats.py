@@ -199,3 +199,10 @@ def render_html(report: "ScreenReport") -> str:
         "<table><tr><th>rank</th><th>adapter</th><th>base model</th><th>cohort</th><th>stage-1 score</th><th>audited</th><th>verdict</th><th>note</th></tr>"
         f"{rows}</table></body></html>\n"
     )
+
+
+def render_json(report: "ScreenReport") -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+REPORT_FILES = {"screen.json": render_json, "screen.sarif": render_sarif, "screen.md": render_markdown, "screen.html": render_html}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from peftshield.errors import ConfigError, DataError, PeftshieldError
 from peftshield.gate.report import EXIT_CLEAN, EXIT_FINDINGS, EXIT_INCOMPLETE, audit_exit_code
 from peftshield.io import atomic_directory
 from peftshield.progress import track
-from peftshield.screen.fleet import FleetScreen, ScreenRow, cohort_id, select_for_audit
+from peftshield.screen.fleet import FleetScreen, ScreenRow, audit_record, cohort_id, select_for_audit
 from peftshield.screen.weights import AdapterFeatures, adapter_features
 
 REPORT_FORMAT = "peftshield-screen/1"
@@ -185,7 +184,7 @@ def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log, ray
         from peftshield.gate.audit_gate import run_audit_gate
 
         run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
-        verdicts = {row.target: {"status": row.status, "message": row.message, "cached": row.cached} for row in run.report.rows}
+        verdicts = {row.target: audit_record(row) for row in run.report.rows}
     for row in chosen:
         audited = verdicts.get(row.target)
         row.verdict = audited["status"] if audited else "error"
@@ -209,16 +208,11 @@ def missed_estimate(rows: list[ScreenRow]) -> dict:
             "estimated_missed": share * unaudited, "estimated_missed_upper_95": upper * unaudited}
 
 
-REPORT_FILES = {"screen.json": "json", "screen.sarif": "sarif", "screen.md": "markdown", "screen.html": "html"}
-
-
 def write_reports(report: ScreenReport, folder: Path) -> None:
-    """The fleet report in every format (:data:`REPORT_FILES`) into ``folder``."""
-    from peftshield.screen import formats
+    """The fleet report in every format (:data:`peftshield.screen.formats.REPORT_FILES`) into ``folder``."""
+    from peftshield.screen.formats import REPORT_FILES
 
-    renderers = {"json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "sarif": formats.render_sarif,
-                 "markdown": formats.render_markdown, "html": formats.render_html}
-    for name, kind in REPORT_FILES.items():
+    for name, render in REPORT_FILES.items():
         # Fleet text that UTF-8 cannot encode (a lone surrogate in a config, a folder name in another
         # encoding) is written escaped: it never costs the fleet its report.
-        (folder / name).write_text(renderers[kind](report), encoding="utf-8", errors="backslashreplace")
+        (folder / name).write_text(render(report), encoding="utf-8", errors="backslashreplace")

@@ -28,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftshield.errors import DataError, first_issue
 from peftshield.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_MANIFEST, TRAINABLE_WEIGHTS
-from peftshield.io import check_safetensors
+from peftshield.io import check_safetensors, read_config_json
 
-MAX_CONFIG_BYTES = 1_000_000
 MAX_WEIGHT_BYTES = 2_000_000_000  # a LoRA adapter of a 7B model at rank 64 is about 0.3 GB
 MODULE_STATISTICS = ("log_norm", "log_top", "top_share", "effective_rank")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
@@ -90,20 +89,6 @@ class FinetuneLora(BaseModel):
     options: dict = Field(default_factory=dict)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if path.is_symlink():
-        raise DataError(f"{path}: a link; stage 1 reads only files inside the adapter's folder")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise DataError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not {what}")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: damaged file ({str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(payload, dict):
-        raise DataError(f"{path}: not {what}")
-    return payload
-
-
 def read_adapter_config(folder: Path) -> tuple[AdapterConfig, Path]:
     """The LoRA settings and the weights file of a PEFT adapter folder (``adapter_config.json``,
     ``adapter_model.safetensors``) or of a ``peftshield finetune`` LoRA folder (``finetune.json``,
@@ -111,9 +96,9 @@ def read_adapter_config(folder: Path) -> tuple[AdapterConfig, Path]:
     peft, ours = folder / ADAPTER_CONFIG, folder / FINETUNE_MANIFEST
     try:
         if peft.is_file():
-            return AdapterConfig.model_validate(_read_json(peft, "an adapter config")), folder / ADAPTER_WEIGHTS
+            return AdapterConfig.model_validate(read_config_json(peft, "an adapter config")), folder / ADAPTER_WEIGHTS
         if ours.is_file():
-            run = FinetuneLora.model_validate(_read_json(ours, "a finetune manifest"))
+            run = FinetuneLora.model_validate(read_config_json(ours, "a finetune manifest"))
             if run.method != "lora":
                 raise DataError(f"{ours}: method {run.method[:40]}: stage 1 reads LoRA adapters only; audit it on its own")
             options = run.options
@@ -144,8 +129,6 @@ def module_statistics(singular: np.ndarray) -> list[float]:
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     if path.is_symlink() or not path.is_file():
         raise DataError(f"{path}: missing or a link; an adapter's weights must be a file in its folder")
     if path.stat().st_size > MAX_WEIGHT_BYTES:
@@ -153,7 +136,7 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     check_safetensors(path)
     out: dict[str, np.ndarray] = {}
     try:
-        for key, tensor in _tensors(path, safe_open):
+        for key, tensor in _tensors(path):
             if tensor.ndim > 2:
                 continue
             if any(size > MAX_WIDTH for size in tensor.shape):
@@ -169,9 +152,11 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _tensors(path: Path, safe_open):
+def _tensors(path: Path):
     """``(name, tensor)`` of a checked safetensors file. safetensors opens only paths that are
     UTF-8; a folder named in another encoding is read from the file's bytes (bounded above)."""
+    from safetensors import safe_open
+
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
