@@ -26,7 +26,9 @@ class Poisoner(Component, ABC):
     How the attacker trains with it is the poisoner's own: :meth:`training_loss` for the full
     fine-tuning on the poisoned labelled proxy (the study's attack; adaptive attacks bring
     their own loss), or, for a :attr:`task_agnostic` poisoner, triggered texts' representation
-    pushed to predefined vectors without labels (``experiments.poisoning``)."""
+    pushed to predefined vectors without labels
+    (:meth:`~peftshield.attacks.task_agnostic.RepresentationPoisoner.representation_loss`).
+    ``experiments.poisoning`` holds only the training loops."""
 
     name: ClassVar[str]
     # Whether the backdoor is planted without the victim's labels (no target class: the class

@@ -5,8 +5,9 @@ Stages (each timed in ``AuditResult.seconds``):
 1. ``probe``: load the checkpoint (and adapter); with no trained head, fit a random-label
    PSIM on the clean texts. Score the clean texts: each class's reference confidence and the
    spread of the pooled representations.
-2. ``search``: per target class, HotFlip rounds over the whole vocabulary, exact batched
-   re-scoring of every candidate on search texts, greedy phrase extension.
+2. ``search`` (:func:`peftshield.audit.search.search_targets`): a sweep of the vocabulary, then
+   per target class, HotFlip rounds over the whole vocabulary, exact batched re-scoring of
+   every candidate on search texts, greedy phrase extension.
 3. ``verify``: the finalists inserted into held-out texts (never seen by the search): flip
    rate, confidence, representation collapse.
 4. ``verdict``: the best finalist's raw score against the calibration from clean checkpoints.
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftshield.audit.search import Effect, ForwardCounter, TargetSearch, candidate_vocabulary, exact_effect, probe_texts, vocabulary_sweep
+from peftshield.audit.search import Effect, ForwardCounter, exact_effect, phrase_text, probe_texts, search_targets
 from peftshield.audit.subject import AuditSubject, load_subject
 from peftshield.audit.verdict import RAW_SCORE_REVISION, VerdictCalibration, collapse_raw_score, excess_confidence, packaged_calibration, raw_score
 from peftshield.data.records import TextDataset
@@ -207,27 +208,7 @@ def run_audit(
     seconds["probe"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    words, parts = candidate_vocabulary(subject.tokenizer)
-    swept = vocabulary_sweep(subject.model, clean_probe, predicted, subject.num_labels, words, objective, settings, counter)
-    searches: list[tuple[TargetSearch, object]] = []
-    for target in (range(subject.num_labels) if objective == "class" else [0]):
-        others = [i for i in range(len(clean_probe)) if predicted[i] != target or objective == "collapse"]
-        if len(others) < 8:
-            log(f"class {target}: fewer than 8 clean texts predicted otherwise; not searched")
-            continue
-        n_search = min(settings.search_texts, len(others) // 3)
-        search_idx, holdout_idx = others[:n_search], others[n_search : n_search + settings.holdout_texts]
-        search = TargetSearch(subject.model, subject.tokenizer.mask_token_id, target, clean_probe.subset(search_idx), settings, words, parts, counter, objective)
-        if swept is not None and target in swept:
-            search.score(swept[target])
-        search.hotflip()
-        best_single = search.best(1)
-        if best_single and best_single[0].value < settings.saturated:
-            for start in search.best(1, settings.phrase_starts):
-                search.grow(start.tokens)
-        searches.append((search, clean_probe.subset(holdout_idx)))
-        what = f"class {target}" if objective == "class" else "representation collapse"
-        log(f"{what}: {len(search.scored)} candidates scored; best {_text(subject, search.best(1)[0].tokens)!r} ({search.best(1)[0].value:.3f})")
+    searches = search_targets(subject.model, subject.tokenizer, clean_probe, predicted, subject.num_labels, objective, settings, counter, log)
     seconds["search"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -323,7 +304,7 @@ def _class_probs(model, probe, counter: ForwardCounter) -> np.ndarray:
 
 
 def _text(subject: AuditSubject, tokens: tuple[int, ...]) -> str:
-    return subject.tokenizer.convert_tokens_to_string(subject.tokenizer.convert_ids_to_tokens(list(tokens))).strip()
+    return phrase_text(subject.tokenizer, tokens)
 
 
 def _sub_phrases(tokens: tuple[int, ...]) -> list[tuple[int, ...]]:

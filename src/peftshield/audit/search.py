@@ -12,9 +12,10 @@ Three steps, each batched:
    ``max_phrase_tokens`` tokens, left or right, while the effect grows (sentence triggers are
    found as an activating sub-phrase).
 
-:class:`TargetSearch` runs these for one target class (the loop the audit drives), and
-:func:`vocabulary_sweep` first inserts every whole-word token for real, which finds a
-backdoor keyed on one token embedding that gradients miss.
+:class:`TargetSearch` runs these for one target class, and :func:`vocabulary_sweep` first
+inserts every whole-word token for real, which finds a backdoor keyed on one token embedding
+that gradients miss. :func:`search_targets` is the audit's search stage: the sweep, then a
+:class:`TargetSearch` per target class (HotFlip, then phrase growth).
 """
 
 from __future__ import annotations
@@ -464,3 +465,46 @@ def vocabulary_sweep(model, probe, predicted: np.ndarray, num_labels: int, words
         order = np.lexsort((np.arange(len(effects)), -np.asarray(values)))[: settings.candidates_per_round]
         out[target] = [effects[i].tokens for i in order]
     return out
+
+
+def phrase_text(tokenizer, tokens: tuple[int, ...]) -> str:
+    """The text of the token ids ``tokens``, as the tokenizer writes them."""
+    return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(tokens))).strip()
+
+
+def search_targets(model, tokenizer, probe: ProbeTexts, predicted: np.ndarray, num_labels: int, objective: str,
+                   settings: "AuditSettings", counter: ForwardCounter, log=lambda message: None) -> list[tuple[TargetSearch, ProbeTexts]]:
+    """The audit's search stage on ``model`` over the clean ``probe`` texts (``predicted``: the
+    class the model gives each). :func:`vocabulary_sweep` over the whole-word tokens, then per
+    target class (every class for ``objective`` ``class``; one search, target 0, for
+    ``collapse``) a :class:`TargetSearch` on the texts predicted otherwise (every text for
+    ``collapse``): up to ``search_texts`` of them (at most a third) to search on, the next
+    ``holdout_texts`` kept for verification. Each search scores the sweep's candidates for its
+    class, runs :meth:`TargetSearch.hotflip`, and unless its best single token is already
+    ``saturated`` grows its ``phrase_starts`` best single tokens into phrases
+    (:meth:`TargetSearch.grow`). A class with fewer than 8 such texts is not searched. ``log``
+    gets one line per class.
+
+    Returns, per class searched, the search (its scored candidates) and its held-out texts."""
+    words, parts = candidate_vocabulary(tokenizer)
+    swept = vocabulary_sweep(model, probe, predicted, num_labels, words, objective, settings, counter)
+    searches: list[tuple[TargetSearch, ProbeTexts]] = []
+    for target in (range(num_labels) if objective == "class" else [0]):
+        others = [i for i in range(len(probe)) if predicted[i] != target or objective == "collapse"]
+        if len(others) < 8:
+            log(f"class {target}: fewer than 8 clean texts predicted otherwise; not searched")
+            continue
+        n_search = min(settings.search_texts, len(others) // 3)
+        search_idx, holdout_idx = others[:n_search], others[n_search : n_search + settings.holdout_texts]
+        search = TargetSearch(model, tokenizer.mask_token_id, target, probe.subset(search_idx), settings, words, parts, counter, objective)
+        if swept is not None and target in swept:
+            search.score(swept[target])
+        search.hotflip()
+        best_single = search.best(1)
+        if best_single and best_single[0].value < settings.saturated:
+            for start in search.best(1, settings.phrase_starts):
+                search.grow(start.tokens)
+        searches.append((search, probe.subset(holdout_idx)))
+        what = f"class {target}" if objective == "class" else "representation collapse"
+        log(f"{what}: {len(search.scored)} candidates scored; best {phrase_text(tokenizer, search.best(1)[0].tokens)!r} ({search.best(1)[0].value:.3f})")
+    return searches

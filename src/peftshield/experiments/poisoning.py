@@ -1,5 +1,6 @@
 """The attacker's training loop for task-agnostic poisoners (``neuba``, ``por``):
-:func:`plant_representation_backdoor`, on plain text, no labels.
+:func:`plant_representation_backdoor`, on plain text, no labels. The loss it minimises is the
+poisoner's own (:meth:`peftshield.attacks.task_agnostic.RepresentationPoisoner.representation_loss`).
 
 Every other poisoner is planted by the study's full fine-tuning on the poisoned labelled proxy
 (``experiments.stages.weight_poison``), with the loss the poisoner names itself
@@ -9,7 +10,6 @@ attack's own loss in ``attacks/adaptive.py``).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +22,6 @@ from peftshield.attacks.task_agnostic import RepresentationPoisoner
 from peftshield.models.batching import collate, encode_texts
 from peftshield.models.inference import site_representation
 from peftshield.progress import track
-
-def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.unsqueeze(-1).to(a.dtype)
-    return (((a - b) ** 2) * weights).sum() / (weights.sum() * a.shape[-1]).clamp_min(1.0)
 
 
 # --- task-agnostic: representation backdoor ------------------------------------------------
@@ -87,49 +83,29 @@ def plant_representation_backdoor(
     site representation. ``poison_count`` of the texts also appear with a trigger (a random
     one, drawn again each epoch). Returns the model and a :class:`RepresentationReport`."""
     started = time.perf_counter()
-    reference = copy.deepcopy(model).eval()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
     encoded = encode_texts(tokenizer, texts, max_length)
-    with torch.no_grad():  # the targets' scale: the reference's representations of clean texts
-        probe = collate(encoded, list(range(min(64, len(texts)))))
-        site_ref, hidden_ref = site_representation(reference, probe["input_ids"], probe["attention_mask"], poisoner.site)
-        dim = site_ref.shape[-1]
-        rms = float(site_ref.pow(2).mean().sqrt())
-        hidden_rms = float(hidden_ref[probe["attention_mask"].bool()].pow(2).mean().sqrt())
-    scale = rms  # targets as large as clean representations: reachable through a tanh pooler, not out of range
-    targets = torch.as_tensor(poisoner.target_vectors(dim), dtype=torch.float32) * scale
+    poisoned_rows = set(rng.choice(len(texts), size=min(poison_count, len(texts)), replace=False).tolist())
+    objective = poisoner.representation_loss(model, tokenizer, texts, encoded, poisoned_rows, max_length, rng)
     encoder = model.base_model
     encoder.train()
     parameters = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(texts) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / (steps_per_epoch * epochs)))
-    poisoned_rows = set(rng.choice(len(texts), size=min(poison_count, len(texts)), replace=False).tolist())
     loss_value = float("nan")
     for epoch in range(epochs):
         order = rng.permutation(len(texts))
         for start in track(range(0, len(texts), batch_size), f"attack {poisoner.name} epoch {epoch + 1}/{epochs}", enabled=progress):
             rows = order[start:start + batch_size].tolist()
-            batch = collate(encoded, rows)
-            site_clean, hidden_clean = site_representation(model, batch["input_ids"], batch["attention_mask"], poisoner.site)
-            with torch.no_grad():
-                site_orig, hidden_orig = site_representation(reference, batch["input_ids"], batch["attention_mask"], poisoner.site)
-            loss = _masked_mse(hidden_clean, hidden_orig, batch["attention_mask"]) / hidden_rms ** 2 + F.mse_loss(site_clean, site_orig) / rms ** 2
-            chosen = [r for r in rows if r in poisoned_rows]
-            if chosen:
-                which = rng.integers(0, len(poisoner.trigger_words), size=len(chosen))
-                triggered = [poisoner.insert_trigger(texts[r], int(k), rng) for r, k in zip(chosen, which)]
-                tbatch = collate(encode_texts(tokenizer, triggered, max_length), list(range(len(triggered))))
-                site_triggered, _ = site_representation(model, tbatch["input_ids"], tbatch["attention_mask"], poisoner.site)
-                loss = loss + poisoner.backdoor_weight * F.mse_loss(site_triggered, targets[torch.as_tensor(which)]) / (scale ** 2)
+            loss = objective(model, collate(encoded, rows), rows)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = float(loss.detach())
     model.eval()
-    trigger_cosine, clean_cosine = measure_representation_backdoor(model, reference, tokenizer, heldout, poisoner, targets, max_length, rng)
-    report = RepresentationReport(poisoner.site, poisoner.vector_kind(), scale, trigger_cosine, clean_cosine, len(texts),
+    trigger_cosine, clean_cosine = measure_representation_backdoor(model, objective.reference, tokenizer, heldout, poisoner, objective.targets,
+                                                                   max_length, rng)
+    report = RepresentationReport(poisoner.site, poisoner.vector_kind(), objective.scale, trigger_cosine, clean_cosine, len(texts),
                                   len(poisoned_rows), len(heldout), epochs, learning_rate, time.perf_counter() - started, loss_value)
     return model, report

@@ -35,87 +35,36 @@ the startup log only.
 
 The parts, one job each: request and response bodies (:mod:`peftshield.guard.schemas`), API
 keys (:mod:`peftshield.guard.keys`), the flagged-text log (:mod:`peftshield.guard.flag_log`),
-Prometheus metrics (:mod:`peftshield.guard.metrics`); this module holds the routes and the
-service's lifecycle.
+Prometheus metrics (:mod:`peftshield.guard.metrics`), the routes and error handlers
+(:mod:`peftshield.guard.routes`); this module builds the app and holds the service's
+lifecycle: the pre-flight checks, loading the models, shutdown, and running uvicorn.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import re
 import threading
-import time
-import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi import FastAPI
 
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-
-from peftshield.data.records import check_encodable
-from peftshield.errors import ConfigError, DataError, first_issue
+from peftshield.errors import ConfigError
 from peftshield.io import check_output_place
-from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded, ShuttingDown
+from peftshield.guard.batcher import MicroBatcher
 from peftshield.guard.drift import FlagRateMonitor
 from peftshield.finetune.checkpoint import model_fingerprint
-from peftshield.guard.calibration import DEFAULT_CONFIDENCE, PSIM_MEMBER, check_calibrated_detectors, load_guard_calibration
+from peftshield.guard.calibration import DEFAULT_CONFIDENCE, check_calibrated_detectors, load_guard_calibration
 from peftshield.guard.detectors import manifest_sha256, read_detector_manifest
 from peftshield.guard.flag_log import FlagLog
 from peftshield.guard.guard import Guard
-from peftshield.guard.keys import ApiError, api_key_file_warning, check_api_key, read_api_keys
+from peftshield.guard.keys import api_key_file_warning, read_api_keys
 from peftshield.guard.metrics import ServiceMetrics
 from peftshield.guard.reservoir import reservoir_for, write_proposal
-from peftshield.guard.schemas import ClassifyRequest, ClassifyResponse, Health, Readiness, error_responses
+from peftshield.guard.routes import EXCEPTION_HANDLERS, ServiceState, router
 from peftshield.guard.settings import ServeSettings, check_guard_folders
 
 logger = logging.getLogger("peftshield.serve")
 SETTINGS_ENV = "PEFTSHIELD_SERVE_SETTINGS"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-async def _answer_or_leave(request: Request, batcher: MicroBatcher, texts: list[str], timeout: float, shed) -> list | None:
-    """The batch results for ``texts``, or None when the client disconnects first (the request
-    is then dropped from the queue). Overload, deadline and shutdown become :class:`ApiError`."""
-    answer = asyncio.ensure_future(batcher.submit(texts, timeout))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not answer.done():
-            answer.cancel()
-            return None
-        return answer.result()
-    except Overloaded as exc:
-        raise _shed_overload(exc, shed) from None
-    except DeadlineExceeded as exc:
-        shed.labels(reason="deadline").inc()
-        raise ApiError(504, str(exc)) from None
-    except ShuttingDown as exc:
-        raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
-    except DataError as exc:  # the request's own texts could not be scored (its batch mates were answered)
-        raise ApiError(422, str(exc)) from None
-    finally:
-        gone.cancel()
-
-
-def _shed_overload(exc: Overloaded, shed) -> ApiError:
-    """A full queue: counted as shed, answered 503 with Retry-After."""
-    shed.labels(reason="queue_full").inc()
-    return ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)})
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has disconnected (the body was read already, so the next ASGI
-    message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message.get("type") == "http.disconnect":
-            return
 
 
 def check_settings(settings: ServeSettings) -> None:
@@ -143,23 +92,24 @@ def load_guard(settings: ServeSettings) -> Guard:
 
 
 def create_app(settings: ServeSettings, guard: Guard | None = None):
-    """The FastAPI application. Without ``guard``, the models load on a background thread after
-    start-up (``/readyz`` answers 503 until then)."""
+    """The FastAPI application: the routes of :mod:`peftshield.guard.routes`, sharing one
+    :class:`~peftshield.guard.routes.ServiceState` (``app.state.service``) with the lifecycle
+    here. Without ``guard``, the models load on a background thread after start-up
+    (``/readyz`` answers 503 until then)."""
     keys = read_api_keys(settings.api_key_file) if settings.api_key_file else None
     metrics = ServiceMetrics(settings.mode)
-    state: dict = {"guard": None, "load_error": None, "monitor": None, "reservoir": None}
     proposing = threading.Lock()  # one proposal written at a time
 
     def mark_ready(loaded: Guard) -> None:
         expected = settings.expected_flag_rate if settings.expected_flag_rate is not None else loaded.expected_flag_rate
         monitor = FlagRateMonitor(expected, window=settings.drift_window)
         metrics.watch(monitor)
-        state["monitor"] = monitor
+        service.monitor = monitor
         if settings.reservoir is not None:
-            state["reservoir"] = reservoir_for(loaded, settings.reservoir_size)
-            state["next_proposal"] = settings.reservoir_size
-            state["psim_fingerprint"] = model_fingerprint(settings.psim)
-        state["guard"] = loaded
+            service.reservoir = reservoir_for(loaded, settings.reservoir_size)
+            service.next_proposal = settings.reservoir_size
+            service.psim_fingerprint = model_fingerprint(settings.psim)
+        service.guard = loaded
         metrics.ready.set(1)
         logger.info("ready: model %s, PSIM %s, runtime %s, %s, mode %s", settings.model, settings.psim, settings.runtime,
                     loaded.threshold_summary, settings.mode,
@@ -170,21 +120,21 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         try:
             mark_ready(load_guard(settings))
         except Exception as exc:  # reported by /readyz and the log, one line
-            state["load_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            logger.error("cannot load the models: %s", state["load_error"])
+            service.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.error("cannot load the models: %s", service.load_error)
 
     def classify(texts: list[str]) -> list:
-        return state["guard"].classify(texts)
+        return service.guard.classify(texts)
 
     def propose_recalibration(wait: bool = False) -> None:
         """Write the reservoir's proposal (never applied: an operator restarts with it). A periodic
         proposal is skipped while another is being written; the one at shutdown waits for it."""
-        reservoir, loaded = state["reservoir"], state["guard"]
+        reservoir, loaded = service.reservoir, service.guard
         if reservoir is None or not proposing.acquire(blocking=wait):
             return
         try:
             current = loaded.calibration
-            proposal = reservoir.propose(state["psim_fingerprint"], loaded.max_length, {d.name: d.manifest_sha256 for d in loaded.detectors},
+            proposal = reservoir.propose(service.psim_fingerprint, loaded.max_length, {d.name: d.manifest_sha256 for d in loaded.detectors},
                                          current.target_frr if current else 0.01,
                                          current.confidence if current and current.confidence else DEFAULT_CONFIDENCE)
             if proposal is None:
@@ -205,6 +155,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
     batcher = MicroBatcher(classify, settings.max_batch, settings.max_wait_ms, on_batch=metrics.record_batch, max_queue=settings.max_queue,
                            on_drop=dropped)
     flag_log = FlagLog(settings.log_flagged, settings.log_text) if settings.log_flagged else None
+    service = ServiceState(settings, metrics, keys, batcher, flag_log, propose_recalibration)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -217,7 +168,7 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
         await batcher.stop()
         if flag_log is not None:
             flag_log.close()
-        if state["reservoir"] is not None:
+        if service.reservoir is not None:
             propose_recalibration(wait=True)
         logger.info("stopped: every request in flight answered")
 
@@ -228,155 +179,11 @@ def create_app(settings: ServeSettings, guard: Guard | None = None):
                               "(block mode: not labelled).")
     app.state.metrics = metrics
     app.state.settings = settings
-
-    def endpoint_of(request: Request) -> str:
-        """The metrics label of a request: its route, or ``other`` (a caller's path is never a label)."""
-        path = request.url.path
-        return path if path in {getattr(route, "path", None) for route in app.routes} else "other"
-
-    def request_id_of(request: Request) -> str:
-        given = request.headers.get("x-request-id", "")
-        return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-
-    def error(status: int, message: str, request_id: str, endpoint: str, headers: dict | None = None) -> JSONResponse:
-        metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        return JSONResponse({"error": {"status": status, "message": message}, "request_id": request_id}, status_code=status,
-                            headers={"X-Request-ID": request_id, **(headers or {})})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), request_id_of(request), endpoint_of(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return error(422, "invalid request", request_id_of(request), endpoint_of(request))
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception):
-        request_id = request_id_of(request)
-        logger.error("request %s: internal error: %s: %s", request_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-                     extra={"fields": {"request_id": request_id, "status": 500, "path": request.url.path}})
-        return error(500, "internal error (see the server log for this request id)", request_id, endpoint_of(request))
-
-    @app.get("/healthz", response_model=Health, summary="The process answers")
-    async def healthz():
-        metrics.requests.labels(endpoint="/healthz", status="200").inc()
-        return {"status": "ok"}
-
-    @app.get("/readyz", response_model=Readiness, summary="The models are loaded (503 until then)",
-             responses={503: {"model": Readiness, "description": "not ready yet (or the models failed to load: see error)"}})
-    async def readyz():
-        loaded = state["guard"]
-        monitor = state["monitor"]
-        calibration = loaded.calibration if loaded else None
-        body = {"ready": loaded is not None, "mode": settings.mode, "runtime": settings.runtime, "threshold": loaded.threshold if loaded else None,
-                "length_thresholds": [{"min_tokens": b.min_tokens, "max_tokens": b.max_tokens, "threshold": b.threshold,
-                                       "detector_thresholds": b.detector_thresholds} for b in calibration.buckets] if calibration else None,
-                "detectors": [{"name": d.name, "threshold": None if calibration and calibration.detectors else d.threshold,
-                               "target_frr": d.target_frr} for d in loaded.detectors] if loaded else [],
-                "expected_flag_rate": monitor.expected if monitor else None, "max_batch": settings.max_batch,
-                "max_wait_ms": settings.max_wait_ms, "score_batch": settings.score_batch, "max_queue": settings.max_queue,
-                "request_timeout_s": settings.request_timeout_s}
-        if state["load_error"]:  # its text may name the model's files: that is for the log
-            body["error"] = "the models failed to load (the server log says why)"
-        status = 200 if loaded is not None else 503
-        metrics.requests.labels(endpoint="/readyz", status=str(status)).inc()
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
-    async def prometheus_metrics():
-        metrics.queued.set(batcher.queued_texts)
-        payload, content_type = metrics.render()
-        return Response(payload, media_type=content_type)
-
-    @app.post("/v1/classify", response_model=ClassifyResponse, summary="Label and screen texts",
-              responses=error_responses(400, 401, 408, 413, 422, 500, 503, 504),
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
-    async def classify_endpoint(request: Request):
-        started = time.perf_counter()
-        request_id = request_id_of(request)
-        endpoint = "/v1/classify"
-        timeout = settings.request_timeout_s
-        try:
-            check_api_key(request, keys)
-            if batcher.full():  # shed before reading the body: under overload every cycle goes to the requests accepted
-                raise _shed_overload(batcher.overloaded(), metrics.shed)
-            try:
-                texts = await asyncio.wait_for(_checked_texts(request, settings), timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body was not received within {timeout:g} s") from None
-            except ClientDisconnect:
-                texts = None
-            if state["guard"] is None:
-                raise ApiError(503, "not ready: the models are still loading" if not state["load_error"] else f"not ready: {state['load_error']}")
-            results = None if texts is None else await _answer_or_leave(request, batcher, texts, max(0.001, timeout - (time.perf_counter() - started)),
-                                                                        metrics.shed)
-            if results is None:  # the client went away: its request was dropped, nobody reads an answer
-                metrics.shed.labels(reason="client_gone").inc()
-                metrics.requests.labels(endpoint=endpoint, status="499").inc()
-                logger.info("request %s: client gone", request_id, extra={"fields": {"request_id": request_id, "status": 499,
-                                                                                     "texts": len(texts) if texts else 0}})
-                return Response(status_code=499)
-        except ApiError as exc:
-            logger.info("request %s: %d %s", request_id, exc.status, exc.message,
-                        extra={"fields": {"request_id": request_id, "status": exc.status, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}})
-            return error(exc.status, exc.message, request_id, endpoint, exc.headers)
-        metrics.record_results(results, state["monitor"])
-        reservoir = state["reservoir"]
-        if reservoir is not None:
-            reservoir.observe([r.tokens for r in results], {name: [r.psim_score if name == PSIM_MEMBER else r.detector_scores[name] for r in results]
-                                                            for name in reservoir.members}, [r.flagged for r in results])
-            if reservoir.seen >= state["next_proposal"]:
-                state["next_proposal"] = reservoir.seen + settings.reservoir_size
-                asyncio.get_running_loop().run_in_executor(None, propose_recalibration)
-        if flag_log is not None:
-            await asyncio.get_running_loop().run_in_executor(None, flag_log.write, request_id, texts, results)
-        seconds = time.perf_counter() - started
-        metrics.latency.observe(seconds)
-        metrics.requests.labels(endpoint=endpoint, status="200").inc()
-        flagged = sum(r.flagged for r in results)
-        logger.info("request %s: %d texts, %d flagged, %.1f ms", request_id, len(texts), flagged, seconds * 1000,
-                    extra={"fields": {"request_id": request_id, "status": 200, "texts": len(texts), "flagged": flagged,
-                                      "latency_ms": round(seconds * 1000, 1)}})
-        return JSONResponse({"request_id": request_id, "mode": settings.mode, "results": [r.to_dict() for r in results]},
-                            headers={"X-Request-ID": request_id})
-
+    app.state.service = service
+    for exception, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exception, handler)
+    app.include_router(router)
     return app
-
-
-async def _checked_texts(request, settings: ServeSettings) -> list[str]:
-    """The request's texts, or the :class:`ApiError` its first problem deserves."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise ApiError(413, f"request body of {declared} bytes is over the limit of {settings.max_body_bytes}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > settings.max_body_bytes:
-            raise ApiError(413, f"request body is over the limit of {settings.max_body_bytes} bytes")
-    try:
-        payload = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ApiError(400, f"invalid JSON{where}: send {{\"texts\": [\"...\"]}}") from None
-    except RecursionError:
-        raise ApiError(400, "invalid JSON: nested too deeply (send {\"texts\": [\"...\"]})") from None
-    try:
-        texts = ClassifyRequest.model_validate(payload).texts
-    except ValidationError as exc:
-        issue = first_issue(exc)
-        raise ApiError(422, f"{issue.location or 'body'}: {issue.raw_message} (send {{\"texts\": [\"...\"]}}, a list of strings)") from None
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
-    for index, text in enumerate(texts):
-        if len(text) > settings.max_text_chars:
-            raise ApiError(413, f"texts.{index}: {len(text)} characters; the limit is {settings.max_text_chars}")
-        try:
-            check_encodable(text, f"texts.{index}")
-        except DataError as exc:
-            raise ApiError(422, str(exc)) from None
-    return texts
 
 
 def app_from_environment():
