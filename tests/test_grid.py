@@ -16,7 +16,8 @@ import pytest
 
 from peftshield.cli import main
 from peftshield.errors import ConfigError
-from peftshield.grid import ResultStore, load_grid_config, stage_key
+from peftshield.experiments.cache import stage_key
+from peftshield.grid import ResultStore, load_grid_config
 from peftshield.grid.executors import LocalExecutor
 from peftshield.grid.runner import STORE_FILE, plan_grid, run_grid
 
@@ -44,7 +45,7 @@ defenses: [{", ".join(DEFENSE_ENTRIES[d] for d in defenses)}]
 
 
 @pytest.mark.parametrize("edit, message", [
-    ("colour: blue", "colour: Extra inputs are not permitted"),
+    ("colour: blue", "colour: unknown key"),
     ("victim: {epochs: 0}", "victim.epochs: Input should be greater than or equal to 1"),
     ("methods: [lora, qlora]", "unknown method(s) qlora"),
     ("defenses: [psim, magic]", "unknown defense 'magic'"),
@@ -56,7 +57,7 @@ defenses: [{", ".join(DEFENSE_ENTRIES[d] for d in defenses)}]
     ("triggers: [{name: emoji}]", "unknown trigger 'emoji'"),
     ("triggers: [{name: badnet, options: {num_triggers: 0}}]", "trigger 'badnet': option 'num_triggers': Input should be greater than or equal to 1"),
     ("attack: {data: x, learning_rate: fast}", "attack.learning_rate: Input should be a valid number"),
-    ("psim: {methd: lora}", "psim.methd: Extra inputs are not permitted"),
+    ("psim: {methd: lora}", "psim.methd: unknown key"),
     ("name: ..", "name: String should match pattern"),
     ("name: a/b", "name: String should match pattern"),
     ("datasets: [{name: .., path: x}]", "datasets.0.name: String should match pattern"),

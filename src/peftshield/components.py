@@ -18,7 +18,6 @@ from typing import Any, ClassVar, Mapping
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from peftshield.errors import first_issue
 
 
 class Component:
@@ -74,12 +73,3 @@ class Component:
         return {"name": self.name, "options": options}
 
 
-def describe_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
-    """One line for the first error: the option (dotted path), and what is wrong with it."""
-    issue = first_issue(exc)
-    where = f"{prefix}{issue.location}" if issue.location else (prefix.rstrip(".") or "options")
-    if issue.kind == "extra_forbidden":
-        return f"unknown option '{where}'"
-    if issue.kind == "missing":
-        return f"option '{where}' is required"
-    return f"option '{where}': {issue.message}{issue.got()}"

@@ -6,7 +6,7 @@ Anything the user can fix (a bad file, row, option or an unreachable hub) raises
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 class PeftshieldError(Exception):
@@ -43,10 +43,13 @@ class PeftshieldWarning(Warning):
 
 
 
+MAX_SHOWN_INPUT = 80  # characters of a failing value an error line repeats (the value may be hostile and huge)
+
+
 @dataclass(frozen=True)
 class ValidationIssue:
-    """The first problem of a pydantic ``ValidationError``, in the parts every one-line message
-    is built from (see :func:`first_issue`)."""
+    """The first problem of a pydantic ``ValidationError``, in the parts a one-line message is
+    built from (see :func:`first_issue`, and :meth:`line`, the one way they become a line)."""
 
     location: str  # the dotted path, e.g. "threshold.kind" ("" for the whole model)
     field: str  # its first part: the top-level field ("" for the whole model)
@@ -56,15 +59,36 @@ class ValidationIssue:
     kind: str  # pydantic's error type, e.g. "extra_forbidden", "missing"
 
     def got(self) -> str:
-        """``" (got VALUE)"``: the value that failed, as every flag error ends."""
-        return f" (got {self.input!r})"
+        """``" (got VALUE)"``: the value that failed, shortened to one bounded piece of a line."""
+        shown = repr(self.input)
+        return f" (got {shown[:MAX_SHOWN_INPUT] + '...' if len(shown) > MAX_SHOWN_INPUT else shown})"
+
+    def line(self, rename: Callable[[str], str] | None = None, whole: str = "", label: str = "", show_input: bool = True) -> str:
+        """``WHERE: WHAT`` for this issue. WHERE is the dotted location as ``rename`` writes it (the
+        flag a field was given as, say), or ``whole`` for the model itself,
+        quoted after ``label`` when given (``option 'r'``); WHAT says the key is unknown or
+        required, else gives pydantic's message and (``show_input``) the value that failed, when it
+        is one field's."""
+        where = (rename(self.location) if rename and self.location else self.location) or whole
+        if self.kind == "extra_forbidden":
+            return f"unknown {label} '{where}'" if label else f"{where}: unknown key"
+        if self.kind == "missing":
+            return f"{label} '{where}' is required" if label else f"{where}: required"
+        what = self.message + (self.got() if show_input and self.location else "")  # the whole input is no value to quote
+        where = f"{label} '{where}'" if label else where
+        return f"{where}: {what}" if where else what
 
 
 def first_issue(exc) -> ValidationIssue:
-    """The first entry of a pydantic ``ValidationError``: the one place its parts are read, so
-    each one-line message (a flag, a settings-file key, a config path, an API field) is built
-    from the same pieces."""
+    """The first entry of a pydantic ``ValidationError``: the one place its parts are read."""
     first = exc.errors()[0]
     loc = tuple(first.get("loc", ()))
     return ValidationIssue(".".join(str(part) for part in loc), str(loc[0]) if loc else "", first["msg"].removeprefix("Value error, "),
                            first["msg"], first.get("input"), first.get("type", ""))
+
+
+def validation_line(exc, rename: Callable[[str], str] | None = None, whole: str = "", label: str = "", show_input: bool = True) -> str:
+    """One line for a pydantic ``ValidationError`` (its first problem, :meth:`ValidationIssue.line`):
+    every message that reports a bad flag, settings-file key, config path, component option or
+    API field is built here; callers only say where the values came from."""
+    return first_issue(exc).line(rename, whole, label, show_input)

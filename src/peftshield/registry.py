@@ -6,8 +6,7 @@ from typing import Any, Generic, Iterator, Mapping, TypeVar
 
 import pydantic
 
-from peftshield.components import describe_validation_error
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, validation_line
 
 T = TypeVar("T")
 
@@ -45,7 +44,7 @@ class Registry(Generic[T]):
         try:
             return validator(dict(options or {}))
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"{self.kind} '{name}': {describe_validation_error(exc)}") from None
+            raise ConfigError(f"{self.kind} '{name}': {validation_line(exc, whole='options', label='option')}") from None
         except ValueError as exc:  # a component's check across options
             raise ConfigError(f"{self.kind} '{name}': {exc}") from None
 

@@ -14,7 +14,7 @@ import pydantic
 import yaml
 from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -40,11 +40,6 @@ def safe_load_plain(text: str):
     return yaml.load(text, Loader=PlainSafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
-    issue = first_issue(exc)
-    return f"{source}: {issue.location or '(top level)'}: {issue.raw_message}"
-
-
 def load_yaml_model(path: str | Path, model: type[Model]) -> Model:
     path = Path(path)
     try:
@@ -66,4 +61,4 @@ def load_yaml_model(path: str | Path, model: type[Model]) -> Model:
     try:
         return model(**payload)
     except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error(str(path), exc)) from None
+        raise ConfigError(f"{path}: {validation_line(exc, whole='(top level)')}") from None

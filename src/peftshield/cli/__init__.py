@@ -14,7 +14,7 @@ import pydantic
 import typer
 
 from peftshield.cli.app import app
-from peftshield.errors import OutputError, PeftshieldError, PeftshieldWarning, first_issue
+from peftshield.errors import OutputError, PeftshieldError, PeftshieldWarning, validation_line
 
 try:  # typer >= 0.24 ships its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -80,8 +80,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"peftshield: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except pydantic.ValidationError as exc:  # a typed option built outside the flag helpers: still one line
-        issue = first_issue(exc)
-        print(f"peftshield: error: {issue.location or exc.title}: {issue.message}", file=sys.stderr)
+        print(f"peftshield: error: {validation_line(exc, whole=exc.title)}", file=sys.stderr)
         return 2
     except NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
 
 # A name that becomes a path (a run folder, a report file): no separators, no '.' or '..'.
 PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
@@ -175,7 +175,7 @@ class ScenarioConfig(Section):
                 raise ValueError("psim: expected a mapping")
             unknown = sorted(set(psim) - set(LEGACY_PSIM_KEYS) - set(LEGACY_THRESHOLD_KEYS))
             if unknown:
-                raise ValueError(f"psim.{unknown[0]}: Extra inputs are not permitted")
+                raise ValueError(f"psim.{unknown[0]}: unknown key")
             options = {LEGACY_PSIM_KEYS[k]: v for k, v in psim.items() if k in LEGACY_PSIM_KEYS}
             threshold = {LEGACY_THRESHOLD_KEYS[k]: v for k, v in psim.items() if k in LEGACY_THRESHOLD_KEYS}
             if threshold:
@@ -229,8 +229,7 @@ class ScenarioConfig(Section):
             try:
                 attack = self.attack_for(trigger)
             except ValidationError as exc:
-                issue = first_issue(exc)
-                raise ValueError(f"triggers.{index}.attack.{issue.location}: {issue.raw_message}") from None
+                raise ValueError(f"triggers.{index}.attack.{validation_line(exc)}") from None
             if trigger.build().draws_from_pool:
                 self._check_pool_trigger(index, attack)
         return self

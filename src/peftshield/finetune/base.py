@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import pydantic
 
-from peftshield.components import Component, describe_validation_error
-from peftshield.errors import ConfigError
+from peftshield.components import Component
+from peftshield.errors import ConfigError, validation_line
 from peftshield.registry import Registry
 
 
@@ -31,7 +31,7 @@ class FineTuneMethod(Component, ABC):
         try:
             return type(self)(**self.validate_options(self.params()))
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"method '{self.name}': {describe_validation_error(exc)}") from None
+            raise ConfigError(f"method '{self.name}': {validation_line(exc, whole='options', label='option')}") from None
         except ValueError as exc:  # check_options
             raise ConfigError(f"method '{self.name}': {exc}") from None
 

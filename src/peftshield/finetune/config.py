@@ -8,8 +8,9 @@ from typing import Any, Optional
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftshield.errors import ConfigError
-from peftshield.yaml_config import format_validation_error, load_yaml_model
+from peftshield.errors import ConfigError, validation_line
+from peftshield.flags import flag_of
+from peftshield.yaml_config import load_yaml_model
 
 
 class TrainingConfig(BaseModel):
@@ -49,4 +50,4 @@ def merge_training(base: TrainingConfig, overrides: dict[str, Any]) -> TrainingC
     try:
         return TrainingConfig(**{**base.model_dump(), **given})
     except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error("option", exc).replace("option: ", "--", 1).replace("_", "-")) from None
+        raise ConfigError(validation_line(exc, flag_of, whole="option")) from None

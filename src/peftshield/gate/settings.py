@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from peftshield.audit.auditor import AuditSettings
 from peftshield.defenses.thresholds import ConfidenceThreshold
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
+from peftshield.flags import GivenFlags, typed_from_flags
 from peftshield.models.runtime import DEFAULT_RUNTIME, Runtime
 
 FORMATS = ("text", "json", "sarif", "markdown", "html")
@@ -55,10 +56,14 @@ def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+COMMA_SEPARATED = {"comma_separated": True}  # a list field given on the command line as one comma-separated value
+
+
 class _GateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: list[str] = Field(default_factory=lambda: ["text"], description="report formats")
+    format: list[str] = Field(default_factory=lambda: ["text"], json_schema_extra=COMMA_SEPARATED,
+                              description=f"Report formats, comma-separated: {', '.join(FORMATS)} (text goes to standard output).")
 
     @field_validator("format", mode="before")
     @classmethod
@@ -72,25 +77,28 @@ class _GateSettings(BaseModel):
 class AuditGateSettings(_GateSettings):
     """``peftshield audit`` as a gate."""
 
-    fail_on: FailOn = Field("inconclusive", description="the verdicts that exit 1 (inconclusive: only 'clean' passes)")
-    texts: Optional[str] = Field(None, description="clean texts (default: the packaged offline corpus)")
-    probe: Literal["auto", "psim"] = "auto"
-    seed: int = 0
-    base: Optional[str] = Field(None, description="base model of adapters and lone .safetensors files")
-    calibration: Optional[str] = None
-    cache: bool = Field(True, description="reuse audits of unchanged weights and settings (entries authenticated; peftshield.gate.cache)")
-    cache_dir: Optional[str] = Field(None, description="content cache (default: the user's cache folder, never the checkout)")
-    max_seconds: float = Field(1800.0, gt=0, le=86400, description="wall-clock limit of one target's audit; beyond it the target is an error (exit 2)")
+    fail_on: FailOn = Field("inconclusive", description="Verdicts that exit 1: inconclusive (only a positive 'clean' passes) or backdoored.")
+    texts: Optional[str] = Field(None, description="Clean texts in the model's language: any dataset source, or a .txt file (one text per line). "
+                                                   "Default: a packaged offline corpus.")
+    probe: Literal["auto", "psim"] = Field("auto", description="auto (the checkpoint's head if it has a trained one, else a random-label PSIM), "
+                                                               "or psim to ignore the head.")
+    seed: int = Field(0, description="Seed of every random choice.")
+    base: Optional[str] = Field(None, description="Base model of adapter targets (overrides their base_model_name_or_path) and of lone .safetensors files.")
+    calibration: Optional[str] = Field(None, description="A calibration JSON ({clean_mean, clean_std, n_clean, ...}) instead of the packaged one.")
+    cache: bool = Field(True, description="Reuse audits of unchanged weights and settings from the content cache (--no-cache: neither read nor write it); "
+                                          "entries are authenticated (HMAC) and one that does not check out is audited again.")
+    cache_dir: Optional[str] = Field(None, description="The content cache's folder (default: $PEFTSHIELD_CACHE_DIR or ~/.cache/peftshield/audit, never the checkout).")
+    max_seconds: float = Field(1800.0, gt=0, le=86400, description="Wall-clock limit of one target's audit; beyond it the target is an error (exit 2).")
     search: AuditSettings = Field(default_factory=AuditSettings, description="how hard the trigger search works")
 
 
 class ScanGateSettings(_GateSettings):
     """``peftshield scan`` as a gate."""
 
-    fail_on_rate: Optional[float] = Field(None, gt=0, le=1, description="share of flagged texts that exits 1 (default: any flagged text)")
-    threshold: Optional[ConfidenceThreshold] = Field(None, description="override the PSIM's calibrated threshold")
-    runtime: Runtime = DEFAULT_RUNTIME
-    batch_size: Optional[int] = Field(None, ge=1)
+    fail_on_rate: Optional[float] = Field(None, gt=0, le=1, description="Share of flagged texts (0-1] that exits 1; default: any flagged text.")
+    threshold: Optional[ConfidenceThreshold] = Field(None, description="Override the PSIM's calibrated threshold.")
+    runtime: Runtime = Field(DEFAULT_RUNTIME, description="How the PSIM runs: torch, onnx or onnx-int8; see 'peftshield serve --help'.")
+    batch_size: Optional[int] = Field(None, ge=1, description="Texts scored at a time (default: the PSIM's own).")
 
 
 SECTIONS: dict[str, type[_GateSettings]] = {"audit": AuditGateSettings, "scan": ScanGateSettings}
@@ -208,38 +216,27 @@ def _validated(model: type[_GateSettings], table: dict, where: str, section: str
     try:
         return model(**table)
     except pydantic.ValidationError as exc:
-        issue = first_issue(exc)
-        message = "unknown key" if issue.kind == "extra_forbidden" else issue.message
-        raise ConfigError(f"{where}: [{section}] {issue.location.replace('_', '-')}: {message}") from None
+        raise ConfigError(f"{where}: [{section}] {validation_line(exc, lambda key: key.replace('_', '-'))}") from None
 
 
-def gate_settings(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> _GateSettings:
-    """The section's settings: the file's table, then the flags given (None = not given) on top.
-    An error names the file and key, or the flag."""
+def gate_settings(section: str, flags: GivenFlags, settings_file: SettingsFile) -> _GateSettings:
+    """The section's settings: the file's table, then the flags given on top. An error names the
+    file and key, or the flag."""
     model = SECTIONS[section]
     from_file = _validated(model, dict(settings_file.tables.get(section, {})), settings_file.where, section)
-    given = {name: value for name, (_, value) in flags.items() if value is not None}
-    try:
-        return model(**{**from_file.model_dump(), **given})
-    except pydantic.ValidationError as exc:
-        issue = first_issue(exc)
-        flag = flags[issue.field][0] if issue.field in flags else issue.field
-        raise ConfigError(f"{flag}: {issue.message}{issue.got()}") from None
+    return typed_from_flags(model, flags, **{name: value for name, value in from_file.model_dump().items() if not flags.was_given(name)})
 
 
-def setting_sources(section: str, flags: dict[str, tuple[str, Any]], settings_file: SettingsFile) -> dict[str, str]:
-    """Where each setting of ``section`` came from: ``--flag``, the settings file, or ``default``."""
+def setting_sources(section: str, flags: GivenFlags, settings_file: SettingsFile) -> dict[str, str]:
+    """Where each setting of ``section`` came from: the flag as typed, the settings file, or ``default``."""
     table = settings_file.tables.get(section, {})
-    out = {}
-    for name in SECTIONS[section].model_fields:
-        flag, value = flags.get(name, ("", None))
-        out[name] = flag if value is not None else settings_file.where if name in table else "default"
-    return out
+    return {name: flags.as_typed(name) if flags.was_given(name) else settings_file.where if name in table else "default"
+            for name in SECTIONS[section].model_fields}
 
 
-def untrusted_verdict_keys(section: str, settings_file: SettingsFile, flags: dict[str, tuple[str, Any]]) -> list[str]:
+def untrusted_verdict_keys(section: str, settings_file: SettingsFile, flags: GivenFlags) -> list[str]:
     """The verdict-deciding keys a *found* settings file sets and no flag overrides (empty for --config)."""
     if settings_file.explicit or settings_file.path is None:
         return []
     table = settings_file.tables.get(section, {})
-    return [k.replace("_", "-") for k in VERDICT_KEYS if k in table and flags.get(k, ("", None))[1] is None]
+    return [k.replace("_", "-") for k in VERDICT_KEYS if k in table and not flags.was_given(k)]

@@ -43,7 +43,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
 from peftshield.models.batching import encode_texts
 
 CALIBRATION_FORMAT = "peftshield-guard-calibration/2"  # /1: the PSIM alone, its point-estimate thresholds (still read)
@@ -437,7 +437,7 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
                                 detectors=detector_manifests, buckets=buckets, sample=sample,
                                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     except ValidationError as error:  # a bug, were it to happen: the check refused what calibration made
-        raise ConfigError(f"calibrate: {where}: the calibration made does not pass its own check ({first_issue(error).message})") from None
+        raise ConfigError(f"calibrate: {where}: the calibration made does not pass its own check ({validation_line(error, show_input=False)})") from None
 
 
 MAX_CALIBRATION_BYTES = 8_000_000  # four buckets of three members with all 2000 kept scores each take about 0.5 MB
@@ -455,8 +455,7 @@ def read_guard_calibration(path: str | Path) -> GuardCalibration:
     try:
         return GuardCalibration.model_validate_json(path.read_bytes())
     except ValidationError as error:
-        issue = first_issue(error)
-        raise ConfigError(f"{where}: not a guard calibration ({issue.location + ': ' if issue.location else ''}{issue.message}); "
+        raise ConfigError(f"{where}: not a guard calibration ({validation_line(error, show_input=False)}); "
                           "write one with 'peftshield calibrate'") from None
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftshield.defenses import DEFENSES, DefenseContext
 from peftshield.defenses.base import Defense
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
 from peftshield.files import DETECTOR_MANIFEST
 from peftshield.io import read_json
 
@@ -193,8 +193,7 @@ def read_detector_manifest(directory: Path) -> DetectorManifest:
     try:
         return DetectorManifest.model_validate(read_json(path))
     except ValidationError as error:
-        issue = first_issue(error)
-        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not a detector manifest ({issue.location or 'file'}: {issue.message})") from None
+        raise ConfigError(f"{where}: {DETECTOR_MANIFEST} is not a detector manifest ({validation_line(error, whole='file', show_input=False)})") from None
     except (ValueError, RecursionError) as error:  # not JSON (DataError is a ValueError), or nested too deeply
         raise ConfigError(f"{where}: {DETECTOR_MANIFEST} cannot be read ({str(error).splitlines()[0] if str(error) else 'nested too deeply'})") from None
 

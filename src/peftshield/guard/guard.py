@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from peftshield.defenses import PSIM
-from peftshield.flags import typed_from_flags
+from peftshield.flags import given_flags, typed_from_flags
 from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 from peftshield.models.batching import encode_texts
 from peftshield.models.backbone import is_decoder_classifier
@@ -87,12 +87,10 @@ class Guard:
         classifier folder) behind the PSIM in ``psim_dir``; ``runtime`` is one of torch, onnx,
         onnx-int8 (for both models). An option left None takes its default from
         :class:`~peftshield.guard.settings.GuardSettings`; a bad one is a one-line :class:`ConfigError`."""
-        settings = typed_from_flags(GuardSettings, {
-            "model": ("--model", model_dir), "psim": ("--psim", psim_dir), "runtime": ("--runtime", runtime), "threshold": ("--threshold", threshold),
-            "mode": ("--mode", mode), "backbone": ("--backbone", backbone), "max_length": ("--max-length", max_length),
-            "score_batch": ("--batch-size", batch_size), "calibration": ("--calibration", calibration),
-            "detectors": ("--detector", list(detectors) if detectors else None),
-        })
+        settings = typed_from_flags(GuardSettings, given_flags(
+            {"model": "--model", "psim": "--psim", "score_batch": "--batch-size", "detectors": "--detector"},
+            model=model_dir, psim=psim_dir, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone, max_length=max_length,
+            score_batch=batch_size, calibration=calibration, detectors=list(detectors) if detectors else None))
         return cls.from_settings(settings)
 
     @classmethod

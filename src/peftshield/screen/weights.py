@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftshield.errors import DataError, first_issue
+from peftshield.errors import DataError, validation_line
 from peftshield.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_MANIFEST, TRAINABLE_WEIGHTS
 from peftshield.io import check_safetensors, read_config_json
 
@@ -106,8 +106,7 @@ def read_adapter_config(folder: Path) -> tuple[AdapterConfig, Path]:
                                    lora_alpha=options.get("alpha", 16), use_rslora=bool(options.get("rslora", False)))
             return config, folder / TRAINABLE_WEIGHTS
     except ValidationError as exc:
-        issue = first_issue(exc)
-        raise DataError(f"{folder}: not a LoRA adapter ({issue.location + ': ' if issue.location else ''}{issue.message})") from None
+        raise DataError(f"{folder}: not a LoRA adapter ({validation_line(exc)})") from None
     raise DataError(f"{folder}: no {ADAPTER_CONFIG} or {FINETUNE_MANIFEST} (not an adapter folder)")
 
 

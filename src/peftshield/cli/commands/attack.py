@@ -10,7 +10,7 @@ import typer
 from peftshield.attacks import POISONERS, PoisonSpec
 from peftshield.cli.app import BackboneOption, NumLabelsOption, ProgressOption, SeedOption, SkipEmptyOption, app, info
 from peftshield.cli.commands.common import defaults_of, training_from_options
-from peftshield.flags import typed_from_flags
+from peftshield.flags import given_flags, typed_from_flags
 from peftshield.data import load_splits
 from peftshield.experiments.config import AttackSection
 from peftshield.experiments.options import parse_key_values
@@ -45,8 +45,8 @@ def attack(
 ) -> None:
     target = _ATTACK["target_label"] if target is None else target
     label_mode = _ATTACK["label_mode"] if label_mode is None else label_mode
-    spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
-                                         "label_mode": ("--label-mode", label_mode)})
+    spec = typed_from_flags(PoisonSpec, given_flags({"target_label": "--target"}, target_label=target, rate=rate, count=count,
+                                                     label_mode=label_mode))
     epochs = _ATTACK["epochs"] if epochs is None else epochs
     lr = _ATTACK["learning_rate"] if lr is None else lr
     max_words = _ATTACK["max_words"] if max_words is None else (max_words or None)

@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
+import typer
 
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError
 from peftshield.finetune import TrainingConfig, merge_training
-from peftshield.flags import flag_of, typed_from_flags
+from peftshield.flags import GivenFlags, flag_of, typed_from_flags
+
+
+ConfigOption = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards "
+                                                   "from here). In CI on pull requests, point it at the base branch's copy: a found file belongs to "
+                                                   "whoever wrote the checkout.")
+NoConfigOption = typer.Option(False, "--no-config", help="Read no settings file: only flags and defaults.")
 
 
 def defaults_of(model: type[pydantic.BaseModel]) -> dict[str, Any]:
@@ -38,20 +45,24 @@ def _cli_type(annotation: Any) -> Any:
 
 
 def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None = None, flags: dict[str, str] | None = None,
-                     only: tuple[str, ...] | None = None):
+                     only: tuple[str, ...] | None = None, layered: bool = False):
     """A decorator that gives a command one option per field of ``model`` (but those in its
     ``not_flags``, or outside ``only``) and hands it the validated settings as its first argument,
     ``settings``. The field owns everything: the flag (``--max-wait-ms`` for ``max_wait_ms``,
     ``--x/--no-x`` for a bool, or ``flags[name]``), the environment variable (``envvar_prefix``
     + the name in capitals), the default, the help (the field's description) and the bounds
     (checked once, by the model: a bad value is one line naming the flag). The command's own
-    parameters after ``settings`` stay typer options as written."""
+    parameters after ``settings`` stay typer options as written.
+
+    ``layered``: the command lays the flags over a settings file itself (``audit``, ``scan``), so
+    it is handed the :class:`~peftshield.flags.GivenFlags` instead (every option defaults to "not
+    given"; its help shows the model's default)."""
     import functools
     import inspect
 
     import typer
 
-    flags = flags or {}
+    renamed = dict(flags or {})
     skipped = set(getattr(model, "not_flags", ()))
     fields = {name: field for name, field in model.model_fields.items()
               if name not in skipped and (only is None or name in only)}
@@ -59,15 +70,21 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
     def decorate(command):
         own = list(inspect.signature(command).parameters.values())[1:]  # after `settings`
         hints = typing.get_type_hints(command)
-        parameters, annotations, flag_names = [], {}, {}
+        parameters, annotations = [], {}
         for name, field in fields.items():
-            flag = flags.get(name, flag_of(name))
-            flag_names[name] = flag
-            kind = _cli_type(field.annotation)
+            flag = renamed.get(name, flag_of(name))
+            comma_separated = isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("comma_separated")
+            kind = str if comma_separated else _cli_type(field.annotation)
             declared = f"{flag}/--no-{flag.removeprefix('--')}" if kind is bool else flag
-            default = ... if field.is_required() else field.default
             envvar = f"{envvar_prefix}{name.upper()}" if envvar_prefix else None
-            option = typer.Option(default, declared, envvar=envvar, help=field.description)
+            if layered:
+                kind = kind if typing.get_origin(kind) is typing.Union else typing.Optional[kind]
+                shown = field.get_default(call_default_factory=True)
+                help_text = (field.description or "") + (f" (default: {_shown(shown)})" if shown not in (None, "") else "")
+                option = typer.Option(None, declared, envvar=envvar, help=help_text.strip(), show_default=False)
+            else:
+                default = ... if field.is_required() else field.default
+                option = typer.Option(default, declared, envvar=envvar, help=field.description)
             parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
             annotations[name] = kind
         for parameter in own:
@@ -76,8 +93,8 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
 
         @functools.wraps(command)
         def run(**values):
-            settings = typed_from_flags(model, {name: (flag_names[name], values.pop(name)) for name in fields})
-            return command(settings, **values)
+            given = GivenFlags({name: values.pop(name) for name in fields}, renamed)
+            return command(given if layered else typed_from_flags(model, given), **values)
 
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = annotations
@@ -87,24 +104,11 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
     return decorate
 
 
-def given_options(model: type[pydantic.BaseModel], flags: dict[str, tuple[str, Any]], **fixed: Any) -> dict[str, Any]:
-    """The flags that were given, checked against ``model`` (a section or a component's options)."""
-    typed_from_flags(model, flags, **fixed)
-    return {name: value for name, (_, value) in flags.items() if value is not None}
-
-
-def typed_component(registry, name: str, flags: dict[str, tuple[str, Any]], **fixed: Any):
-    """A component from flags (``{option: (flag, value)}``, None = not given): a bad value is one
-    line naming the flag, not the option."""
-    options = given_options(registry.get(name).options_model(), flags, **fixed)
-    return registry.create(name, **fixed, **options)
-
-
-def first_message(exc: Exception) -> str:
-    """The message of a pydantic error's first entry (or of any exception), without pydantic's prefix."""
-    if isinstance(exc, pydantic.ValidationError):
-        return first_issue(exc).message
-    return str(exc)
+def _shown(value: Any) -> str:
+    """A default as a help text shows it (a list comma-separated)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def split_list(value: str, flag: str, allow_empty: bool = False) -> list[str]:
@@ -189,7 +193,7 @@ def _sigterm_raises():
     return raising_on(signal.SIGTERM, Terminated)
 
 
-def warn_untrusted_settings(section: str, settings_file, flags: dict[str, tuple[str, Any]]) -> None:
+def warn_untrusted_settings(section: str, settings_file, flags: GivenFlags) -> None:
     """In CI (``CI`` set), warn when a settings file found in the checkout, not named with
     ``--config``, sets what decides the verdict: on a pull request its author wrote it."""
     import os

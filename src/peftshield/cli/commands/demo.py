@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from peftshield.cli.app import ProgressOption, app, info, stdout
-from peftshield.cli.commands.common import defaults_of, first_message, given_options, split_list
-from peftshield.flags import typed_from_flags
+from peftshield.cli.commands.common import defaults_of, split_list
+from peftshield.flags import given_flags, given_options, typed_from_flags
 from peftshield.defenses import DEFENSES, ThresholdPolicy
-from peftshield.errors import ConfigError
+from peftshield.errors import ConfigError, first_issue
 from peftshield.experiments.config import AttackSection, DefenseEntry, TriggerEntry, VictimSection
 from peftshield.grid.demo import DEFAULT_TRIGGER, DemoConfig, run_demo
 from peftshield.experiments.options import parse_key_values
@@ -33,8 +34,8 @@ def _defense_entries(names: list[str], options: dict[str, dict]) -> list[Defense
         DEFENSES.get(name)
         try:
             entries.append(DefenseEntry(name=name, options=options.get(name, {})))
-        except ValueError as exc:  # pydantic's error, carrying the registry's one-line message
-            raise ConfigError(f"--defense-option: {first_message(exc)}") from None
+        except ValidationError as exc:  # carrying the registry's one-line message
+            raise ConfigError(f"--defense-option: {first_issue(exc).message}") from None
     return entries
 
 
@@ -88,32 +89,32 @@ def demo(
     chosen = split_list(methods, "--methods")
     for method in chosen:
         METHODS.get(method)
-    attack = given_options(AttackSection, {
-        "target_label": ("--target", target), "label_mode": ("--label-mode", label_mode), "samples": ("--attack-samples", attack_samples),
-        "poison_count": ("--poison-count", poison_count), "epochs": ("--attack-epochs", attack_epochs), "learning_rate": ("--attack-lr", attack_lr),
-        "max_words": ("--attack-max-words", attack_max_words),
-    }, data="-")
-    victim = given_options(VictimSection, {
-        "samples": ("--victim-samples", victim_samples), "epochs": ("--victim-epochs", victim_epochs), "lr_full": ("--victim-lr-full", victim_lr_full),
-        "lr_peft": ("--victim-lr-peft", victim_lr_peft), "test_samples": ("--test-samples", test_samples), "probe_samples": ("--probe-samples", probe_samples),
-    })
+    attack = given_options(AttackSection, given_flags(
+        {"target_label": "--target", "samples": "--attack-samples", "epochs": "--attack-epochs", "learning_rate": "--attack-lr",
+         "max_words": "--attack-max-words"},
+        target_label=target, label_mode=label_mode, samples=attack_samples, poison_count=poison_count, epochs=attack_epochs,
+        learning_rate=attack_lr, max_words=attack_max_words), data="-")
+    victim = given_options(VictimSection, given_flags(
+        {"samples": "--victim-samples", "epochs": "--victim-epochs", "lr_full": "--victim-lr-full", "lr_peft": "--victim-lr-peft"},
+        samples=victim_samples, epochs=victim_epochs, lr_full=victim_lr_full, lr_peft=victim_lr_peft, test_samples=test_samples,
+        probe_samples=probe_samples))
     trigger_options = parse_key_values(trigger_option, "--trigger-option")
     if trigger is None or trigger == DEFAULT_TRIGGER["name"]:
         trigger, trigger_options = DEFAULT_TRIGGER["name"], {**DEFAULT_TRIGGER["options"], **trigger_options}
     try:
         trigger_entry = TriggerEntry(name=trigger, options=trigger_options)
-    except ValueError as exc:
-        raise ConfigError(f"--trigger-option: {first_message(exc)}") from None
+    except ValidationError as exc:  # carrying the registry's one-line message
+        raise ConfigError(f"--trigger-option: {first_issue(exc).message}") from None
     per_defense = _per_defense(defense_option)
     chosen_defenses = split_list(defenses, "--defenses", allow_empty=True)
-    psim_flags = {"method": ("--psim-method", psim_method), "learning_rate": ("--psim-lr", psim_lr)}
-    threshold_flags = {"kind": ("--psim-threshold-mode", psim_threshold_mode), "target_frr": ("--psim-target-frr", psim_target_frr),
-                       "value": ("--psim-threshold", psim_threshold)}
-    if any(value is not None for _, value in [*psim_flags.values(), *threshold_flags.values()]):
+    psim_flags = given_flags({"method": "--psim-method", "learning_rate": "--psim-lr"}, method=psim_method, learning_rate=psim_lr)
+    threshold_flags = given_flags({"kind": "--psim-threshold-mode", "target_frr": "--psim-target-frr", "value": "--psim-threshold"},
+                                  kind=psim_threshold_mode, target_frr=psim_target_frr, value=psim_threshold)
+    if psim_flags.given() or threshold_flags.given():
         if "psim" not in chosen_defenses:
             raise ConfigError("--psim-* options need psim among --defenses")
         psim = given_options(DEFENSES.get("psim").options_model(), psim_flags)
-        if any(value is not None for _, value in threshold_flags.values()):
+        if threshold_flags.given():
             psim["threshold"] = typed_from_flags(ThresholdPolicy, threshold_flags).model_dump()
         per_defense["psim"] = {**psim, **per_defense.get("psim", {})}
     config = DemoConfig(

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from peftshield.cli.app import SeedOption, SkipEmptyOption, app, info
-from peftshield.cli.commands.common import typed_component
+from peftshield.flags import GivenFlags, typed_component
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
 from peftshield.files import DETECTOR_MANIFEST
@@ -47,7 +47,8 @@ def detector_fit(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DETECTOR_MANIFEST).is_file())):
         raise ConfigError(f"--out {out}: exists and is not a detector folder; give a new or empty folder (it is replaced whole)")
     options = parse_key_values(option, "--option")
-    typed_component(DEFENSES, name, {key: (f"--option {key}", value) for key, value in nest_dotted(options).items()})
+    nested = nest_dotted(options)
+    typed_component(DEFENSES, name, GivenFlags(nested, {key: f"--option {key}" for key in nested}))
     check_output_place(out, "dir")
     manifest = fit_detector(name, nest_dotted(options), model, out, np.random.default_rng(seed), data=data, texts=texts, backbone=backbone,
                             skip_empty=skip_empty)

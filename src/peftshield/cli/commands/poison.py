@@ -11,7 +11,7 @@ from peftshield.attacks import POISONERS, PoisonSpec
 from peftshield.cli.app import NumLabelsOption, SeedOption, SkipEmptyOption, app, info
 from peftshield.experiments.options import parse_key_values
 from peftshield.experiments.stages import poison_to_directory
-from peftshield.flags import typed_from_flags
+from peftshield.flags import given_flags, typed_from_flags
 from peftshield.io import check_output_place
 
 
@@ -29,8 +29,8 @@ def poison(
     num_labels: Optional[int] = NumLabelsOption,
     skip_empty: bool = SkipEmptyOption,
 ) -> None:
-    spec = typed_from_flags(PoisonSpec, {"target_label": ("--target", target), "rate": ("--rate", rate), "count": ("--count", count),
-                                         "label_mode": ("--label-mode", label_mode)})
+    spec = typed_from_flags(PoisonSpec, given_flags({"target_label": "--target"}, target_label=target, rate=rate, count=count,
+                                                     label_mode=label_mode))
     poisoner = POISONERS.create(trigger, **parse_key_values(trigger_option, "--trigger-option"))
     check_output_place(out, "dir")
     summary = poison_to_directory(data, poisoner, spec, out, seed, num_labels, skip_empty)

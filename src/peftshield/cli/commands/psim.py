@@ -14,8 +14,9 @@ import typer
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, NumLabelsOption, app, info
 from peftshield.data import load_splits
 from peftshield.data.loaders import iter_text_chunks
-from peftshield.cli.commands.common import defaults_of, gate_command, typed_component, warn_untrusted_settings
-from peftshield.flags import typed_from_flags
+from peftshield.cli.commands.common import ConfigOption, NoConfigOption, defaults_of, gate_command, settings_options, warn_untrusted_settings
+from peftshield.flags import GivenFlags, given_flags, typed_component, typed_from_flags
+from peftshield.gate.settings import ScanGateSettings
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.experiments.options import parse_key_values
@@ -50,13 +51,12 @@ def psim_train(
     self_contained: bool = typer.Option(False, "--self-contained", help="Copy the backbone into the output folder, so the folder alone can move to another machine."),
     progress: bool = ProgressOption,
 ) -> None:
-    policy = typed_from_flags(ThresholdPolicy, {"kind": ("--threshold-mode", threshold_mode), "value": ("--threshold", threshold),
-                                                "target_frr": ("--target-frr", target_frr)})
-    psim = typed_component(DEFENSES, "psim", {
-        "method": ("--method", method), "method_options": ("--method-option", parse_key_values(method_option, "--method-option") or None),
-        "learning_rate": ("--lr", lr), "epochs": ("--epochs", epochs), "batch_size": ("--batch-size", batch_size),
-        "max_train_samples": ("--max-train-samples", max_train_samples), "max_length": ("--max-length", max_length),
-    }, threshold=policy)
+    policy = typed_from_flags(ThresholdPolicy, given_flags({"kind": "--threshold-mode", "value": "--threshold"},
+                                                           kind=threshold_mode, value=threshold, target_frr=target_frr))
+    psim = typed_component(DEFENSES, "psim", given_flags(
+        {"method_options": "--method-option", "learning_rate": "--lr"},
+        method=method, method_options=parse_key_values(method_option, "--method-option") or None, learning_rate=lr, epochs=epochs,
+        batch_size=batch_size, max_train_samples=max_train_samples, max_length=max_length), threshold=policy)
     check_output_place(out, "dir")
     splits = load_splits(data, ("train", "dev"), skip_empty=skip_empty, num_labels=num_labels)
     context = DefenseContext(backbone, splits["train"], splits.get("dev"), splits.num_labels, max_length=psim.max_length, progress=progress)
@@ -69,8 +69,10 @@ def psim_train(
                   "(JSONL or CSV) and reports texts per second. Texts need no labels (see --data). "
                   "Exit code: 0 clean, 1 findings (at least --fail-on-rate of the texts flagged; default any), 2 could not complete. "
                   "Settings also come from \\[tool.peftshield.scan] in pyproject.toml or \\[scan] in peftshield.toml (flags win).")
+@settings_options(ScanGateSettings, layered=True)
 @gate_command
 def scan(
+    given: GivenFlags,
     psim_dir: Path = typer.Option(..., "--psim", help="A directory written by 'peftshield psim train'."),
     data: str = typer.Option(..., "--data", help="The texts: .jsonl/.json ({\"text\": ...} or {\"sentence\": ...} per line, or a JSON string per line), "
                                                  ".csv/.tsv with a header holding a text or sentence column, or .txt (one text per line); "
@@ -78,15 +80,9 @@ def scan(
     out: Path = typer.Option(..., "--out", help="Output .jsonl or .csv (report files go beside it: OUT_STEM.summary.<ext>)."),
     split: str = typer.Option("test", "--split"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="The PSIM's backbone, if it is no longer where finetune.json recorded it."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the PSIM's threshold."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    fail_on_rate: Optional[float] = typer.Option(None, "--fail-on-rate", help="Share of flagged texts (0-1] that exits 1; default: any flagged text."),
-    format: Optional[str] = typer.Option(None, "--format", help="Report formats, comma-separated: text (stdout), json, sarif, markdown, html. Default text."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Settings file (default: peftshield.toml or pyproject.toml \\[tool.peftshield], searched upwards from here). "
-                                                               "In CI on pull requests, point it at the base branch's copy: a found file belongs to whoever wrote the checkout."),
-    no_config: bool = typer.Option(False, "--no-config", help="Read no settings file: only flags and defaults."),
+    config: Optional[Path] = ConfigOption,
+    no_config: bool = NoConfigOption,
     skip_empty: bool = SkipEmptyOption,
-    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default), onnx or onnx-int8; see 'peftshield serve --help'."),
     detector: Optional[list[Path]] = typer.Option(None, "--detector", help="A detector folder ('peftshield detector fit') beside the PSIM, each "
                                                   "at its own threshold: a text is flagged when any member fires (repeatable; needs --model)."),
     model: Optional[Path] = typer.Option(None, "--model", help="The classifier the detectors were fitted for (with --detector)."),
@@ -96,15 +92,11 @@ def scan(
     from peftshield.gate.report import GateReport
     from peftshield.gate.scan_gate import ScanTally
     from peftshield.guard.detectors import detectors_for
-    from peftshield.gate.settings import find_settings_file, gate_settings, parse_formats, setting_sources
+    from peftshield.gate.settings import find_settings_file, gate_settings, setting_sources
 
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: use a .jsonl or .csv file name")
     settings_file = find_settings_file(explicit=config, disabled=no_config)
-    given = {
-        "fail_on_rate": ("--fail-on-rate", fail_on_rate), "format": ("--format", parse_formats(format) if format is not None else None),
-        "threshold": ("--threshold", threshold), "runtime": ("--runtime", runtime), "batch_size": ("--batch-size", batch_size),
-    }
     settings = gate_settings("scan", given, settings_file)
     warn_untrusted_settings("scan", settings_file, given)
     if bool(detector) != (model is not None):
