@@ -5,7 +5,11 @@ fresh caches (its own HOME, XDG and Hugging Face cache folders) and the installe
 ``bin`` first on PATH, and records each command's wall time (from bash's trace), the audit's
 verdict, the scan's flag count and the service's answer.
 
-    .venv/bin/python bench/quickstart.py [--out bench/quickstart]
+    .venv/bin/python bench/quickstart.py [--out bench/quickstart] [--fresh-clone]
+
+``--fresh-clone`` (what ``make bench-quickstart`` runs) first clones this repository's HEAD into
+the empty folder and runs ``make install`` there, timed: the whole path of a new user, with
+the clone's own environment on PATH (pip's download cache is the machine's; nothing else is).
 
 Writes bench/quickstart.json and bench/quickstart.md. Run it with nothing else busy: the
 figure is a wall time.
@@ -52,9 +56,21 @@ def step_times(trace: list[tuple[float, str]], finished: float) -> list[dict]:
     return steps
 
 
+def fresh_install(clone: Path, env: dict) -> dict:
+    """Clone this repository's HEAD into ``clone`` and run ``make install`` there; the seconds each took."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    started = time.time()
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, env=env)
+    cloned = time.time()
+    machine = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}  # pip's own download cache included
+    subprocess.run(["make", "install"], cwd=clone, check=True, env=machine, capture_output=True)
+    return {"commit": commit, "clone_seconds": round(cloned - started, 1), "install_seconds": round(time.time() - cloned, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/quickstart")
+    parser.add_argument("--fresh-clone", action="store_true", help="clone HEAD and run 'make install' in it first (timed)")
     args = parser.parse_args()
     from peftshield.io import atomic_write_json, atomic_write_text
 
@@ -62,9 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="peftshield-quickstart-") as folder:
         work = Path(folder)
         home = work / "home"
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "XDG_", "PEFTSHIELD_", "TRANSFORMERS_"))}
-        env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "XDG_", "PEFTSHIELD_", "TRANSFORMERS_", "VIRTUAL_ENV"))}
+        env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"))
+        bin_dir, install = Path(sys.executable).parent, None
+        if args.fresh_clone:
+            install = fresh_install(work / "clone", env)
+            bin_dir = work / "clone" / ".venv" / "bin"
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         script = work / "quickstart.sh"
         script.write_text("PS4='+ $(date +%s.%N) '\nset -x\n" + block)  # bash run as root takes no PS4 from the environment
         run = work / "run"
@@ -78,6 +98,7 @@ def main() -> None:
         answer = next((line for line in done.stdout.splitlines() if line.startswith('{"request_id"')), None)
     summary = {
         "date": time.strftime("%Y-%m-%d"), "seconds": round(finished - started, 1), "bash_exit_code": done.returncode,
+        "install": install,
         "steps": step_times(trace, finished),
         "audit_verdict": audit.get("verdict"), "audit_trigger": audit["triggers"][0]["text"] if audit.get("triggers") else None,
         "audit_target": audit["triggers"][0]["target"] if audit.get("triggers") else None,
@@ -91,7 +112,10 @@ def main() -> None:
         f"Command: `make bench-quickstart` (= `.venv/bin/python bench/quickstart.py`), {summary['date']}: the README's quickstart block run by bash "
         f"in an empty folder with fresh caches, no `../shared`, on {summary['cpu']} CPU cores with nothing else running.",
         "",
-        f"**Total: {summary['seconds'] / 60:.1f} minutes** ({summary['seconds']:.0f} s).",
+        *([f"In a fresh clone of {install['commit'][:7]}: `git clone` {install['clone_seconds']:.0f} s, `make install` {install['install_seconds']:.0f} s "
+           f"(pip's download cache is the machine's), then the quickstart with the clone's environment.", ""] if install else []),
+        f"**Quickstart: {summary['seconds'] / 60:.1f} minutes** ({summary['seconds']:.0f} s)"
+        + (f"; **from the clone to the served request: {(summary['seconds'] + install['clone_seconds'] + install['install_seconds']) / 60:.1f} minutes**." if install else "."),
         "",
         "| step | seconds |",
         "|---|---|",

@@ -26,7 +26,7 @@ from peftshield.testing import (check_constructor_only_stores, check_created_wit
                                 check_defense_params_match_constructor, check_defense_save_load_same_scores, check_defense_same_seed_same_scores,
                                 check_defense_score_independent_of_batch, check_method_constructor_only_stores, check_method_params_match_constructor,
                                 check_method_same_seed_same_trained_weights, check_params_round_trip, check_poisoner,
-                                check_poisoner_same_seed_same_poisoned_texts, constructor_parameters)
+                                check_poisoner_same_seed_same_poisoned_texts, check_spec_rebuilds_the_component)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,8 +250,21 @@ def initial_weights(method: str) -> dict:
     return {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
 
 
+METHOD_NON_DEFAULTS = {  # for the params() check: a valid value other than the default for every parameter
+    "adalora": {"init_r": 6, "target_r": 4, "alpha": 8, "dropout": 0.05},
+    "adapter": {"reduction_factor": 8, "variant": "double_seq_bn"},
+    "full": {},
+    "ia3": {},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["query", "value"]},
+    "prefix": {"num_virtual_tokens": 3},
+    "prompt": {"num_virtual_tokens": 3},
+    "ptuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 64},
+}
+
+
 def method_params_match_constructor(name: str) -> None:
-    check_method_params_match_constructor(name, {parameter: object() for parameter in constructor_parameters(METHODS.get(name))})
+    assert name in METHOD_NON_DEFAULTS, f"add non-default values for every parameter of method '{name}' to METHOD_NON_DEFAULTS"
+    check_method_params_match_constructor(name, METHOD_NON_DEFAULTS[name])
 
 
 def method_constructor_only_stores(name: str) -> None:
@@ -281,8 +294,31 @@ def test_the_public_method_check_runs_whole_on_lora() -> None:
     """``peftshield.testing.check_fine_tune_method`` as a third party runs it, every part at once."""
     from peftshield.testing import check_fine_tune_method
 
-    check_fine_tune_method("lora", train_tiny, initial_weights,
-                           {parameter: object() for parameter in constructor_parameters(METHODS.get("lora"))})
+    check_fine_tune_method("lora", train_tiny, initial_weights, METHOD_NON_DEFAULTS["lora"])
+
+
+def test_the_method_check_catches_a_spec_that_forgets_a_parameter(monkeypatch) -> None:
+    """Why the round trip takes a non-default value for every parameter: a method whose recorded
+    options leave out ``dropout`` rebuilds with the default dropout, which a round trip at defaults
+    cannot tell apart. And values that leave a parameter at its default are refused."""
+    lora = METHODS.get("lora")
+
+    class Forgetful(lora):
+        name = "forgetful"
+
+        def config_dict(self) -> dict:
+            options = super().config_dict()
+            del options["dropout"]
+            return options
+
+    monkeypatch.setitem(METHODS._entries, "forgetful", Forgetful)
+    check_spec_rebuilds_the_component(METHODS, "forgetful", {})  # at defaults the forgotten option goes unnoticed
+    with pytest.raises(AssertionError, match="spec\\(\\) does not rebuild the same fine-tuning method"):
+        check_method_params_match_constructor("forgetful", METHOD_NON_DEFAULTS["lora"])
+    with pytest.raises(AssertionError, match="give a value other than the default for 'alpha'"):
+        check_method_params_match_constructor("lora", {"r": 4})
+    with pytest.raises(AssertionError, match="'dropout' is given only its default"):
+        check_method_params_match_constructor("lora", {**METHOD_NON_DEFAULTS["lora"], "dropout": 0.1})
 
 
 def test_a_method_built_by_hand_trains_with_its_checked_options() -> None:

@@ -1,8 +1,9 @@
 """Faults a user meets outside the happy path, through the real CLI.
 
 Ctrl-C, output places that cannot be written (read-only or full file systems, a file in
-the way, a device), damaged model files, saved models whose backbone moved, YAML alias
-bombs and the permissions of written files.
+the way, a folder where a file is wanted, a device, a disk that fills up during the write),
+damaged model files, saved models whose backbone moved, YAML alias bombs, misspelt component
+options and the permissions of written files.
 """
 
 from __future__ import annotations
@@ -360,6 +361,71 @@ def test_writes_to_a_full_device_are_one_line_and_leave_nothing(tmp_path: Path, 
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["keep.txt"] and not leftovers(tmp_path)
 
 
+def fill_up_at(monkeypatch, temporary_prefix: str) -> list[str]:
+    """From now on, the temporary file whose name starts with ``temporary_prefix`` (an atomic write's
+    ``.NAME.``, not its ``.NAME.probe-``) is written to /dev/full: the place passed the probe, then the
+    disk fills up. Returns the list of the temporary names handed out that way."""
+    if not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
+        pytest.skip("no /dev/full here")
+    import tempfile
+
+    import peftshield.io as io
+
+    real_mkstemp, redirected = tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        if kwargs.get("prefix") != temporary_prefix:
+            return fd, name
+        os.close(fd)
+        redirected.append(name)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", mkstemp)
+    return redirected
+
+
+def test_a_disk_that_fills_up_during_a_scan_is_one_line_and_leaves_nothing(capsys, tmp_path: Path, trained, monkeypatch) -> None:
+    """``scan`` streams its scores: the disk fills after the probe passed and after texts were scored
+    (300 rows, ~13 KB, overflow the stream's buffer, so the kernel's ENOSPC comes from a write in the
+    middle of the stream, not at the end). Gate commands say so in one line with exit 2."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"{ROWS[i % len(ROWS)][0]} {i}"}) + "\n" for i in range(300)), encoding="utf-8")
+    out = tmp_path / "out" / "scores.jsonl"
+    redirected = fill_up_at(monkeypatch, ".scores.jsonl.")
+    code, err = cli(capsys, "scan", "--psim", trained["psim"], "--data", texts, "--out", out, "--no-progress", "--format", "text,json")
+    assert_one_line_error(code, err, f"{out}: cannot write there (no space left on device)")
+    assert len(redirected) == 1, "the stream's temporary file was the one to hit the full disk"
+    assert list(out.parent.iterdir()) == [], "no scores, no summary, no temporary file"
+
+
+def test_a_disk_that_fills_up_while_a_folder_is_written_is_one_line_and_leaves_nothing(capsys, tmp_path: Path, monkeypatch) -> None:
+    """``poison`` writes its folder file by file: the disk fills at the last one (``poison.json``),
+    after the splits were written into the temporary folder. One line names the output folder (not
+    its temporary name), exit 2, and neither the folder nor its temporary copy is left."""
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "out" / "poisoned"
+    redirected = fill_up_at(monkeypatch, ".poison.json.")
+    code, err = cli(capsys, "poison", "--data", data, "--out", out, "--count", "4")
+    line = assert_one_line_error(code, err, f"{out}: cannot write there (no space left on device)")
+    assert ".tmp" not in line
+    assert len(redirected) == 1 and Path(redirected[0]).parent.parent == out.parent  # inside the temporary folder
+    assert list(out.parent.iterdir()) == [], "no folder, no temporary folder"
+    # the same command with room left writes the whole folder
+    monkeypatch.undo()
+    code, err = cli(capsys, "poison", "--data", data, "--out", out, "--count", "4")
+    assert code == 0, err
+    assert {"train.jsonl", "poison.json"} <= {p.name for p in out.iterdir()} and not leftovers(out.parent)
+
+
+def test_out_that_is_a_folder_where_a_file_is_wanted(capsys, tmp_path: Path, trained) -> None:
+    folder = tmp_path / "scores.jsonl"
+    (folder / "inside").mkdir(parents=True)
+    code, err = cli(capsys, "scan", "--psim", trained["psim"], "--data", trained["data"] / "test.json", "--out", folder, "--no-progress")
+    assert_one_line_error(code, err, f"--out {folder}: cannot write there (it is a folder; give a file name)")
+    assert [p.name for p in folder.iterdir()] == ["inside"] and not leftovers(tmp_path)
+
+
 def test_out_is_a_device(capsys, tmp_path: Path) -> None:
     device = special_file(tmp_path)
     kind_of = stat.S_IFMT(os.stat(device).st_mode)
@@ -536,7 +602,7 @@ def test_aliases_are_recorded_as_given(tmp_path: Path) -> None:
     assert load_finetuned(tmp_path / "v")[1]["method"] == "lora"
 
 
-# --- 5. YAML alias bombs -------------------------------------------------------------------------
+# --- 5. configs: YAML alias bombs, misspelt component options -------------------------------------
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -577,6 +643,18 @@ def test_yaml_alias_in_a_finetune_config_names_the_line(capsys, tmp_path: Path) 
     config.write_text("method: lora\ntraining: *base\n")
     code, err = cli(capsys, "finetune", "--data", tmp_path / "data", "--out", tmp_path / "o", "--config", config)
     assert_one_line_error(code, err, f"{config}:2:", "alias '*base' is not allowed")
+
+
+def test_a_misspelt_component_option_names_the_component_and_the_option(capsys, tmp_path: Path) -> None:
+    """In a grid config and in a ``--trigger-option`` flag, before any work."""
+    data = write_dataset(tmp_path / "data")
+    config = tmp_path / "grid.yaml"
+    config.write_text(GRID.format(data=data).replace("defenses: [psim]", "defenses: [{name: strip, options: {num_perturbatons: 2}}]"))
+    code, err = cli(capsys, "run", config, "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(code, err, str(config), "defense 'strip'", "num_perturbatons", "unknown option")
+    code, err = cli(capsys, "poison", "--data", data, "--out", tmp_path / "poisoned", "--trigger-option", "wordz=mn")
+    assert_one_line_error(code, err, "trigger 'badnet'", "wordz", "unknown option")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "grid.yaml"]
 
 
 # --- 6. permissions of written files -----------------------------------------------------------

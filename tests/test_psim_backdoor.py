@@ -18,13 +18,20 @@ Recipe choices, measured on 13 seeds (0-12) before fixing seed 0 here:
   the trigger only reached 0.95 and one seed in 13 failed; 35% and 300 rows pass all 13.
 - The tiny backbone is random and has hidden size 32, so training rates are far above
   the MiniLM ones: full fine-tuning at 3e-3 for 10 epochs (at 1e-3 for 3 epochs the model
-  learned nothing), and the PSIM at lr 2e-3 for 1 epoch of 1,000 texts (63 steps). At the
-  reference 2e-5 the PSIM moves nothing in 63 steps (clean confidence stays at 0.99).
-- The PSIM method is LoRA. P-tuning, the MiniLM default, was unstable on this 2-layer
-  model: AUROC from 0.23 to 1.0 across seeds and learning rates (its soft prompts sit in
-  front of [CLS], and the BERT pooler then reads a virtual token). LoRA at these settings
-  gave AUROC >= 0.995 on every seed, flagged 98-100% of triggered texts at a 5% dev-FRR
-  threshold (4-14% of clean test texts), and on the control a paired AUROC of 0.45-0.59.
+  learned nothing), and the PSIM for 1 epoch of 1,000 texts (63 steps) at 2e-3 with LoRA
+  and 1e-3 with P-tuning. Not at the PSIM's default 2e-5: in 63 steps that trains next to
+  nothing here (seeds 0-4: LoRA leaves the clean median confidence at the backbone's,
+  0.71-0.79; P-tuning's untrained virtual tokens move it either way, 0.59-0.82), so the
+  drop in clean confidence PSIM rests on (test_psim_learns_no_task_so_clean_confidence_drops)
+  would not happen. Too high a rate overwrites the trigger too (P-tuning at 3e-2, seed 0:
+  triggered median 0.54, nothing flagged).
+- The PSIM is tested with both methods on the poisoned backbone (``psim_on_poisoned`` is
+  parametrised over ``PSIM_METHODS``): LoRA, the study's method, and P-tuning, the PSIM's
+  default (bench/psim_methods.md); the clean control is checked with LoRA. LoRA at these
+  settings gave AUROC >= 0.995 on all 13 seeds, flagged 98-100% of triggered texts at a 5%
+  dev-FRR threshold (4-14% of clean test texts), and on the control a paired AUROC of
+  0.45-0.59. P-tuning at 1e-3, on seeds 0-4: AUROC >= 0.998, 99-100% of triggered texts
+  flagged (3-10.5% of clean test texts), clean median confidence 0.53-0.59.
 - 1,000 PSIM training texts: with 300, the random labels' class imbalance (+-3%) was
   enough to tilt every score towards one class and push triggered texts below clean
   texts of the other class on some seeds.

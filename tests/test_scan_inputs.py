@@ -1,8 +1,8 @@
 """What ``peftshield scan`` reads, through the real CLI in a subprocess: unlabelled texts in
 every format (JSONL objects or JSON strings, CSV/TSV with a text column, ``.txt``, one text
 per line), labels kept and checked when present, ids kept (line numbers when none), and a bad
-row in any of them (a lone surrogate, bytes that are not UTF-8, a malformed row) as one line
-naming the file and line, exit 2, nothing written."""
+row in any of them (a lone surrogate, bytes that are not UTF-8, a malformed row, a duplicated
+CSV/TSV column, an unclosed quote) as one line naming the file and line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -146,6 +146,10 @@ BAD_ROWS = [
     ("bytes.tsv", b"id\ttext\n1\tfine\n2\tna\xefve\n", 3, "not valid UTF-8"),
     ("tab.tsv", "text\nfine\nsplit\there\n", 3, "expected 1 columns, got 2"),
     ("bytes.txt", b"fine\n\xc3\x28 broken\n", 2, "not valid UTF-8"),
+    ("duplicate.csv", "text,text\nfine,also fine\n", 1, "duplicate column 'text'"),
+    ("duplicate.tsv", "id\ttext\tText\n1\tfine\tagain\n", 1, "duplicate column 'text'"),
+    ("unclosed.csv", 'text\nfine\n"never closed\nnext\n', 3, "a quoted field that starts on this line is never closed"),
+    ("unclosed.tsv", 'id\ttext\n1\tfine\n2\t"never closed\n3\tnext\n', 3, "a quoted field that starts on this line is never closed"),
 ]
 
 

@@ -43,6 +43,7 @@ class Guarded:
     psim: Path  # a PSIM folder on the same backbone
     clean: list[str]
     triggered: list[str]
+    held_out: list[str]  # 600 more clean texts, to measure the share of clean texts flagged (no labels needed)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def guarded(tmp_path_factory) -> Guarded:
     psim.save(folder / "psim")
     test = sentiment_data(60, rng, "test")
     originals = [t for t, y in zip(test.texts, test.labels) if y != 0]
-    return Guarded(folder / "victim", folder / "psim", test.texts, with_trigger(originals, rng))
+    held_out = sentiment_data(600, np.random.default_rng(SEED + 1), "held-out").texts  # its own generator: the draws above stay as they were
+    return Guarded(folder / "victim", folder / "psim", test.texts, with_trigger(originals, rng), held_out)
 
 
 # ---------------------------------------------------------------- the guard as a Python object
@@ -300,7 +302,7 @@ def test_every_endpoint_answers(service: Service, guarded: Guarded) -> None:
     assert len(results) == 16 and set(results[0]) == {"label", "probabilities", "psim_score", "flagged", "threshold", "reasons", "detector_scores", "p_values", "tokens"}
     assert all(2 <= r["tokens"] <= 32 for r in results)  # the PSIM's cut of each text, [CLS] and [SEP] included
     assert all(r["reasons"] == (["psim"] if r["flagged"] else []) and r["detector_scores"] == {} for r in results)  # the PSIM alone
-    assert sum(r["flagged"] for r in results[8:]) >= 7 and sum(r["flagged"] for r in results[:8]) <= 3
+    assert sum(r["flagged"] for r in results[8:]) >= 7
     assert all((r["label"] is None) == r["flagged"] for r in results)
     assert all(r["threshold"] == ready["threshold"] for r in results)
     # the same texts through the Python guard: the same answers
@@ -316,6 +318,28 @@ def test_every_endpoint_answers(service: Service, guarded: Guarded) -> None:
     assert 'peftshield_mode_info{mode="block"} 1.0' in metrics.text
     # the request id reaches the server log
     assert "request req-42: 16 texts" in service.output()
+    # the share of clean texts flagged is the PSIM's 5% target (set on 200 dev texts), measured on 600 other
+    # clean texts: 6.5% here (4.5-7.2% on four other draws of 600). The bound allows for the calibration's own
+    # sampling error (a standard error of 1.5 points at 200 texts) and stays 20 texts above what is measured.
+    flagged = [r["flagged"] for r in classify_all(service.url, guarded.held_out)]
+    assert len(flagged) == 600 and 0.01 <= np.mean(flagged) <= 0.10, f"{sum(flagged)} of 600 clean texts flagged"
+
+
+def classify_all(url: str, texts: list[str], per_request: int = 16, at_once: int = 4) -> list[dict]:
+    """The results for ``texts``, sent ``per_request`` texts a request (the service's --max-texts),
+    ``at_once`` requests concurrently (a full batch of the service's --max-batch 64: it runs at once)."""
+    async def send() -> list[dict]:
+        results: list[dict] = []
+        async with httpx.AsyncClient(timeout=60) as client:
+            for start in range(0, len(texts), per_request * at_once):
+                chunk = texts[start:start + per_request * at_once]
+                responses = await asyncio.gather(*(client.post(url + "/v1/classify", json={"texts": chunk[i:i + per_request]}, headers=AUTH)
+                                                   for i in range(0, len(chunk), per_request)))
+                assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses if r.status_code != 200]
+                results += [result for response in responses for result in response.json()["results"]]
+        return results
+
+    return asyncio.run(send())
 
 
 def test_concurrent_requests_are_merged_into_one_forward_pass(service: Service, guarded: Guarded) -> None:
@@ -839,7 +863,9 @@ def test_deadline_answers_504_and_runs_no_work_for_it(production: Service, guard
 def test_drift_alarm_when_the_flag_rate_outgrows_the_calibration(production: Service, guarded: Guarded) -> None:
     metrics = httpx.get(production.url + "/metrics").text
     expected = metric(metrics, "peftshield_flagged_ratio_expected")
-    assert 0 < expected <= 0.25, "the PSIM's measured dev flag rate"
+    # the PSIM's flag rate on its 200 dev texts at the threshold calibrated there to a 5% target: at most 10 of
+    # 200 by construction, and 10 unless scores tie (0.04 leaves room for two). A count of texts: the next value above 0.05 is 0.055.
+    assert 0.04 <= expected <= 0.05 + 1e-9, f"the PSIM's dev flag rate at its 5% target, got {expected}"
     for start in (0, 8, 16):
         assert httpx.post(production.url + "/v1/classify", json={"texts": guarded.triggered[start:start + 8]}).status_code == 200
     metrics = httpx.get(production.url + "/metrics").text

@@ -138,11 +138,19 @@ def test_each_trigger_lands_where_the_victim_sends_it(monkeypatch) -> None:
     assert outcomes["bb"].attack_success_rate == 0.0, "a trigger that moves nothing has no ASR (texts of other classes stay there)"
 
 
-def test_task_agnostic_cell_scores_psim_on_its_best_trigger(tmp_path: Path, shared_data: Path) -> None:
-    """neuba through a grid cell: plain-text attacker (a .txt file), headless published encoder,
-    a LoRA victim, every trigger's landing class and ASR recorded, and the cell's target and PSIM
-    scored on the best one. This tiny victim is flat (it answers one class for every text), so
-    this shows the cell's wiring; where the triggers land is shown by the test above."""
+def test_task_agnostic_grid_cell_wiring_and_value_ranges(tmp_path: Path, shared_data: Path) -> None:
+    """neuba through a grid cell, wiring and value ranges only: the attacker reads a plain-text
+    corpus (a .txt file); the published encoder has no classifier head; attack.json records the
+    attack as task-agnostic with a representation cosine for every trigger; triggers.json lists
+    every trigger, in order, with a landing class in {0, 1} and an ASR in [0, 1]; the cell's target
+    label is the landing class of the trigger with the highest recorded ASR (the first on a tie),
+    and PSIM is scored on that trigger's texts (its ASR set, non-empty).
+
+    No trigger effect is asserted: this tiny LoRA victim is flat (every score 0.5010-0.5011, one
+    class for every text), so every trigger records the same ASR and the top one is simply the
+    first. That the triggers move representations is shown by
+    test_task_agnostic_poisoner_moves_triggered_representations_to_their_vectors, and that each
+    trigger's landing class and ASR are the victim's by test_each_trigger_lands_where_the_victim_sends_it."""
     from safetensors import safe_open
 
     from peftshield.grid import load_grid_config

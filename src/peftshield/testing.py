@@ -15,7 +15,9 @@ The project's own test suite (tests/test_contracts.py) runs them over every regi
 The contracts:
 
 - ``params()`` reports exactly the constructor's parameters with the values given, and a
-  component rebuilt from its ``spec()`` has the same parameters;
+  component rebuilt from its ``spec()`` has the same parameters, tried with a value other than
+  the default for every parameter (a parameter ``spec()`` forgot would otherwise come back as its
+  default and still compare equal);
 - the constructor only stores its parameters: anything it is given is kept as is (no
   validation, no loading), nothing else is set, and creating one with defaults is fast;
 - the same seed gives the same result (poisoned texts, defense scores, trained weights);
@@ -258,14 +260,19 @@ def check_defense(name: str, options: Mapping[str, Any], context: ContextFactory
 
 # ---------------------------------------------------------------- fine-tuning methods
 
-def check_method_params_match_constructor(name: str, non_defaults: Mapping[str, Any] | None = None) -> None:
+def check_method_params_match_constructor(name: str, non_defaults: NonDefaults) -> None:
+    """params() and spec() round trips of the registered fine-tuning method ``name``, as for
+    poisoners and defenses (:func:`check_params_round_trip`): ``non_defaults`` gives a valid value
+    other than the default for every constructor parameter (one mapping, or several option sets;
+    ``{}`` for a method without parameters). For each option set, the options a fine-tuned folder's
+    manifest records (``config_dict()``) are the ``spec()``'s, so they too rebuild the same method."""
     from peftshield.finetune import METHODS
 
-    cls = METHODS.get(name)
-    check_params_are_the_constructor_parameters(cls, dict(non_defaults or {}))
-    created = METHODS.create(name)
-    assert created.params() == METHODS.from_spec(created.spec()).params(), "spec() does not rebuild the same method"
-    assert created.config_dict() == created.spec()["options"]
+    check_params_round_trip(METHODS, name, non_defaults)
+    for given in non_default_sets(non_defaults):
+        created = METHODS.create(name, **given)
+        recorded = created.config_dict()
+        assert recorded == created.spec()["options"], f"config_dict() {recorded} is not spec()'s options {created.spec()['options']}"
 
 
 def check_method_constructor_only_stores(name: str) -> None:
@@ -303,9 +310,11 @@ def check_method_same_seed_same_trained_weights(name: str, train: Callable[[str,
 
 
 def check_fine_tune_method(name: str, train: Callable[[str, int], dict], initial: Callable[[str], dict],
-                           non_defaults: Mapping[str, Any] | None = None) -> None:
+                           non_defaults: NonDefaults) -> None:
     """Every fine-tuning method contract for the registered method ``name`` (see
-    :func:`check_method_same_seed_same_trained_weights` for ``train`` and ``initial``)."""
+    :func:`check_method_same_seed_same_trained_weights` for ``train`` and ``initial``);
+    ``non_defaults`` a valid value other than the default for every parameter
+    (:func:`check_method_params_match_constructor`)."""
     check_method_params_match_constructor(name, non_defaults)
     check_method_constructor_only_stores(name)
     check_method_same_seed_same_trained_weights(name, train, initial)
