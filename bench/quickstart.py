@@ -109,7 +109,7 @@ def main() -> None:
     lines = [
         "# The README quickstart, run as written",
         "",
-        f"Command: `make bench-quickstart` (= `.venv/bin/python bench/quickstart.py`), {summary['date']}: the README's quickstart block run by bash "
+        f"Command: `make bench-quickstart` (= `.venv/bin/python bench/quickstart.py{' --fresh-clone' if install else ''}`), {summary['date']}: the README's quickstart block run by bash "
         f"in an empty folder with fresh caches, no `../shared`, on {summary['cpu']} CPU cores with nothing else running.",
         "",
         *([f"In a fresh clone of {install['commit'][:7]}: `git clone` {install['clone_seconds']:.0f} s, `make install` {install['install_seconds']:.0f} s "

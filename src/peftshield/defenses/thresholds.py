@@ -41,6 +41,9 @@ def calibrate_threshold(clean_scores: np.ndarray, target_frr: float) -> float:
     return float(scores[scores.size - 1 - allowed])
 
 
+DEFAULT_TARGET_FRR = 0.01  # the clean false-rejection rate a detector or guard is calibrated to unless told otherwise
+
+
 class ThresholdPolicy(BaseModel):
     """``fixed`` (``value`` or the defense's default), ``frr`` (calibrated to ``target_frr``
     on clean dev scores), or ``auto``: ``frr`` when clean dev data is given, else ``fixed``.
@@ -51,7 +54,7 @@ class ThresholdPolicy(BaseModel):
 
     kind: Literal["auto", "fixed", "frr"] = "auto"
     value: Optional[float] = None
-    target_frr: float = Field(0.01, ge=0, lt=1)
+    target_frr: float = Field(DEFAULT_TARGET_FRR, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import numpy as np
 import typer
 
 from peftshield.cli.app import ProgressOption, SeedOption, SkipEmptyOption, app, info
+from peftshield.defenses.thresholds import DEFAULT_TARGET_FRR
 from peftshield.errors import ConfigError
 from peftshield.guard.calibration import DEFAULT_CONFIDENCE, DEFAULT_LENGTH_EDGES, MIN_BUCKET_TEXTS, check_confidence, check_target_frr
 from peftshield.io import atomic_write_text, check_output_place
@@ -35,7 +36,7 @@ def calibrate(
     psim_dir: Path = typer.Option(..., "--psim", help="A directory written by 'peftshield psim train'."),
     texts: str = typer.Option(..., "--texts", help="Clean texts of the deployment: .jsonl/.json, .csv/.tsv or .txt, as 'scan --data' reads them."),
     out: Path = typer.Option(..., "--out", help="The calibration to write (.json)."),
-    target_frr: float = typer.Option(0.01, "--target-frr", help="Share of clean texts of each length to flag at most (0 < x < 0.5)."),
+    target_frr: float = typer.Option(DEFAULT_TARGET_FRR, "--target-frr", help="Share of clean texts of each length to flag at most (0 < x < 0.5)."),
     confidence: float = typer.Option(DEFAULT_CONFIDENCE, "--confidence", help="Probability that the share flagged of clean traffic like the sample "
                                      "is at most --target-frr (0.5 <= x < 1); higher needs more texts: ln(1 - confidence) / ln(1 - target) "
                                      "per length bucket at least, 230 at 1% and 0.9."),
