@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -62,6 +62,12 @@ bench: $(STAMP)
 # bench/serve.md and bench/serve.json.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/serve_load.py --shared $(SHARED)
+
+# ONNX Runtime recipes beyond dynamic int8 (per-channel, static QDQ/QOperator, the P-tuning PSIM as a
+# fused plain encoder), each timed against fp32 and the CPU's fp32 ceiling in the same run (about 5
+# minutes; needs bench-serve's models): bench/int8_recipes.md and bench/int8_recipes.json.
+bench-int8: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/int8_recipes.py --shared $(SHARED)
 
 # `peftshield serve` at 4x its measured capacity, then at half (about 2 minutes; needs bench-serve's models):
 # the Overload table of bench/serve.md.
