@@ -63,7 +63,9 @@ def fresh_install(clone: Path, env: dict) -> dict:
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, env=env)
     cloned = time.time()
     machine = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}  # pip's own download cache included
-    subprocess.run(["make", "install"], cwd=clone, check=True, env=machine, capture_output=True)
+    done = subprocess.run(["make", "install"], cwd=clone, env=machine, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"make install in the fresh clone failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return {"commit": commit, "clone_seconds": round(cloned - started, 1), "install_seconds": round(time.time() - cloned, 1)}
 
 

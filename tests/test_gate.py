@@ -457,6 +457,13 @@ def test_settings_precedence_flag_over_peftshield_toml_over_pyproject(work, zoo)
     one_line_error(audit(work, *target), "peftshield.toml: [audit] fail-onn: unknown key")
     (work / "peftshield.toml").write_text('[audit]\nfail-on = "never"\n', encoding="utf-8")
     one_line_error(audit(work, *target), "peftshield.toml: [audit] fail-on")
+    # A hostile file's keys and values stay one bounded line: no line of their own (a CI runner reads
+    # '::error::' at a line's start as a command), no escape sequence, no page of text.
+    (work / "peftshield.toml").write_text('[audit]\nformat = "text,x\\n::error::pwned"\n"k\\u001b[31m' + "Z" * 5000 + '" = 1\n', encoding="utf-8")
+    done = audit(work, *target)
+    one_line_error(done, "peftshield.toml: [audit]")
+    assert not any(line.startswith("::error::") for line in done.stderr.splitlines()) and "\x1b" not in done.stderr
+    assert max(len(line) for line in done.stderr.splitlines()) < 600
 
 
 # --- scan --------------------------------------------------------------------------------

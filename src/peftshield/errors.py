@@ -44,6 +44,15 @@ class PeftshieldWarning(Warning):
 
 
 MAX_SHOWN_INPUT = 80  # characters of a failing value an error line repeats (the value may be hostile and huge)
+MAX_SHOWN_TEXT = 200  # characters of a location or message built from hostile keys and values
+
+
+def printable(text: str, limit: int = MAX_SHOWN_TEXT) -> str:
+    """``text`` as one bounded line: characters that are not printable (a newline, an escape
+    sequence, a CI runner's ``::error::`` on a line of its own) written as escapes, at most
+    ``limit`` characters. Everything an error line repeats from its input goes through this."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return shown[:limit] + "..." if len(shown) > limit else shown
 
 
 @dataclass(frozen=True)
@@ -69,12 +78,13 @@ class ValidationIssue:
         quoted after ``label`` when given (``option 'r'``); WHAT says the key is unknown or
         required, else gives pydantic's message and (``show_input``) the value that failed, when it
         is one field's."""
-        where = (rename(self.location) if rename and self.location else self.location) or whole
+        where = printable((rename(self.location) if rename and self.location else self.location) or whole)
         if self.kind == "extra_forbidden":
             return f"unknown {label} '{where}'" if label else f"{where}: unknown key"
         if self.kind == "missing":
             return f"{label} '{where}' is required" if label else f"{where}: required"
-        what = self.message + (self.got() if show_input and self.location else "")  # the whole input is no value to quote
+        quoted = isinstance(self.input, str) and self.input in self.message  # the message names the value already
+        what = printable(self.message) + (self.got() if show_input and self.location and not quoted else "")  # the whole input is no value to quote
         where = f"{label} '{where}'" if label else where
         return f"{where}: {what}" if where else what
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftshield.errors import ConfigError, validation_line
-from peftshield.flags import flag_of
+from peftshield.flags import given_flags, typed_from_flags
 from peftshield.yaml_config import load_yaml_model
 
 
@@ -44,10 +42,11 @@ def load_finetune_yaml(path: str | Path) -> FineTuneFileConfig:
     return load_yaml_model(path, FineTuneFileConfig)
 
 
+TRAINING_FLAGS = {"learning_rate": "--lr"}  # the training options whose flag is not their name
+
+
 def merge_training(base: TrainingConfig, overrides: dict[str, Any]) -> TrainingConfig:
-    """Apply CLI overrides (None means 'not given') on top of a config, re-validating."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return TrainingConfig(**{**base.model_dump(), **given})
-    except pydantic.ValidationError as exc:
-        raise ConfigError(validation_line(exc, flag_of, whole="option")) from None
+    """Apply CLI overrides (None means 'not given') on top of a config, re-validating; a bad value
+    is one line naming the flag it was given as."""
+    flags = given_flags(TRAINING_FLAGS, **overrides)
+    return typed_from_flags(TrainingConfig, flags, **{k: v for k, v in base.model_dump().items() if not flags.was_given(k)})

@@ -28,14 +28,14 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from peftshield.audit.auditor import AuditSettings
 from peftshield.defenses.thresholds import ConfidenceThreshold
-from peftshield.errors import ConfigError, validation_line
+from peftshield.errors import ConfigError, printable, validation_line
 from peftshield.flags import GivenFlags, typed_from_flags
 from peftshield.models.runtime import DEFAULT_RUNTIME, Runtime
 
@@ -43,7 +43,7 @@ FORMATS = ("text", "json", "sarif", "markdown", "html")
 FailOn = Literal["backdoored", "inconclusive"]
 PATH_KEYS = {"texts", "cache_dir", "calibration", "base"}
 # Settings that can turn a verdict or where it is read from: a found (untrusted) file setting one warns in CI.
-VERDICT_KEYS = ("calibration", "fail_on", "texts", "cache_dir", "cache", "probe", "seed", "base", "search", "fail_on_rate", "threshold")
+VERDICT_KEYS = ("calibration", "fail_on", "texts", "cache_dir", "cache", "probe", "seed", "base", "search", "fail_on_rate", "threshold", "runtime")
 
 
 def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
@@ -52,7 +52,8 @@ def parse_formats(value: str | list[str], where: str = "--format") -> list[str]:
     chosen = ["markdown" if f == "md" else f for f in chosen]
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise ConfigError(f"{where}: {', '.join(unknown) or 'nothing given'}: use one or more of {', '.join(FORMATS)} (comma-separated)")
+        shown = ", ".join(repr(f)[:40] for f in unknown[:5]) or "nothing given"
+        raise ConfigError(printable(f"{where}: {shown}: use one or more of {', '.join(FORMATS)} (comma-separated)"))
     return list(dict.fromkeys(chosen))
 
 
@@ -63,7 +64,8 @@ class _GateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: list[str] = Field(default_factory=lambda: ["text"], json_schema_extra=COMMA_SEPARATED,
-                              description=f"Report formats, comma-separated: {', '.join(FORMATS)} (text goes to standard output).")
+                              description=f"Report formats, comma-separated: {', '.join(FORMATS)} (text goes to standard output, the others "
+                                          "to summary.<ext> files beside the output).")
 
     @field_validator("format", mode="before")
     @classmethod
@@ -76,6 +78,8 @@ class _GateSettings(BaseModel):
 
 class AuditGateSettings(_GateSettings):
     """``peftshield audit`` as a gate."""
+
+    not_flags: ClassVar[tuple[str, ...]] = ("search",)  # a table of budgets: settings file only
 
     fail_on: FailOn = Field("inconclusive", description="Verdicts that exit 1: inconclusive (only a positive 'clean' passes) or backdoored.")
     texts: Optional[str] = Field(None, description="Clean texts in the model's language: any dataset source, or a .txt file (one text per line). "

@@ -88,7 +88,7 @@ class Guard:
         onnx-int8 (for both models). An option left None takes its default from
         :class:`~peftshield.guard.settings.GuardSettings`; a bad one is a one-line :class:`ConfigError`."""
         settings = typed_from_flags(GuardSettings, given_flags(
-            {"model": "--model", "psim": "--psim", "score_batch": "--batch-size", "detectors": "--detector"},
+            {"score_batch": "--batch-size", "detectors": "--detector"},
             model=model_dir, psim=psim_dir, runtime=runtime, threshold=threshold, mode=mode, backbone=backbone, max_length=max_length,
             score_batch=batch_size, calibration=calibration, detectors=list(detectors) if detectors else None))
         return cls.from_settings(settings)

@@ -19,14 +19,11 @@ from peftshield.gate.settings import AuditGateSettings, find_settings_file, gate
 from peftshield.io import check_output_place
 
 
-AUDIT_FLAGS = ("fail_on", "format", "texts", "probe", "seed", "base", "calibration", "cache", "cache_dir", "max_seconds")
-
-
 @app.command(help="Audit checkpoints nobody vouches for: is each backdoored, by which trigger, towards which class? Needs only clean texts. "
                   "Exit code: 0 every target clean, 1 findings (see --fail-on), 2 an audit could not complete. Writes, per target, "
                   "audit.json, report.md/html and audit.png, plus summary.<format> files; settings also come from "
                   "\\[tool.peftshield.audit] in pyproject.toml or \\[audit] in peftshield.toml (flags win).")
-@settings_options(AuditGateSettings, layered=True, only=AUDIT_FLAGS)
+@settings_options(AuditGateSettings, layered=True)
 @gate_command
 def audit(
     flags: GivenFlags,

@@ -60,8 +60,6 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
     import functools
     import inspect
 
-    import typer
-
     renamed = dict(flags or {})
     skipped = set(getattr(model, "not_flags", ()))
     fields = {name: field for name, field in model.model_fields.items()
@@ -80,7 +78,7 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
             if layered:
                 kind = kind if typing.get_origin(kind) is typing.Union else typing.Optional[kind]
                 shown = field.get_default(call_default_factory=True)
-                help_text = (field.description or "") + (f" (default: {_shown(shown)})" if shown not in (None, "") else "")
+                help_text = (field.description or "").rstrip(".") + (f" (default: {_shown(shown, flag)})." if shown not in (None, "") else ".")
                 option = typer.Option(None, declared, envvar=envvar, help=help_text.strip(), show_default=False)
             else:
                 default = ... if field.is_required() else field.default
@@ -104,8 +102,12 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
     return decorate
 
 
-def _shown(value: Any) -> str:
-    """A default as a help text shows it (a list comma-separated)."""
+def _shown(value: Any, flag: str) -> str:
+    """A default as a help text shows it: a list comma-separated, a switch as its flag, a number short."""
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag.removeprefix("--")
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)

@@ -13,7 +13,7 @@ from peftshield.cli.app import ProgressOption, app, info, stdout
 from peftshield.cli.commands.common import defaults_of, split_list
 from peftshield.flags import given_flags, given_options, typed_from_flags
 from peftshield.defenses import DEFENSES, ThresholdPolicy
-from peftshield.errors import ConfigError, first_issue
+from peftshield.errors import ConfigError, validation_line
 from peftshield.experiments.config import AttackSection, DefenseEntry, TriggerEntry, VictimSection
 from peftshield.grid.demo import DEFAULT_TRIGGER, DemoConfig, run_demo
 from peftshield.experiments.options import parse_key_values
@@ -35,7 +35,7 @@ def _defense_entries(names: list[str], options: dict[str, dict]) -> list[Defense
         try:
             entries.append(DefenseEntry(name=name, options=options.get(name, {})))
         except ValidationError as exc:  # carrying the registry's one-line message
-            raise ConfigError(f"--defense-option: {first_issue(exc).message}") from None
+            raise ConfigError(f"--defense-option: {validation_line(exc, show_input=False)}") from None
     return entries
 
 
@@ -104,7 +104,7 @@ def demo(
     try:
         trigger_entry = TriggerEntry(name=trigger, options=trigger_options)
     except ValidationError as exc:  # carrying the registry's one-line message
-        raise ConfigError(f"--trigger-option: {first_issue(exc).message}") from None
+        raise ConfigError(f"--trigger-option: {validation_line(exc, show_input=False)}") from None
     per_defense = _per_defense(defense_option)
     chosen_defenses = split_list(defenses, "--defenses", allow_empty=True)
     psim_flags = given_flags({"method": "--psim-method", "learning_rate": "--psim-lr"}, method=psim_method, learning_rate=psim_lr)

@@ -50,7 +50,7 @@ def detector_fit(
     nested = nest_dotted(options)
     typed_component(DEFENSES, name, GivenFlags(nested, {key: f"--option {key}" for key in nested}))
     check_output_place(out, "dir")
-    manifest = fit_detector(name, nest_dotted(options), model, out, np.random.default_rng(seed), data=data, texts=texts, backbone=backbone,
+    manifest = fit_detector(name, nested, model, out, np.random.default_rng(seed), data=data, texts=texts, backbone=backbone,
                             skip_empty=skip_empty)
     rate = f", calibrated to flag {manifest.target_frr:.1%} of clean texts" if manifest.target_frr is not None else ""
     info(f"detector {name} -> {out}: threshold {manifest.threshold:.4g}{rate}; use it with --detector {out}")
