@@ -127,7 +127,7 @@ def test_exit_code_of_each_verdict(work, zoo, model, calibration, fail_on, statu
 @pytest.mark.parametrize(("args", "needle"), [
     (["missing-folder"], "target missing-folder: no such file or folder"),
     (["{zoo}/poisoned", "--fail-on", "sometimes"], "--fail-on"),
-    (["{zoo}/poisoned", "--format", "pdf"], "--format: pdf"),
+    (["{zoo}/poisoned", "--format", "pdf"], "--format: 'pdf'"),
     (["{zoo}/poisoned", "--texts", "{zoo}/missing.txt"], "missing.txt"),
     (["hf://acme/not-cached"], "not in the local Hugging Face cache"),
     (["models/*.nothing"], "matches nothing"),

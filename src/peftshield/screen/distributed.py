@@ -21,7 +21,8 @@ from peftshield.screen.weights import AdapterFeatures
 
 NODE_KEY = "node"  # each stage-1 row records the Ray node that read it
 
-BATCH = 64  # adapters per actor call
+BATCH = 64  # adapters per actor call, at most
+BATCHES_PER_ACTOR = 4  # a fleet is cut into at least this many batches per actor, so that every actor gets work
 
 
 class FeatureActor:
@@ -58,11 +59,14 @@ def ray_features(specs: list[str], address: str | None = None, workers: int | No
 
     ray = RayExecutor(workers=workers, address=address).connect()
     actors = max(1, workers or 2)
-    batch = max(1, min(BATCH, -(-len(specs) // actors)))  # a small fleet still reaches every actor (and node)
+    # Several small batches per actor, and one batch in flight per actor: an actor that is ready
+    # first (on the head node, say) must not take the whole fleet before the others have started.
+    batch = max(1, min(BATCH, -(-len(specs) // (actors * BATCHES_PER_ACTOR))))
     blocks = max(1, -(-len(specs) // batch))
     dataset = ray.data.from_items([{"spec": spec} for spec in specs], override_num_blocks=blocks)
     # A fixed pool (``concurrency`` is deprecated in Ray 2.60; the default pool autoscales from one actor).
-    dataset = dataset.map_batches(FeatureActor, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", num_cpus=1)
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    dataset = dataset.map_batches(FeatureActor, batch_size=batch, compute=pool, batch_format="numpy", num_cpus=1)
     found: dict[str, AdapterFeatures | str] = {}
     from peftshield.progress import track
 
