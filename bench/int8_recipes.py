@@ -43,6 +43,15 @@ BATCH = 32
 ROUNDS = 5  # passes of every variant, interleaved
 
 
+def encoded_batches(psim, texts: list[str]) -> list[dict[str, np.ndarray]]:
+    """``texts`` in batches of :data:`BATCH`, tokenised as the PSIM reads them, as ONNX inputs."""
+    batches = []
+    for start in range(0, len(texts), BATCH):
+        encoded = psim.tokenizer_(texts[start:start + BATCH], padding=True, truncation=True, max_length=psim.max_length, return_tensors="np")
+        batches.append({"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)})
+    return batches
+
+
 def plain_encoder_export(psim, path: Path) -> Path:
     """The P-tuning PSIM as a plain encoder: its virtual tokens computed once, fed as a constant
     before the texts' word embeddings (TorchScript exporter, which ORT's optimizer can fuse)."""
@@ -79,22 +88,18 @@ def build_variants(psim, folder: Path, calibration_texts: list[str]) -> tuple[di
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.transformers import optimizer
 
-    from peftshield.models.runtime import export_onnx, quantize_int8
+    from peftshield.models.runtime import export_onnx, quantize_int8, without_traced_shapes
 
     untyped = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     fp32 = export_onnx(psim.model_, folder / "fp32.onnx")
     variants = {"fp32": fp32, "int8 dynamic": quantize_int8(fp32, folder / "int8.onnx")}
-    bare = onnx.load(str(fp32))
-    del bare.graph.value_info[:]  # as quantize_int8 does: the exporter's traced shapes upset the quantiser
-    onnx.save(bare, str(folder / "bare.onnx"))
+    without_traced_shapes(fp32, folder / "bare.onnx")
     quantize_dynamic(str(folder / "bare.onnx"), str(folder / "int8-pc.onnx"), weight_type=QuantType.QInt8, per_channel=True, extra_options=untyped)
     variants["int8 dynamic, per channel"] = folder / "int8-pc.onnx"
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            encoded = (psim.tokenizer_(calibration_texts[i:i + BATCH], padding=True, truncation=True, max_length=psim.max_length, return_tensors="np")
-                       for i in range(0, len(calibration_texts), BATCH))
-            self.batches = iter({"input_ids": e["input_ids"].astype(np.int64), "attention_mask": e["attention_mask"].astype(np.int64)} for e in encoded)
+            self.batches = iter(encoded_batches(psim, calibration_texts))
 
         def get_next(self):
             return next(self.batches, None)
@@ -162,10 +167,7 @@ def main() -> None:
     triggered_set = set(triggered)
     is_triggered = np.array([t in triggered_set for t in texts])
     calibration = list(load_splits(str(shared / "psim/sst-2"), ("train",))["train"].texts[:256])
-    batches = []
-    for start in range(0, len(texts), BATCH):
-        encoded = psim.tokenizer_(texts[start:start + BATCH], padding=True, truncation=True, max_length=psim.max_length, return_tensors="np")
-        batches.append({"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)})
+    batches = encoded_batches(psim, texts)
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="peftshield-int8-") as folder:
         variants, fusions = build_variants(psim, Path(folder), calibration)

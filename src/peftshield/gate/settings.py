@@ -37,7 +37,7 @@ from peftshield.audit.auditor import AuditSettings
 from peftshield.defenses.thresholds import ConfidenceThreshold
 from peftshield.errors import ConfigError, printable, validation_line
 from peftshield.flags import GivenFlags, typed_from_flags
-from peftshield.models.runtime import DEFAULT_RUNTIME, Runtime
+from peftshield.models.runtime import DEFAULT_RUNTIME, RUNTIME_HELP, Runtime
 
 FORMATS = ("text", "json", "sarif", "markdown", "html")
 FailOn = Literal["backdoored", "inconclusive"]
@@ -101,7 +101,7 @@ class ScanGateSettings(_GateSettings):
 
     fail_on_rate: Optional[float] = Field(None, gt=0, le=1, description="Share of flagged texts (0-1] that exits 1; default: any flagged text.")
     threshold: Optional[ConfidenceThreshold] = Field(None, description="Override the PSIM's calibrated threshold.")
-    runtime: Runtime = Field(DEFAULT_RUNTIME, description="How the PSIM runs: torch, onnx or onnx-int8; see 'peftshield serve --help'.")
+    runtime: Runtime = Field(DEFAULT_RUNTIME, description=RUNTIME_HELP)
     batch_size: Optional[int] = Field(None, ge=1, description="Texts scored at a time (default: the PSIM's own).")
 
 

@@ -187,21 +187,26 @@ def export_onnx(model, path: str | Path, states: bool = False) -> Path:
     return path
 
 
+def without_traced_shapes(source: str | Path, path: str | Path) -> Path:
+    """``source`` saved to ``path`` without the intermediate shapes the exporter traced at its
+    example batch: a quantiser's shape inference rejects them against the dynamic ones."""
+    import onnx
+
+    model = onnx.load(str(source))
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
+    return Path(path)
+
+
 def quantize_int8(source: str | Path, path: str | Path) -> Path:
     """ONNX Runtime dynamic int8 quantisation of an fp32 file (weights ahead of time, activations per batch)."""
     import logging
 
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        # The exporter records intermediate shapes traced at its example batch; the quantiser's
-        # shape inference rejects them against the dynamic ones, so they are dropped first.
-        model = onnx.load(str(source))
-        del model.graph.value_info[:]
-        bare = Path(tmp) / "bare.onnx"
-        onnx.save(model, str(bare))
+        bare = without_traced_shapes(source, Path(tmp) / "bare.onnx")
         target = Path(tmp) / path.name
         logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
         try:

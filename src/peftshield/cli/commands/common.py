@@ -76,7 +76,7 @@ def settings_options(model: type[pydantic.BaseModel], envvar_prefix: str | None 
             declared = f"{flag}/--no-{flag.removeprefix('--')}" if kind is bool else flag
             envvar = f"{envvar_prefix}{name.upper()}" if envvar_prefix else None
             if layered:
-                kind = kind if typing.get_origin(kind) is typing.Union else typing.Optional[kind]
+                kind = typing.Optional[kind]  # None: not given (Optional of an Optional is the same type)
                 shown = field.get_default(call_default_factory=True)
                 help_text = (field.description or "").rstrip(".") + (f" (default: {_shown(shown, flag)})." if shown not in (None, "") else ".")
                 option = typer.Option(None, declared, envvar=envvar, help=help_text.strip(), show_default=False)
