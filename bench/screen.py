@@ -202,7 +202,14 @@ def part_ray(args, work: Path, cluster: bool) -> dict:
         stop(processes)
         shutil.rmtree(cache, ignore_errors=True)
     figures = ranking_figures(report, {t: labels[t] for t in targets})
+    # A fresh cache: an audited row marked cached is a copy that took its first copy's verdict.
+    audits_run = sum(1 for r in report["rows"] if r["audited"] and not r["cached"])
+    distinct = min(len(folders), args.fleet_size)
+    whole = report["stage1_seconds"] + report["stage2_seconds"]
+    every = report["stage2_seconds"] / audits_run * distinct if audits_run else None
     return {
+        "audits_run": audits_run, "distinct_adapters": distinct,
+        "cost_ratio": whole / every if every else None,
         "fleet": f"{args.fleet_size} adapters: the {len(folders)} built zoo v2 test-half adapters copied round-robin",
         "where": "a two-node Ray cluster on this machine (ray start --head + ray start --address, 1 CPU each)" if cluster else "a local Ray, 2 workers",
         "command": "peftshield screen --manifest FLEET.txt " + " ".join("HEAD:PORT" if a.startswith("127.0.0.1") else a for a in extra),
@@ -252,6 +259,9 @@ def render(results: dict) -> str:
             f"| wall seconds (process start to report) | {part['wall_seconds']:.1f} |",
             f"| stage 1 seconds / adapters per hour | {part['stage1_seconds']:.1f} / {part['adapters_per_hour_stage1']:,.0f} |",
             f"| stage 2 seconds (audited) | {part['stage2_seconds']:.0f} ({part['audited']}) |",
+            *([f"| audits run (copies of one adapter are audited once) | {part['audits_run']} |",
+               f"| cost of the whole screen / auditing each of the fleet's {part['distinct_adapters']} distinct adapters at this run's rate | "
+               f"{part['cost_ratio']:.2f} |"] if part.get("cost_ratio") else []),
             f"| distinct cohorts; without peers | {part['cohorts']}; {part['no_peers']} |",
             f"| exit code | {part['exit_code']} |",
             "",

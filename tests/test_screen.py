@@ -268,6 +268,45 @@ def test_stage2_on_a_local_ray_audits_each_chosen_adapter_as_a_task(fleet: list[
     check_report_files(tmp_path / "ray", reports["ray"])
 
 
+def test_copies_of_one_adapter_share_a_key_and_anything_else_does_not(fleet: list[Path], tmp_path: Path) -> None:
+    import shutil
+
+    from peftshield.screen.run import same_files_key
+
+    copy = Path(shutil.copytree(fleet[0], tmp_path / "copy"))
+    assert same_files_key(str(copy)) == same_files_key(str(fleet[0])) is not None
+    edited = Path(shutil.copytree(fleet[0], tmp_path / "edited"))
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))  # same weights, another scale
+    assert same_files_key(str(edited)) != same_files_key(str(fleet[0]))
+    linked = Path(shutil.copytree(fleet[0], tmp_path / "linked"))
+    (linked / "README.md").symlink_to(fleet[1] / "adapter_config.json")
+    assert same_files_key(str(linked)) is None  # a link vouches for nothing: audited as itself
+    assert same_files_key(str(tmp_path / "missing")) is None
+
+
+def test_copies_chosen_on_ray_are_audited_once_and_share_the_verdict(fleet: list[Path], tmp_path: Path) -> None:
+    """The odd adapter republished under another name: both are chosen (the same score), one Ray
+    task audits them (side by side, both would have missed the content cache), and the copy's row
+    names the adapter whose verdict it took."""
+    pytest.importorskip("ray")
+    import shutil
+
+    copy = shutil.copytree(fleet[-1], tmp_path / "odd-copy")
+    out = tmp_path / "out"
+    done = run_cli(*[str(p) for p in fleet], str(copy), "--audit-budget", "2", "--audit-sample", "0", "--executor", "ray", "--workers", "2",
+                   "--out", str(out), "--no-progress", cache=tmp_path / "audit-cache")
+    report = json.loads((out / "screen.json").read_text())
+    audited = {Path(r["target"]).name: r for r in report["rows"] if r["audited"]}
+    assert set(audited) == {"odd", "odd-copy"}, done.stderr
+    assert audited["odd"]["verdict"] == audited["odd-copy"]["verdict"] in ("clean", "backdoored", "inconclusive")
+    assert [r["cached"] for r in audited.values()].count(True) == 1
+    copied = next(r for r in audited.values() if r["cached"])
+    assert "the same files as" in copied["message"] and "(audited once)" in copied["message"]
+    assert len([p for p in (out / "audits").iterdir() if p.is_dir()]) == 1
+    check_report_files(out, report)
+
+
 def write_decoder_adapter(folder: Path, seed: int, task_type: str, boost: float = 0.0) -> Path:
     """A real PEFT LoRA adapter of the tiny Llama (q_proj and v_proj), saved by ``save_pretrained``:
     a sequence classifier (with its ``score`` head) or a causal LM (no head)."""

@@ -19,6 +19,7 @@ from peftshield.screen.weights import AdapterFeatures, adapter_features
 
 REPORT_FORMAT = "peftshield-screen/1"
 MAX_MANIFEST_LINE = 4096
+MAX_COPY_BYTES = 4_000_000_000  # a folder larger than this is audited as itself, never hashed to find its copies
 
 
 @dataclass
@@ -174,22 +175,56 @@ def run_screen(specs: list[str], out: Path, screen: FleetScreen, budget: int, sa
     return report
 
 
+def same_files_key(spec: str) -> str | None:
+    """SHA-256 over the names and bytes of every file in the adapter's folder, or None when that
+    cannot vouch for its content (a link, a subfolder, a file that cannot be read, over
+    :data:`MAX_COPY_BYTES`): two folders with one key hold the same adapter, audited once."""
+    from peftshield.fingerprint import files_sha256
+
+    try:
+        files = sorted(adapter_folder(spec).iterdir())
+        if not files or any(path.is_symlink() or not path.is_file() for path in files):
+            return None
+        if sum(path.stat().st_size for path in files) > MAX_COPY_BYTES:
+            return None
+        return files_sha256(files)
+    except (PeftshieldError, OSError):
+        return None
+
+
 def _stage2(rows: list[ScreenRow], out: Path, settings, progress: bool, log, ray: RayPlace | None = None) -> None:
     chosen = [r for r in rows if r.audited]
+    # Copies of one adapter (republished under other names) are audited once: the first in rank
+    # order; the others take its verdict. Without this, Ray would audit copies side by side, each
+    # missing the content cache the other has not written yet.
+    first_of: dict[str, ScreenRow] = {}
+    copy_of: dict[int, ScreenRow] = {}
+    for row in chosen:
+        key = same_files_key(row.target)
+        if key is not None and key in first_of:
+            copy_of[id(row)] = first_of[key]
+        elif key is not None:
+            first_of[key] = row
+    audited_rows = [r for r in chosen if id(r) not in copy_of]
     if ray is not None:
         from peftshield.screen.distributed import ray_audits
 
-        verdicts = ray_audits([r.target for r in chosen], settings, out, ray.address, ray.workers, ray.nodes, progress)
+        verdicts = ray_audits([r.target for r in audited_rows], settings, out, ray.address, ray.workers, ray.nodes, progress)
     else:
         from peftshield.gate.audit_gate import run_audit_gate
 
-        run = run_audit_gate([r.target for r in chosen], settings, out, progress=progress, log=log)
+        run = run_audit_gate([r.target for r in audited_rows], settings, out, progress=progress, log=log)
         verdicts = {row.target: audit_record(row) for row in run.report.rows}
-    for row in chosen:
+    for row in audited_rows:
         audited = verdicts.get(row.target)
         row.verdict = audited["status"] if audited else "error"
         row.message = audited["message"] if audited else "not audited"
         row.cached = bool(audited and audited.get("cached"))
+    for row in chosen:
+        first = copy_of.get(id(row))
+        if first is not None:
+            row.verdict, row.cached = first.verdict, True
+            row.message = f"the same files as {first.target} (audited once): {first.message}"
 
 
 def missed_estimate(rows: list[ScreenRow]) -> dict:
