@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-screen-detector bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -117,6 +117,10 @@ bench-screen-stage1: $(STAMP)
 # then 200 adapters through a local Ray and a two-node Ray cluster: bench/screen.{json,md}.
 bench-screen: $(STAMP)
 	$(PY) bench/screen.py
+
+# Stage 1 on zoo v2 per cohort, and a detector chosen on the design half, scored once on the test half
+bench-screen-detector: $(STAMP)
+	$(PY) bench/screen_detector.py
 
 # Which detectors catch which attack, per row of the defense, syntactic, task-agnostic and adaptive
 # tables, gathered from their bench files (seconds; nothing re-run): bench/attack_coverage.md.
