@@ -114,9 +114,11 @@ bench-screen-stage1: $(STAMP)
 	$(PY) bench/screen_stage1.py
 
 # The screen on the labelled zoo v2 test half (build it first: bench/zoo/build.py --split test),
-# then 200 adapters through a local Ray and a two-node Ray cluster: bench/screen.{json,md}.
+# then 200 adapters through a local Ray and a two-node Ray cluster: bench/screen.{json,md}, and
+# what the audit found on each adapter the Ray runs audited: bench/screen_audits.{json,md}.
 bench-screen: $(STAMP)
-	$(PY) bench/screen.py
+	$(PY) bench/screen.py $(ARGS)
+	$(PY) bench/screen_audits.py
 
 # Stage 1 on zoo v2 per cohort, and a detector chosen on the design half, scored once on the test half
 bench-screen-detector: $(STAMP)
