@@ -15,6 +15,8 @@ import re
 import time
 from pathlib import Path
 
+from peftshield.screen.run import same_files_key
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RECORD = BENCH / "screen_audits.json"
@@ -30,17 +32,13 @@ def zoo_sources(zoo: Path) -> dict[str, dict]:
     return out
 
 
-def same_files(folder: Path) -> bytes:
-    return b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file())
-
-
-def part_record(report: dict, by_content: dict[bytes, dict]) -> dict:
+def part_record(report: dict, by_content: dict[str, dict]) -> dict:
     """One run's audited distinct adapters, each with its zoo entry's label, and the counts."""
     rows = []
     for row in report["rows"]:
         if not row["audited"] or row["cached"]:
             continue
-        entry = by_content.get(same_files(Path(row["target"])))
+        entry = by_content.get(same_files_key(row["target"]))
         if entry is None:
             continue
         rows.append({"entry": entry["name"], "task": entry["task"], "backdoored": bool(entry["backdoored"]),
@@ -90,7 +88,8 @@ def main() -> None:
     parser.add_argument("--parts", default="local,cluster")
     args = parser.parse_args()
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
-    by_content = {same_files(Path(folder)): entry for folder, entry in zoo_sources(ROOT / args.zoo).items()}
+    # The screen's own copy key (names and bytes of the folder's files) names each audited row's zoo entry.
+    by_content = {same_files_key(folder): entry for folder, entry in zoo_sources(ROOT / args.zoo).items()}
     for part in args.parts.split(","):
         report_file = ROOT / args.work / part / "screen.json"
         if report_file.is_file():
