@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-screen-detector bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-shift-runtimes bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-screen-detector bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -44,10 +44,10 @@ demo: $(STAMP)
 # fixtures (tiny backdoored models) are built once; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # Real-data measurements quoted in the README (about 2 hours on 2 free CPU cores); not part of `make test`.
 # The first two are grids (configs/defense-table.yaml, configs/psim-methods.yaml), resumable in runs/.
@@ -83,6 +83,11 @@ bench-drift: $(STAMP)
 # 64 clients, in one run (about 5 minutes; needs bench-serve's models): bench/serve_detectors.md.
 bench-serve-detectors: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/serve_detectors.py --shared $(SHARED)
+
+# Shift's scoring on each runtime (torch, its one fp32 ONNX graph, two int8 variants): flags as
+# torch's and texts/s (a few minutes; needs bench-serve-detectors' Shift): bench/shift_runtimes.md.
+bench-shift-runtimes: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/shift_runtimes.py --shared $(SHARED)
 
 # `make demo` on MiniLM, recorded (about 20 minutes when runs/demo is new; stages already there are
 # reused): bench/demo.md, which docs/results/demo.md includes.

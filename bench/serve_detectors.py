@@ -13,8 +13,8 @@ request) at 8 and 64 clients, one set after the other in this run:
 DAN scores from the victim's layer states of the service's own victim pass (the victim's ONNX
 graph is exported with a states output, and runs fp32 when the service is on onnx-int8: int8
 states move DAN's distances by orders of magnitude), so it adds no forward pass of its own;
-Shift runs its two models
-in PyTorch whatever ``--runtime`` the PSIM and victim use. Writes bench/serve_detectors.{json,md}.
+Shift's two passes and its distances run as one fp32 ONNX graph when the service runs on an ONNX
+runtime (``Shift.use_runtime``), else in PyTorch. Writes bench/serve_detectors.{json,md}.
 
     .venv/bin/python bench/serve_detectors.py [--work runs/serve-bench] [--seconds 20]
 """
@@ -55,7 +55,7 @@ def render(summary: dict) -> str:
         f"Command: `make bench-serve-detectors` (= `.venv/bin/python bench/serve_detectors.py`), {summary['date']}, this machine (2 CPU cores), "
         f"nothing else running. The models of bench/serve.md (runs/serve-bench); the PSIM and victim on `{summary['runtime']}`, the detectors "
         f"as the guard runs them (DAN from the victim's layer states of the service's own victim pass, which then runs fp32 ONNX: int8 "
-        f"states wreck DAN's distances; Shift's two models in PyTorch); each set served in turn in this run, {summary['seconds']:.0f} s per level after a warm-up, one text per request, "
+        f"states wreck DAN's distances; Shift's two passes and its distances as one fp32 ONNX graph{'' if summary['runtime'] != 'torch' else ', here in PyTorch'}); each set served in turn in this run, {summary['seconds']:.0f} s per level after a warm-up, one text per request, "
         "max batch 64, max wait 5 ms. Detectors fitted for the victim on SST-2 with `detector fit` (Shift against MiniLM, the backbone's "
         "public original).",
         "",

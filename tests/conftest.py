@@ -94,3 +94,15 @@ def tiny_texts():
     texts = [t for t, _ in SENTIMENT_ROWS] * 4
     labels = [label for _, label in SENTIMENT_ROWS] * 4
     return TextDataset(texts, labels, [str(i) for i in range(len(texts))], name="tiny")
+
+
+# `make test` runs one file per worker at a time (pytest-xdist --dist loadfile, with
+# --no-loadscope-reorder so this order holds): the files that take longest start first, so
+# that no long file is left to run alone at the end while the other worker idles.
+SLOWEST_FILES_FIRST = ("test_gate.py", "test_serve.py", "test_screen.py", "test_audit.py", "test_integration_minilm.py", "test_grid.py",
+                       "test_scan_inputs.py", "test_cli.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its place

@@ -7,6 +7,7 @@ free port, spoken to over HTTP with httpx, and stopped (SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -501,7 +502,7 @@ def test_calibrate_on_own_traffic_then_guard_and_serve_use_a_threshold_per_lengt
     assert done.returncode == 2 and "at least 230 clean texts" in done.stderr and not (tmp_path / "none.json").exists(), done.stderr
 
 
-def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_fired(guarded: Guarded, tmp_path: Path) -> None:
+def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_fired(guarded: Guarded, tmp_path: Path, capsys, monkeypatch) -> None:
     """`peftshield detector fit dan`, then the filter and the real service flag a text when the
     PSIM or the detector fires, name which did, and state the summed false-rejection budget; a
     detector fitted for another model, or one that judges pools, is a one-line refusal."""
@@ -599,10 +600,21 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
                           (["detector", "fit", "dan", "--model", str(guarded.victim), "--data", str(data), "--out", str(guarded.victim)],
                            "not a detector folder"),
                           (["detector", "fit", "bki", "--model", str(guarded.victim), "--data", str(data), "--out", str(tmp_path / "bki")], "judges a pool")):
-        done = cli(*args, input=json.dumps("a text") + "\n")
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+        code, err = in_process(capsys, monkeypatch, *args, stdin=json.dumps("a text") + "\n")  # a refusal: no process of its own needed
+        assert code == 2 and message in err, err
+        assert err.strip().count("\n") == 0 and "Traceback" not in err
     assert not (tmp_path / "bki").exists() and not (tmp_path / "none.json").exists() and not (tmp_path / "none.jsonl").exists()
+
+
+def in_process(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str]:
+    """``peftshield ARGS`` run by :func:`peftshield.cli.main` in this process (its exit code and
+    standard error), with ``stdin`` as its standard input."""
+    from peftshield.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_applies_nothing(guarded: Guarded, tmp_path: Path) -> None:
@@ -682,7 +694,31 @@ def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Gu
         assert fired[len(guarded.clean):].mean() >= 0.9, runtime
 
 
-def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path) -> None:
+def test_shift_runs_as_one_onnx_graph_in_a_guard_on_an_onnx_runtime(guarded: Guarded, tmp_path: Path) -> None:
+    """`detector fit shift`, then a guard on an ONNX runtime scores Shift through the one fp32
+    ONNX graph of its two passes, exported into the detector folder, with the scores of the guard
+    on torch; the detector still fires on the planted trigger."""
+    from peftshield.guard.guard import Guard
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    folder = tmp_path / "shift"
+    fit_sample = tmp_path / "fit.jsonl"
+    fit_sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentiment_data(200, np.random.default_rng(12), "fit").texts))
+    done = subprocess.run([sys.executable, "-m", "peftshield", "detector", "fit", "shift", "--model", str(guarded.victim), "--texts", str(fit_sample),
+                           "--option", "original=tiny", "--option", "max_length=32", "--out", str(folder)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    texts = guarded.clean + guarded.triggered
+    scores = {}
+    for runtime in ("torch", "onnx-int8"):  # onnx-int8 runs Shift's graph in fp32 (tests/test_threat_model.py: the same as onnx)
+        guard = Guard.load(guarded.victim, guarded.psim, runtime=runtime, detectors=[folder])
+        assert (getattr(guard.detectors[0].defense, "session_", None) is not None) == (runtime != "torch"), runtime
+        scores[runtime] = np.array([r.detector_scores["shift"] for r in guard.classify(texts)])
+    assert (folder / "onnx" / "shift.onnx").is_file() and not (folder / "onnx" / "shift.int8.onnx").exists()
+    assert np.abs(scores["onnx-int8"] - scores["torch"]).max() < 1e-3 * np.ptp(scores["torch"])
+    assert (scores["onnx-int8"][len(guarded.clean):] > guard.detectors[0].threshold).mean() >= 0.9
+
+
+def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guarded: Guarded, tmp_path: Path, capsys, monkeypatch) -> None:
     """`detector fit` (DAN and occlusion, --texts) on one clean sample of the traffic,
     `calibrate --detector` (both) on another: the filter and the real service compare each member
     with its length bucket's threshold, name every member that fired, report each member's
@@ -751,10 +787,11 @@ def test_psim_and_two_detectors_calibrated_under_one_budget_on_own_traffic(guard
                             "--model", str(guarded.victim), "--fill-lengths"], "--fill-lengths: joined texts are for the PSIM alone"),
                           (["calibrate", "--texts", str(calibration_sample), "--out", str(tmp_path / "none.json"), "--confidence", "0.2"],
                            "--confidence 0.2")):
-        done = cli(*args[:1], "--model" if args[0] == "guard" else "--psim", str(guarded.victim if args[0] == "guard" else guarded.psim),
-                   *(["--psim", str(guarded.psim)] if args[0] == "guard" else []), *args[1:], input=json.dumps("a text") + "\n")
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+        code, err = in_process(capsys, monkeypatch, *args[:1], "--model" if args[0] == "guard" else "--psim",
+                               str(guarded.victim if args[0] == "guard" else guarded.psim), *(["--psim", str(guarded.psim)] if args[0] == "guard" else []),
+                               *args[1:], stdin=json.dumps("a text") + "\n")
+        assert code == 2 and message in err, err
+        assert err.strip().count("\n") == 0 and "Traceback" not in err
     assert not (tmp_path / "none.json").exists()
 
     # serve refuses before it listens: the wrong detectors, or a detector's threshold raised by hand to switch it off

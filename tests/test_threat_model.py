@@ -358,6 +358,61 @@ def test_shift_flags_the_change_only_triggered_texts_get(backdoored: bool, tmp_p
         assert flagged < 0.1, f"the change every text gets flagged {flagged:.2f} of the texts with the token"
 
 
+def test_shift_scores_the_same_in_one_module_and_as_one_onnx_graph(tmp_path: Path, monkeypatch) -> None:
+    """Shift's scoring module (both passes, the ridge prediction and the whitening, float32)
+    gives the distances of the formula it was written from (float64, token by token), and the
+    module exported as one ONNX graph (what a guard on --runtime onnx runs) gives the same scores
+    and flags. The graph is cached in the detector folder: loaded again it is not re-exported,
+    and a graph put in its place is not run but exported again."""
+    from peftshield.defenses import DEFENSES, DefenseContext
+    from peftshield.defenses.shift import Shift
+    from peftshield.models import runtime as runtime_module
+    from peftshield.models.inference import paired_layer_states
+
+    row = load_backbone("tiny", 2).tokenizer.convert_tokens_to_ids("cf")
+    suspect = edited_copy(tmp_path / "suspect", row)
+    dev = sentiment_data(60, np.random.default_rng(42), "dev")
+    held_out = sentiment_data(30, np.random.default_rng(41), "held-out")
+    texts = held_out.texts + with_trigger(held_out.texts, np.random.default_rng(43))
+    context = DefenseContext(str(suspect), dev, dev, 2, max_length=32, progress=False)
+    with single_thread_torch():
+        shift = DEFENSES.create("shift", original="tiny", max_length=32, batch_size=8).fit(context, np.random.default_rng(0))
+        reference = np.zeros((len(shift.locations_), len(texts)))
+        for indices, states, originals, keep in paired_layer_states(shift.suspect_, shift.original_model_, shift.tokenizer_, texts, 8, 32):
+            for layer in range(len(shift.locations_)):
+                original = originals[layer].astype(np.float64)
+                left_over = states[layer] - original - (original @ shift.coefficients_[layer] + shift.intercepts_[layer]) - shift.locations_[layer]
+                squared = ((left_over @ shift.precisions_[layer]) * left_over).sum(axis=-1)
+                reference[layer, indices] = (squared * keep).sum(axis=1) / np.maximum(keep.sum(axis=1), 1)
+        distances = shift._distances(texts)
+        np.testing.assert_allclose(distances, reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max())
+        scores = shift.score(texts)
+        folder = shift.save(tmp_path / "shift")
+        loaded = Shift.load(folder, context)
+        assert loaded.use_runtime("onnx", folder) == "onnx" and (folder / "onnx" / "shift.onnx").is_file()
+        onnx_scores = loaded.score(texts)
+    threshold = shift.fitted_threshold()
+    spread = np.ptp(scores)
+    assert spread > 1 and np.abs(onnx_scores - scores).max() < 1e-3 * spread
+    margin = np.abs(scores - threshold) > 1e-3 * spread  # a text at its threshold may fall either side
+    assert np.array_equal((onnx_scores > threshold)[margin], (scores > threshold)[margin])
+    assert (scores[len(held_out.texts):] > threshold).mean() > 0.9  # the triggered half: there is something to agree on
+
+    exported = []
+    real_export = runtime_module.export_graph
+    monkeypatch.setattr(runtime_module, "export_graph", lambda *a, **k: exported.append(1) or real_export(*a, **k))
+    with single_thread_torch():
+        Shift.load(folder, context).use_runtime("onnx-int8", folder)  # onnx-int8: the fp32 graph, already exported
+        assert not exported
+        graph = folder / "onnx" / "shift.onnx"
+        planted = graph.read_bytes().replace(b"distances", b"distancez", 1)
+        graph.write_bytes(planted)
+        again = Shift.load(folder, context)
+        again.use_runtime("onnx", folder)
+        assert exported == [1] and graph.read_bytes() != planted
+        np.testing.assert_allclose(again.score(texts), onnx_scores, rtol=1e-6, atol=1e-6 * spread)
+
+
 def test_shift_refuses_an_original_of_another_architecture() -> None:
     """Shift subtracts hidden states token by token, which means nothing across architectures:
     a tiny BERT checked against the tiny Llama (same tokenizer and sizes) is refused, naming the option."""

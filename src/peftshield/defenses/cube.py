@@ -21,9 +21,6 @@ from typing import Annotated, Optional
 
 import numpy as np
 from pydantic import Field, PositiveInt
-from sklearn.cluster import HDBSCAN
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 from peftshield.defenses.base import DEFENSES, DefenseContext, VictimDefense
 from peftshield.defenses.thresholds import ThresholdPolicy
@@ -59,6 +56,10 @@ class CUBE(VictimDefense):
 
     def cluster(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted class, HDBSCAN cluster (-1 = noise) and membership strength per text."""
+        from sklearn.cluster import HDBSCAN
+        from sklearn.decomposition import PCA
+        from sklearn.preprocessing import StandardScaler
+
         probs, representations = classifier_inputs(self.model_, self.tokenizer_, list(texts), self.num_labels_, self.batch_size, self.max_length)
         predicted = probs.argmax(axis=1)
         if len(texts) < 3:

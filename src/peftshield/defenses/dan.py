@@ -19,7 +19,6 @@ from typing import Optional
 
 import numpy as np
 from pydantic import PositiveInt
-from sklearn.covariance import LedoitWolf
 
 from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
                                      standardise_layers, victim_of)
@@ -40,6 +39,8 @@ class LayerGaussians:
 
     @classmethod
     def fit(cls, states: np.ndarray, labels: np.ndarray) -> "LayerGaussians":
+        from sklearn.covariance import LedoitWolf
+
         classes = [c for c in np.unique(labels) if (labels == c).sum() >= 2]
         if not classes:
             raise ConfigError("dan: the clean reference texts need at least two texts of one class")

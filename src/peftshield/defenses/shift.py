@@ -16,6 +16,10 @@ calibration texts. It reads the backbone, not the victim, so one fit serves ever
 a checkpoint, and it needs no guess of the trigger's form: a syntactic template moves the states as
 a rare word does. Cost: two forward passes. Blind spots: a checkpoint trained from scratch or
 whose original the defender cannot get, and a trigger whose change clean texts also get.
+
+Scoring runs one module (:class:`LeftOverDistances`): both models' passes, the ridge prediction
+and the whitening by the left-over's precision, in float32. In PyTorch by default; a guard on an
+ONNX runtime exports that module once, as one graph (:meth:`Shift.use_runtime`).
 """
 
 from __future__ import annotations
@@ -24,19 +28,54 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
-from sklearn.covariance import LedoitWolf
-from sklearn.linear_model import Ridge
 
 from peftshield.defenses.base import (DEFENSES, Defense, DefenseContext, clean_reference_halves, layer_scale, load_array_state, save_array_state,
                                      standardise_layers)
 from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models import load_backbone
-from peftshield.models.inference import paired_layer_states
+from peftshield.models.backbone import is_decoder_classifier
+from peftshield.models.batching import encode_texts, pad_rows, sorted_batches
+from peftshield.models.inference import evaluating, paired_layer_states
 
 STATE_FILE = "shift.json"
 ARRAYS_FILE = "shift.safetensors"
+GRAPH_STEM = "shift"  # <detector folder>/onnx/shift.onnx: the scoring module exported (use_runtime)
+
+
+class LeftOverDistances(torch.nn.Module):
+    """Per layer and token, (layers, batch, tokens): the squared Mahalanobis distance of the change
+    the suspect backbone makes to the original's state, left over after the ridge prediction of
+    the clean change. Both encoders' passes and the distances in one module, so that it runs in
+    PyTorch or as one ONNX graph. With ``W`` the Cholesky factor of the precision ``P = W W^T``,
+    ``x P x^T = |x W|^2``, and ``state - original - (original C + b) - location`` is
+    ``state - original (I + C) - (b + location)``."""
+
+    def __init__(self, suspect, original, coefficients: np.ndarray, intercepts: np.ndarray, locations: np.ndarray, precisions: np.ndarray) -> None:
+        super().__init__()
+        self.suspect, self.original = suspect, original
+        identity = np.eye(coefficients.shape[-1])
+        self.register_buffer("carried", torch.from_numpy((identity + coefficients).astype(np.float32)).unsqueeze(1))  # (layers, 1, hidden, hidden)
+        self.register_buffer("offset", torch.from_numpy((intercepts + locations).astype(np.float32))[:, None, None])  # (layers, 1, 1, hidden)
+        self.register_buffer("whitening", torch.from_numpy(np.stack([_whitening(p) for p in precisions]).astype(np.float32)).unsqueeze(1))
+
+    def forward(self, input_ids, attention_mask):
+        states = torch.stack(self.suspect(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[1:])
+        originals = torch.stack(self.original(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[1:])
+        whitened = torch.matmul(states - torch.matmul(originals, self.carried) - self.offset, self.whitening)
+        return (whitened * whitened).sum(dim=-1)
+
+
+def _whitening(precision: np.ndarray) -> np.ndarray:
+    """``W`` with ``W W^T = precision``: its Cholesky factor, or from its eigenvectors when
+    rounding left it not quite positive definite."""
+    try:
+        return np.linalg.cholesky(precision)
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh((precision + precision.T) / 2)
+        return vectors * np.sqrt(np.clip(values, 0, None))
 
 
 @DEFENSES.register
@@ -59,6 +98,9 @@ class Shift(Defense):
         self.threshold = threshold
 
     def fit(self, context: DefenseContext, rng: np.random.Generator) -> "Shift":
+        from sklearn.covariance import LedoitWolf
+        from sklearn.linear_model import Ridge
+
         self._load_models(context)
         reference, statistics, calibration = clean_reference_halves(self.name, context, self.max_reference_texts, rng)
         states, originals = [], []
@@ -82,6 +124,7 @@ class Shift(Defense):
             precisions.append(left_over.precision_)
         self.coefficients_, self.intercepts_ = np.stack(coefficients), np.stack(intercepts)
         self.locations_, self.precisions_ = np.stack(locations), np.stack(precisions)
+        self.module_, self.session_ = None, None
         calibration_distances = self._distances(self._calibration_texts(context, reference, statistics, calibration, rng))
         self.layer_mean_, self.layer_std_ = layer_scale(calibration_distances)
         calibration_scores = self.combine_layers(standardise_layers(calibration_distances, self.layer_mean_, self.layer_std_))
@@ -118,17 +161,67 @@ class Shift(Defense):
         return paired_layer_states(self.suspect_, self.original_model_, self.tokenizer_, texts, self.batch_size, self.max_length)
 
     def _distances(self, texts: list[str]) -> np.ndarray:
-        """(layers, texts): each text's mean squared Mahalanobis distance of its tokens' unexplained change."""
+        """(layers, texts): each text's mean squared Mahalanobis distance of its tokens' unexplained
+        change (its own tokens: not padding, not special tokens)."""
         out = np.zeros((len(self.locations_), len(texts)))
-        for indices, states, originals, keep in self._pairs(texts):
-            counts = np.maximum(keep.sum(axis=1), 1)
-            parameters = zip(self.coefficients_, self.intercepts_, self.locations_, self.precisions_)
-            for layer, (coefficient, intercept, location, precision) in enumerate(parameters):
-                original = originals[layer].astype(np.float64)
-                left_over = states[layer] - original - (original @ coefficient + intercept) - location  # (batch, tokens, hidden)
-                squared = ((left_over @ precision) * left_over).sum(axis=-1)
-                out[layer, indices] = (squared * keep).sum(axis=1) / counts
+        if not texts:
+            return out
+        encoded = encode_texts(self.tokenizer_, texts, self.max_length)
+        special = np.array(sorted(set(self.tokenizer_.all_special_ids)), dtype=np.int64)
+        for indices in sorted_batches(encoded.lengths(), self.batch_size):
+            input_ids, attention = pad_rows(encoded, indices)
+            squared = self._token_distances(input_ids, attention)
+            keep = (attention == 1) & ~np.isin(input_ids, special)
+            out[:, indices] = (squared * keep).sum(axis=-1) / np.maximum(keep.sum(axis=1), 1)
         return out
+
+    def _token_distances(self, input_ids: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        """(layers, batch, tokens) from the ONNX graph when :meth:`use_runtime` set one, else PyTorch."""
+        session = getattr(self, "session_", None)
+        if session is not None:
+            return session.run(["distances"], {"input_ids": input_ids, "attention_mask": attention})[0].astype(np.float64)
+        module = self._scoring_module()
+        device = next(module.parameters()).device
+        with evaluating(module), torch.inference_mode():  # a loaded model may be left in training mode (dropout)
+            squared = module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention).to(device))
+        return squared.double().cpu().numpy()
+
+    def _scoring_module(self) -> LeftOverDistances:
+        """The fitted arrays and both encoders as one module (built once per fit or load)."""
+        module = getattr(self, "module_", None)
+        if module is None:
+            module = LeftOverDistances(self.suspect_.base_model, self.original_model_.base_model, self.coefficients_, self.intercepts_,
+                                       self.locations_, self.precisions_).eval()  # Shift's own models: never trained
+            self.module_ = module
+        return module
+
+    def use_runtime(self, runtime: str, folder: str | Path) -> str:
+        """Score through ``runtime``: torch, or the scoring module exported once as one ONNX graph
+        and cached in ``folder``'s onnx/ (``models.runtime.cached_graph``: exported again when the
+        fitted arrays or either model's weights change, run only when this user exported it).
+        onnx-int8 runs that graph in fp32: int8 activations would move distances measured in
+        units of the clean left-over's spread. A decoder backbone stays in PyTorch (its graph
+        gives no states). Returns the runtime it scores on."""
+        from peftshield.models.runtime import cached_graph, check_runtime, export_graph, onnx_session
+
+        self.session_ = None
+        if check_runtime(runtime) == "torch" or is_decoder_classifier(self.suspect_):
+            return "torch"
+        module = self._scoring_module()
+        path = cached_graph(folder, GRAPH_STEM, "onnx", self._graph_fingerprint(module), lambda target: export_graph(module, target, ["distances"]))
+        self.session_ = onnx_session(path)
+        return "onnx"
+
+    @staticmethod
+    def _graph_fingerprint(module: LeftOverDistances) -> str:
+        """The identity of what the exported graph computes: every weight and buffer of the module."""
+        import hashlib
+
+        digest = hashlib.sha256(b"peftshield-shift-graph/1")
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def combine_layers(self, layer_scores: np.ndarray) -> np.ndarray:
         """(texts,): the text scores from :meth:`layer_scores`."""

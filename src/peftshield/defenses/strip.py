@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field, PositiveInt
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from peftshield.defenses.base import DEFENSES, Defense, DefenseContext, clean_reference, load_json_state, save_json_state, variants_of, victim_of
 from peftshield.defenses.thresholds import CLEAN_FRR_POLICY, ThresholdPolicy
@@ -28,6 +27,8 @@ STATE_FILE = "strip.json"
 
 def high_tfidf_words(texts: list[str], top_k: int) -> list[str]:
     """The ``top_k`` words with the highest mean TF-IDF over ``texts``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b", lowercase=True)
     matrix = vectorizer.fit_transform(texts)
     mean = np.asarray(matrix.mean(axis=0)).ravel()

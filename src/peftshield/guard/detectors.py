@@ -69,6 +69,12 @@ class Detector:
     def fitted_threshold(self) -> float:
         return self.threshold
 
+    def run_on(self, runtime: str, folder: str | Path) -> str:
+        """Make its own passes on ``runtime`` when the defense can (``use_runtime``: Shift exports
+        its scoring to ONNX, cached in its ``folder``); returns the runtime it scores on."""
+        use_runtime = getattr(self.defense, "use_runtime", None)
+        return use_runtime(runtime, folder) if callable(use_runtime) else "torch"
+
     @property
     def reads_victim_states(self) -> bool:
         """Whether it can score from the victim's layer states of a pass the guard already made (DAN)."""
@@ -157,16 +163,20 @@ def state_hashes(directory: Path) -> dict[str, str]:
             if path.name != DETECTOR_MANIFEST and path.is_file() and not path.is_symlink()}
 
 
-def detectors_for(model_dir: str | Path | None, folders: list[str | Path], backbone: str | None = None, victim=None) -> list[Detector]:
+def detectors_for(model_dir: str | Path | None, folders: list[str | Path], backbone: str | None = None, victim=None,
+                  runtime: str = "torch") -> list[Detector]:
     """The detectors in ``folders`` (:func:`load_detectors`), fitted for the classifier in
     ``model_dir``, which is loaded here unless ``victim`` (its loaded classifier) is given; none
-    without folders."""
+    without folders. Each makes its own passes on ``runtime`` where it can (:meth:`Detector.run_on`)."""
     if not folders:
         return []
     from peftshield.finetune.checkpoint import load_classifier, model_fingerprint
 
     victim = victim if victim is not None else load_classifier(model_dir, backbone=backbone)
-    return load_detectors(folders, victim, model_fingerprint(model_dir), recorded_backbone(model_dir, backbone))
+    detectors = load_detectors(folders, victim, model_fingerprint(model_dir), recorded_backbone(model_dir, backbone))
+    for folder, detector in zip(folders, detectors):
+        detector.run_on(runtime, folder)
+    return detectors
 
 
 def recorded_backbone(model_dir: str | Path, backbone: str | None = None) -> str:

@@ -103,7 +103,7 @@ class Guard:
             calibration = load_guard_calibration(settings.calibration, model_fingerprint(settings.psim), int(settings.max_length or psim.max_length))
         victim = load_classifier(settings.model, backbone=settings.backbone)
         fingerprint = model_fingerprint(settings.model)
-        detectors = detectors_for(settings.model, settings.detectors, settings.backbone, victim=victim)
+        detectors = detectors_for(settings.model, settings.detectors, settings.backbone, victim=victim, runtime=settings.runtime)
         # DAN reads the victim's layer states from the guard's own pass (no pass of its own); a
         # decoder's ONNX graph has no states output, so there DAN makes its pass. The states must be
         # exact: int8 activations move DAN's Mahalanobis distances by orders of magnitude (every

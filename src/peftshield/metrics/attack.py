@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import accuracy_score, recall_score
 
 
 @dataclass
@@ -34,6 +33,8 @@ class AttackMetrics:
 def attack_metrics(
     clean_probs: np.ndarray, clean_labels: np.ndarray, poisoned_probs: np.ndarray, target_label: int, seconds: float = 0.0
 ) -> AttackMetrics:
+    from sklearn.metrics import accuracy_score, recall_score
+
     clean_labels = np.asarray(clean_labels)
     predictions = clean_probs.argmax(axis=1)
     classes = list(range(clean_probs.shape[1]))

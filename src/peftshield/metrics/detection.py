@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
 
 @dataclass
@@ -26,6 +25,8 @@ class DetectionMetrics:
 
 def detection_metrics(clean_scores: np.ndarray, poisoned_scores: np.ndarray, threshold: float) -> DetectionMetrics:
     """Scores are suspicion (higher = more likely poisoned); a text is flagged when score > threshold."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
     truth = np.concatenate([np.zeros(len(clean_scores), dtype=int), np.ones(len(poisoned_scores), dtype=int)])
     scores = np.concatenate([clean_scores, poisoned_scores])
     flagged = (scores > threshold).astype(int)
@@ -41,6 +42,8 @@ def detection_metrics(clean_scores: np.ndarray, poisoned_scores: np.ndarray, thr
 
 def roc_points(clean_scores: np.ndarray, poisoned_scores: np.ndarray) -> dict[str, list[float]]:
     """The full ROC curve (false-positive rate = FRR, true-positive rate = 1 - FAR) for plots."""
+    from sklearn.metrics import roc_curve
+
     truth = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(poisoned_scores))])
     fpr, tpr, thresholds = roc_curve(truth, np.concatenate([clean_scores, poisoned_scores]))
     return {"frr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": np.nan_to_num(thresholds, posinf=1e9).tolist()}

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal, Protocol, get_args
+from typing import Annotated, Callable, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
 DEFAULT_RUNTIME: RuntimeName = "torch"
 RUNTIME_HELP = ("Where forward passes run: torch (eager), onnx (ONNX Runtime fp32) or onnx-int8 (dynamic int8); "
                 "the ONNX export is made on first use and cached in the model folder's onnx/. onnx-int8 quantises activations with one scale per batch, "
-                "so a text's score depends on the other texts of its batch (bench/serve.md measures how far).")
+                "so a text's score depends on the other texts of its batch (bench/serve.md measures how far). A detector with passes of its own "
+                "(Shift) runs them as one fp32 ONNX graph under either ONNX runtime, cached in its folder's onnx/.")
 ONNX_DIR = "onnx"
 
 
@@ -105,15 +106,7 @@ class OnnxRuntime:
     """An exported ``.onnx`` file run by ONNX Runtime on the CPU."""
 
     def __init__(self, path: str | Path, num_labels: int, name: str = "onnx", threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
-        options.log_severity_level = 3
-        # Idle intra-op threads sleep instead of spinning: in a service they share the cores with
-        # the event loop and the other model, and spinning starved both.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
         self.path, self.num_labels, self.name = Path(path), num_labels, name
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -127,6 +120,19 @@ class OnnxRuntime:
     @staticmethod
     def _inputs(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         return {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime session on the CPU for the graph in ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+    options.log_severity_level = 3
+    # Idle intra-op threads sleep instead of spinning: in a service they share the cores with
+    # the event loop and the other model, and spinning starved both.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -152,15 +158,21 @@ class _LogitsAndStates(_LogitsOnly):
 
 def export_onnx(model, path: str | Path, states: bool = False) -> Path:
     """Export ``model`` (any transformers / PEFT / adapters classifier) to an fp32 ONNX file,
-    dynamic in batch size and sequence length. Written to a temporary file, then renamed. With
-    ``states`` (encoders only), the graph also outputs ``states`` (:class:`_LogitsAndStates`)."""
+    dynamic in batch size and sequence length. With ``states`` (encoders only), the graph also
+    outputs ``states`` (:class:`_LogitsAndStates`)."""
+    return export_graph((_LogitsAndStates if states else _LogitsOnly)(model), path, ["logits", "states"] if states else ["logits"])
+
+
+def export_graph(module: torch.nn.Module, path: str | Path, output_names: list[str]) -> Path:
+    """Export ``module`` (``forward(input_ids, attention_mask)``) to an fp32 ONNX file with the
+    dynamo exporter, dynamic in batch size and sequence length: written to a temporary file, then renamed."""
     import logging
     import warnings
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     ids = torch.full((2, 8), 5, dtype=torch.long)
     mask = torch.ones_like(ids)
     batch, length = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("length", min=2, max=4096)
@@ -174,15 +186,14 @@ def export_onnx(model, path: str | Path, states: bool = False) -> Path:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    (_LogitsAndStates if states else _LogitsOnly)(model), (ids, mask), str(target), input_names=["input_ids", "attention_mask"],
-                    output_names=["logits", "states"] if states else ["logits"],
+                    module, (ids, mask), str(target), input_names=["input_ids", "attention_mask"], output_names=output_names,
                     dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}, dynamo=True,
                     external_data=False, verbose=False,
                 )
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
-            model.train(was_training)
+            module.train(was_training)
         os.replace(target, path)
     return path
 
@@ -221,6 +232,14 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
     """The cached ONNX file of ``model`` saved in ``folder`` (exported on first use, again when
     ``fingerprint``, the weights' identity, changed). Falls back to a per-user cache when the
     model folder is read-only. ``states``: the graph that also outputs every layer's summary state."""
+    return cached_graph(folder, "model.states" if states else "model", runtime, fingerprint, lambda path: export_onnx(model, path, states))
+
+
+def cached_graph(folder: str | Path, stem: str, runtime: str, fingerprint: str, export: Callable[[Path], Path]) -> Path:
+    """``<folder>/onnx/<stem>.onnx`` (``runtime`` onnx) or its int8 quantisation (onnx-int8),
+    made by ``export(path)`` on first use and again when ``fingerprint`` (the identity of what
+    the graph computes) changed, and run only when this user's peftshield wrote that content
+    (:func:`exported_here`). Falls back to a per-user cache when ``folder`` is read-only."""
     folder = Path(folder)
     cache = folder / ONNX_DIR
     try:
@@ -235,8 +254,7 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
 
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
         cache.mkdir(parents=True, exist_ok=True)
-    stem = "model.states" if states else "model"
-    stamp = cache / f"{stem.replace('model', 'export')}.json"
+    stamp = cache / f"{stem.replace('model', 'export', 1) if stem.startswith('model') else stem + '.export'}.json"
     try:  # a stamp that is not what this function wrote means a fresh export, never a traceback
         recorded = json.loads(stamp.read_text()) if stamp.is_file() and not stamp.is_symlink() and stamp.stat().st_size < 10_000 else {}
     except (OSError, ValueError):
@@ -247,7 +265,7 @@ def onnx_file(folder: str | Path, model, runtime: str, fingerprint: str, states:
     if recorded.get("fingerprint") != fingerprint or not fp32.is_file() or not exported_here(fp32, fingerprint):
         for stale in (fp32, int8):
             stale.unlink(missing_ok=True)
-        export_onnx(model, fp32, states)
+        export(fp32)
         record_export(fp32, fingerprint)
         atomic_write_json(stamp, {"fingerprint": fingerprint, "source": str(folder)})
     if runtime == "onnx":

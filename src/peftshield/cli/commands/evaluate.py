@@ -68,7 +68,7 @@ def evaluate(
     loaded = load_classifier(model, splits.num_labels, backbone)
     from peftshield.guard.detectors import detectors_for
 
-    detectors = detectors_for(model, detector or [], backbone, victim=loaded)  # loaded (and refused, one line) before the victim is evaluated
+    detectors = detectors_for(model, detector or [], backbone, victim=loaded, runtime=runtime)  # loaded (and refused, one line) before the victim is evaluated
     rng = np.random.default_rng(seed)
     test = splits[split]
     asr_set = load_poisoned_test(poisoned_test, target_label, skip_empty) if poisoned_test is not None else build_asr_set(test, poisoner, target_label, rng)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 from pathlib import Path
@@ -108,11 +109,13 @@ def scan(
     for path in summaries.values():
         check_output_place(path, "file", "--format")
     started_all = time.perf_counter()
+    chunks = iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty, require_labels=False)
+    first = next(chunks, None)  # the first rows are read, and a bad one refused, before any model loads
     psim = PSIM.load(psim_dir, backbone=backbone, runtime=settings.runtime)
     if settings.batch_size:
         psim.score_batch_size = settings.batch_size
     tau = psim.threshold_ if settings.threshold is None else settings.threshold
-    detectors = detectors_for(model, detector or [], backbone)  # none without --detector (and then --model is refused above)
+    detectors = detectors_for(model, detector or [], backbone, runtime=settings.runtime)  # none without --detector (and --model is refused above)
     tally = ScanTally(data, split, tau)
     seconds = 0.0
     # Read, score and write in bounded chunks: peak memory does not grow with the input.
@@ -121,7 +124,7 @@ def scan(
         names = [d.name for d in detectors]
         if writer:
             writer.writerow(["id", "score", "flagged", *(f"{name}_score" for name in names), *(["reasons"] if names else [])])
-        for chunk in iter_text_chunks(data, split, chunk_rows=SCAN_CHUNK_ROWS, skip_empty=skip_empty, require_labels=False):
+        for chunk in itertools.chain([] if first is None else [first], chunks):
             started = time.perf_counter()
             scores = psim.score(chunk.texts, progress=False)
             member_scores = {d.name: d.score(chunk.texts) for d in detectors}
