@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/psim/sst-2/train.json),)
 DEMO_DATA ?= --attack-data $(SHARED)/psim/imdb --data $(SHARED)/psim/sst-2
 endif
 
-.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-shift-runtimes bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-screen-detector bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
+.PHONY: install docs demo test test-fast bench bench-audit bench-serve bench-int8 bench-overload bench-drift bench-serve-detectors bench-shift-runtimes bench-shift-int8-refit bench-demo bench-demo-weak bench-scan-example bench-erase bench-grid bench-screen-stage1 bench-screen bench-screen-detector bench-coverage bench-quickstart bench-decoder bench-zoo contrast defense-rows defense-shift syntactic-ag task-agnostic adaptive grid clean
 
 install: $(STAMP)
 
@@ -88,6 +88,11 @@ bench-serve-detectors: $(STAMP)
 # torch's and texts/s (a few minutes; needs bench-serve-detectors' Shift): bench/shift_runtimes.md.
 bench-shift-runtimes: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/shift_runtimes.py --shared $(SHARED)
+
+# An experiment, nothing shipped: Shift fitted on the int8 graph's own states (a few minutes; needs
+# bench-serve's models): bench/shift_int8_refit.md.
+bench-shift-int8-refit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/shift_int8_refit.py --shared $(SHARED)
 
 # `make demo` on MiniLM, recorded (about 20 minutes when runs/demo is new; stages already there are
 # reused): bench/demo.md, which docs/results/demo.md includes.
