@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from peftshield.models import inference
@@ -25,3 +27,21 @@ def test_large_inputs_are_tokenised_in_chunks_with_identical_scores(monkeypatch)
     assert max(encoded_sizes) == 7 and sum(encoded_sizes) == 50, "never more than one chunk's token ids at once"
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
     assert np.ptp(whole[:, 0]) > 0, "the texts get different scores, so the comparison means something"
+
+
+def test_the_onnx_cache_write_probe_follows_no_link_a_folder_ships(tmp_path: Path) -> None:
+    """A model or detector folder may ship onnx/.write-test as a link to a file anywhere (the
+    marker that authorises running a graph, say): checking that onnx/ is writable must not
+    create what the link points to, and the graph is exported and recorded as usual."""
+    from peftshield.models.runtime import cached_graph, exported_here
+
+    folder = tmp_path / "detector"
+    (folder / "onnx").mkdir(parents=True)
+    target = tmp_path / "elsewhere" / "created-by-the-probe"
+    target.parent.mkdir()
+    (folder / "onnx" / ".write-test").symlink_to(target)
+    exports = []
+    path = cached_graph(folder, "shift", "onnx", "fingerprint-1", lambda p: exports.append(p) or p.write_bytes(b"graph") or p)
+    assert not target.exists() and not target.is_symlink()
+    assert path == folder / "onnx" / "shift.onnx" and exports == [path] and exported_here(path, "fingerprint-1")
+    assert not [p.name for p in (folder / "onnx").iterdir() if p.name.startswith(".write-test-")]  # the probe leaves nothing

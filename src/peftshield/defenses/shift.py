@@ -214,11 +214,21 @@ class Shift(Defense):
 
     @staticmethod
     def _graph_fingerprint(module: LeftOverDistances) -> str:
-        """The identity of what the exported graph computes: every weight and buffer of the module."""
+        """The identity of what the exported graph computes: both encoders' configurations, every
+        weight and buffer the distances read (not a pooler, which a checkpoint without one gets
+        at random on each load), and the versions of the libraries that trace the graph."""
         import hashlib
 
-        digest = hashlib.sha256(b"peftshield-shift-graph/1")
-        for name, tensor in sorted(module.state_dict().items()):
+        import transformers
+
+        digest = hashlib.sha256(b"peftshield-shift-graph/2")
+        for encoder in (module.suspect, module.original):
+            digest.update(encoder.config.to_json_string(use_diff=False).encode() + b"\0")
+        digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        for name, tensor in sorted(tensors.items()):
+            if ".pooler." in f".{name}.":
+                continue
             digest.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()

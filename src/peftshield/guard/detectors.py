@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftshield.defenses import DEFENSES, DefenseContext
 from peftshield.defenses.base import Defense
-from peftshield.errors import ConfigError, validation_line
+from peftshield.errors import ConfigError, PeftshieldError, validation_line
 from peftshield.files import DETECTOR_MANIFEST
 from peftshield.io import read_json
 
@@ -175,7 +175,13 @@ def detectors_for(model_dir: str | Path | None, folders: list[str | Path], backb
     victim = victim if victim is not None else load_classifier(model_dir, backbone=backbone)
     detectors = load_detectors(folders, victim, model_fingerprint(model_dir), recorded_backbone(model_dir, backbone))
     for folder, detector in zip(folders, detectors):
-        detector.run_on(runtime, folder)
+        try:
+            detector.run_on(runtime, folder)
+        except PeftshieldError:
+            raise
+        except Exception as error:  # an export that fails, or a folder's onnx/ that is not what peftshield writes there
+            raise ConfigError(f"--detector {folder}: cannot run it on --runtime {runtime} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
     return detectors
 
 

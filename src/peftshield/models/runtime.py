@@ -246,9 +246,11 @@ def cached_graph(folder: str | Path, stem: str, runtime: str, fingerprint: str, 
         if cache.is_symlink():  # never follow a link out of the model's folder
             raise OSError("a link")
         cache.mkdir(exist_ok=True)
-        probe = cache / ".write-test"
-        probe.touch()
-        probe.unlink()
+        # A fresh name made with O_EXCL: a probe at a fixed name would follow a link the folder
+        # ships (".write-test" -> a file anywhere) and create what it points to.
+        handle, probe = tempfile.mkstemp(dir=cache, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
     except OSError:
         import hashlib
 
