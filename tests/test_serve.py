@@ -697,7 +697,8 @@ def test_dan_reads_the_victims_layer_states_from_the_guards_own_pass(guarded: Gu
 def test_shift_runs_as_one_onnx_graph_in_a_guard_on_an_onnx_runtime(guarded: Guarded, tmp_path: Path) -> None:
     """`detector fit shift`, then a guard on an ONNX runtime scores Shift through the one fp32
     ONNX graph of its two passes, exported into the detector folder, with the scores of the guard
-    on torch; the detector still fires on the planted trigger."""
+    on torch; the detector still fires on the planted trigger. Its own passes run in the guard's
+    micro-batches (--batch-size), not the batch size it was fitted with, with the same scores."""
     from peftshield.guard.guard import Guard
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -709,12 +710,15 @@ def test_shift_runs_as_one_onnx_graph_in_a_guard_on_an_onnx_runtime(guarded: Gua
     assert done.returncode == 0, done.stderr
     texts = guarded.clean + guarded.triggered
     scores = {}
-    for runtime in ("torch", "onnx-int8"):  # onnx-int8 runs Shift's graph in fp32 (tests/test_threat_model.py: the same as onnx)
-        guard = Guard.load(guarded.victim, guarded.psim, runtime=runtime, detectors=[folder])
+    for runtime, batch_size in (("torch", None), ("torch", 3), ("onnx-int8", None)):  # onnx-int8 runs Shift's graph in fp32 (test_threat_model)
+        guard = Guard.load(guarded.victim, guarded.psim, runtime=runtime, detectors=[folder], batch_size=batch_size)
         assert (getattr(guard.detectors[0].defense, "session_", None) is not None) == (runtime != "torch"), runtime
-        scores[runtime] = np.array([r.detector_scores["shift"] for r in guard.classify(texts)])
+        assert guard.detectors[0].defense.batch_size == guard.batch_size != 64  # it was fitted with 64 texts a pass
+        scores[runtime, batch_size] = np.array([r.detector_scores["shift"] for r in guard.classify(texts)])
     assert (folder / "onnx" / "shift.onnx").is_file() and not (folder / "onnx" / "shift.int8.onnx").exists()
-    assert np.abs(scores["onnx-int8"] - scores["torch"]).max() < 1e-3 * np.ptp(scores["torch"])
+    assert np.abs(scores["torch", 3] - scores["torch", None]).max() < 1e-4 * np.ptp(scores["torch", None])
+    assert np.abs(scores["onnx-int8", None] - scores["torch", None]).max() < 1e-3 * np.ptp(scores["torch", None])
+    scores["onnx-int8"] = scores["onnx-int8", None]
     assert (scores["onnx-int8"][len(guarded.clean):] > guard.detectors[0].threshold).mean() >= 0.9
 
 

@@ -75,6 +75,14 @@ class Detector:
         use_runtime = getattr(self.defense, "use_runtime", None)
         return use_runtime(runtime, folder) if callable(use_runtime) else "torch"
 
+    def pass_texts(self, count: int) -> None:
+        """Make its own forward passes (when it makes any) over length-sorted groups of ``count``
+        texts: a guard's micro-batch (``--batch-size``) rather than the batch size it was fitted
+        with. A service's batch mixes lengths, and one pass over it pads every text to the longest:
+        Shift scored 64 mixed SST-2 texts a pass at half its rate in groups of 8 (same scores)."""
+        if hasattr(self.defense, "batch_size"):
+            self.defense.batch_size = int(count)
+
     @property
     def reads_victim_states(self) -> bool:
         """Whether it can score from the victim's layer states of a pass the guard already made (DAN)."""

@@ -69,6 +69,8 @@ class Guard:
         self.mode = settings.mode
         self.max_length = int(settings.max_length or psim.max_length)
         self.batch_size = settings.score_batch
+        for detector in self.detectors:  # their own passes run in the guard's length-sorted micro-batches too
+            detector.pass_texts(self.batch_size)
         self.shared_tokenizer = _same_tokenizer(victim_tokenizer, psim.tokenizer_)
         victim.eval()
         psim.model_.eval()
