@@ -45,3 +45,36 @@ def test_the_onnx_cache_write_probe_follows_no_link_a_folder_ships(tmp_path: Pat
     assert not target.exists() and not target.is_symlink()
     assert path == folder / "onnx" / "shift.onnx" and exports == [path] and exported_here(path, "fingerprint-1")
     assert not [p.name for p in (folder / "onnx").iterdir() if p.name.startswith(".write-test-")]  # the probe leaves nothing
+
+
+def test_a_graph_planted_with_a_marker_made_without_the_users_secret_is_exported_again(tmp_path: Path, monkeypatch) -> None:
+    """Whoever can write the user's cache (a CI cache restored from a pull request's job) can
+    write any marker whose name they can compute: markers are keyed with the user's secret, so
+    a planted graph whose marker was made without it (the old unkeyed name, or under another
+    key) is not run but exported again; under the user's own key a graph it exported is reused."""
+    import hashlib
+
+    from peftshield.fingerprint import file_sha256
+    from peftshield.models import runtime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PEFTSHIELD_CACHE_KEY", "the-users-secret-0123456789")
+    folder = tmp_path / "detector"
+    exports = []
+
+    def export(path: Path) -> Path:
+        exports.append(path)
+        path.write_bytes(b"the graph peftshield exported")
+        return path
+
+    path = runtime.cached_graph(folder, "shift", "onnx", "fingerprint-1", export)
+    assert runtime.cached_graph(folder, "shift", "onnx", "fingerprint-1", export) == path and len(exports) == 1  # reused
+    path.write_bytes(b"a planted graph")
+    unkeyed = hashlib.sha256(f"fingerprint-1\0{path.name}\0{file_sha256(path)}".encode()).hexdigest()
+    (runtime._exports_record() / unkeyed).touch()  # the marker as it was named before it was keyed
+    monkeypatch.setenv("PEFTSHIELD_CACHE_KEY", "an-attackers-guess-0123456789")
+    runtime.record_export(path, "fingerprint-1")  # the marker under another key
+    monkeypatch.setenv("PEFTSHIELD_CACHE_KEY", "the-users-secret-0123456789")
+    assert not runtime.exported_here(path, "fingerprint-1")
+    assert runtime.cached_graph(folder, "shift", "onnx", "fingerprint-1", export) == path and len(exports) == 2
+    assert path.read_bytes() == b"the graph peftshield exported"

@@ -9,9 +9,10 @@ by this machine's peftshield:
   ``$XDG_CACHE_HOME/peftshield/audit``, else ``~/.cache/peftshield/audit``), never the output
   folder or the checkout unless ``--cache-dir`` says so.
 - **Authenticated**: ``entry.json`` lists each file's sha256 and an HMAC-SHA256 over the
-  entry's key and its whole record (that list included), with a secret that never lives in the cache: ``$PEFTSHIELD_CACHE_KEY``
-  (a CI secret), else a random key made on first use in ``$XDG_CONFIG_HOME/peftshield/cache.key``
-  (``~/.config``), readable by its owner only. An entry whose MAC, file list or any file
+  entry's key and its whole record (that list included), with a secret that never lives in the
+  cache (:func:`peftshield.local_secret.cache_secret`: ``$PEFTSHIELD_CACHE_KEY``, a CI secret,
+  else a random key made on first use in ``$XDG_CONFIG_HOME/peftshield/cache.key``, readable by
+  its owner only). An entry whose MAC, file list or any file
   does not check out, or that holds anything but regular files, is a miss: audited again.
 - **No links**: an entry folder or file that is a symbolic link is a miss; files are opened
   without following links and copied only when they are regular files, so nothing outside
@@ -27,18 +28,14 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
-import stat
 import time
 from pathlib import Path
 
-from peftshield.errors import ConfigError
 from peftshield.io import atomic_directory
+from peftshield.local_secret import CACHE_KEY_ENV, cache_secret, keyed_digest, read_regular
 
 ENTRY_FILE = "entry.json"
 CACHE_DIR_ENV = "PEFTSHIELD_CACHE_DIR"
-CACHE_KEY_ENV = "PEFTSHIELD_CACHE_KEY"
-KEY_FILE = "cache.key"
 MAX_CACHED_FILE = 64 * 1024 * 1024  # an audit's files are small; a larger one is not an audit's
 
 
@@ -47,49 +44,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "peftshield" / "audit"
-
-
-def _key_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "peftshield" / KEY_FILE
-
-
-def cache_secret() -> bytes:
-    """The MAC key: ``$PEFTSHIELD_CACHE_KEY``, else the user's key file (made on first use, mode 600)."""
-    given = os.environ.get(CACHE_KEY_ENV)
-    if given:
-        if len(given) < 16:
-            raise ConfigError(f"{CACHE_KEY_ENV}: at least 16 characters (a random secret)")
-        return given.encode()
-    path = _key_file()
-    try:
-        return _read_regular(path, 4096).strip() or _new_key(path)
-    except FileNotFoundError:
-        return _new_key(path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} or remove the file") from None
-
-
-def _new_key(path: Path) -> bytes:
-    key = secrets.token_hex(32).encode()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key + b"\n")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} or use --no-cache") from None
-    return key
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file (not a link, not a device) of at most ``limit`` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            raise OSError(f"{path}: not a regular file of at most {limit} bytes")
-        return handle.read(limit + 1)
 
 
 def copy_regular_files(source: Path, dest: Path, names: list[str] | None = None) -> None:
@@ -101,7 +55,7 @@ def copy_regular_files(source: Path, dest: Path, names: list[str] | None = None)
         if name.startswith(".") or "/" in name or name in ("", ".."):
             continue
         try:
-            data = _read_regular(source / name, MAX_CACHED_FILE)
+            data = read_regular(source / name, MAX_CACHED_FILE)
         except OSError:
             continue
         (dest / name).write_bytes(data)
@@ -110,7 +64,7 @@ def copy_regular_files(source: Path, dest: Path, names: list[str] | None = None)
 def _mac(secret: bytes, key: str, record: dict) -> str:
     """The MAC of an entry's record (every field but the MAC itself, the files' sha256 among them) under its key."""
     message = json.dumps({"key": key, "record": {k: v for k, v in record.items() if k != "mac"}}, sort_keys=True, default=str).encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+    return keyed_digest(secret, message)
 
 
 def cache_key(weights_sha256: str, settings: dict) -> str:
@@ -141,11 +95,11 @@ class ContentCache:
         if not entry.is_dir() or entry.is_symlink():
             return None
         try:
-            about = json.loads(_read_regular(entry / ENTRY_FILE, 1 << 20))
+            about = json.loads(read_regular(entry / ENTRY_FILE, 1 << 20))
             files = about["files"]
             valid = (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
                      and hmac.compare_digest(str(about["mac"]), _mac(self.secret, key, about))
-                     and all(hashlib.sha256(_read_regular(entry / name, MAX_CACHED_FILE)).hexdigest() == digest for name, digest in files.items()))
+                     and all(hashlib.sha256(read_regular(entry / name, MAX_CACHED_FILE)).hexdigest() == digest for name, digest in files.items()))
         except (OSError, ValueError, KeyError, TypeError):
             valid = False
         if not valid:

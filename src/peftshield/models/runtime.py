@@ -287,12 +287,14 @@ def _exports_record() -> Path:
 def _export_marker(path: Path, fingerprint: str) -> Path:
     """The marker of ``path``'s content as the ``path.name`` graph of the weights ``fingerprint``
     names: a graph of other weights, or of another role (the int8 graph put in the fp32 one's
-    place), has another marker."""
-    import hashlib
-
+    place), has another marker. Its name is keyed with this user's secret
+    (:func:`peftshield.local_secret.cache_secret`, never in a cache), so whoever can write the
+    cache (a CI cache restored from a pull request's job) cannot make the marker of a graph they planted."""
     from peftshield.fingerprint import file_sha256
+    from peftshield.local_secret import cache_secret, keyed_digest
 
-    return _exports_record() / hashlib.sha256(f"{fingerprint}\0{path.name}\0{file_sha256(path)}".encode()).hexdigest()
+    message = f"peftshield-onnx-export/2\0{fingerprint}\0{path.name}\0{file_sha256(path)}".encode()
+    return _exports_record() / keyed_digest(cache_secret(), message)
 
 
 def record_export(path: Path, fingerprint: str) -> None:
