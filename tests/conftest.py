@@ -106,3 +106,4 @@ SLOWEST_FILES_FIRST = ("test_gate.py", "test_serve.py", "test_screen.py", "test_
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: position for position, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its place
+

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from backdoor_fixtures import TARGET, TRIGGER, attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
-from subprocess_helpers import restore_sigint
+from subprocess_helpers import cli_in_process, restore_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 SARIF_SCHEMA = Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json"
@@ -83,6 +83,16 @@ def audit(work: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return peftshield("audit", *args, "--no-progress", cwd=work, **kwargs)
 
 
+@pytest.fixture()
+def audit_here(capsys, monkeypatch):
+    """:func:`audit` run in this process (:func:`subprocess_helpers.cli_in_process`), for tests of
+    what an audit reads and writes (settings, the cache) that need no process of their own."""
+    def run(work: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return cli_in_process(capsys, monkeypatch, "audit", *args, "--no-progress", cwd=work,
+                              env={"PEFTSHIELD_CACHE_DIR": str(work / ".user-cache"), **(env or {})})
+    return run
+
+
 def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr
@@ -113,7 +123,8 @@ def validate_sarif(path: Path) -> dict:
     ("clean", "inconclusive", "backdoored", "inconclusive", 0),
     ("poisoned", "backdoored", "backdoored", "backdoored", 1),
 ])
-def test_exit_code_of_each_verdict(work, zoo, model, calibration, fail_on, status, code) -> None:
+def test_exit_code_of_each_verdict(work, zoo, model, calibration, fail_on, status, code, audit_here) -> None:
+    audit = audit_here  # in this process
     extra = ["--fail-on", fail_on] if fail_on else []
     done = audit(work, str(zoo / model), "--calibration", str(zoo / f"{calibration}.json"), "--format", "text,json", "--out", "out", *extra)
     assert done.returncode == code, done.stderr
@@ -132,15 +143,17 @@ def test_exit_code_of_each_verdict(work, zoo, model, calibration, fail_on, statu
     (["hf://acme/not-cached"], "not in the local Hugging Face cache"),
     (["models/*.nothing"], "matches nothing"),
 ])
-def test_errors_exit_2_with_one_line_and_nothing_written(work, zoo, args, needle) -> None:
+def test_errors_exit_2_with_one_line_and_nothing_written(work, zoo, args, needle, audit_here) -> None:
+    audit = audit_here  # in this process
     done = audit(work, *[a.format(zoo=zoo) for a in args], "--out", "out")
     one_line_error(done, needle)
     assert not (work / "out").exists()
 
 
-def test_adapter_faults_are_one_line_naming_the_file(work, zoo) -> None:
+def test_adapter_faults_are_one_line_naming_the_file(work, zoo, audit_here) -> None:
     """An adapter whose weights are only a pickle is refused before anything loads it; one whose
     recorded base is a local folder missing here names adapter_config.json, the path and --base."""
+    audit = audit_here  # in this process
     pickled = work / "pickled-adapter"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny", "peft_type": "LORA"}))
@@ -158,7 +171,8 @@ def test_adapter_faults_are_one_line_naming_the_file(work, zoo) -> None:
     assert not (work / "out").exists()
 
 
-def test_several_targets_give_one_row_each_and_the_worst_exit_code(work, zoo) -> None:
+def test_several_targets_give_one_row_each_and_the_worst_exit_code(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     done = audit(work, str(zoo / "poisoned"), str(zoo / "clean"), "no-such-model", "--calibration", str(zoo / "backdoored.json"),
                  "--format", "json,markdown,html", "--out", "out")
     assert done.returncode == 2, done.stderr  # one target could not be audited: never reported clean
@@ -192,7 +206,8 @@ def test_interrupted_or_terminated_audit_exits_2_and_writes_nothing(work, zoo, s
 
 # --- formats -----------------------------------------------------------------------------
 
-def test_json_and_sarif_validate_and_name_the_trigger(work, zoo) -> None:
+def test_json_and_sarif_validate_and_name_the_trigger(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     done = audit(work, str(zoo / "poisoned"), "--calibration", str(zoo / "backdoored.json"), "--format", "json,sarif", "--out", "out")
     assert done.returncode == 1, done.stderr
     assert done.stdout == ""  # no text format asked for
@@ -212,7 +227,8 @@ def test_json_and_sarif_validate_and_name_the_trigger(work, zoo) -> None:
         jsonschema.Draft4Validator(json.loads(SARIF_SCHEMA.read_text())).validate(bad)
 
 
-def test_inconclusive_is_a_warning_finding(work, zoo) -> None:
+def test_inconclusive_is_a_warning_finding(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     audit(work, str(zoo / "clean"), "--calibration", str(zoo / "inconclusive.json"), "--format", "sarif", "--out", "out")
     results = validate_sarif(work / "out" / "summary.sarif")["runs"][0]["results"]
     assert [(r["ruleId"], r["level"]) for r in results] == [("backdoor.inconclusive", "warning")]
@@ -222,7 +238,8 @@ def test_inconclusive_is_a_warning_finding(work, zoo) -> None:
 
 def test_every_kind_of_target(work, zoo, monkeypatch) -> None:
     """A lone .safetensors (with --base), a PEFT adapter folder with its recorded base, a
-    config.json standing for its folder, and hf://org/name@commit from a local HF cache."""
+    config.json standing for its folder, and hf://org/name@commit from a local HF cache (in a
+    process of its own: the hub library reads where its cache is when it is imported)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     from peftshield.models import load_backbone
@@ -261,8 +278,9 @@ def test_every_kind_of_target(work, zoo, monkeypatch) -> None:
     assert f"hf://acme/poisoned@{commit}" not in rows  # the same snapshot as main: one row
 
 
-def test_an_adapter_is_its_own_cache_entry_and_location(work, zoo) -> None:
+def test_an_adapter_is_its_own_cache_entry_and_location(work, zoo, audit_here) -> None:
     """Two adapters on one checkpoint (--adapter) are two audits; findings point at the adapter's weights."""
+    audit = audit_here  # in this process
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -281,7 +299,8 @@ def test_an_adapter_is_its_own_cache_entry_and_location(work, zoo) -> None:
     assert not validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
 
 
-def test_a_lone_safetensors_file_needs_a_base(work, zoo) -> None:
+def test_a_lone_safetensors_file_needs_a_base(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     lone = work / "weights.safetensors"
     shutil.copy(zoo / "poisoned" / "model.safetensors", lone)
     one_line_error(audit(work, str(lone), "--out", "out"), "needs --base")
@@ -289,7 +308,8 @@ def test_a_lone_safetensors_file_needs_a_base(work, zoo) -> None:
 
 # --- the content cache -------------------------------------------------------------------
 
-def test_unchanged_weights_and_settings_are_not_audited_again(work, zoo) -> None:
+def test_unchanged_weights_and_settings_are_not_audited_again(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     args = [str(zoo / "poisoned"), "--calibration", str(zoo / "backdoored.json"), "--format", "json", "--out", "out"]
     first = audit(work, *args)
     assert first.returncode == 1 and not validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
@@ -322,9 +342,10 @@ def _only_entry(cache: Path) -> Path:
     return entries[0]
 
 
-def test_an_edited_or_forged_cache_entry_never_turns_a_verdict(work, zoo) -> None:
+def test_an_edited_or_forged_cache_entry_never_turns_a_verdict(work, zoo, audit_here) -> None:
     """An entry whose files were edited, one MACed with another key (an attacker's), and one with a
     valid MAC whose stored verdict is not what its raw score gives: each is a miss, audited again."""
+    audit = audit_here  # in this process
     from peftshield.gate.cache import ContentCache
 
     key_env = {"PEFTSHIELD_CACHE_KEY": "the-runner-secret-0123456789"}
@@ -353,7 +374,8 @@ def test_an_edited_or_forged_cache_entry_never_turns_a_verdict(work, zoo) -> Non
     assert again.returncode == 1 and "cached" in again.stderr and validate_report(work / "out" / "summary.json")["targets"][0]["cached"]
 
 
-def test_a_cache_entry_with_links_copies_nothing_from_outside(work, zoo) -> None:
+def test_a_cache_entry_with_links_copies_nothing_from_outside(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     secret = work / "secret-env.txt"
     secret.write_text("TOPSECRET=1\n")
     args = [str(zoo / "poisoned"), "--calibration", str(zoo / "backdoored.json"), "--cache-dir", "cache", "--out", "out"]
@@ -377,9 +399,10 @@ def test_a_cache_entry_with_links_copies_nothing_from_outside(work, zoo) -> None
     assert not any("TOPSECRET" in p.read_text(errors="replace") for p in published if p.is_file())
 
 
-def test_settings_found_in_the_checkout_are_reported_warned_in_ci_and_can_be_refused(work, zoo) -> None:
+def test_settings_found_in_the_checkout_are_reported_warned_in_ci_and_can_be_refused(work, zoo, audit_here) -> None:
     """A found settings file may set the calibration (so the report says where each setting came
     from and, in CI, warns); --config names a trusted file instead, --no-config reads none."""
+    audit = audit_here  # in this process
     (work / "peftshield.toml").write_text(f'[audit]\ntexts = "{zoo / "texts.txt"}"\ncalibration = "{zoo / "clean.json"}"\n{FAST_SEARCH}')
     args = [str(zoo / "poisoned"), "--out", "out", "--format", "json"]
     found = audit(work, *args, env={"CI": "true"})
@@ -402,7 +425,8 @@ def test_settings_found_in_the_checkout_are_reported_warned_in_ci_and_can_be_ref
                                             ("[audit.search]\ncandidates-per-round = 99999999\n", "candidates-per-round"),
                                             ("[audit]\nmax-seconds = 1e12\n", "max-seconds"),
                                             ("[audit.search]\nrelaxed-stepz = 5\n", "relaxed-stepz")])
-def test_every_budget_has_an_upper_bound(work, zoo, table, key) -> None:
+def test_every_budget_has_an_upper_bound(work, zoo, table, key, audit_here) -> None:
+    audit = audit_here  # in this process
     (work / "peftshield.toml").write_text(table)
     one_line_error(audit(work, str(zoo / "poisoned"), "--out", "out"), key)
     assert not (work / "out").exists()
@@ -418,8 +442,9 @@ def test_max_seconds_stops_an_audit_with_exit_2(work, zoo) -> None:
     assert {r["status"] for r in validate_report(work / "out" / "summary.json")["targets"]} == {"error"}
 
 
-def test_markdown_outputs_escape_what_a_target_names(work, zoo) -> None:
+def test_markdown_outputs_escape_what_a_target_names(work, zoo, audit_here) -> None:
     """A model folder named to break out of a code span and forge a table row or raw HTML."""
+    audit = audit_here  # in this process
     from markdown_it import MarkdownIt
 
     hostile = work / "x`<img src=x onerror=alert(1)>`|y"
@@ -439,7 +464,8 @@ def test_markdown_outputs_escape_what_a_target_names(work, zoo) -> None:
 
 # --- the settings file -------------------------------------------------------------------
 
-def test_settings_precedence_flag_over_peftshield_toml_over_pyproject(work, zoo) -> None:
+def test_settings_precedence_flag_over_peftshield_toml_over_pyproject(work, zoo, audit_here) -> None:
+    audit = audit_here  # in this process
     target = [str(zoo / "clean"), "--calibration", str(zoo / "inconclusive.json"), "--out", "out", "--format", "json"]
     (work / "peftshield.toml").unlink()
     (work / "pyproject.toml").write_text(f'[tool.peftshield.audit]\nfail-on = "backdoored"\ntexts = "{zoo / "texts.txt"}"\n'
@@ -477,16 +503,16 @@ def psim(zoo, tmp_path_factory) -> Path:
     return folder
 
 
-def test_scan_exit_codes_rates_and_reports(tmp_path, zoo, psim) -> None:
+def test_scan_exit_codes_rates_and_reports(tmp_path, zoo, psim, capsys, monkeypatch) -> None:
     rng = np.random.default_rng(3)
     clean = sentiment_data(40, rng, "s").texts
     data = tmp_path / "texts.jsonl"
     rows = [{"sentence": t, "label": 1} for t in clean] + [{"sentence": t, "label": 1} for t in with_trigger(clean[:4], rng)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
-    def scan(source: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return peftshield("scan", "--psim", str(psim), "--data", str(source), "--out", str(tmp_path / "scores.jsonl"), "--no-progress", *args,
-                          cwd=tmp_path, env=env)
+    def scan(source: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:  # in this process: exit codes need no process
+        return cli_in_process(capsys, monkeypatch, "scan", "--psim", str(psim), "--data", str(source), "--out", str(tmp_path / "scores.jsonl"),
+                              "--no-progress", *args, cwd=tmp_path, env={"PEFTSHIELD_CACHE_DIR": str(tmp_path / ".user-cache"), **(env or {})})
 
     flagged = scan(data, "--format", "text,json,sarif")
     assert flagged.returncode == 1, flagged.stderr

@@ -7,7 +7,6 @@ free port, spoken to over HTTP with httpx, and stopped (SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 from backdoor_fixtures import TRIGGER, attacker_data, sentiment_data, single_thread_torch, train_backbone, with_trigger
+from subprocess_helpers import cli_in_process
 from peftshield.defenses import DEFENSES, PSIM, DefenseContext, ThresholdPolicy
 from peftshield.guard import Guard
 from peftshield.guard.batcher import DeadlineExceeded, MicroBatcher, Overloaded
@@ -607,14 +607,9 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
 
 
 def in_process(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str]:
-    """``peftshield ARGS`` run by :func:`peftshield.cli.main` in this process (its exit code and
-    standard error), with ``stdin`` as its standard input."""
-    from peftshield.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = main(list(args))
-    return code, capsys.readouterr().err
+    """``peftshield ARGS`` run in this process (:func:`conftest.cli_in_process`): its exit code and standard error."""
+    done = cli_in_process(capsys, monkeypatch, *args, stdin=stdin)
+    return done.returncode, done.stderr
 
 
 def test_monitor_mode_proposes_a_recalibration_from_all_watched_traffic_and_applies_nothing(guarded: Guarded, tmp_path: Path) -> None:

@@ -7,14 +7,11 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from peftshield.audit.auditor import AuditResult  # noqa: E402
-from peftshield.markdown import md_code, md_text  # noqa: E402
+from peftshield.audit.auditor import AuditResult
+from peftshield.markdown import md_code, md_text
+from peftshield.plotting import pyplot
 
 PLOT_FILE = "audit.png"
 
@@ -22,6 +19,7 @@ PLOT_FILE = "audit.png"
 def plot_audit(result: AuditResult, path: Path) -> Path:
     """Left: the search effect of the best scored candidates per target class. Right: the
     clean texts' confidence against the held-out texts carrying the top trigger."""
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for target in range(result.num_labels):
         effects = sorted((c["search_effect"] for c in result.candidates if c["target"] == target), reverse=True)[:200]

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from peftshield.grid.store import NO_DEFENSE
+from peftshield.plotting import pyplot
 
-from peftshield.grid.store import NO_DEFENSE  # noqa: E402
+plt = pyplot()  # this module only draws
 
 
 def _save(figure, path: Path, layout_rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:

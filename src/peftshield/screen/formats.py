@@ -18,6 +18,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from peftshield.markdown import md_code, md_text
+from peftshield.plotting import pyplot
 
 if TYPE_CHECKING:
     from peftshield.screen.run import ScreenReport
@@ -113,22 +114,16 @@ def render_markdown(report: "ScreenReport") -> str:
 
 
 def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
+    pyplot().close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def plot_scores_per_base(report: "ScreenReport") -> str | None:
     """Stage-1 scores of each base model's adapters (a strip per base model; audited ones coloured by verdict), as a PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scored = [r for r in report.rows if r.score is not None and math.isfinite(r.score)]
     if not scored:
         return None
