@@ -55,16 +55,18 @@ def render(summary: dict) -> str:
         f"Command: `make bench-serve-detectors` (= `.venv/bin/python bench/serve_detectors.py`), {summary['date']}, this machine (2 CPU cores), "
         f"nothing else running. The models of bench/serve.md (runs/serve-bench); the PSIM and victim on `{summary['runtime']}`, the detectors "
         f"as the guard runs them (DAN from the victim's layer states of the service's own victim pass, which then runs fp32 ONNX: int8 "
-        f"states wreck DAN's distances; Shift's two passes and its distances as one fp32 ONNX graph{'' if summary['runtime'] != 'torch' else ', here in PyTorch'}); each set served in turn in this run, {summary['seconds']:.0f} s per level after a warm-up, one text per request, "
+        f"states wreck DAN's distances; Shift's two passes and its distances as one fp32 ONNX graph{'' if summary['runtime'] != 'torch' else ', here in PyTorch'}); each set served in turn, {summary['seconds']:.0f} s per level after a warm-up, one text per request, "
         "max batch 64, max wait 5 ms. Detectors fitted for the victim on SST-2 with `detector fit` (Shift against MiniLM, the backbone's "
-        "public original).",
+        f"public original). {summary['rounds']} rounds, each serving every set in turn; a row is the set's best round at that level "
+        "(every round's texts/s beside it), so a slow spell of this shared machine does not decide a share.",
         "",
-        "| detector set | clients | texts/s | share of psim's texts/s | p50 ms | p99 ms | errors | dropped | flagged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| detector set | clients | texts/s | each round | share of psim's texts/s | p50 ms | p99 ms | errors | dropped | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in summary["sets"].items():
         for row in rows:
-            lines.append(f"| {name} | {row['clients']} | {row['texts_per_s']} | {row['share_of_psim']:.0%} | {row['p50_ms']} | {row['p99_ms']} "
+            lines.append(f"| {name} | {row['clients']} | {row['texts_per_s']} | {', '.join(str(r) for r in row['rounds_texts_per_s'])} "
+                         f"| {row['share_of_psim']:.0%} | {row['p50_ms']} | {row['p99_ms']} "
                          f"| {row['errors']} | {row['dropped']} | {row['flagged'] / max(1, row['requests']):.1%} |")
     lines += ["", "## Reading it", "", *summary["reading"]]
     return "\n".join(lines) + "\n"
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared/data")
     parser.add_argument("--out", default="bench/serve_detectors")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=2, help="Every set served once per round; each row is its best round.")
     args = parser.parse_args()
     from peftshield.io import atomic_write_json, atomic_write_text
 
@@ -87,34 +90,45 @@ def main() -> None:
     folders = {name: fitted(work, shared, name) for name in FIT_OPTIONS}
     texts = [t for pair in zip(*serve_load.evaluation_texts(shared)) for t in pair]
     started = time.perf_counter()
+    runs: dict[str, list[list[dict]]] = {name: [] for name in SETS}  # per set: each round's row per client level
+    for round_index in range(args.rounds):  # every set once per round, so a slow spell of the machine hits every set alike
+        for name, members in SETS.items():
+            port = serve_load.free_port()
+            url = f"http://127.0.0.1:{port}"
+            detector_args = [arg for member in members for arg in ("--detector", str(folders[member]))]
+            process = serve_load.start([serve_load.PEFTSHIELD, "serve", "--model", str(work / "victim"), "--psim", str(work / "psim"), "--port", str(port),
+                                        "--runtime", runtime, "--max-batch", "64", "--max-wait-ms", "5", *detector_args], url,
+                                       work / f"serve-{name.replace(' + ', '-')}.log")
+            rows = []
+            try:
+                for clients in CLIENTS:
+                    row = asyncio.run(serve_load.drive(url, texts, clients, args.seconds))
+                    serve_load.log(f"  round {round_index + 1}, {name}, {clients} clients: {row}")
+                    rows.append(row)
+            finally:
+                row_exit = serve_load.stop(process)
+            for row in rows:
+                row["exit_code"] = row_exit
+            runs[name].append(rows)
+    # Each set and level: its best round (the machine's capacity, least disturbed), every round's texts/s beside it.
     results: dict[str, list[dict]] = {}
-    for name, members in SETS.items():
-        port = serve_load.free_port()
-        url = f"http://127.0.0.1:{port}"
-        detector_args = [arg for member in members for arg in ("--detector", str(folders[member]))]
-        process = serve_load.start([serve_load.PEFTSHIELD, "serve", "--model", str(work / "victim"), "--psim", str(work / "psim"), "--port", str(port),
-                                    "--runtime", runtime, "--max-batch", "64", "--max-wait-ms", "5", *detector_args], url,
-                                   work / f"serve-{name.replace(' + ', '-')}.log")
-        try:
-            results[name] = []
-            for clients in CLIENTS:
-                row = asyncio.run(serve_load.drive(url, texts, clients, args.seconds))
-                serve_load.log(f"  {name}, {clients} clients: {row}")
-                results[name].append(row)
-        finally:
-            row_exit = serve_load.stop(process)
-        for row in results[name]:
-            row["exit_code"] = row_exit
+    for name, rounds in runs.items():
+        results[name] = []
+        for level in range(len(CLIENTS)):
+            tried = [rows[level] for rows in rounds]
+            best = dict(max(tried, key=lambda row: row["texts_per_s"]))
+            best["rounds_texts_per_s"] = [row["texts_per_s"] for row in tried]
+            results[name].append(best)
     for rows in results.values():
         for row, alone in zip(rows, results["psim"]):
             row["share_of_psim"] = row["texts_per_s"] / alone["texts_per_s"]
-    errors = sum(r["errors"] + r["dropped"] for rows in results.values() for r in rows)
+    errors = sum(r["errors"] + r["dropped"] for rounds in runs.values() for rows in rounds for r in rows)
     reading = ["- At 64 clients: " + "; ".join(f"{name} {rows[-1]['texts_per_s']} texts/s ({rows[-1]['share_of_psim']:.0%})" for name, rows in results.items())
                + f". Errors and dropped requests over every run: {errors}."]
     half = [name for name, rows in results.items() if rows[-1]["share_of_psim"] >= 0.5]
     reading.append(f"- Sets at or above half the PSIM-only service's texts/s at 64 clients: {', '.join(half)}.")
-    summary = {"date": time.strftime("%Y-%m-%d"), "runtime": runtime, "seconds": args.seconds, "wall_seconds": time.perf_counter() - started,
-               "sets": results, "errors_and_dropped": errors, "reading": reading}
+    summary = {"date": time.strftime("%Y-%m-%d"), "runtime": runtime, "seconds": args.seconds, "rounds": args.rounds,
+               "wall_seconds": time.perf_counter() - started, "sets": results, "errors_and_dropped": errors, "reading": reading}
     atomic_write_json(Path(args.out + ".json"), summary)
     atomic_write_text(Path(args.out + ".md"), render(summary))
     print("\n".join(reading))

@@ -320,3 +320,19 @@ def test_cube_flags_everything_outside_each_class_main_cluster(monkeypatch) -> N
     cube.num_labels_, cube.threshold_ = 2, 1.0
     flags = cube.flag([str(i) for i in range(80)])
     np.testing.assert_array_equal(flags, [False] * 40 + [True] * 10 + [False] * 30)
+
+
+def test_dan_distances_are_the_squared_mahalanobis_distance_to_the_nearest_class_mean() -> None:
+    """DAN's distances, computed as xPx - 2xPm + mPm from one product per text, equal the
+    definition (x - m) P (x - m) for every class, nearest class taken, on states far from the
+    origin (as a transformer's are) where the expanded terms are largest."""
+    from peftshield.defenses.dan import LayerGaussians
+
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(3, 200, 16)) * 3 + 50
+    labels = rng.integers(0, 3, 200)
+    gaussians = LayerGaussians.fit(states, labels)
+    expected = np.array([[min(float((x - m) @ precision @ (x - m)) for m in means) for x in layer]
+                         for layer, means, precision in zip(states, gaussians.means, gaussians.precisions)])
+    np.testing.assert_allclose(gaussians.distances(states), expected, rtol=1e-9, atol=1e-9)
+    assert np.ptp(expected) > 1  # distances that differ, so the comparison means something

@@ -57,8 +57,16 @@ class LayerGaussians:
         """(layers, texts): squared Mahalanobis distance to the nearest class mean."""
         out = np.zeros(states.shape[:2])
         for index, (layer, means, precision) in enumerate(zip(states.astype(np.float64), self.means, self.precisions)):
-            diff = layer[:, None, :] - means[None, :, :]  # (texts, classes, hidden)
-            out[index] = np.einsum("tch,hk,tck->tc", diff, precision, diff).min(axis=1)
+            # (x - m) P (x - m) = xPx - 2 xPm + mPm, so each text's state is multiplied by P once,
+            # not once per class, and as a matrix product (a three-operand einsum over the
+            # differences took 184 ms a batch of 64 in a guard, a quarter of its time). Centred on
+            # the class means' mean first, so the three terms stay of the distances' size.
+            centre = means.mean(axis=0)
+            texts, classes = layer - centre, means - centre
+            projected = texts @ precision
+            squared = ((projected * texts).sum(axis=1)[:, None] - 2 * projected @ classes.T
+                       + ((classes @ precision) * classes).sum(axis=1)[None, :])
+            out[index] = np.maximum(squared, 0).min(axis=1)
         return out
 
 
