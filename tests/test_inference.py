@@ -78,3 +78,40 @@ def test_a_graph_planted_with_a_marker_made_without_the_users_secret_is_exported
     assert not runtime.exported_here(path, "fingerprint-1")
     assert runtime.cached_graph(folder, "shift", "onnx", "fingerprint-1", export) == path and len(exports) == 2
     assert path.read_bytes() == b"the graph peftshield exported"
+
+
+def test_processes_that_start_together_export_a_graph_once(tmp_path: Path) -> None:
+    """`serve --workers N` starts N processes that all look for the same graph: one exports it
+    while the others wait on the lock, then find it made (two threads here, each with its own
+    open of the lock file, as separate processes have). A lock file the folder ships as a link
+    is not followed: nothing is created where it points, and the export goes on."""
+    import threading
+    import time
+
+    from peftshield.models.runtime import cached_graph
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    exports = []
+
+    def export(path: Path) -> Path:
+        exports.append(path)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one exports
+        path.write_bytes(b"graph")
+        return path
+
+    found = []
+    callers = [threading.Thread(target=lambda: found.append(cached_graph(folder, "model", "onnx", "fingerprint-1", export))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(exports) == 1 and found == [folder / "onnx" / "model.onnx"] * 2
+
+    shipped = tmp_path / "shipped"
+    (shipped / "onnx").mkdir(parents=True)
+    target = tmp_path / "elsewhere" / "created-by-the-lock"
+    target.parent.mkdir()
+    (shipped / "onnx" / ".shift.lock").symlink_to(target)
+    assert cached_graph(shipped, "shift", "onnx", "fingerprint-1", export) == shipped / "onnx" / "shift.onnx"
+    assert not target.exists() and len(exports) == 2

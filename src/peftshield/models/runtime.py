@@ -14,6 +14,7 @@ of the fp32 file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -256,6 +257,31 @@ def cached_graph(folder: str | Path, stem: str, runtime: str, fingerprint: str, 
 
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
         cache.mkdir(parents=True, exist_ok=True)
+    with _export_lock(cache, stem):  # `serve --workers N` starts N processes that would each export the same graph
+        return _cached_graph_in(cache, folder, stem, runtime, fingerprint, export)
+
+
+@contextlib.contextmanager
+def _export_lock(cache: Path, stem: str):
+    """An exclusive lock on ``<cache>/.<stem>.lock`` while one process checks and exports the
+    graph: the others wait and then find it made. The lock file is opened without following a
+    link (a folder may ship one); when it cannot be opened, the export goes on unlocked (a race
+    costs a second export, never a wrong graph: each is written under a temporary name and renamed)."""
+    import fcntl
+
+    try:
+        handle = os.open(cache / f".{stem}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _cached_graph_in(cache: Path, folder: Path, stem: str, runtime: str, fingerprint: str, export: Callable[[Path], Path]) -> Path:
     stamp = cache / f"{stem.replace('model', 'export', 1) if stem.startswith('model') else stem + '.export'}.json"
     try:  # a stamp that is not what this function wrote means a fresh export, never a traceback
         recorded = json.loads(stamp.read_text()) if stamp.is_file() and not stamp.is_symlink() and stamp.stat().st_size < 10_000 else {}
