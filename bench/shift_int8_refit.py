@@ -45,14 +45,13 @@ class PairStates(torch.nn.Module):
 
 def token_states(session, tokenizer, texts: list[str], max_length: int = 128):
     """Per batch of 64 (length-sorted): (indices, states, originals, keep) from ``session``."""
-    from peftshield.models.batching import encode_texts, pad_rows, sorted_batches
+    from peftshield.models.batching import encode_texts, own_tokens, pad_rows, sorted_batches
 
     encoded = encode_texts(tokenizer, texts, max_length)
-    special = np.array(sorted(set(tokenizer.all_special_ids)))
     for indices in sorted_batches(encoded.lengths(), BATCH):
         ids, mask = pad_rows(encoded, indices)
         states, originals = session.run(["states", "originals"], {"input_ids": ids, "attention_mask": mask})
-        yield indices, states, originals, (mask == 1) & ~np.isin(ids, special)
+        yield indices, states, originals, own_tokens(tokenizer, ids, mask)
 
 
 def fit_and_score(session, tokenizer, fit: list[str], calibration: list[str], evaluated: list[str], rng: np.random.Generator) -> tuple[np.ndarray, float]:

@@ -37,7 +37,7 @@ from peftshield.defenses.thresholds import ThresholdPolicy
 from peftshield.errors import ConfigError
 from peftshield.models import load_backbone
 from peftshield.models.backbone import is_decoder_classifier
-from peftshield.models.batching import encode_texts, pad_rows, sorted_batches
+from peftshield.models.batching import encode_texts, own_tokens, pad_rows, sorted_batches
 from peftshield.models.inference import evaluating, paired_layer_states
 
 STATE_FILE = "shift.json"
@@ -167,11 +167,10 @@ class Shift(Defense):
         if not texts:
             return out
         encoded = encode_texts(self.tokenizer_, texts, self.max_length)
-        special = np.array(sorted(set(self.tokenizer_.all_special_ids)), dtype=np.int64)
         for indices in sorted_batches(encoded.lengths(), self.batch_size):
             input_ids, attention = pad_rows(encoded, indices)
             squared = self._token_distances(input_ids, attention)
-            keep = (attention == 1) & ~np.isin(input_ids, special)
+            keep = own_tokens(self.tokenizer_, input_ids, attention)
             out[:, indices] = (squared * keep).sum(axis=-1) / np.maximum(keep.sum(axis=1), 1)
         return out
 

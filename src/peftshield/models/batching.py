@@ -32,6 +32,13 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedTexts:
     return EncodedTexts(list(encoded["input_ids"]), pad, getattr(tokenizer, "padding_side", "right") == "left")
 
 
+def own_tokens(tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """(batch, tokens) True where a padded batch holds a text's own tokens: attended and not a
+    special token ([CLS], [SEP], padding), the positions a per-token statistic averages over."""
+    special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    return (np.asarray(attention_mask) == 1) & ~np.isin(np.asarray(input_ids), special)
+
+
 def pad_rows(encoded: EncodedTexts, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic padding: ``input_ids`` and ``attention_mask`` (int64) padded to the longest row of
     this batch, on the right (encoders) or on the left (decoders, whose classifier reads the last position)."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from peftshield.models.backbone import is_decoder_classifier
-from peftshield.models.batching import EncodedTexts, collate, encode_texts, pad_rows, sorted_batches
+from peftshield.models.batching import EncodedTexts, collate, encode_texts, own_tokens, pad_rows, sorted_batches
 from peftshield.progress import track
 
 
@@ -182,12 +182,11 @@ def paired_layer_states(model, reference, tokenizer, texts: list[str], batch_siz
     hidden) at the output of every layer, and ``keep`` (batch, tokens) marking the texts' own
     tokens (not padding, not special tokens). Both models must share ``tokenizer``."""
     encoded = encode_texts(tokenizer, texts, max_length)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     device = model_device(model)
     with evaluating(model, reference), torch.inference_mode():
         for indices in sorted_batches(encoded.lengths(), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded, indices).items()}
+            input_ids, attention = pad_rows(encoded, indices)
+            batch = {"input_ids": torch.from_numpy(input_ids).to(device), "attention_mask": torch.from_numpy(attention).to(device)}
             states = torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
             reference_states = torch.stack(reference(**batch, output_hidden_states=True).hidden_states[1:])
-            keep = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], special.to(device))
-            yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), keep.cpu().numpy()
+            yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), own_tokens(tokenizer, input_ids, attention)
