@@ -336,3 +336,9 @@ def test_dan_distances_are_the_squared_mahalanobis_distance_to_the_nearest_class
                          for layer, means, precision in zip(states, gaussians.means, gaussians.precisions)])
     np.testing.assert_allclose(gaussians.distances(states), expected, rtol=1e-9, atol=1e-9)
     assert np.ptp(expected) > 1  # distances that differ, so the comparison means something
+    # A precision that is not symmetric (a hand-edited saved state): the definition still holds.
+    antisymmetric = rng.normal(size=gaussians.precisions.shape[1:])
+    skewed = gaussians.precisions + (antisymmetric - antisymmetric.T)  # the same quadratic form, not symmetric
+    expected = np.array([[min(float((x - m) @ precision @ (x - m)) for m in means) for x in layer]
+                         for layer, means, precision in zip(states, gaussians.means, skewed)])
+    np.testing.assert_allclose(LayerGaussians(gaussians.means, skewed).distances(states), expected, rtol=1e-9, atol=1e-9)

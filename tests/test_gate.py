@@ -89,7 +89,7 @@ def audit_here(capsys, monkeypatch):
     what an audit reads and writes (settings, the cache) that need no process of their own."""
     def run(work: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return cli_in_process(capsys, monkeypatch, "audit", *args, "--no-progress", cwd=work,
-                              env={"PEFTSHIELD_CACHE_DIR": str(work / ".user-cache"), **(env or {})})
+                              env={"HF_HUB_OFFLINE": "1", "PEFTSHIELD_CACHE_DIR": str(work / ".user-cache"), **(env or {})})
     return run
 
 

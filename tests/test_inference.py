@@ -115,3 +115,49 @@ def test_processes_that_start_together_export_a_graph_once(tmp_path: Path) -> No
     (shipped / "onnx" / ".shift.lock").symlink_to(target)
     assert cached_graph(shipped, "shift", "onnx", "fingerprint-1", export) == shipped / "onnx" / "shift.onnx"
     assert not target.exists() and len(exports) == 2
+
+
+def test_a_link_in_the_user_cache_is_refused_before_anything_is_exported(tmp_path: Path, monkeypatch) -> None:
+    """A restored cache may hold a link where peftshield keeps graphs of read-only folders (or its
+    markers): it is one ConfigError, and nothing is exported, written or deleted where it points.
+    An unreadable key is one line before any export too."""
+    import hashlib
+
+    import pytest
+
+    from peftshield.errors import ConfigError
+    from peftshield.models.runtime import cached_graph
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "shipped-onnx").mkdir()
+    (folder / "onnx").symlink_to(tmp_path / "shipped-onnx")  # a link (as a read-only folder): graphs go to the user cache
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_bytes(b"the user's own file")
+    user_onnx = tmp_path / "cache" / "peftshield" / "onnx"
+    user_onnx.mkdir(parents=True)
+    (user_onnx / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]).symlink_to(outside)
+    exports = []
+
+    def export(path: Path) -> Path:
+        exports.append(path)
+        path.write_bytes(b"graph")
+        return path
+
+    with pytest.raises(ConfigError, match="a link in peftshield's cache folder"):
+        cached_graph(folder, "model", "onnx", "fingerprint-1", export)
+    assert exports == [] and sorted(p.name for p in outside.iterdir()) == ["model.onnx"]
+    assert (outside / "model.onnx").read_bytes() == b"the user's own file"
+    (tmp_path / "cache" / "peftshield" / "onnx-exports").symlink_to(outside)
+    with pytest.raises(ConfigError, match="a link in peftshield's cache folder"):
+        cached_graph(tmp_path / "writable", "model", "onnx", "fingerprint-1", export)
+    assert exports == []
+    (tmp_path / "cache" / "peftshield" / "onnx-exports").unlink()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    (tmp_path / "config" / "peftshield" / "cache.key").mkdir(parents=True)  # a key that cannot be read
+    (tmp_path / "writable").mkdir()
+    with pytest.raises(ConfigError, match="cannot read the cache key"):
+        cached_graph(tmp_path / "writable", "model", "onnx", "fingerprint-1", export)
+    assert exports == []

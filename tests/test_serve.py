@@ -607,7 +607,7 @@ def test_a_detector_beside_the_psim_fires_on_its_own_and_each_result_names_what_
 
 
 def in_process(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str]:
-    """``peftshield ARGS`` run in this process (:func:`conftest.cli_in_process`): its exit code and standard error."""
+    """``peftshield ARGS`` run in this process (:func:`subprocess_helpers.cli_in_process`): its exit code and standard error."""
     done = cli_in_process(capsys, monkeypatch, *args, stdin=stdin)
     return done.returncode, done.stderr
 

@@ -17,6 +17,7 @@ import hmac
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from peftshield.errors import ConfigError
@@ -36,14 +37,17 @@ def cache_secret() -> bytes:
     if given:
         if len(given) < 16:
             raise ConfigError(f"{CACHE_KEY_ENV}: at least 16 characters (a random secret)")
-        return given.encode()
+        return os.fsencode(given)  # the bytes as given, whatever the locale (never a traceback)
     path = key_file()
     try:
-        return read_regular(path, 4096).strip() or _new_key(path)
+        key = read_regular(path, 4096).strip()
     except FileNotFoundError:
         return _new_key(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} or remove the file") from None
+    if not key:
+        raise ConfigError(f"{path}: the cache key file is empty; remove it (a new key is made) or set {CACHE_KEY_ENV}")
+    return key
 
 
 def keyed_digest(secret: bytes, message: bytes) -> str:
@@ -52,12 +56,23 @@ def keyed_digest(secret: bytes, message: bytes) -> str:
 
 
 def _new_key(path: Path) -> bytes:
+    """A new random key, written whole to a temporary file (mode 600) and linked into place: a
+    process starting at the same moment either links its own first or reads the one linked
+    (never a half-written file, never a second key that would silently void the first's markers)."""
     key = secrets.token_hex(32).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key + b"\n")
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{KEY_FILE}-")
+        try:
+            os.write(handle, key + b"\n")
+            os.close(handle)
+            os.link(temporary, path)  # fails when the name exists (a link included): never replaces a key
+        except FileExistsError:
+            key = read_regular(path, 4096).strip()
+            if not key:
+                raise OSError("an empty key file") from None
+        finally:
+            os.unlink(temporary)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write the cache key ({exc.strerror or exc}); set {CACHE_KEY_ENV} "
                           "(or, for the audit gate, use --no-cache)") from None

@@ -46,6 +46,9 @@ class Defense(Component, ABC):
     # True: a data cleaner that judges the texts passed to one score() call as one pool
     # (keyword statistics, clustering), so a text's score depends on the rest of the pool.
     transductive: ClassVar[bool] = False
+    # True: its ``batch_size`` counts texts per forward pass of its own, so a guard runs those
+    # passes in its length-sorted micro-batches (not set where it counts perturbed copies or training rows).
+    text_passes: ClassVar[bool] = False
     # The threshold policy when the ``threshold`` option is None (or absent): the one place each
     # defense names its default. Baselines calibrate to 1% false rejections on clean texts.
     default_threshold: ClassVar[ThresholdPolicy] = CLEAN_FRR_POLICY

@@ -35,7 +35,9 @@ class LayerGaussians:
 
     def __init__(self, means: np.ndarray, precisions: np.ndarray) -> None:
         self.means = means  # (layers, classes, hidden)
-        self.precisions = precisions  # (layers, hidden, hidden)
+        # (layers, hidden, hidden), symmetric as a precision is (to rounding, after Ledoit-Wolf):
+        # distances() expands (x - m) P (x - m) into xPx - 2xPm + mPm, which needs it exactly.
+        self.precisions = (precisions + np.swapaxes(precisions, -1, -2)) / 2
 
     @classmethod
     def fit(cls, states: np.ndarray, labels: np.ndarray) -> "LayerGaussians":
@@ -75,6 +77,7 @@ class DAN(Defense):
     """Distance of the victim's per-layer representations to the clean classes (Mahalanobis, max over layers)."""
 
     name = "dan"
+    text_passes = True
     needs_victim = True
 
     def __init__(self, max_reference_texts: PositiveInt = 1000, batch_size: PositiveInt = 64, max_length: PositiveInt = 128,

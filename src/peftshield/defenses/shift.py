@@ -83,6 +83,7 @@ class Shift(Defense):
     """The change from its original model the backbone makes on a text that it makes on no clean text (ridge left-over, Mahalanobis)."""
 
     name = "shift"
+    text_passes = True
 
     def __init__(self, original: str = "minilm", max_reference_texts: PositiveInt = 1000, max_fit_tokens: PositiveInt = 20000,
                  ridge: PositiveFloat = 10.0, combine: Literal["mean", "max"] = "mean", extra_calibration_texts: NonNegativeInt = 1000,

@@ -27,6 +27,7 @@ from pydantic import BeforeValidator
 
 from peftshield.errors import PeftshieldError
 from peftshield.io import atomic_write_json
+from peftshield.local_secret import cache_secret, keyed_digest
 from peftshield.models.backbone import is_decoder_classifier
 from peftshield.models.inference import model_device
 
@@ -255,8 +256,9 @@ def cached_graph(folder: str | Path, stem: str, runtime: str, fingerprint: str, 
     except OSError:
         import hashlib
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = user_cache_folder("onnx", hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16])
+    _exports_record()  # where the markers go, and the key that names them, before any export: a broken one is
+    cache_secret()  # one line now, not after an export that could not be recorded
     with _export_lock(cache, stem):  # `serve --workers N` starts N processes that would each export the same graph
         return _cached_graph_in(cache, folder, stem, runtime, fingerprint, export)
 
@@ -307,7 +309,22 @@ def _cached_graph_in(cache: Path, folder: Path, stem: str, runtime: str, fingerp
 
 def _exports_record() -> Path:
     """Where this user records the ONNX files peftshield wrote: in the user's cache, never in a model folder."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield" / "onnx-exports"
+    return user_cache_folder("onnx-exports")
+
+
+def user_cache_folder(*parts: str) -> Path:
+    """``<user cache>/peftshield/<parts>``, made when missing. A link at any of those levels is a
+    one-line :class:`ConfigError`: a cache restored from elsewhere (a pull request's CI job) may
+    hold one that points anywhere, and peftshield replaces and deletes graphs in this folder."""
+    from peftshield.errors import ConfigError
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield"
+    for index in range(len(parts) + 1):
+        level = folder.joinpath(*parts[:index])
+        if level.is_symlink():
+            raise ConfigError(f"{level}: a link in peftshield's cache folder; remove it (peftshield makes this folder itself)")
+        level.mkdir(mode=0o700, parents=index == 0, exist_ok=True)
+    return level
 
 
 def _export_marker(path: Path, fingerprint: str) -> Path:
@@ -317,7 +334,6 @@ def _export_marker(path: Path, fingerprint: str) -> Path:
     (:func:`peftshield.local_secret.cache_secret`, never in a cache), so whoever can write the
     cache (a CI cache restored from a pull request's job) cannot make the marker of a graph they planted."""
     from peftshield.fingerprint import file_sha256
-    from peftshield.local_secret import cache_secret, keyed_digest
 
     message = f"peftshield-onnx-export/2\0{fingerprint}\0{path.name}\0{file_sha256(path)}".encode()
     return _exports_record() / keyed_digest(cache_secret(), message)

@@ -143,10 +143,7 @@ def plot_scores_per_base(report: "ScreenReport") -> str | None:
 
 def plot_rank_against_verdict(report: "ScreenReport") -> str | None:
     """Each audited adapter's stage-1 rank, by the audit's verdict, as a PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     audited = [r for r in report.rows if r.audited and r.rank is not None]
     if not audited:
