@@ -79,7 +79,8 @@ class Detector:
         """Make its own forward passes (when it makes any) over length-sorted groups of ``count``
         texts: a guard's micro-batch (``--batch-size``) rather than the batch size it was fitted
         with. A service's batch mixes lengths, and one pass over it pads every text to the longest:
-        Shift scored 64 mixed SST-2 texts a pass at half its rate in groups of 8 (same scores).
+        Shift in one pass over such batches of 64 ran at about half its rate in passes of 16, with
+        the same scores (bench/shift_runtimes.md, "In a service's micro-batches").
         Only a defense whose ``batch_size`` counts texts per pass (``text_passes``) is changed."""
         if type(self.defense).text_passes:
             self.defense.batch_size = int(count)
