@@ -99,7 +99,7 @@ def tiny_texts():
 # `make test` runs one file per worker at a time (pytest-xdist --dist loadfile, with
 # --no-loadscope-reorder so this order holds): the files that take longest start first, so
 # that no long file is left to run alone at the end while the other worker idles.
-SLOWEST_FILES_FIRST = ("test_gate.py", "test_serve.py", "test_screen.py", "test_audit.py", "test_integration_minilm.py", "test_grid.py",
+SLOWEST_FILES_FIRST = ("test_serve.py", "test_screen.py", "test_audit.py", "test_integration_minilm.py", "test_grid.py", "test_gate.py",
                        "test_scan_inputs.py", "test_cli.py", "test_faults.py")
 
 

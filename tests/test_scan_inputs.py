@@ -1,4 +1,4 @@
-"""What ``peftshield scan`` reads, through the real CLI in a subprocess: unlabelled texts in
+"""What ``peftshield scan`` reads, through the real CLI (in a subprocess; the refusals in this process): unlabelled texts in
 every format (JSONL objects or JSON strings, CSV/TSV with a text column, ``.txt``, one text
 per line), labels kept and checked when present, ids kept (line numbers when none), and a bad
 row in any of them (a lone surrogate, bytes that are not UTF-8, a malformed row, a duplicated
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from peftshield.cli import main
+from subprocess_helpers import cli_in_process
 
 ROWS = [
     ("good film , great story", 1), ("bad boring plot", 0), ("fun movie and good acting", 1),
@@ -47,9 +48,19 @@ def scan(psim: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=out.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def scanned(psim: Path, data: Path, tmp_path: Path) -> list[dict]:
+@pytest.fixture()
+def scan_here(capsys, monkeypatch):
+    """:func:`scan` in this process (:func:`subprocess_helpers.cli_in_process`): for the formats
+    and refusals beyond the ones the real CLI's process reads."""
+    def run(psim: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+        return cli_in_process(capsys, monkeypatch, "scan", "--psim", str(psim), "--data", str(data), "--out", str(out), "--no-progress",
+                              "--format", "text,json", cwd=out.parent)
+    return run
+
+
+def scanned(psim: Path, data: Path, tmp_path: Path, run=scan) -> list[dict]:
     out = tmp_path / "scores.jsonl"
-    done = scan(psim, data, out)
+    done = run(psim, data, out)
     assert done.returncode in (0, 1), done.stderr
     assert "Traceback" not in done.stderr
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -94,12 +105,12 @@ def test_scan_reads_unlabelled_jsonl_objects_and_json_strings(psim: Path, tmp_pa
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
-def test_scan_reads_a_text_column_without_labels(psim: Path, tmp_path: Path, suffix: str) -> None:
+def test_scan_reads_a_text_column_without_labels(psim: Path, tmp_path: Path, suffix: str, scan_here) -> None:
     sep = "," if suffix == ".csv" else "\t"
     data = write(tmp_path / f"untrusted{suffix}", f"text\ngood film\n\"bad{sep} boring plot\"\ngreat fun\n")
-    assert [r["id"] for r in scanned(psim, data, tmp_path)] == ["2", "3", "4"]
+    assert [r["id"] for r in scanned(psim, data, tmp_path)] == ["2", "3", "4"]  # the real CLI's process
     with_ids = write(tmp_path / f"with-ids{suffix}", f"id{sep}sentence\na1{sep}good film\na2{sep}bad plot\n")
-    assert [r["id"] for r in scanned(psim, with_ids, tmp_path)] == ["a1", "a2"]
+    assert [r["id"] for r in scanned(psim, with_ids, tmp_path, scan_here)] == ["a1", "a2"]
 
 
 def test_scan_reads_a_txt_file_one_text_per_line(psim: Path, tmp_path: Path) -> None:
@@ -107,12 +118,12 @@ def test_scan_reads_a_txt_file_one_text_per_line(psim: Path, tmp_path: Path) -> 
     assert [r["id"] for r in scanned(psim, data, tmp_path)] == ["1", "2", "5"]
 
 
-def test_scan_still_reads_and_checks_labels_when_present(psim: Path, tmp_path: Path) -> None:
+def test_scan_still_reads_and_checks_labels_when_present(psim: Path, tmp_path: Path, scan_here) -> None:
     labelled = write(tmp_path / "labelled.jsonl", "".join(json.dumps({"sentence": t, "label": y, "idx": i}) + "\n" for i, (t, y) in enumerate(ROWS)))
-    assert [r["id"] for r in scanned(psim, labelled, tmp_path)] == [str(i) for i in range(len(ROWS))]
+    assert [r["id"] for r in scanned(psim, labelled, tmp_path, scan_here)] == [str(i) for i in range(len(ROWS))]
     bad = write(tmp_path / "bad-label.csv", "text,label\ngood film,1\nbad plot,pos\n")
     out = tmp_path / "rejected.jsonl"
-    assert_one_line_error(scan(psim, bad, out), out, f"{bad}:3:", "label 'pos' is not an integer")
+    assert_one_line_error(scan_here(psim, bad, out), out, f"{bad}:3:", "label 'pos' is not an integer")
 
 
 def test_labels_are_kept_and_optional_in_the_loader(tmp_path: Path) -> None:
@@ -154,11 +165,13 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize(("name", "content", "line", "message"), BAD_ROWS, ids=[row[0] for row in BAD_ROWS])
-def test_a_bad_row_is_one_line_naming_file_and_line(psim: Path, tmp_path: Path, name: str, content: str | bytes, line: int, message: str) -> None:
+def test_a_bad_row_is_one_line_naming_file_and_line(psim: Path, tmp_path: Path, name: str, content: str | bytes, line: int, message: str,
+                                                   scan_here) -> None:
+    """In this process (a refusal needs no process of its own; the formats above are read by the real CLI's process)."""
     data = write(tmp_path / name, content)
     out = tmp_path / "out" / "scores.jsonl"
     out.parent.mkdir()
-    assert_one_line_error(scan(psim, data, out), out, f"{data}:{line}: ", message)
+    assert_one_line_error(scan_here(psim, data, out), out, f"{data}:{line}: ", message)
 
 
 def test_plain_texts_of_a_txt_file_are_read_by_the_loader(tmp_path: Path) -> None:
