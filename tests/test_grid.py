@@ -153,6 +153,14 @@ def test_grid_run_store_rerun_and_report(tmp_path: Path, shared_data: Path) -> N
     assert (tmp_path / "out.csv").read_text() == (run_dir / "results.csv").read_text()
 
 
+def stored_cells(store: Path) -> int:
+    """The cells a running grid has stored so far (0 while its file exists but its tables do not yet)."""
+    try:
+        return sqlite3.connect(store).execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:  # created, its schema not yet written
+        return 0
+
+
 def test_grid_resumes_after_a_kill_without_recomputing_or_duplicating(tmp_path: Path, shared_data: Path) -> None:
     config_path = write_config(tmp_path / "grid.yaml", shared_data, methods=("lora", "ia3", "prompt", "full"), defenses=("psim",))
     run_dir = tmp_path / "run"
@@ -162,7 +170,7 @@ def test_grid_resumes_after_a_kill_without_recomputing_or_duplicating(tmp_path: 
     deadline = time.time() + 240
     store = run_dir / STORE_FILE
     while time.time() < deadline and process.poll() is None:
-        if store.is_file() and sqlite3.connect(store).execute("SELECT COUNT(*) FROM cells").fetchone()[0] >= 1:
+        if store.is_file() and stored_cells(store) >= 1:
             break
         time.sleep(0.1)
     assert process.poll() is None, "the run finished before it could be killed: make the grid bigger"
