@@ -64,8 +64,8 @@ def _new_key(path: Path) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{KEY_FILE}-")
         try:
-            os.write(handle, key + b"\n")
-            os.close(handle)
+            with os.fdopen(handle, "wb") as out:  # closed even when the write fails
+                out.write(key + b"\n")
             os.link(temporary, path)  # fails when the name exists (a link included): never replaces a key
         except FileExistsError:
             key = read_regular(path, 4096).strip()

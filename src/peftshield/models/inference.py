@@ -185,8 +185,9 @@ def paired_layer_states(model, reference, tokenizer, texts: list[str], batch_siz
     device = model_device(model)
     with evaluating(model, reference), torch.inference_mode():
         for indices in sorted_batches(encoded.lengths(), batch_size):
-            input_ids, attention = pad_rows(encoded, indices)
-            batch = {"input_ids": torch.from_numpy(input_ids).to(device), "attention_mask": torch.from_numpy(attention).to(device)}
+            padded = collate(encoded, indices)
+            keep = own_tokens(tokenizer, padded["input_ids"].numpy(), padded["attention_mask"].numpy())
+            batch = {k: v.to(device) for k, v in padded.items()}
             states = torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
             reference_states = torch.stack(reference(**batch, output_hidden_states=True).hidden_states[1:])
-            yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), own_tokens(tokenizer, input_ids, attention)
+            yield indices, states.float().cpu().numpy(), reference_states.float().cpu().numpy(), keep

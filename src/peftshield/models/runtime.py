@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator
 
-from peftshield.errors import PeftshieldError
+from peftshield.errors import ConfigError, PeftshieldError
 from peftshield.io import atomic_write_json
 from peftshield.local_secret import cache_secret, keyed_digest
 from peftshield.models.backbone import is_decoder_classifier
@@ -57,8 +57,6 @@ def check_runtime(runtime: str) -> str:
     try:
         return _known_runtime(runtime)
     except ValueError as exc:
-        from peftshield.errors import ConfigError
-
         raise ConfigError(f"--runtime {runtime!r}: {exc}") from None
 
 
@@ -316,8 +314,6 @@ def user_cache_folder(*parts: str) -> Path:
     """``<user cache>/peftshield/<parts>``, made when missing. A link at any of those levels is a
     one-line :class:`ConfigError`: a cache restored from elsewhere (a pull request's CI job) may
     hold one that points anywhere, and peftshield replaces and deletes graphs in this folder."""
-    from peftshield.errors import ConfigError
-
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftshield"
     for index in range(len(parts) + 1):
         level = folder.joinpath(*parts[:index])
