@@ -33,10 +33,11 @@ guards are compared on it:
   ``serve --detector`` does without a joint calibration: DAN fitted for the served victim with
   ``peftshield detector fit dan`` on SST-2 (train; dev calibrates it to 1%), built into WORK/dan
   when missing;
-- *own traffic: PSIM + own DAN, one budget*: a DAN fitted on the first half of the row's
+- *own traffic: PSIM + own DAN, one budget*: a DAN fitted on the first third of the row's
   calibration half (``detector fit dan --texts``, labelled with the victim's predictions), then
-  the PSIM and that DAN calibrated together on the second half (``calibrate --detector``): one
-  1% budget for both.
+  the PSIM and that DAN calibrated together on the other two thirds (``calibrate --detector``,
+  seed 0): one 1% budget for both, held with the same confidence as the PSIM alone (each
+  bucket's normalising quarter and the bound's part).
 
 The trigger-word rows are built from SST-2's measured half and judged with the SST-2 row's
 calibrations.
@@ -153,9 +154,10 @@ def render(summary: dict) -> str:
         f"on the row's calibration half: thresholds per length, edges {summary['length_edges']} tokens. **mixed traffic**: one such calibration "
         f"on the calibration halves of all {summary['mixed_sample_texts']} clean texts together. **own traffic or DAN**: the own-traffic PSIM "
         f"with a DAN fitted on SST-2 beside it at its own threshold (`--detector`: {summary['dan_threshold']:.3f}, calibrated to flag "
-        f"{summary['dan_target_frr']:.0%} of SST-2 dev texts). **own traffic: PSIM + own DAN, one budget**: a DAN fitted on one half of the "
+        f"{summary['dan_target_frr']:.0%} of SST-2 dev texts). **own traffic: PSIM + own DAN, one budget**: a DAN fitted on the first third of the "
         "row's calibration half (`detector fit dan --texts`, labelled with the victim's predictions), then the PSIM and that DAN calibrated "
-        "together on the other half under the one 1% budget (`calibrate --detector`).",
+        "together on the other two thirds under the one 1% budget (`calibrate --detector`, seed 0: a quarter of each bucket sets how the "
+        "two members' scores compare, the bound is taken on the rest, so the union keeps the confidence the PSIM alone has).",
         "",
         "Nothing was tuned on the measured halves: the confidence bound and the one-budget rule follow from the order-statistic bound; "
         "`--fill-lengths` was checked on the calibration halves only before this run.",
@@ -187,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     from peftshield.defenses import PSIM
     from peftshield.finetune.checkpoint import model_fingerprint
-    from peftshield.guard.calibration import DEFAULT_CONFIDENCE, DEFAULT_LENGTH_EDGES, calibrate_guard, texts_needed, token_lengths
+    from peftshield.guard.calibration import DEFAULT_CONFIDENCE, DEFAULT_LENGTH_EDGES, calibrate_guard, token_lengths, union_texts_needed
     from peftshield.guard.drift import FlagRateMonitor
     from peftshield.io import atomic_write_json, atomic_write_text
 
@@ -223,21 +225,23 @@ def main() -> None:
 
     own_dan = {}
     with tempfile.TemporaryDirectory() as folder:
-        for index, (name, (calibrating, _)) in enumerate(split.items()):  # a DAN per row, fitted on the first half of its calibration half
+        for index, (name, (calibrating, _)) in enumerate(split.items()):  # a DAN per row, fitted on the first third of its calibration half
             sample_file = Path(folder) / f"{index}.jsonl"
-            sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating[: len(calibrating) // 2]))
+            sample_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibrating[: len(calibrating) // 3]))
             fit_detector("dan", {}, work / "victim", Path(folder) / f"dan-{index}", np.random.default_rng(0), texts=str(sample_file))
             own_dan[name] = load_detector(Path(folder) / f"dan-{index}", victim, model_fingerprint(work / "victim"), suspect)
     calibration_scores = {name: psim.score(calibrating) for name, (calibrating, _) in split.items()}
     own = {name: calibrate_guard(psim, fingerprint, split[name][0], TARGET_FRR, name, scores=calibration_scores[name]) for name in split}
-    joint = {}  # the PSIM and the row's DAN under one budget, on the second half of the calibration half
+    joint = {}  # the PSIM and the row's DAN under one budget, on the other two thirds of the calibration half
+    needed = union_texts_needed(TARGET_FRR, DEFAULT_CONFIDENCE)
     for name, (calibrating, _) in split.items():
-        rest = calibrating[len(calibrating) // 2:]
-        if len(rest) < texts_needed(TARGET_FRR, DEFAULT_CONFIDENCE):  # too few to hold the bound: the cell says so
-            joint[name] = f"{len(rest)} calibration texts, fewer than the {texts_needed(TARGET_FRR, DEFAULT_CONFIDENCE)} the bound needs"
+        rest = calibrating[len(calibrating) // 3:]
+        if len(rest) < needed:  # too few to hold the bound: the cell says so
+            joint[name] = f"{len(rest)} calibration texts, fewer than the {needed} the bound needs with a detector"
             continue
-        joint[name] = calibrate_guard(psim, fingerprint, rest, TARGET_FRR, name, scores=calibration_scores[name][len(calibrating) // 2:],
-                                      detector_scores={"dan": own_dan[name].score(rest)}, detector_manifests={"dan": own_dan[name].manifest_sha256})
+        joint[name] = calibrate_guard(psim, fingerprint, rest, TARGET_FRR, name, scores=calibration_scores[name][len(calibrating) // 3:],
+                                      detector_scores={"dan": own_dan[name].score(rest)}, detector_manifests={"dan": own_dan[name].manifest_sha256},
+                                      split_rng=np.random.default_rng(0), split_seed=0)
     dev = list(load_texts(str(shared / "psim/sst-2"), "dev").texts)
     dev_lengths = calibrate_guard(psim, fingerprint, dev, TARGET_FRR, "SST-2 dev", fill_rng=np.random.default_rng(0))
     pooled = [t for name in split for t in split[name][0]]

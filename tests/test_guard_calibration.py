@@ -12,7 +12,7 @@ import pytest
 from peftshield.defenses.thresholds import calibrate_threshold
 from peftshield.errors import ConfigError
 from peftshield.guard.calibration import (GuardCalibration, allowed_above, calibrate_guard, load_guard_calibration, merged_edges,
-                                          texts_needed)
+                                          texts_needed, union_texts_needed)
 
 
 class WordTokenizer:
@@ -157,7 +157,7 @@ def test_detectors_share_the_psims_budget_and_each_result_can_carry_p_values() -
     scorer = LengthDriftingScorer(rng)
     sample, fresh = traffic(rng, 3000), traffic(rng, 20000)
     dan = rng.normal(0, 1, len(sample))  # an independent member: its clean scores do not follow the PSIM's
-    calibration = calibrate_guard(scorer, "f", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64})
+    calibration = calibrate_guard(scorer, "f", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0))
     assert calibration.detectors == {"dan": "a" * 64} and all(set(b.detector_thresholds) == {"dan"} for b in calibration.buckets)
     assert all(b.sample_flag_rate <= 0.01 for b in calibration.buckets)
     lengths = np.array([len(t.split()) + 2 for t in fresh])
@@ -170,6 +170,36 @@ def test_detectors_share_the_psims_budget_and_each_result_can_carry_p_values() -
     assert bucket.p_value("psim", bucket.threshold) <= 0.02 and bucket.p_value("shift", 0.5) is None
     with pytest.raises(ConfigError, match="needs its scores"):
         calibrate_guard(scorer, "f", sample, 0.01, "s", detector_scores={"dan": dan})
+
+
+def test_the_union_of_several_members_keeps_the_target_with_the_stated_confidence() -> None:
+    """300 calibrations of the PSIM and a correlated detector on 400 clean texts each (the least
+    a bucket with detectors needs is 307): the union's true rate, measured on 100,000 fresh
+    texts from the same distribution, exceeds the 1% target in at most 10% of them, as for the
+    PSIM alone (the bound's 300 texts allow none above: about 5% expected), and both members keep
+    a share of the budget."""
+    rng = np.random.default_rng(13)
+    texts = ["a few words"] * 400
+    assert union_texts_needed(0.01, 0.9) == 307 and allowed_above(300, 0.01, 0.9) == 0
+
+    def members(n: int) -> tuple[np.ndarray, np.ndarray]:
+        shared = rng.normal(0, 1, n)
+        psim = 1 / (1 + np.exp(-(0.6 * shared + 0.8 * rng.normal(0, 1, n))))  # a confidence in (0, 1)
+        return psim, np.exp(0.6 * shared + 0.8 * rng.normal(0, 1, n))  # a heavy-tailed distance
+
+    exceeded, psim_share, dan_share = [], [], []
+    fresh_psim, fresh_dan = members(100_000)
+    for _ in range(300):
+        psim, dan = members(400)
+        calibration = calibrate_guard(UniformScorer(rng), "f", texts, 0.01, "s", scores=psim, detector_scores={"dan": dan},
+                                      detector_manifests={"dan": "a" * 64}, split_rng=rng)
+        bucket = calibration.buckets[0]
+        psim_fires, dan_fires = fresh_psim > bucket.threshold, fresh_dan > bucket.member_threshold("dan")
+        exceeded.append((psim_fires | dan_fires).mean() > 0.01)
+        psim_share.append(psim_fires.mean())
+        dan_share.append(dan_fires.mean())
+    assert np.mean(exceeded) <= 0.1, np.mean(exceeded)
+    assert np.mean(psim_share) > 0.001 and np.mean(dan_share) > 0.001, (np.mean(psim_share), np.mean(dan_share))
 
 
 def test_a_calibration_of_the_first_format_still_loads(tmp_path) -> None:
@@ -207,7 +237,7 @@ def test_fill_lengths_joins_short_clean_texts_into_the_lengths_the_sample_lacks(
     assert again.sample.joined == filled.sample.joined  # seeded: the same joins
     assert calibrate_guard(scorer, "f", short, 0.01, "dev", fill_rng=np.random.default_rng(3), fill_seed=3).sample.fill_seed == 3
     with pytest.raises(ConfigError, match="for the PSIM alone"):
-        calibrate_guard(scorer, "f", short, 0.01, "dev", detector_scores={"dan": np.zeros(900)}, detector_manifests={"dan": "a" * 64},
+        calibrate_guard(scorer, "f", short, 0.01, "dev", detector_scores={"dan": np.zeros(900)}, detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0),
                         fill_rng=np.random.default_rng(0))
 
 
@@ -218,7 +248,7 @@ def test_a_detector_without_finite_scores_is_refused_not_silently_switched_off()
     sample = traffic(rng, 600)
     broken = np.full(len(sample), np.finfo(np.float64).max)
     with pytest.raises(ConfigError, match="got no finite score"):
-        calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": broken}, detector_manifests={"dan": "a" * 64})
+        calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": broken}, detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0))
 
 
 def test_a_detector_measured_by_evaluate_fires_on_a_score_that_is_not_a_number() -> None:
@@ -263,7 +293,7 @@ def test_a_threshold_edited_by_hand_is_refused_not_applied(tmp_path, texts) -> N
     scorer = LengthDriftingScorer(rng)
     sample = traffic(rng, texts)
     dan = rng.normal(0, 1, len(sample))
-    calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64})
+    calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": dan}, detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0))
     assert any(b.texts > 2000 for b in calibration.buckets) == (texts > 6000)
     path = tmp_path / "calibration.json"
     path.write_text(calibration.model_dump_json())
@@ -279,6 +309,37 @@ def test_a_threshold_edited_by_hand_is_refused_not_applied(tmp_path, texts) -> N
         with pytest.raises(ConfigError, match="not a guard calibration") as raised:
             load_guard_calibration(path, "psim-a", 128)
         assert "\n" not in str(raised.value), str(raised.value)
+
+
+def test_the_scores_behind_a_union_are_checked_and_an_older_union_is_refused(tmp_path) -> None:
+    """The thresholds of several members are recomputed from the scores the file keeps: moving the
+    level, or the scores the bound was taken on, is refused; so is a calibration with detectors of
+    format /2 (its common-rank rule held the target only on average)."""
+    rng = np.random.default_rng(9)
+    scorer = LengthDriftingScorer(rng)
+    sample = traffic(rng, 1500)
+    calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": rng.normal(0, 1, len(sample))},
+                                  detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0), split_seed=0)
+    assert calibration.sample.split_seed == 0 and all(b.union is not None for b in calibration.buckets)
+    union = calibration.buckets[0].union
+    assert union.normalising_texts + union.bound_texts == calibration.buckets[0].texts
+    payload = json.loads(calibration.model_dump_json())
+    path = tmp_path / "calibration.json"
+    bound = payload["buckets"][0]["union"]["bound_scores"]
+    raised_score = {**bound, "dan": [v * 3.0 for v in bound["dan"]]}
+    for edit, message in (({"union": {**payload["buckets"][0]["union"], "level": payload["buckets"][0]["union"]["level"] + 1.0}}, "level"),
+                          ({"union": {**payload["buckets"][0]["union"], "bound_scores": raised_score}}, "its scores give"),
+                          ({"union": None}, "without the scores that set them")):
+        path.write_text(json.dumps(_edited(payload, 0, **edit)))
+        with pytest.raises(ConfigError, match=message) as refused:
+            load_guard_calibration(path, "psim-a", 128)
+        assert "\n" not in str(refused.value)
+    path.write_text(json.dumps({**payload, "format": "peftshield-guard-calibration/2"}))
+    with pytest.raises(ConfigError, match="older peftshield.*calibrate again"):
+        load_guard_calibration(path, "psim-a", 128)
+    alone = calibrate_guard(scorer, "psim-a", sample, 0.01, "s")
+    path.write_text(json.dumps({**json.loads(alone.model_dump_json()), "format": "peftshield-guard-calibration/2"}))
+    assert load_guard_calibration(path, "psim-a", 128).buckets == alone.buckets  # the PSIM alone: the same bound in /2 and /3
 
 
 def test_an_edited_psim_threshold_is_refused_in_a_calibration_of_the_psim_alone(tmp_path) -> None:
@@ -301,7 +362,7 @@ def test_a_calibration_forged_around_the_threshold_check_is_refused(tmp_path) ->
     scorer = LengthDriftingScorer(rng)
     sample = traffic(rng, 9000)
     calibration = calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": rng.normal(0, 1, len(sample))},
-                                  detector_manifests={"dan": "a" * 64})
+                                  detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0))
     payload = json.loads(calibration.model_dump_json())
     large = max(range(len(payload["buckets"])), key=lambda i: payload["buckets"][i]["texts"])
     bucket = payload["buckets"][large]

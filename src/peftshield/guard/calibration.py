@@ -21,14 +21,18 @@ Two choices make the target hold on traffic rather than only on the sample:
   ``confidence`` (0.9 by default) the share of clean traffic like the sample above it is at most
   the target (the order-statistic bound behind conformal prediction). A bucket needs at least
   ln(1 - confidence) / ln(1 - target) texts for that (230 at 1% and 0.9).
-- **One budget for several members.** With detectors (``--detector``), every member gets its
-  threshold at one common rank r of its own clean scores in the bucket (its (r+1)-th highest),
-  r the largest at which at most k sample texts are flagged by any member: the budget is set
-  for the union of their flags, not for each member on its own. The stated confidence holds
-  for one member only: each member's threshold is its own order statistic, so with m members
-  the union's rate is about the target on average but exceeds it more often than 1 -
-  confidence (two members at the least size: about one time in three). Every result carries
-  each member's p-value against its clean scores in the text's bucket.
+- **One budget for several members, with the same confidence.** With detectors (``--detector``),
+  each bucket's texts are split by a seeded draw. On the smaller part (``NORMALISER_SHARE``) each
+  member's scores fix a map from its score to a common level (its empirical distribution,
+  extended past its highest score in units of its own top decile's spread; the PSIM's confidence
+  is read through its logit). On the rest, every text's level is the highest of its members'
+  levels, and the bound above is taken on those levels: one order statistic of one score per
+  text. Each member's threshold is the score its map gives that level, so a text is flagged when
+  any member passes its own threshold, and the union of their flags keeps the target with the
+  stated confidence, exactly as the PSIM alone does. The price is texts: the part the bound is
+  taken on must hold what the bound needs (``union_texts_needed``: 307 at 1% and 0.9). Both
+  parts' scores are kept in the file, so its thresholds are recomputed when it is read. Every
+  result carries each member's p-value against its clean scores in the text's bucket.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from peftshield.errors import ConfigError, validation_line
 from peftshield.models.batching import encode_texts
 
-CALIBRATION_FORMAT = "peftshield-guard-calibration/2"  # /1: the PSIM alone, its point-estimate thresholds (still read)
+CALIBRATION_FORMAT = "peftshield-guard-calibration/3"
+# /1: the PSIM alone, its point-estimate thresholds (still read). /2: the bound; with detectors, one
+# common rank whose confidence was not exact (read for the PSIM alone; with detectors, refused).
+READ_FORMATS = ("peftshield-guard-calibration/1", "peftshield-guard-calibration/2", CALIBRATION_FORMAT)
 # Bucket edges in tokens (special tokens included, after truncation): [0, 16), [16, 32), [32, 64), [64, ...).
 DEFAULT_LENGTH_EDGES: tuple[int, ...] = (16, 32, 64)
 # A bucket with fewer clean texts is merged into its neighbour (and never fewer than the bound
@@ -62,6 +69,48 @@ MAX_SAMPLE_TEXTS = 100_000_000  # a calibration sample larger than this is not o
 # the least size has its threshold at the sample's highest score, the noisiest choice.
 FILL_FACTOR = 3
 MAX_TOKENS = 1_000_000  # no bucket edge beyond this (a model reads far fewer tokens)
+# With detectors: the share of a bucket's texts (at most MAX_KEPT_SCORES of them) that maps each
+# member's scores to a common level; the bound is taken on the rest (at most MAX_KEPT_SCORES).
+NORMALISER_SHARE = 0.25
+# A level past a member's highest normalising score grows by one per this quantile-to-top spread.
+TAIL_QUANTILE = 0.9
+
+
+class UnionBound(BaseModel):
+    """How one bucket's member thresholds were set under one budget: the scores that map each
+    member to a common level, and the scores the bound was taken on (kept whole, so the
+    thresholds are recomputed from them when the file is read)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    normalising_scores: dict[str, list[float]] = Field(min_length=2, max_length=17, description="Each member's scores of the "
+                                                       "normalising texts, ascending.")
+    bound_scores: dict[str, list[float]] = Field(min_length=2, max_length=17, description="Each member's scores of the texts the bound "
+                                                 "was taken on, one per text in the same order for every member.")
+    level: float = Field(description="The common level: at most the bound's allowance of those texts has a member above it.")
+
+    @model_validator(mode="after")
+    def _aligned_and_finite(self) -> "UnionBound":
+        if set(self.normalising_scores) != set(self.bound_scores):
+            raise ValueError("the normalising and the bound's scores must be of the same members")
+        for part, limit in ((self.normalising_scores, MAX_KEPT_SCORES), (self.bound_scores, MAX_KEPT_SCORES)):
+            sizes = {len(scores) for scores in part.values()}
+            if len(sizes) != 1 or not 0 < sizes.pop() <= limit:
+                raise ValueError(f"every member needs one score per text, between 1 and {limit} texts")
+        values = [self.level, *(v for part in (self.normalising_scores, self.bound_scores) for scores in part.values() for v in scores)]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("levels and scores must be finite numbers")
+        if any(scores != sorted(scores) for scores in self.normalising_scores.values()):
+            raise ValueError("normalising scores must be ascending")
+        return self
+
+    @property
+    def normalising_texts(self) -> int:
+        return len(next(iter(self.normalising_scores.values())))
+
+    @property
+    def bound_texts(self) -> int:
+        return len(next(iter(self.bound_scores.values())))
 
 
 class LengthBucket(BaseModel):
@@ -77,6 +126,7 @@ class LengthBucket(BaseModel):
     detector_thresholds: dict[str, float] = Field({}, max_length=16, description="Each detector's threshold in this bucket (--detector).")
     clean_scores: dict[str, list[float]] = Field({}, max_length=17, description="Each member's clean scores in this bucket, ascending "
                                                  f"(at most {MAX_KEPT_SCORES}: evenly spaced quantiles of larger samples), for p-values.")
+    union: Optional[UnionBound] = Field(None, description="With detectors: how their thresholds and the PSIM's were set under one budget.")
 
     @model_validator(mode="after")
     def _finite_and_bounded(self) -> "LengthBucket":
@@ -85,6 +135,8 @@ class LengthBucket(BaseModel):
             raise ValueError("thresholds and scores must be finite numbers")
         if any(len(scores) > MAX_KEPT_SCORES or scores != sorted(scores) for scores in self.clean_scores.values()):
             raise ValueError(f"clean scores: at most {MAX_KEPT_SCORES} per member, ascending")
+        if self.union is not None and self.union.normalising_texts + self.union.bound_texts > self.texts:
+            raise ValueError("the union's texts are more than the bucket's")
         return self
 
     @functools.cached_property
@@ -114,6 +166,8 @@ class CalibrationSample(BaseModel):
     joined: NonNegativeInt = Field(0, description="Texts joined from the sample's own to fill length buckets it had too few of "
                                    "('calibrate --fill-lengths'); counted in the buckets, not in texts.")
     fill_seed: Optional[int] = Field(None, description="The seed that drew the joined texts (--seed), so the calibration can be made again.")
+    split_seed: Optional[int] = Field(None, description="With detectors: the seed that split each bucket into its normalising part and "
+                                      "the bound's (--seed).")
     flagged_share: Optional[float] = Field(None, ge=0, le=1, description="A serving reservoir's proposal: the share of the kept texts "
                                            "the guard flagged under the thresholds it served with. Triggered traffic in the sample raises "
                                            "the proposed thresholds: review this share before accepting the proposal.")
@@ -124,7 +178,7 @@ class GuardCalibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["peftshield-guard-calibration/1", "peftshield-guard-calibration/2"] = CALIBRATION_FORMAT
+    format: Literal[READ_FORMATS] = CALIBRATION_FORMAT
     psim_fingerprint: str = Field(min_length=1, max_length=200)
     max_length: PositiveInt = Field(description="Tokens the PSIM reads per text (a text's length bucket is counted after this cut).")
     target_frr: float = Field(gt=0, lt=0.5)
@@ -146,10 +200,14 @@ class GuardCalibration(BaseModel):
         for bucket in self.buckets:
             if set(bucket.detector_thresholds) != set(self.detectors) or not set(bucket.clean_scores) <= {PSIM_MEMBER, *self.detectors}:
                 raise ValueError("every bucket must hold a threshold for each calibrated detector, and scores only of members")
-        if self.format == CALIBRATION_FORMAT and self.confidence is None:
-            raise ValueError("a format /2 calibration states its confidence")
-        if self.format != CALIBRATION_FORMAT and (self.detectors or self.confidence is not None):
-            raise ValueError("a format /1 calibration is of the PSIM alone, without a confidence")
+        if self.format == READ_FORMATS[0]:
+            if self.detectors or self.confidence is not None:
+                raise ValueError("a format /1 calibration is of the PSIM alone, without a confidence")
+        elif self.confidence is None:
+            raise ValueError("a calibration of format /2 or later states its confidence")
+        if self.detectors and self.format != CALIBRATION_FORMAT:
+            raise ValueError("made with detectors by an older peftshield, whose bound for several members was not exact; "
+                             "calibrate again with 'peftshield calibrate'")
         if sum(bucket.texts for bucket in self.buckets) != self.sample.texts + self.sample.joined:
             raise ValueError("the buckets' texts do not add up to the sample's")
         if self.confidence is not None:  # format /2: every threshold must be the one its bucket's own clean scores give
@@ -205,6 +263,18 @@ def texts_needed(target_frr: float, confidence: float) -> int:
     return math.ceil(math.log(1 - confidence) / math.log(1 - target_frr) - 1e-9)
 
 
+def union_texts_needed(target_frr: float, confidence: float) -> int:
+    """The fewest clean texts a bucket needs to be calibrated with detectors: the bound's part
+    (all but ``NORMALISER_SHARE``) must hold :func:`texts_needed`."""
+    return math.ceil(texts_needed(target_frr, confidence) / (1 - NORMALISER_SHARE) - 1e-9)
+
+
+def sample_texts_needed(target_frr: float, confidence: float, members: int, min_bucket_texts: int = MIN_BUCKET_TEXTS) -> int:
+    """The fewest clean texts per bucket for ``members`` members (the PSIM and its detectors)."""
+    bound = texts_needed(target_frr, confidence) if members == 1 else union_texts_needed(target_frr, confidence)
+    return max(min_bucket_texts, bound)
+
+
 def allowed_above(texts: int, target_frr: float, confidence: float) -> int:
     """The most of ``texts`` clean sample texts that may be flagged so that, with probability
     ``confidence``, at most ``target_frr`` of clean traffic is: the largest k with
@@ -220,22 +290,75 @@ def allowed_above(texts: int, target_frr: float, confidence: float) -> int:
     return k
 
 
-def common_rank(member_scores: list[np.ndarray], allowed: int) -> int:
-    """The largest rank r such that, with each member's threshold at its (r+1)-th highest score,
-    at most ``allowed`` texts are above any member's threshold."""
-    descending = [np.sort(scores)[::-1] for scores in member_scores]
+def _logit(scores: np.ndarray) -> np.ndarray:
+    clipped = np.clip(scores, 1e-12, 1 - 1e-12)
+    return np.log(clipped) - np.log1p(-clipped)
 
-    def flagged(rank: int) -> int:
-        return int(np.count_nonzero(np.any([scores > ordered[rank] for scores, ordered in zip(member_scores, descending)], axis=0)))
 
-    low, high = 0, len(member_scores[0]) - 1  # flagged(0) is 0: nothing is above the highest score
-    while low < high:
-        middle = (low + high + 1) // 2
-        if flagged(middle) <= allowed:
-            low = middle
+def _sigmoid(value: float) -> float:
+    return float(1 / (1 + math.exp(-value))) if value > -700 else 0.0
+
+
+class MemberLevels:
+    """A member's map from score to common level, fixed by its normalising scores: the mid-rank
+    share of them below a score (interpolated), and past their lowest or highest score one level
+    per spread of their top decile. Strictly increasing, so a level has exactly one score. The
+    PSIM's confidence, bounded by 1, is read through its logit."""
+
+    def __init__(self, name: str, normalising: np.ndarray) -> None:
+        self.logit = name == PSIM_MEMBER
+        values = self._scale(np.sort(np.asarray(normalising, dtype=np.float64)))
+        self.points, counts = np.unique(values, return_counts=True)
+        self.levels = (np.cumsum(counts) - counts / 2) / values.size
+        spread = self.points[-1] - float(np.quantile(values, TAIL_QUANTILE))
+        if not spread > 0:
+            spread = self.points[-1] - self.points[0]
+        self.spread = spread if spread > 0 else 1.0
+
+    def _scale(self, scores: np.ndarray) -> np.ndarray:
+        return _logit(scores) if self.logit else scores
+
+    def level(self, scores: np.ndarray) -> np.ndarray:
+        x = self._scale(np.asarray(scores, dtype=np.float64))
+        inside = np.interp(x, self.points, self.levels)
+        below = self.levels[0] - (self.points[0] - x) / self.spread
+        above = self.levels[-1] + (x - self.points[-1]) / self.spread
+        return np.where(x < self.points[0], below, np.where(x > self.points[-1], above, inside))
+
+    def score(self, level: float) -> float:
+        if level < self.levels[0]:
+            x = self.points[0] - (self.levels[0] - level) * self.spread
+        elif level > self.levels[-1]:
+            x = self.points[-1] + (level - self.levels[-1]) * self.spread
         else:
-            high = middle - 1
-    return low
+            x = float(np.interp(level, self.levels, self.points))
+        return _sigmoid(x) if self.logit else float(x)
+
+
+def union_thresholds(normalising: dict[str, np.ndarray], bound: dict[str, np.ndarray], allowed: int) -> tuple[float, dict[str, float]]:
+    """The common level and each member's threshold at it: the level is the (``allowed`` + 1)-th
+    highest of the bound's texts' levels (each text's level the highest of its members'), so at
+    most ``allowed`` of them have a member above its threshold. A threshold is never below a score
+    its member gave a text at or under the level (so rounding cannot add a flag)."""
+    maps = {name: MemberLevels(name, values) for name, values in normalising.items()}
+    text_levels = np.max([maps[name].level(bound[name]) for name in maps], axis=0)
+    level = float(np.sort(text_levels)[::-1][allowed])
+    kept = text_levels <= level
+    thresholds = {}
+    for name, levels in maps.items():
+        threshold = levels.score(level)
+        if kept.any():
+            threshold = max(threshold, float(np.max(np.asarray(bound[name], dtype=np.float64)[kept])))
+        thresholds[name] = threshold
+    return level, thresholds
+
+
+def split_for_union(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A bucket's text indices drawn into the normalising part and the bound's part (each at most
+    ``MAX_KEPT_SCORES``; a larger bucket leaves the rest unused)."""
+    order = rng.permutation(count)
+    normalising = min(MAX_KEPT_SCORES, int(count * NORMALISER_SHARE))
+    return order[:normalising], order[normalising:normalising + MAX_KEPT_SCORES]
 
 
 def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float) -> str | None:
@@ -254,6 +377,8 @@ def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float
     missing = [name for name in members if name not in bucket.clean_scores]
     if missing:
         return f"no clean scores kept for {missing[0]}, so its threshold cannot be checked"
+    if len(members) > 1 or bucket.union is not None:
+        return _union_problem(bucket, members, target_frr, confidence)
     kept = {name: np.asarray(bucket.clean_scores[name], dtype=np.float64) for name in members}  # not kept_arrays: a cached property would join the model's equality
     expected_size = min(bucket.texts, MAX_KEPT_SCORES)
     short = [name for name in members if kept[name].size != expected_size]
@@ -266,7 +391,7 @@ def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float
         return _exact_rank_problem(bucket, kept, allowed)
     # Evenly spaced quantiles of a larger sample (its lowest and highest scores among them).
     step = 1.0 / (MAX_KEPT_SCORES - 1)
-    lowest_rank, highest_rank = max(0, allowed // len(members) - 1), allowed + 1
+    lowest_rank, highest_rank = max(0, allowed - 1), allowed + 1
     for name in members:
         threshold = bucket.member_threshold(name)
         if threshold > kept[name][-1]:
@@ -277,6 +402,30 @@ def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float
         if at_or_above < low or above > high:
             return (f"{name}'s threshold {threshold:.6g} puts {above:.2%} of its clean scores above it, "
                     f"not the {lowest_rank / bucket.texts:.2%}-{highest_rank / bucket.texts:.2%} the bound allows")
+    return None
+
+
+def _union_problem(bucket: LengthBucket, members: list[str], target_frr: float, confidence: float) -> str | None:
+    """Several members: their thresholds are recomputed from the scores the file keeps."""
+    union = bucket.union
+    if union is None:
+        return "thresholds for several members without the scores that set them"
+    if set(union.bound_scores) != set(members):
+        return "the union's scores are not of the bucket's members"
+    expected = min(bucket.texts, MAX_KEPT_SCORES)
+    short = [name for name in members if len(bucket.clean_scores[name]) != expected]
+    if short:
+        return f"{short[0]} keeps {len(bucket.clean_scores[short[0]])} clean scores, not the {expected} its {bucket.texts} texts give"
+    allowed = allowed_above(union.bound_texts, target_frr, confidence)
+    if allowed < 0:
+        return f"{union.bound_texts} texts are too few for a {target_frr:.1%} bound at {confidence:.0%} confidence"
+    level, thresholds = union_thresholds({name: np.asarray(v) for name, v in union.normalising_scores.items()},
+                                         {name: np.asarray(v) for name, v in union.bound_scores.items()}, allowed)
+    if not math.isclose(level, union.level, rel_tol=1e-9, abs_tol=1e-12):
+        return f"the union's level {union.level:.6g} is not the {level:.6g} its scores give"
+    for name in members:
+        if not math.isclose(bucket.member_threshold(name), thresholds[name], rel_tol=1e-9, abs_tol=1e-12):
+            return f"{name}'s threshold {bucket.member_threshold(name):.6g} is not the {thresholds[name]:.6g} the union's scores give"
     return None
 
 
@@ -366,7 +515,8 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, min_bucket_texts: int = MIN_BUCKET_TEXTS,
                     scores: np.ndarray | None = None, confidence: float = DEFAULT_CONFIDENCE,
                     detector_scores: dict[str, np.ndarray] | None = None, detector_manifests: dict[str, str] | None = None,
-                    fill_rng: np.random.Generator | None = None, fill_seed: int | None = None) -> GuardCalibration:
+                    fill_rng: np.random.Generator | None = None, fill_seed: int | None = None,
+                    split_rng: np.random.Generator | None = None, split_seed: int | None = None) -> GuardCalibration:
     """Per-length thresholds for ``psim`` (whose folder has ``psim_fingerprint``,
     :func:`~peftshield.finetune.checkpoint.model_fingerprint`) under which, with probability
     ``confidence``, at most ``target_frr`` of clean traffic like ``texts`` is flagged in each
@@ -375,13 +525,14 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
     ``detector_manifests`` the SHA-256 of each one's detector.json. With ``fill_rng``, every
     length bucket short of texts is filled with texts joined from the sample's own
     (:func:`filled_lengths`, ``FILL_FACTOR`` times the texts the bound needs); ``fill_seed``, the
-    seed ``fill_rng`` was made from, is recorded with the sample."""
+    seed ``fill_rng`` was made from, is recorded with the sample. With detectors, ``split_rng``
+    (made from ``split_seed``, recorded too) draws each bucket's normalising part."""
     check_target_frr(target_frr)
     check_confidence(confidence)
     detector_scores = {name: np.asarray(values, dtype=np.float64) for name, values in (detector_scores or {}).items()}
     if set(detector_scores) != set(detector_manifests or {}) or PSIM_MEMBER in detector_scores:
         raise ConfigError("calibrate: every detector needs its scores and its manifest's hash")
-    needed = max(min_bucket_texts, texts_needed(target_frr, confidence))
+    needed = sample_texts_needed(target_frr, confidence, 1 + len(detector_scores), min_bucket_texts)
     if len(texts) < needed:
         raise ConfigError(f"--texts {source}: {len(texts)} texts; a calibration at {target_frr:.1%} with {confidence:.0%} confidence "
                           f"needs at least {needed} clean texts")
@@ -397,17 +548,21 @@ def calibrate_guard(psim, psim_fingerprint: str, texts: list[str], target_frr: f
     texts = read + joined
     return calibrate_scores(lengths, {PSIM_MEMBER: scores, **detector_scores}, psim_fingerprint, psim.max_length, target_frr, confidence,
                             CalibrationSample(source=source, texts=len(read), sha256=sample_hash(read), joined=len(texts) - len(read),
-                                              fill_seed=fill_seed if joined else None),
-                            dict(detector_manifests or {}), edges, needed, where=f"--texts {source}")
+                                              fill_seed=fill_seed if joined else None, split_seed=split_seed if detector_scores else None),
+                            dict(detector_manifests or {}), edges, needed, where=f"--texts {source}", split_rng=split_rng)
 
 
 def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_fingerprint: str, max_length: int, target_frr: float,
                      confidence: float, sample: CalibrationSample, detector_manifests: dict[str, str],
-                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, needed: int | None = None, where: str = "the sample") -> GuardCalibration:
+                     edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES, needed: int | None = None, where: str = "the sample",
+                     split_rng: np.random.Generator | None = None) -> GuardCalibration:
     """The calibration of texts already scored: their lengths in tokens and each member's scores
     (``psim`` and each detector), one per text. What :func:`calibrate_guard` and a serving
-    guard's reservoir (:class:`~peftshield.guard.reservoir.ScoreReservoir`) share."""
-    needed = needed or max(MIN_BUCKET_TEXTS, texts_needed(target_frr, confidence))
+    guard's reservoir (:class:`~peftshield.guard.reservoir.ScoreReservoir`) share. With
+    detectors, ``split_rng`` draws each bucket's normalising part (:func:`split_for_union`)."""
+    needed = needed or sample_texts_needed(target_frr, confidence, len(members))
+    if len(members) > 1 and split_rng is None:
+        raise ConfigError("calibrate: detectors need a seeded generator for the split of each bucket")
     lengths = np.asarray(lengths, dtype=np.int64)
     members = {name: np.asarray(values, dtype=np.float64) for name, values in members.items()}
     for name, values in members.items():
@@ -418,20 +573,31 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
     for low, high in zip(bounds, bounds[1:]):
         inside = (lengths >= low) & (lengths < (high if high is not None else np.iinfo(np.int64).max))
         bucket_scores = {name: values[inside] for name, values in members.items()}
-        rank = common_rank(list(bucket_scores.values()), allowed_above(int(inside.sum()), target_frr, confidence))
-        thresholds = {name: float(np.sort(values)[::-1][rank]) for name, values in bucket_scores.items()}
         span = f"{low} to {'more' if high is None else high - 1} tokens"
-        switched_off = [name for name, value in thresholds.items() if value >= np.finfo(np.float64).max]
+        union = None
+        normalising, bound = split_for_union(int(inside.sum()), split_rng) if len(members) > 1 else (None, np.flatnonzero(inside))
+        allowed = allowed_above(bound.size, target_frr, confidence)
+        if allowed < 0:  # callers merge buckets to the size the bound needs; a bug otherwise, never a threshold at the lowest score
+            raise ConfigError(f"{where}: {int(inside.sum())} texts of {span} are too few for a {target_frr:.1%} bound at {confidence:.0%} confidence")
+        if len(members) == 1:
+            thresholds = {PSIM_MEMBER: float(np.sort(bucket_scores[PSIM_MEMBER])[::-1][allowed])}
+        else:
+            level, thresholds = union_thresholds({name: values[normalising] for name, values in bucket_scores.items()},
+                                                 {name: values[bound] for name, values in bucket_scores.items()}, allowed)
+            union = UnionBound(normalising_scores={name: sorted(float(v) for v in values[normalising]) for name, values in bucket_scores.items()},
+                               bound_scores={name: [float(v) for v in values[bound]] for name, values in bucket_scores.items()}, level=level)
+        switched_off = [name for name, value in thresholds.items() if name != PSIM_MEMBER and not value < np.finfo(np.float64).max]
         if switched_off:  # a detector's scores that were not numbers count as the highest: its threshold would never be passed
             raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {span} got no finite score from it, "
                               "so no threshold can keep them; it cannot be calibrated on this sample")
         if not thresholds[PSIM_MEMBER] < 1.0:
+            more = " (or, with detectors, give more texts: the PSIM's share of the budget ran past its highest confidence)" if union else ""
             raise ConfigError(f"{where}: too many of the clean texts of {span} score 1.0, so no threshold can keep them; "
-                              "this PSIM cannot screen texts of that length")
+                              f"this PSIM cannot screen texts of that length{more}")
         flagged = np.any([bucket_scores[name] > value for name, value in thresholds.items()], axis=0)
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
                                     sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
-                                    clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}))
+                                    clean_scores={name: kept_scores(values) for name, values in bucket_scores.items()}, union=union))
     try:
         return GuardCalibration(psim_fingerprint=psim_fingerprint, max_length=max_length, target_frr=target_frr, confidence=confidence,
                                 detectors=detector_manifests, buckets=buckets, sample=sample,
@@ -440,7 +606,9 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
         raise ConfigError(f"calibrate: {where}: the calibration made does not pass its own check ({validation_line(error, show_input=False)})") from None
 
 
-MAX_CALIBRATION_BYTES = 8_000_000  # four buckets of three members with all 2000 kept scores each take about 0.5 MB
+# Four buckets of three members, each keeping 3 x 2000 scores (p-values, and with detectors the
+# union's two parts), take about 2 MB indented; the most buckets and members allowed, far more.
+MAX_CALIBRATION_BYTES = 64_000_000
 
 
 def read_guard_calibration(path: str | Path) -> GuardCalibration:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from peftshield.guard.calibration import (DEFAULT_CONFIDENCE, MIN_BUCKET_TEXTS, PSIM_MEMBER, CalibrationSample, GuardCalibration,
-                                          calibrate_scores, texts_needed)
+from peftshield.guard.calibration import (DEFAULT_CONFIDENCE, PSIM_MEMBER, CalibrationSample, GuardCalibration, calibrate_scores,
+                                          sample_texts_needed)
 from peftshield.io import atomic_write_text
 
 RESERVOIR_SEED = 0
@@ -76,13 +76,13 @@ class ScoreReservoir:
         """The calibration of the sample, or None while it holds fewer texts than the bound needs; a
         one-line :class:`ConfigError` when the sample cannot be calibrated."""
         lengths, members, flagged, seen = self.snapshot()
-        if len(lengths) < max(MIN_BUCKET_TEXTS, texts_needed(target_frr, confidence)):
+        if len(lengths) < sample_texts_needed(target_frr, confidence, len(self.members)):
             return None
         digest = hashlib.sha256(lengths.tobytes() + b"".join(members[name].tobytes() for name in self.members) + flagged.tobytes()).hexdigest()
         sample = CalibrationSample(source=f"serve reservoir: {len(lengths)} texts kept of {seen} screened (monitor mode)",
                                    texts=len(lengths), sha256=digest, flagged_share=round(float(flagged.mean()), 6))
         return calibrate_scores(lengths, members, psim_fingerprint, max_length, target_frr, confidence, sample, detector_manifests,
-                                where="the reservoir")  # a ConfigError (e.g. a length where traffic scores 1.0) says why there is none
+                                where="the reservoir", split_rng=np.random.default_rng(RESERVOIR_SEED))  # a ConfigError (e.g. a length where traffic scores 1.0) says why there is none
 
 
 def write_proposal(path: Path, calibration: GuardCalibration) -> None:
