@@ -255,11 +255,13 @@ def main() -> None:
         dan_flags = dan.score(texts) > dan.threshold
         tokens = token_lengths(psim.tokenizer_, texts, psim.max_length)
         together = joint[calibration_of]
-        joint_rate = None
+        joint_rate, joint_members = None, {}
         if not isinstance(together, str):
             buckets = [together.buckets[i] for i in together.bucket_indices(tokens)]
-            joint_rate = float(np.mean((scores > together.thresholds_for(tokens))
-                                       | (own_dan[calibration_of].score(texts) > np.array([b.member_threshold("dan") for b in buckets]))))
+            psim_fires = scores > together.thresholds_for(tokens)
+            dan_fires = own_dan[calibration_of].score(texts) > np.array([b.member_threshold("dan") for b in buckets])
+            joint_rate = float(np.mean(psim_fires | dan_fires))
+            joint_members = {"joint_own_dan_members": {"psim": float(np.mean(psim_fires)), "dan": float(np.mean(dan_fires))}}
         row = {"name": name, "n": len(texts), "mean_tokens": float(np.mean(tokens)), "mean_score": float(np.mean(scores)),
                "calibration_texts": len(split[calibration_of][0]),
                "flag_rate": {"single": float(np.mean(scores > psim.threshold_)),
@@ -268,7 +270,7 @@ def main() -> None:
                              "own_or_dan": float(np.mean((scores > own[calibration_of].thresholds_for(tokens)) | dan_flags)),
                              "joint_own_dan": joint_rate,
                              "dev_lengths": float(np.mean(scores > dev_lengths.thresholds_for(tokens)))},
-               "dan_flag_rate": float(np.mean(dan_flags)), **({"not_measured": {"joint_own_dan": together}} if isinstance(together, str) else {})}
+               "dan_flag_rate": float(np.mean(dan_flags)), **joint_members, **({"not_measured": {"joint_own_dan": together}} if isinstance(together, str) else {})}
         print(json.dumps(row), flush=True)
         return row
 
@@ -296,6 +298,10 @@ def main() -> None:
     trigger = next(r for r in summary["words"] if "'mn'" in r["name"])
     reading.append("- The real trigger (`mn` in SST-2 texts) is flagged at " + " / ".join(f"{trigger['flag_rate'][key]:.1%}" for key, _ in COLUMNS)
                    + f" in the {len(COLUMNS)} columns (DAN alone: {trigger['dan_flag_rate']:.1%}).")
+    members = [r for r in clean_rows + [trigger] if "joint_own_dan_members" in r]
+    reading.append("- Under the one budget, each member's own share of the flags (psim / dan): "
+                   + "; ".join(f"{r['name']} {r['joint_own_dan_members']['psim']:.1%} / {r['joint_own_dan_members']['dan']:.1%}" for r in members)
+                   + " (a text both flag counts in each).")
     summary["reading"] = reading
     summary["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(args.out + ".json"), summary)

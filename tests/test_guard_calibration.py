@@ -185,7 +185,7 @@ def test_the_union_of_several_members_keeps_the_target_with_the_stated_confidenc
     def members(n: int) -> tuple[np.ndarray, np.ndarray]:
         shared = rng.normal(0, 1, n)
         psim = 1 / (1 + np.exp(-(0.6 * shared + 0.8 * rng.normal(0, 1, n))))  # a confidence in (0, 1)
-        return psim, np.exp(0.6 * shared + 0.8 * rng.normal(0, 1, n))  # a heavy-tailed distance
+        return psim, rng.chisquare(20, n) + 3 * shared  # a distance, skewed to the right
 
     exceeded, psim_share, dan_share = [], [], []
     fresh_psim, fresh_dan = members(100_000)
@@ -247,8 +247,11 @@ def test_a_detector_without_finite_scores_is_refused_not_silently_switched_off()
     rng = np.random.default_rng(10)
     sample = traffic(rng, 600)
     broken = np.full(len(sample), np.finfo(np.float64).max)
-    with pytest.raises(ConfigError, match="got no finite score"):
-        calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": broken}, detector_manifests={"dan": "a" * 64}, split_rng=np.random.default_rng(0))
+    half = np.where(np.arange(len(sample)) % 2 == 0, broken, rng.normal(0, 1, len(sample)))
+    for scores, message in ((broken, "gave one score to all"), (half, "got no finite score")):
+        with pytest.raises(ConfigError, match=message):
+            calibrate_guard(LengthDriftingScorer(rng), "f", sample, 0.01, "s", detector_scores={"dan": scores}, detector_manifests={"dan": "a" * 64},
+                            split_rng=np.random.default_rng(0))
 
 
 def test_a_detector_measured_by_evaluate_fires_on_a_score_that_is_not_a_number() -> None:
@@ -327,13 +330,20 @@ def test_the_scores_behind_a_union_are_checked_and_an_older_union_is_refused(tmp
     path = tmp_path / "calibration.json"
     bound = payload["buckets"][0]["union"]["bound_scores"]
     raised_score = {**bound, "dan": [v * 3.0 for v in bound["dan"]]}
-    for edit, message in (({"union": {**payload["buckets"][0]["union"], "level": payload["buckets"][0]["union"]["level"] + 1.0}}, "level"),
-                          ({"union": {**payload["buckets"][0]["union"], "bound_scores": raised_score}}, "its scores give"),
+    first = payload["buckets"][0]["union"]
+    moved = {"normalising_scores": {name: sorted(v + bound[name][:50]) for name, v in first["normalising_scores"].items()},
+             "bound_scores": {name: v[50:] for name, v in bound.items()}}  # texts moved from the bound's part to the normalising one
+    for edit, message in (({"union": {**first, "level": first["level"] + 1.0}}, "level"),
+                          ({"union": {**first, "bound_scores": raised_score}}, "are not those of the union's two parts"),
+                          ({"union": {**first, **moved}}, "a bucket of"),
                           ({"union": None}, "without the scores that set them")):
         path.write_text(json.dumps(_edited(payload, 0, **edit)))
         with pytest.raises(ConfigError, match=message) as refused:
             load_guard_calibration(path, "psim-a", 128)
         assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="dan gave one score to all"):  # a member whose scores say nothing is refused, not switched off
+        calibrate_guard(scorer, "psim-a", sample, 0.01, "s", detector_scores={"dan": np.zeros(len(sample))}, detector_manifests={"dan": "a" * 64},
+                        split_rng=np.random.default_rng(0))
     path.write_text(json.dumps({**payload, "format": "peftshield-guard-calibration/2"}))
     with pytest.raises(ConfigError, match="older peftshield.*calibrate again"):
         load_guard_calibration(path, "psim-a", 128)

@@ -23,16 +23,18 @@ Two choices make the target hold on traffic rather than only on the sample:
   ln(1 - confidence) / ln(1 - target) texts for that (230 at 1% and 0.9).
 - **One budget for several members, with the same confidence.** With detectors (``--detector``),
   each bucket's texts are split by a seeded draw. On the smaller part (``NORMALISER_SHARE``) each
-  member's scores fix a map from its score to a common level (its empirical distribution,
-  extended past its highest score in units of its own top decile's spread; the PSIM's confidence
-  is read through its logit). On the rest, every text's level is the highest of its members'
-  levels, and the bound above is taken on those levels: one order statistic of one score per
-  text. Each member's threshold is the score its map gives that level, so a text is flagged when
-  any member passes its own threshold, and the union of their flags keeps the target with the
-  stated confidence, exactly as the PSIM alone does. The price is texts: the part the bound is
-  taken on must hold what the bound needs (``union_texts_needed``: 307 at 1% and 0.9). Both
-  parts' scores are kept in the file, so its thresholds are recomputed when it is read. Every
-  result carries each member's p-value against its clean scores in the text's bucket.
+  member's scores fix a map from its score to a common level, the score's rarity (-ln of the
+  share of clean scores at least as high; past the highest, an exponential tail fitted to the top
+  tenth; the PSIM's confidence read through its logit). On the rest, every text's level is the
+  highest of its members' levels, and the bound above is taken on those levels: one order
+  statistic of one number per text. Each member's threshold is the score its map gives that
+  level, so a text is flagged when any member passes its own threshold, and the union of their
+  flags keeps the target with the stated confidence, exactly as the PSIM alone does. The price is
+  texts: the part the bound is taken on must hold what the bound needs (``union_texts_needed``:
+  307 at 1% and 0.9). How the budget is shared rests on the fitted tails: at small samples a
+  member with a heavier tail takes most of it. Both parts' scores are kept in the file, so its
+  thresholds are recomputed when it is read. Every result carries each member's p-value against
+  its clean scores in the text's bucket.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ class GuardCalibration(BaseModel):
     psim_fingerprint: str = Field(min_length=1, max_length=200)
     max_length: PositiveInt = Field(description="Tokens the PSIM reads per text (a text's length bucket is counted after this cut).")
     target_frr: float = Field(gt=0, lt=0.5)
-    confidence: Optional[float] = Field(None, gt=0, lt=1, description="Probability that the rate on traffic like the sample is at most "
+    confidence: Optional[float] = Field(None, ge=0.5, lt=1, description="Probability that the rate on traffic like the sample is at most "
                                         "target_frr (None: each bucket's threshold flags target_frr of its sample texts, format /1).")
     detectors: dict[str, str] = Field({}, max_length=16, description="The detectors calibrated with the PSIM under one budget: the SHA-256 "
                                       "of each one's detector.json.")
@@ -290,8 +292,11 @@ def allowed_above(texts: int, target_frr: float, confidence: float) -> int:
     return k
 
 
+LOGIT_CLIP = 1e-12  # PSIM confidences are read through the logit within [LOGIT_CLIP, 1 - LOGIT_CLIP]
+
+
 def _logit(scores: np.ndarray) -> np.ndarray:
-    clipped = np.clip(scores, 1e-12, 1 - 1e-12)
+    clipped = np.clip(scores, LOGIT_CLIP, 1 - LOGIT_CLIP)
     return np.log(clipped) - np.log1p(-clipped)
 
 
@@ -300,20 +305,30 @@ def _sigmoid(value: float) -> float:
 
 
 class MemberLevels:
-    """A member's map from score to common level, fixed by its normalising scores: the mid-rank
-    share of them below a score (interpolated), and past their lowest or highest score one level
-    per spread of their top decile. Strictly increasing, so a level has exactly one score. The
-    PSIM's confidence, bounded by 1, is read through its logit."""
+    """A member's map from score to common level, fixed by its normalising scores. A level is a
+    surprisal, -ln P(a clean score at least this high): inside the normalising scores it comes
+    from their mid-rank share (interpolated), past the highest from an exponential tail whose
+    scale is the mean excess of the top tenth over its lowest (and likewise below the lowest).
+    So levels of different members compare as tail probabilities, also beyond what the sample
+    saw, and the map is strictly increasing: a level has exactly one score. The PSIM's
+    confidence, bounded by 1, is read through its logit."""
 
     def __init__(self, name: str, normalising: np.ndarray) -> None:
         self.logit = name == PSIM_MEMBER
         values = self._scale(np.sort(np.asarray(normalising, dtype=np.float64)))
         self.points, counts = np.unique(values, return_counts=True)
-        self.levels = (np.cumsum(counts) - counts / 2) / values.size
-        spread = self.points[-1] - float(np.quantile(values, TAIL_QUANTILE))
-        if not spread > 0:
-            spread = self.points[-1] - self.points[0]
-        self.spread = spread if spread > 0 else 1.0
+        if self.points.size < 2:
+            raise ConfigError(f"{name} gave one score to all {values.size} normalising texts, so its scores say nothing about a text; "
+                              "it cannot be calibrated on this sample")
+        self.levels = -np.log1p(-(np.cumsum(counts) - counts / 2) / values.size)
+        top = values[values >= np.quantile(values, TAIL_QUANTILE)]
+        bottom = values[values <= np.quantile(values, 1 - TAIL_QUANTILE)]
+        self.upper_scale = self._positive(float(np.mean(top - top[0])), self.points)
+        self.lower_scale = self._positive(float(np.mean(bottom[-1] - bottom)), self.points)
+
+    @staticmethod
+    def _positive(scale: float, points: np.ndarray) -> float:
+        return scale if scale > 0 else float(points[-1] - points[0]) / points.size
 
     def _scale(self, scores: np.ndarray) -> np.ndarray:
         return _logit(scores) if self.logit else scores
@@ -321,15 +336,15 @@ class MemberLevels:
     def level(self, scores: np.ndarray) -> np.ndarray:
         x = self._scale(np.asarray(scores, dtype=np.float64))
         inside = np.interp(x, self.points, self.levels)
-        below = self.levels[0] - (self.points[0] - x) / self.spread
-        above = self.levels[-1] + (x - self.points[-1]) / self.spread
+        below = self.levels[0] - (self.points[0] - x) / self.lower_scale
+        above = self.levels[-1] + (x - self.points[-1]) / self.upper_scale
         return np.where(x < self.points[0], below, np.where(x > self.points[-1], above, inside))
 
     def score(self, level: float) -> float:
         if level < self.levels[0]:
-            x = self.points[0] - (self.levels[0] - level) * self.spread
+            x = self.points[0] - (self.levels[0] - level) * self.lower_scale
         elif level > self.levels[-1]:
-            x = self.points[-1] + (level - self.levels[-1]) * self.spread
+            x = self.points[-1] + (level - self.levels[-1]) * self.upper_scale
         else:
             x = float(np.interp(level, self.levels, self.points))
         return _sigmoid(x) if self.logit else float(x)
@@ -340,16 +355,17 @@ def union_thresholds(normalising: dict[str, np.ndarray], bound: dict[str, np.nda
     highest of the bound's texts' levels (each text's level the highest of its members'), so at
     most ``allowed`` of them have a member above its threshold. A threshold is never below a score
     its member gave a text at or under the level (so rounding cannot add a flag)."""
-    maps = {name: MemberLevels(name, values) for name, values in normalising.items()}
-    text_levels = np.max([maps[name].level(bound[name]) for name in maps], axis=0)
-    level = float(np.sort(text_levels)[::-1][allowed])
-    kept = text_levels <= level
-    thresholds = {}
-    for name, levels in maps.items():
-        threshold = levels.score(level)
-        if kept.any():
-            threshold = max(threshold, float(np.max(np.asarray(bound[name], dtype=np.float64)[kept])))
-        thresholds[name] = threshold
+    with np.errstate(over="ignore", invalid="ignore"):  # scores near the largest float: a threshold that is not finite is refused by the caller
+        maps = {name: MemberLevels(name, values) for name, values in normalising.items()}
+        text_levels = np.max([maps[name].level(bound[name]) for name in maps], axis=0)
+        level = float(np.sort(text_levels)[::-1][allowed])
+        kept = text_levels <= level
+        thresholds = {}
+        for name, levels in maps.items():
+            threshold = levels.score(level)
+            if kept.any():
+                threshold = max(threshold, float(np.max(np.asarray(bound[name], dtype=np.float64)[kept])))
+            thresholds[name] = threshold
     return level, thresholds
 
 
@@ -367,11 +383,12 @@ def threshold_problem(bucket: LengthBucket, target_frr: float, confidence: float
     A calibration file is configuration anyone with write access to it can edit: a threshold
     raised by hand (``"dan": 1e300``) would switch a member off without a word. So each
     member's threshold must be the one :func:`calibrate_guard` sets from the bucket's scores.
-    When every score was kept (``texts`` up to ``MAX_KEPT_SCORES``) it is recomputed exactly.
-    Otherwise the kept scores are evenly spaced quantiles, and the share of them above each
-    threshold must lie between what a common rank of k/m - 1 and k + 1 gives (k the texts the
-    bound allows above, m the members), give or take one quantile step. A file whose scores were
-    forged together with its thresholds passes: the sample's hash is recorded for that audit.
+    With detectors, every threshold is recomputed from the union's two parts (:func:`_union_problem`).
+    The PSIM alone: when every score was kept (``texts`` up to ``MAX_KEPT_SCORES``) its threshold
+    must be the (k+1)-th highest (k the texts the bound allows above); otherwise the kept scores
+    are evenly spaced quantiles, and the share of them above it must lie between what ranks k - 1
+    and k + 1 give, give or take one quantile step. A file whose scores were forged together with
+    its thresholds passes: the sample's hash is recorded for that audit.
     """
     members = [PSIM_MEMBER, *sorted(bucket.detector_thresholds)]
     missing = [name for name in members if name not in bucket.clean_scores]
@@ -416,11 +433,24 @@ def _union_problem(bucket: LengthBucket, members: list[str], target_frr: float, 
     short = [name for name in members if len(bucket.clean_scores[name]) != expected]
     if short:
         return f"{short[0]} keeps {len(bucket.clean_scores[short[0]])} clean scores, not the {expected} its {bucket.texts} texts give"
+    normalising = min(MAX_KEPT_SCORES, int(bucket.texts * NORMALISER_SHARE))
+    if (union.normalising_texts, union.bound_texts) != (normalising, min(MAX_KEPT_SCORES, bucket.texts - normalising)):
+        return (f"the union's parts hold {union.normalising_texts} and {union.bound_texts} texts, not the {normalising} and "
+                f"{min(MAX_KEPT_SCORES, bucket.texts - normalising)} a bucket of {bucket.texts} texts is split into")
+    if bucket.texts <= MAX_KEPT_SCORES:  # every text is in one part or the other: the kept scores are theirs
+        for name in members:
+            if sorted(union.normalising_scores[name] + union.bound_scores[name]) != bucket.clean_scores[name]:
+                return f"{name}'s clean scores are not those of the union's two parts"
     allowed = allowed_above(union.bound_texts, target_frr, confidence)
     if allowed < 0:
         return f"{union.bound_texts} texts are too few for a {target_frr:.1%} bound at {confidence:.0%} confidence"
-    level, thresholds = union_thresholds({name: np.asarray(v) for name, v in union.normalising_scores.items()},
-                                         {name: np.asarray(v) for name, v in union.bound_scores.items()}, allowed)
+    try:
+        level, thresholds = union_thresholds({name: np.asarray(v) for name, v in union.normalising_scores.items()},
+                                             {name: np.asarray(v) for name, v in union.bound_scores.items()}, allowed)
+    except ConfigError as error:
+        return str(error)
+    if not bucket.threshold < 1 - LOGIT_CLIP:
+        return f"psim's threshold {bucket.threshold!r} is where its confidence can no longer be told apart"
     if not math.isclose(level, union.level, rel_tol=1e-9, abs_tol=1e-12):
         return f"the union's level {union.level:.6g} is not the {level:.6g} its scores give"
     for name in members:
@@ -430,9 +460,9 @@ def _union_problem(bucket: LengthBucket, members: list[str], target_frr: float, 
 
 
 def _exact_rank_problem(bucket: LengthBucket, kept: dict[str, np.ndarray], allowed: int) -> str | None:
-    """Every score kept: the thresholds must sit at one common rank r of the members' descending
-    scores, no member may have more than k scores above its own, and (as r is the largest rank
-    that keeps the union at k) the members together must have more than k above rank r + 1."""
+    """Every score kept, the PSIM alone (``kept`` holds one member): its threshold must be one of
+    its scores, with at most k above it, and not higher than the bound needs (more than k above
+    the next score down)."""
     descending = {name: np.sort(scores)[::-1] for name, scores in kept.items()}
     ranks = None
     for name in kept:
@@ -590,10 +620,12 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
         if switched_off:  # a detector's scores that were not numbers count as the highest: its threshold would never be passed
             raise ConfigError(f"--detector {switched_off[0]}: too many of the clean texts of {span} got no finite score from it, "
                               "so no threshold can keep them; it cannot be calibrated on this sample")
+        if union is not None and not thresholds[PSIM_MEMBER] < 1 - LOGIT_CLIP:
+            raise ConfigError(f"{where}: among the clean texts of {span}, a detector's rarest scores lie so far beyond the rest that the "
+                              "PSIM's threshold at the same rarity is past what its confidence can tell apart; give more clean texts of that length")
         if not thresholds[PSIM_MEMBER] < 1.0:
-            more = " (or, with detectors, give more texts: the PSIM's share of the budget ran past its highest confidence)" if union else ""
             raise ConfigError(f"{where}: too many of the clean texts of {span} score 1.0, so no threshold can keep them; "
-                              f"this PSIM cannot screen texts of that length{more}")
+                              "this PSIM cannot screen texts of that length")
         flagged = np.any([bucket_scores[name] > value for name, value in thresholds.items()], axis=0)
         buckets.append(LengthBucket(min_tokens=low, max_tokens=high, threshold=thresholds.pop(PSIM_MEMBER), texts=int(inside.sum()),
                                     sample_flag_rate=float(flagged.mean()), detector_thresholds=thresholds,
@@ -607,8 +639,9 @@ def calibrate_scores(lengths: np.ndarray, members: dict[str, np.ndarray], psim_f
 
 
 # Four buckets of three members, each keeping 3 x 2000 scores (p-values, and with detectors the
-# union's two parts), take about 2 MB indented; the most buckets and members allowed, far more.
-MAX_CALIBRATION_BYTES = 64_000_000
+# union's two parts), take about 2 MB indented. Parsing costs far more memory than the file's
+# size (about 50x), so the cap stays well under what the most buckets and members could fill.
+MAX_CALIBRATION_BYTES = 16_000_000
 
 
 def read_guard_calibration(path: str | Path) -> GuardCalibration:

@@ -80,7 +80,8 @@ class ScoreReservoir:
             return None
         digest = hashlib.sha256(lengths.tobytes() + b"".join(members[name].tobytes() for name in self.members) + flagged.tobytes()).hexdigest()
         sample = CalibrationSample(source=f"serve reservoir: {len(lengths)} texts kept of {seen} screened (monitor mode)",
-                                   texts=len(lengths), sha256=digest, flagged_share=round(float(flagged.mean()), 6))
+                                   texts=len(lengths), sha256=digest, flagged_share=round(float(flagged.mean()), 6),
+                                   split_seed=RESERVOIR_SEED if len(self.members) > 1 else None)
         return calibrate_scores(lengths, members, psim_fingerprint, max_length, target_frr, confidence, sample, detector_manifests,
                                 where="the reservoir", split_rng=np.random.default_rng(RESERVOIR_SEED))  # a ConfigError (e.g. a length where traffic scores 1.0) says why there is none
 
