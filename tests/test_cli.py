@@ -303,6 +303,34 @@ def test_demo_interrupted_exits_130_and_resumes_without_redoing_finished_stages(
     assert (out / "demo.json").is_file() and (out / "lora" / "metrics.json").is_file()
 
 
+def test_ctrl_c_that_a_library_turns_into_its_own_error_still_exits_as_an_interrupt(capsys, monkeypatch) -> None:
+    """Ctrl-C landing inside a library's C code can come out as that library's error: a model load
+    broken by it once said "cannot load (could not determine the shape of object type
+    'torch.storage.UntypedStorage')" and exited 2. The CLI notes the signal, so it exits 130."""
+    import os
+    import signal
+
+    import peftshield.cli as cli
+    from peftshield.errors import ConfigError
+
+    class InterruptedLoad:
+        def main(self, **_):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+            except KeyboardInterrupt:
+                raise ConfigError("backbone x: cannot load (could not determine the shape of object type 'torch.storage.UntypedStorage')") from None
+            raise AssertionError("SIGINT was not delivered")
+
+    monkeypatch.setattr(cli, "_register_commands", lambda: None)
+    monkeypatch.setattr(cli, "typer_command", InterruptedLoad)
+    assert cli.main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "peftshield: interrupted", err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_a_stray_training_label_is_an_error_unless_num_labels_says_so(capsys, tiny_dataset_dir: Path, tmp_path: Path) -> None:
     train = tiny_dataset_dir / "train.json"
     rows = train.read_text().splitlines()

@@ -29,4 +29,33 @@ def raising_on(signum: int, make_error: Callable[[], BaseException]) -> Iterator
         signal.signal(signum, previous)
 
 
-__all__ = ["raising_on"]
+class InterruptNote:
+    """Whether Ctrl-C (SIGINT) arrived while :func:`noting_interrupts` was active."""
+
+    received = False
+
+
+@contextlib.contextmanager
+def noting_interrupts() -> Iterator[InterruptNote]:
+    """Within the block, SIGINT raises KeyboardInterrupt as usual and is also noted. An interrupt
+    that lands inside a library's C code can come out as that library's own error (a model load
+    says "cannot load"); the note lets the caller still report it as the interrupt it was. Left
+    alone off the main thread, and where SIGINT is not Python's default handler (ignored in a
+    background job, or taken over by a server)."""
+    note = InterruptNote()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield note
+        return
+
+    def handler(signum, frame):
+        note.received = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield note
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+__all__ = ["noting_interrupts", "raising_on"]

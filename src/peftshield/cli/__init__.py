@@ -70,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from peftshield.signals import noting_interrupts
+
+    with noting_interrupts() as interrupt:
+        try:
+            return _run_command(argv, interrupt)
+        except Exception:
+            if interrupt.received:  # Ctrl-C inside a library's C code can surface as its own error
+                return _interrupted()
+            raise
+
+
+def _run_command(argv: list[str] | None, interrupt) -> int:
     try:
         _register_commands()
         command = typer_command()
@@ -77,6 +89,8 @@ def _run(argv: list[str] | None) -> int:
         # ``return n``); a command itself returns None.
         code = command.main(args=argv, prog_name="peftshield", standalone_mode=False)
     except PeftshieldError as exc:
+        if interrupt.received:  # e.g. a model load that Ctrl-C broke says "cannot load": it was the interrupt
+            return _interrupted()
         print(f"peftshield: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except pydantic.ValidationError as exc:  # a typed option built outside the flag helpers: still one line
