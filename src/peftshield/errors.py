@@ -31,6 +31,11 @@ class OutputError(PeftshieldError):
     """An output place cannot be written (read-only, full, a file in the way, no permission)."""
 
 
+class GateInterrupted(PeftshieldError):
+    """A gate command (audit, scan) stopped by Ctrl-C or SIGTERM: one line and exit 2, as every
+    gate error, never 130."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI job's timeout or cancel) raised where the command stands, so that it unwinds
     as Ctrl-C does: temporary files removed, nothing half-written, one line."""

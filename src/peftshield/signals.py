@@ -42,6 +42,7 @@ def noting_interrupts() -> Iterator[InterruptNote]:
     says "cannot load"); the note lets the caller still report it as the interrupt it was. Left
     alone off the main thread, and where SIGINT is not Python's default handler (ignored in a
     background job, or taken over by a server)."""
+    global _ACTIVE
     note = InterruptNote()
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield note
@@ -52,10 +53,20 @@ def noting_interrupts() -> Iterator[InterruptNote]:
         signal.default_int_handler(signum, frame)
 
     signal.signal(signal.SIGINT, handler)
+    outer, _ACTIVE = _ACTIVE, note
     try:
         yield note
     finally:
+        _ACTIVE = outer
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-__all__ = ["noting_interrupts", "raising_on"]
+_ACTIVE: InterruptNote | None = None
+
+
+def interrupt_received() -> bool:
+    """Whether Ctrl-C arrived within the innermost active :func:`noting_interrupts`."""
+    return _ACTIVE is not None and _ACTIVE.received
+
+
+__all__ = ["interrupt_received", "noting_interrupts", "raising_on"]

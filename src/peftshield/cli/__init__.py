@@ -14,7 +14,7 @@ import pydantic
 import typer
 
 from peftshield.cli.app import app
-from peftshield.errors import OutputError, PeftshieldError, PeftshieldWarning, validation_line
+from peftshield.errors import GateInterrupted, OutputError, PeftshieldError, PeftshieldWarning, validation_line
 
 try:  # typer >= 0.24 ships its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -89,7 +89,7 @@ def _run_command(argv: list[str] | None, interrupt) -> int:
         # ``return n``); a command itself returns None.
         code = command.main(args=argv, prog_name="peftshield", standalone_mode=False)
     except PeftshieldError as exc:
-        if interrupt.received:  # e.g. a model load that Ctrl-C broke says "cannot load": it was the interrupt
+        if interrupt.received and not isinstance(exc, GateInterrupted):  # e.g. a model load broken by Ctrl-C says "cannot load"
             return _interrupted()
         print(f"peftshield: error: {exc}", file=sys.stderr)
         return exc.exit_code

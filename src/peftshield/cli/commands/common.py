@@ -149,7 +149,8 @@ def gate_command(function):
     import functools
     import os
 
-    from peftshield.errors import PeftshieldError, Terminated
+    from peftshield.errors import GateInterrupted, PeftshieldError, Terminated
+    from peftshield.signals import interrupt_received
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -157,11 +158,13 @@ def gate_command(function):
             with _sigterm_raises():
                 return function(*args, **kwargs)
         except PeftshieldError:
+            if interrupt_received():  # Ctrl-C that a library's C code turned into its own error (a model load's "cannot load")
+                raise GateInterrupted("interrupted; nothing was written") from None
             raise
         except Terminated:
-            raise PeftshieldError("terminated; nothing was written") from None
+            raise GateInterrupted("terminated; nothing was written") from None
         except KeyboardInterrupt:
-            raise PeftshieldError("interrupted; nothing was written") from None
+            raise GateInterrupted("interrupted; nothing was written") from None
         except MemoryError:
             raise PeftshieldError("out of memory; try a smaller --batch-size or fewer texts") from None
         except Exception as exc:  # noqa: BLE001 - the gate's contract: never exit 1 on an error
